@@ -1,0 +1,536 @@
+//! The libvirt domain XML of an instance: a pure function of a [`DomainSpec`], no I/O.
+//!
+//! The XML is written with `quick_xml::Writer`, so every piece of user text (the display name
+//! above all) is escaped by the writer, never spliced into a string by hand.
+
+use std::io;
+
+use quick_xml::events::{BytesText, Event};
+use quick_xml::{Reader, Writer};
+use thiserror::Error;
+
+/// Nova's metadata namespace, so tools that read Nova's `<nova:instance>` block find the name.
+pub const NOVA_METADATA_NAMESPACE: &str = "http://openstack.org/xmlns/libvirt/nova/1.1";
+
+/// The libvirt network an interface joins when the spec names none.
+pub const DEFAULT_NETWORK: &str = "default";
+
+/// Nova's MAC prefix (fa:16:3e): locally administered, unicast.
+const MAC_PREFIX: [u8; 3] = [0xfa, 0x16, 0x3e];
+
+/// What the compute service knows about an instance when it builds its domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSpec {
+    /// The libvirt domain name, `instance-<uuid>` (see [`instance_name`]).
+    pub name: String,
+    /// The instance uuid, used as the domain `<uuid>`.
+    pub uuid: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    /// `test` for `test:///default`, `kvm` or `qemu` for `qemu:///system`.
+    pub domain_type: String,
+    /// The instance's qcow2 disk; `None` gives a domain without a `<disk>`.
+    pub disk_path: Option<String>,
+    /// `None` gives a domain without an `<interface>`.
+    pub mac_address: Option<String>,
+    /// The libvirt network of the interface; `None` means [`DEFAULT_NETWORK`].
+    pub network: Option<String>,
+    /// The user's name for the server, kept in `<description>` and Nova's metadata block.
+    pub display_name: String,
+}
+
+#[derive(Debug, Error)]
+pub enum XmlError {
+    #[error("Cannot describe domain {name:?} to libvirt: {reason}")]
+    InvalidSpec { name: String, reason: String },
+    #[error("Writing the XML of domain {name:?} failed: {source}")]
+    Write {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The libvirt domain name of an instance.
+pub fn instance_name(uuid: &str) -> String {
+    format!("instance-{uuid}")
+}
+
+/// A stable MAC address for an instance: Nova's prefix `fa:16:3e` and three bytes of a hash of the
+/// uuid, so the same instance always gets the same MAC and tests can predict it.
+///
+/// Three bytes leave 16.7 million addresses; whoever allocates MACs for a network should still
+/// check for a clash.
+pub fn mac_address_for(uuid: &str) -> String {
+    // Hash the canonical form, so "ABC…" and "abc…" (or a simple uuid) give the same MAC.
+    let hash = match uuid::Uuid::parse_str(uuid.trim()) {
+        Ok(parsed) => fnv1a_64(parsed.as_bytes()),
+        Err(_) => fnv1a_64(uuid.as_bytes()),
+    };
+    let [a, b, c, ..] = hash.to_be_bytes();
+    let [p0, p1, p2] = MAC_PREFIX;
+    format!("{p0:02x}:{p1:02x}:{p2:02x}:{a:02x}:{b:02x}:{c:02x}")
+}
+
+/// FNV-1a, 64 bit: specified once and for all, unlike `std`'s `DefaultHasher`, so the MAC of an
+/// instance does not change with the Rust version.
+fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The domain XML libvirt's `virDomainDefineXML` takes for `spec`.
+pub fn domain_xml(spec: &DomainSpec) -> Result<String, XmlError> {
+    validate(spec)?;
+    let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
+    write_domain(&mut writer, spec).map_err(|source| XmlError::Write {
+        name: spec.name.clone(),
+        source,
+    })?;
+    String::from_utf8(writer.into_inner()).map_err(|e| XmlError::Write {
+        name: spec.name.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// The `<name>` of a domain XML document, if it has one; for error messages about XML that
+/// libvirt refused.
+pub fn domain_name_in(xml: &str) -> Option<String> {
+    let mut reader = Reader::from_str(xml);
+    let mut depth = 0usize;
+    let mut in_name = false;
+    loop {
+        match reader.read_event().ok()? {
+            Event::Start(start) => {
+                depth += 1;
+                in_name = depth == 2 && start.name().as_ref() == b"name";
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                in_name = false;
+            }
+            Event::Text(text) if in_name => {
+                return text.unescape().ok().map(|name| name.trim().to_owned());
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+fn validate(spec: &DomainSpec) -> Result<(), XmlError> {
+    let invalid = |reason: String| XmlError::InvalidSpec {
+        name: spec.name.clone(),
+        reason,
+    };
+    if spec.name.is_empty() || spec.name.contains('/') || spec.name.chars().any(char::is_control) {
+        return Err(invalid(
+            "the domain name must be non-empty, without '/' or control characters".into(),
+        ));
+    }
+    if uuid::Uuid::parse_str(&spec.uuid).is_err() {
+        return Err(invalid(format!("{:?} is not a uuid", spec.uuid)));
+    }
+    if spec.vcpus == 0 {
+        return Err(invalid("a domain needs at least 1 vCPU".into()));
+    }
+    if spec.memory_mb == 0 {
+        return Err(invalid("a domain needs at least 1 MiB of memory".into()));
+    }
+    if !matches!(spec.domain_type.as_str(), "test" | "kvm" | "qemu") {
+        return Err(invalid(format!(
+            "domain type {:?} is not one of test, kvm, qemu",
+            spec.domain_type
+        )));
+    }
+    Ok(())
+}
+
+fn write_domain(w: &mut Writer<Vec<u8>>, spec: &DomainSpec) -> io::Result<()> {
+    let is_qemu = spec.domain_type != "test";
+    // XML 1.0 cannot carry most control characters even escaped; the display name is only
+    // informational here, so they are dropped rather than failing the boot.
+    let display_name: String = spec
+        .display_name
+        .chars()
+        .filter(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
+        .collect();
+    let memory_mb = spec.memory_mb.to_string();
+    let vcpus = spec.vcpus.to_string();
+
+    w.create_element("domain")
+        .with_attribute(("type", spec.domain_type.as_str()))
+        .write_inner_content(|w| {
+            text_element(w, "name", &spec.name)?;
+            text_element(w, "uuid", &spec.uuid)?;
+            text_element(w, "description", &display_name)?;
+            w.create_element("metadata").write_inner_content(|w| {
+                w.create_element("nova:instance")
+                    .with_attribute(("xmlns:nova", NOVA_METADATA_NAMESPACE))
+                    .write_inner_content(|w| text_element(w, "nova:name", &display_name))?;
+                Ok(())
+            })?;
+            w.create_element("memory")
+                .with_attribute(("unit", "MiB"))
+                .write_text_content(BytesText::new(&memory_mb))?;
+            w.create_element("currentMemory")
+                .with_attribute(("unit", "MiB"))
+                .write_text_content(BytesText::new(&memory_mb))?;
+            text_element(w, "vcpu", &vcpus)?;
+            w.create_element("os").write_inner_content(|w| {
+                w.create_element("type")
+                    .with_attribute(("arch", "x86_64"))
+                    .with_attribute(("machine", "pc"))
+                    .write_text_content(BytesText::new("hvm"))?;
+                w.create_element("boot")
+                    .with_attribute(("dev", "hd"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+            if is_qemu {
+                w.create_element("features").write_inner_content(|w| {
+                    w.create_element("acpi").write_empty()?;
+                    Ok(())
+                })?;
+            }
+            w.create_element("clock")
+                .with_attribute(("offset", "utc"))
+                .write_empty()?;
+            text_element(w, "on_poweroff", "destroy")?;
+            text_element(w, "on_reboot", "restart")?;
+            text_element(w, "on_crash", "destroy")?;
+            w.create_element("devices")
+                .write_inner_content(|w| write_devices(w, spec, is_qemu))?;
+            Ok(())
+        })?;
+    Ok(())
+}
+
+fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> io::Result<()> {
+    if let Some(disk_path) = &spec.disk_path {
+        w.create_element("disk")
+            .with_attribute(("type", "file"))
+            .with_attribute(("device", "disk"))
+            .write_inner_content(|w| {
+                w.create_element("driver")
+                    .with_attribute(("name", "qemu"))
+                    .with_attribute(("type", "qcow2"))
+                    .write_empty()?;
+                w.create_element("source")
+                    .with_attribute(("file", disk_path.as_str()))
+                    .write_empty()?;
+                w.create_element("target")
+                    .with_attribute(("dev", "vda"))
+                    .with_attribute(("bus", "virtio"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+    }
+    if let Some(mac) = &spec.mac_address {
+        let network = spec.network.as_deref().unwrap_or(DEFAULT_NETWORK);
+        w.create_element("interface")
+            .with_attribute(("type", "network"))
+            .write_inner_content(|w| {
+                w.create_element("mac")
+                    .with_attribute(("address", mac.as_str()))
+                    .write_empty()?;
+                w.create_element("source")
+                    .with_attribute(("network", network))
+                    .write_empty()?;
+                w.create_element("model")
+                    .with_attribute(("type", "virtio"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+    }
+    if is_qemu {
+        w.create_element("serial")
+            .with_attribute(("type", "pty"))
+            .write_empty()?;
+        w.create_element("console")
+            .with_attribute(("type", "pty"))
+            .write_empty()?;
+    }
+    Ok(())
+}
+
+fn text_element(w: &mut Writer<Vec<u8>>, name: &str, text: &str) -> io::Result<()> {
+    w.create_element(name)
+        .write_text_content(BytesText::new(text))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use quick_xml::events::BytesStart;
+
+    use super::*;
+
+    const UUID: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+
+    fn spec() -> DomainSpec {
+        DomainSpec {
+            name: instance_name(UUID),
+            uuid: UUID.into(),
+            vcpus: 2,
+            memory_mb: 512,
+            domain_type: "test".into(),
+            disk_path: Some("/var/lib/zova/instances/instance-x/disk".into()),
+            mac_address: Some(mac_address_for(UUID)),
+            network: None,
+            display_name: "web-1".into(),
+        }
+    }
+
+    /// What a reader of the XML sees: the text of each element and the attributes of each
+    /// element, keyed by the element's path ("domain/devices/disk/source").
+    #[derive(Default, Debug)]
+    struct Parsed {
+        text: BTreeMap<String, String>,
+        attrs: BTreeMap<String, BTreeMap<String, String>>,
+    }
+
+    fn parse(xml: &str) -> Parsed {
+        let mut reader = Reader::from_str(xml);
+        let mut path: Vec<String> = Vec::new();
+        let mut parsed = Parsed::default();
+        let record = |path: &[String], start: &BytesStart, parsed: &mut Parsed| {
+            let key = path.join("/");
+            let attrs = parsed.attrs.entry(key).or_default();
+            for attr in start.attributes() {
+                let attr = attr.expect("well-formed attribute");
+                attrs.insert(
+                    String::from_utf8(attr.key.as_ref().to_vec()).unwrap(),
+                    attr.unescape_value().expect("escaped value").into_owned(),
+                );
+            }
+        };
+        loop {
+            match reader.read_event().expect("well-formed XML") {
+                Event::Start(start) => {
+                    path.push(String::from_utf8(start.name().as_ref().to_vec()).unwrap());
+                    record(&path, &start, &mut parsed);
+                }
+                Event::Empty(start) => {
+                    path.push(String::from_utf8(start.name().as_ref().to_vec()).unwrap());
+                    record(&path, &start, &mut parsed);
+                    path.pop();
+                }
+                Event::End(_) => {
+                    path.pop();
+                }
+                Event::Text(text) => {
+                    let text = text.unescape().expect("escaped text");
+                    if !text.trim().is_empty() {
+                        parsed.text.insert(path.join("/"), text.into_owned());
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        assert!(path.is_empty(), "unbalanced elements: {path:?}");
+        parsed
+    }
+
+    #[test]
+    fn the_xml_reads_back_as_the_spec() {
+        let spec = spec();
+        let parsed = parse(&domain_xml(&spec).unwrap());
+
+        assert_eq!(parsed.attrs["domain"]["type"], "test");
+        assert_eq!(parsed.text["domain/name"], spec.name);
+        assert_eq!(parsed.text["domain/uuid"], UUID);
+        assert_eq!(parsed.text["domain/description"], "web-1");
+        assert_eq!(
+            parsed.text["domain/metadata/nova:instance/nova:name"],
+            "web-1"
+        );
+        assert_eq!(parsed.text["domain/memory"], "512");
+        assert_eq!(parsed.attrs["domain/memory"]["unit"], "MiB");
+        assert_eq!(parsed.text["domain/currentMemory"], "512");
+        assert_eq!(parsed.text["domain/vcpu"], "2");
+        assert_eq!(parsed.text["domain/os/type"], "hvm");
+        assert_eq!(parsed.attrs["domain/os/boot"]["dev"], "hd");
+        assert_eq!(
+            parsed.attrs["domain/devices/disk/source"]["file"],
+            "/var/lib/zova/instances/instance-x/disk"
+        );
+        assert_eq!(parsed.attrs["domain/devices/disk/driver"]["type"], "qcow2");
+        assert_eq!(parsed.attrs["domain/devices/disk/target"]["dev"], "vda");
+        assert_eq!(
+            parsed.attrs["domain/devices/interface/mac"]["address"],
+            mac_address_for(UUID)
+        );
+        assert_eq!(
+            parsed.attrs["domain/devices/interface/source"]["network"],
+            "default"
+        );
+        assert_eq!(parsed.text["domain/on_crash"], "destroy");
+    }
+
+    #[test]
+    fn test_domains_have_no_qemu_devices_and_qemu_domains_do() {
+        let test_xml = parse(&domain_xml(&spec()).unwrap());
+        assert!(!test_xml.attrs.contains_key("domain/features/acpi"));
+        assert!(!test_xml.attrs.contains_key("domain/devices/serial"));
+
+        for domain_type in ["kvm", "qemu"] {
+            let spec = DomainSpec {
+                domain_type: domain_type.into(),
+                network: Some("br-int".into()),
+                ..spec()
+            };
+            let parsed = parse(&domain_xml(&spec).unwrap());
+            assert_eq!(parsed.attrs["domain"]["type"], domain_type);
+            assert!(parsed.attrs.contains_key("domain/features/acpi"));
+            assert_eq!(parsed.attrs["domain/devices/serial"]["type"], "pty");
+            assert_eq!(parsed.attrs["domain/devices/console"]["type"], "pty");
+            assert_eq!(
+                parsed.attrs["domain/devices/interface/source"]["network"],
+                "br-int"
+            );
+        }
+    }
+
+    #[test]
+    fn user_text_is_escaped_and_round_trips() {
+        let nasty = r#"a<b>&c'd"e</description><name>evil</name>"#;
+        let spec = DomainSpec {
+            display_name: nasty.into(),
+            disk_path: Some(r#"/tmp/it's "quoted" & <odd>/disk"#.into()),
+            ..spec()
+        };
+        let xml = domain_xml(&spec).unwrap();
+        assert!(!xml.contains("<name>evil"), "{xml}");
+
+        let parsed = parse(&xml);
+        assert_eq!(parsed.text["domain/description"], nasty);
+        assert_eq!(parsed.text["domain/name"], spec.name);
+        assert_eq!(
+            parsed.attrs["domain/devices/disk/source"]["file"],
+            spec.disk_path.unwrap()
+        );
+        assert_eq!(domain_name_in(&xml), Some(spec.name));
+    }
+
+    #[test]
+    fn control_characters_are_dropped_from_the_display_name() {
+        let spec = DomainSpec {
+            display_name: "web\u{0}-\u{1b}1\tx".into(),
+            ..spec()
+        };
+        let parsed = parse(&domain_xml(&spec).unwrap());
+        assert_eq!(parsed.text["domain/description"], "web-1\tx");
+    }
+
+    #[test]
+    fn no_disk_and_no_interface_when_none() {
+        let spec = DomainSpec {
+            disk_path: None,
+            mac_address: None,
+            network: Some("ignored".into()),
+            ..spec()
+        };
+        let xml = domain_xml(&spec).unwrap();
+        assert!(!xml.contains("<disk"), "{xml}");
+        assert!(!xml.contains("<interface"), "{xml}");
+        let parsed = parse(&xml);
+        assert!(parsed.attrs.contains_key("domain/devices"));
+    }
+
+    #[test]
+    fn invalid_specs_are_refused() {
+        let cases = [
+            DomainSpec { vcpus: 0, ..spec() },
+            DomainSpec {
+                memory_mb: 0,
+                ..spec()
+            },
+            DomainSpec {
+                uuid: "not-a-uuid".into(),
+                ..spec()
+            },
+            DomainSpec {
+                name: String::new(),
+                ..spec()
+            },
+            DomainSpec {
+                domain_type: "xen".into(),
+                ..spec()
+            },
+        ];
+        for case in cases {
+            let err = domain_xml(&case).unwrap_err();
+            assert!(
+                matches!(err, XmlError::InvalidSpec { .. }),
+                "{case:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn mac_addresses_are_nova_style_and_stable() {
+        let mac = mac_address_for(UUID);
+        assert!(mac.starts_with("fa:16:3e:"), "{mac}");
+        let octets: Vec<&str> = mac.split(':').collect();
+        assert_eq!(octets.len(), 6);
+        for octet in octets {
+            assert_eq!(octet.len(), 2);
+            assert!(octet
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        // Stable across calls, spellings and Rust versions (FNV-1a is fixed).
+        assert_eq!(mac, mac_address_for(UUID));
+        assert_eq!(mac, mac_address_for(&UUID.to_uppercase()));
+        assert_eq!(mac, mac_address_for(&UUID.replace('-', "")));
+        assert_eq!(mac, "fa:16:3e:9d:8d:51");
+        assert_ne!(mac, mac_address_for("1b4e28ba-2fa1-11d2-883f-0016d3cca428"));
+    }
+
+    #[test]
+    fn domain_name_in_finds_the_top_level_name_only() {
+        assert_eq!(
+            domain_name_in("<domain><name>a</name></domain>"),
+            Some("a".into())
+        );
+        assert_eq!(
+            domain_name_in("<domain><metadata><name>x</name></metadata><name>b</name></domain>"),
+            Some("b".into())
+        );
+        assert_eq!(domain_name_in("<domain><uuid>u</uuid></domain>"), None);
+        assert_eq!(domain_name_in("<domain><name>"), None);
+    }
+
+    /// Checks the kvm XML against libvirt's own RelaxNG schema when `virt-xml-validate` is
+    /// installed (libvirt-clients); the test driver cannot check kvm-only elements.
+    #[test]
+    fn kvm_xml_passes_libvirts_schema() {
+        let Ok(dir) = tempfile::tempdir() else { return };
+        let spec = DomainSpec {
+            domain_type: "kvm".into(),
+            display_name: "it's <ok> & \"fine\"".into(),
+            ..spec()
+        };
+        let path = dir.path().join("domain.xml");
+        std::fs::write(&path, domain_xml(&spec).unwrap()).unwrap();
+        let output = match std::process::Command::new("virt-xml-validate")
+            .arg(&path)
+            .arg("domain")
+            .output()
+        {
+            Ok(output) => output,
+            Err(_) => return, // not installed: nothing to check against
+        };
+        assert!(
+            output.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! The thin shell around libvirt (`virt` crate): open a connection, define and start a domain,
+//! read its power state, destroy and undefine it, report the node's size.
+//!
+//! Every call blocks; the service runs them on `tokio::task::spawn_blocking` with an
+//! `Arc<LibvirtDriver>` (the connection is `Send + Sync`: libvirt connections are thread-safe).
+
+use std::path::Path;
+
+use proto::power_state;
+use thiserror::Error;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::error::ErrorNumber;
+
+use crate::domain_xml::domain_name_in;
+
+/// The node's size as libvirt reports it (before allocation ratios).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub vcpus: i64,
+    pub memory_mb: i64,
+}
+
+#[derive(Debug, Error)]
+pub enum DriverError {
+    #[error("Cannot connect to libvirt at {uri}: {reason}. Is libvirtd running, and may this user use it?")]
+    Connect { uri: String, reason: String },
+    #[error("libvirt refused the definition of domain {name}: {reason}")]
+    Define { name: String, reason: String },
+    #[error("libvirt defined domain {name} but could not start it: {reason}")]
+    Start { name: String, reason: String },
+    #[error("Domain {name} does not exist on this hypervisor")]
+    NotFound { name: String },
+    #[error("Cannot read the state of domain {name}: {reason}")]
+    State { name: String, reason: String },
+    #[error("Cannot destroy or undefine domain {name}: {reason}")]
+    Destroy { name: String, reason: String },
+    #[error("Cannot list the domains of this hypervisor: {0}")]
+    List(String),
+    #[error("Cannot read this hypervisor's CPU and memory size: {0}")]
+    NodeInfo(String),
+}
+
+/// One libvirt connection, shared by every request of the compute service.
+#[derive(Debug)]
+pub struct LibvirtDriver {
+    conn: Connect,
+    uri: String,
+    domain_type: &'static str,
+}
+
+impl LibvirtDriver {
+    /// Connects to `uri` (`test:///default`, `qemu:///system`, …).
+    pub fn open(uri: &str) -> Result<Self, DriverError> {
+        // libvirt's default handler prints every error to stderr as well; ours carry libvirt's
+        // message, so the duplicate is only noise.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(|e| DriverError::Connect {
+            uri: uri.to_owned(),
+            reason: e.message().to_owned(),
+        })?;
+        Ok(Self {
+            conn,
+            uri: uri.to_owned(),
+            domain_type: domain_type_for(uri, Path::new("/dev/kvm").exists()),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The `<domain type=…>` this host's domains get: `test` on the test driver, `kvm` when the
+    /// host has `/dev/kvm`, plain (emulated) `qemu` otherwise.
+    pub fn domain_type(&self) -> &'static str {
+        self.domain_type
+    }
+
+    /// The compute node's `hypervisor_type`, as Nova reports it.
+    pub fn hypervisor_type(&self) -> &'static str {
+        if self.domain_type == "test" {
+            "test"
+        } else {
+            "QEMU"
+        }
+    }
+
+    /// The host's CPU count and memory (virNodeGetInfo; memory comes in KiB).
+    pub fn node_info(&self) -> Result<NodeInfo, DriverError> {
+        let info = self
+            .conn
+            .node_info()
+            .map_err(|e| DriverError::NodeInfo(e.message().to_owned()))?;
+        Ok(NodeInfo {
+            vcpus: i64::from(info.cpus),
+            memory_mb: i64::try_from(info.memory / 1024).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Defines the persistent domain described by `xml` and starts it. If it cannot start, a
+    /// definition this call made is removed again, so a failed boot leaves nothing behind.
+    pub fn define_and_start(&self, xml: &str) -> Result<(), DriverError> {
+        let name = domain_name_in(xml).unwrap_or_else(|| "(no <name> in the XML)".to_owned());
+        // A domain defined before this call (a retried build) is not ours to remove on failure.
+        let existed = self.conn.lookup_domain_by_name(&name).is_ok();
+        let domain = self
+            .conn
+            .define_domain_xml(xml)
+            .map_err(|e| DriverError::Define {
+                name: name.clone(),
+                reason: e.message().to_owned(),
+            })?;
+        if let Err(e) = domain.create() {
+            let mut reason = e.message().to_owned();
+            if !existed {
+                if let Err(undefine) = domain.undefine() {
+                    reason.push_str("; removing its definition again also failed: ");
+                    reason.push_str(undefine.message());
+                }
+            }
+            return Err(DriverError::Start { name, reason });
+        }
+        Ok(())
+    }
+
+    /// The domain's state as a Nova `power_state` code.
+    pub fn power_state(&self, name: &str) -> Result<i32, DriverError> {
+        let domain = self.lookup(name)?.ok_or_else(|| DriverError::NotFound {
+            name: name.to_owned(),
+        })?;
+        let (state, _reason) = domain.state().map_err(|e| {
+            if is_no_domain(&e) {
+                DriverError::NotFound {
+                    name: name.to_owned(),
+                }
+            } else {
+                DriverError::State {
+                    name: name.to_owned(),
+                    reason: e.message().to_owned(),
+                }
+            }
+        })?;
+        Ok(state.known().map_or(power_state::NOSTATE, nova_power_state))
+    }
+
+    /// Stops the domain if it runs and removes its definition. A domain that does not exist
+    /// (never did, or a previous delete got there first) is success: deletes are repeated.
+    pub fn destroy_and_undefine(&self, name: &str) -> Result<(), DriverError> {
+        let Some(domain) = self.lookup(name)? else {
+            return Ok(());
+        };
+        let failed = |e: virt::error::Error| DriverError::Destroy {
+            name: name.to_owned(),
+            reason: e.message().to_owned(),
+        };
+        match domain.is_active() {
+            Ok(true) => match domain.destroy() {
+                Ok(()) => {}
+                // Stopped (or vanished) between the check and the destroy: nothing left to stop.
+                Err(e) if is_no_domain(&e) || is_not_running(&e) => {}
+                Err(e) => return Err(failed(e)),
+            },
+            Ok(false) => {}
+            Err(e) if is_no_domain(&e) => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        }
+        // A transient domain is gone once destroyed; only a persistent one has a definition.
+        match domain.is_persistent() {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) if is_no_domain(&e) => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        }
+        // A managed-save image would otherwise block the undefine.
+        match domain.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE) {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_domain(&e) => Ok(()),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// The names of all defined domains, running or not.
+    pub fn domain_names(&self) -> Result<Vec<String>, DriverError> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| DriverError::List(e.message().to_owned()))?;
+        domains
+            .iter()
+            .map(|domain| {
+                domain
+                    .name()
+                    .map_err(|e| DriverError::List(e.message().to_owned()))
+            })
+            .collect()
+    }
+
+    /// The domain called `name`, or `None` if libvirt has no such domain.
+    fn lookup(&self, name: &str) -> Result<Option<Domain>, DriverError> {
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(domain) => Ok(Some(domain)),
+            Err(e) if is_no_domain(&e) => Ok(None),
+            Err(e) => Err(DriverError::State {
+                name: name.to_owned(),
+                reason: e.message().to_owned(),
+            }),
+        }
+    }
+}
+
+/// `test` for libvirt's test driver, else `kvm` when the host can accelerate, else `qemu`.
+fn domain_type_for(uri: &str, has_kvm: bool) -> &'static str {
+    if uri.starts_with("test:") || uri.starts_with("test+") {
+        "test"
+    } else if has_kvm {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+/// Nova's mapping of libvirt states (nova/virt/libvirt/driver.py, LIBVIRT_POWER_STATE).
+fn nova_power_state(state: DomainState) -> i32 {
+    match state {
+        DomainState::NoState => power_state::NOSTATE,
+        // "Blocked" is a running domain whose vCPUs are idle.
+        DomainState::Running | DomainState::Blocked => power_state::RUNNING,
+        DomainState::Paused => power_state::PAUSED,
+        // "Shutdown" is a domain on its way down; Nova counts it as down already.
+        DomainState::Shutdown | DomainState::Shutoff => power_state::SHUTDOWN,
+        DomainState::Crashed => power_state::CRASHED,
+        DomainState::PMSuspended => power_state::SUSPENDED,
+    }
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    e.code().is(ErrorNumber::NoDomain)
+}
+
+fn is_not_running(e: &virt::error::Error) -> bool {
+    e.code().is(ErrorNumber::OperationInvalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::domain_xml::{domain_xml, instance_name, mac_address_for, DomainSpec};
+
+    const TEST_URI: &str = "test:///default";
+
+    fn driver() -> LibvirtDriver {
+        LibvirtDriver::open(TEST_URI).expect("the test driver runs in-process")
+    }
+
+    /// A domain spec with a fresh uuid: the test driver's state is shared by every test in
+    /// this process.
+    fn fresh_spec() -> DomainSpec {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        DomainSpec {
+            name: instance_name(&uuid),
+            mac_address: Some(mac_address_for(&uuid)),
+            uuid,
+            vcpus: 1,
+            memory_mb: 128,
+            domain_type: "test".into(),
+            disk_path: Some("/var/lib/zova/instances/test/disk".into()),
+            network: None,
+            display_name: "driver test <&>".into(),
+        }
+    }
+
+    #[test]
+    fn the_driver_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<LibvirtDriver>();
+    }
+
+    #[test]
+    fn the_test_driver_reports_its_kind_and_size() {
+        let driver = driver();
+        assert_eq!(driver.uri(), TEST_URI);
+        assert_eq!(driver.domain_type(), "test");
+        assert_eq!(driver.hypervisor_type(), "test");
+        let node = driver.node_info().unwrap();
+        assert!(node.vcpus > 0, "{node:?}");
+        assert!(node.memory_mb > 0, "{node:?}");
+    }
+
+    #[test]
+    fn domain_type_follows_the_uri_and_kvm() {
+        assert_eq!(domain_type_for("test:///default", true), "test");
+        assert_eq!(domain_type_for("qemu:///system", true), "kvm");
+        assert_eq!(domain_type_for("qemu:///system", false), "qemu");
+        assert_eq!(domain_type_for("qemu+ssh://host/system", false), "qemu");
+    }
+
+    #[test]
+    fn a_domain_boots_runs_and_is_deleted_twice() {
+        let driver = driver();
+        let spec = fresh_spec();
+        driver
+            .define_and_start(&domain_xml(&spec).unwrap())
+            .unwrap();
+
+        assert_eq!(
+            driver.power_state(&spec.name).unwrap(),
+            power_state::RUNNING
+        );
+        assert!(driver.domain_names().unwrap().contains(&spec.name));
+
+        driver.destroy_and_undefine(&spec.name).unwrap();
+        assert!(!driver.domain_names().unwrap().contains(&spec.name));
+        assert!(matches!(
+            driver.power_state(&spec.name),
+            Err(DriverError::NotFound { .. })
+        ));
+        driver.destroy_and_undefine(&spec.name).unwrap();
+    }
+
+    #[test]
+    fn a_stopped_domain_is_undefined_and_listed_until_then() {
+        let driver = driver();
+        let spec = fresh_spec();
+        let domain = driver
+            .conn
+            .define_domain_xml(&domain_xml(&spec).unwrap())
+            .unwrap();
+        assert!(!domain.is_active().unwrap());
+        assert!(driver.domain_names().unwrap().contains(&spec.name));
+        assert_eq!(
+            driver.power_state(&spec.name).unwrap(),
+            power_state::SHUTDOWN
+        );
+
+        driver.destroy_and_undefine(&spec.name).unwrap();
+        assert!(!driver.domain_names().unwrap().contains(&spec.name));
+    }
+
+    #[test]
+    fn a_paused_domain_reports_paused() {
+        let driver = driver();
+        let spec = fresh_spec();
+        driver
+            .define_and_start(&domain_xml(&spec).unwrap())
+            .unwrap();
+        driver
+            .conn
+            .lookup_domain_by_name(&spec.name)
+            .unwrap()
+            .suspend()
+            .unwrap();
+        assert_eq!(driver.power_state(&spec.name).unwrap(), power_state::PAUSED);
+        driver.destroy_and_undefine(&spec.name).unwrap();
+    }
+
+    #[test]
+    fn malformed_xml_is_a_define_error() {
+        let driver = driver();
+        let err = driver
+            .define_and_start("<domain type='test'><name>broken</name>")
+            .unwrap_err();
+        assert!(matches!(err, DriverError::Define { .. }), "{err}");
+
+        let err = driver.define_and_start("not xml at all").unwrap_err();
+        assert!(matches!(err, DriverError::Define { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_failed_start_keeps_a_definition_made_before_the_call() {
+        let driver = driver();
+        let spec = fresh_spec();
+        let xml = domain_xml(&spec).unwrap();
+        // Starting a domain that already runs fails, and the definition (not this call's) stays.
+        driver.define_and_start(&xml).unwrap();
+        let err = driver.define_and_start(&xml).unwrap_err();
+        assert!(matches!(err, DriverError::Start { .. }), "{err}");
+        assert_eq!(
+            driver.power_state(&spec.name).unwrap(),
+            power_state::RUNNING
+        );
+        driver.destroy_and_undefine(&spec.name).unwrap();
+    }
+
+    #[test]
+    fn a_bogus_uri_is_a_connect_error() {
+        let err = LibvirtDriver::open("bogus:///x").unwrap_err();
+        match &err {
+            DriverError::Connect { uri, reason } => {
+                assert_eq!(uri, "bogus:///x");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_driver_works_from_spawn_blocking() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let driver = Arc::new(driver());
+        let spec = fresh_spec();
+        let name = spec.name.clone();
+        let state = runtime.block_on(async move {
+            let xml = domain_xml(&spec).unwrap();
+            let worker = Arc::clone(&driver);
+            tokio::task::spawn_blocking(move || {
+                worker.define_and_start(&xml)?;
+                let state = worker.power_state(&name)?;
+                worker.destroy_and_undefine(&name)?;
+                Ok::<_, DriverError>(state)
+            })
+            .await
+            .unwrap()
+        });
+        assert_eq!(state.unwrap(), power_state::RUNNING);
+    }
+}

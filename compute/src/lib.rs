@@ -1,0 +1,506 @@
+//! The compute service, one per hypervisor host: registers itself through the conductor, reports
+//! its resources and a heartbeat, and on `new_run_instance` claims the resources, writes the
+//! libvirt domain XML, defines and starts the domain and reports ACTIVE. It never opens the
+//! database: every read or write goes to the conductor.
+
+pub mod disk;
+pub mod domain_xml;
+pub mod driver;
+pub mod tracker;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use slog::{info, warn, Logger};
+use tokio::sync::watch;
+
+use proto::service::{for_request, stopped, LogConfig, RpcConfig, ServiceHandle};
+use proto::{
+    power_state, task_state, vm_state, ComputeNodeUpdate, ComputeRunInstance, ExtraResources, Fault,
+    Incoming, InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate, InstancesOnHost,
+    Method, Ping, RemoteError, RequestContext, Rpc, ServiceHeartbeat, ServiceRegister, TerminateInstance,
+};
+
+use domain_xml::{domain_xml, instance_name, DomainSpec};
+use driver::LibvirtDriver;
+use tracker::{ResourceTracker, Usage};
+
+pub const BINARY: &str = "zova-compute";
+
+/// `[compute]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ComputeConfig {
+    /// This host's name: the service row, the compute-node row and `compute.<host>`.
+    pub host: String,
+    /// RPC endpoint to bind; other services find it in the `services` table.
+    pub bind: String,
+    /// `test:///default` (libvirt's in-process test hypervisor) or `qemu:///system`.
+    pub libvirt_uri: String,
+    /// Where instance disks live (one directory per instance).
+    pub instances_path: PathBuf,
+    /// Capacity overrides; unset values come from libvirt's node info (vCPUs, RAM) and the
+    /// file system of `instances_path` (disk).
+    pub vcpus: Option<i64>,
+    pub memory_mb: Option<i64>,
+    pub local_gb: Option<i64>,
+    pub cpu_allocation_ratio: f64,
+    pub ram_allocation_ratio: f64,
+    pub disk_allocation_ratio: f64,
+    /// The host queue this host belongs to.
+    pub queue_name: String,
+    /// Seconds between heartbeats and resource reports.
+    pub report_interval: f64,
+    /// Seconds a domain may take to reach RUNNING before the build fails.
+    pub boot_timeout: f64,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        ComputeConfig {
+            host: "node-1".into(),
+            bind: "tcp://127.0.0.1:5570".into(),
+            libvirt_uri: "test:///default".into(),
+            instances_path: PathBuf::from("zova-state/instances"),
+            vcpus: None,
+            memory_mb: None,
+            local_gb: None,
+            cpu_allocation_ratio: 1.0,
+            ram_allocation_ratio: 1.0,
+            disk_allocation_ratio: 1.0,
+            queue_name: "kvm".into(),
+            report_interval: 10.0,
+            boot_timeout: 300.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub rpc: RpcConfig,
+    pub log: LogConfig,
+    pub compute: ComputeConfig,
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "zova-compute", about = "Zova compute: runs the libvirt domains of one host")]
+pub struct Args {
+    /// The zova.toml to read (environment ZOVA_* and these flags override it).
+    #[arg(long, env = "ZOVA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This host's name (default: [compute] host).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// RPC endpoint to bind (default: [compute] bind).
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// libvirt URI (default: [compute] libvirt_uri).
+    #[arg(long)]
+    pub libvirt_uri: Option<String>,
+    /// Directory for instance disks (default: [compute] instances_path).
+    #[arg(long)]
+    pub instances_path: Option<PathBuf>,
+    /// Pretend to have this many vCPUs.
+    #[arg(long)]
+    pub vcpus: Option<i64>,
+    /// Pretend to have this much RAM, in MB.
+    #[arg(long)]
+    pub memory_mb: Option<i64>,
+    /// Pretend to have this much disk, in GB.
+    #[arg(long)]
+    pub local_gb: Option<i64>,
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config, ComputeError> {
+        let mut config: Config = proto::service::load_config(self.config.as_deref())
+            .map_err(|e| ComputeError::Config(e.to_string()))?;
+        let c = &mut config.compute;
+        c.host = self.host.unwrap_or(c.host.clone());
+        c.bind = self.bind.unwrap_or(c.bind.clone());
+        c.libvirt_uri = self.libvirt_uri.unwrap_or(c.libvirt_uri.clone());
+        c.instances_path = self.instances_path.unwrap_or(c.instances_path.clone());
+        c.vcpus = self.vcpus.or(c.vcpus);
+        c.memory_mb = self.memory_mb.or(c.memory_mb);
+        c.local_gb = self.local_gb.or(c.local_gb);
+        if c.host.is_empty() || c.host.contains(char::is_whitespace) {
+            return Err(ComputeError::Config(format!("host name {:?} must be non-empty without spaces", c.host)));
+        }
+        if !(c.report_interval > 0.0) || !(c.boot_timeout > 0.0) {
+            return Err(ComputeError::Config("report_interval and boot_timeout must be positive".into()));
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Driver(#[from] driver::DriverError),
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+    #[error(transparent)]
+    Xml(#[from] domain_xml::XmlError),
+    #[error(transparent)]
+    Rpc(#[from] proto::ProtoError),
+    #[error(transparent)]
+    Claim(#[from] tracker::ClaimError),
+    #[error("domain {name} did not reach RUNNING within {seconds} s (power state {state})")]
+    BootTimeout { name: String, seconds: f64, state: i32 },
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Total capacity of this host, before allocation ratios.
+#[derive(Debug, Clone, Copy)]
+struct Capacity {
+    vcpus: i64,
+    memory_mb: i64,
+    local_gb: i64,
+}
+
+struct Compute {
+    log: Logger,
+    config: ComputeConfig,
+    conductor: String,
+    rpc: Rpc,
+    driver: Arc<LibvirtDriver>,
+    capacity: Capacity,
+    tracker: Mutex<ResourceTracker>,
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ComputeError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ComputeError::Task(e.to_string()))
+}
+
+/// Opens libvirt, binds the RPC endpoint, registers through the conductor (retrying until it
+/// answers) and serves until stopped.
+pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ComputeError> {
+    let uri = config.compute.libvirt_uri.clone();
+    let driver = Arc::new(blocking(move || LibvirtDriver::open(&uri)).await??);
+    let node = {
+        let driver = driver.clone();
+        blocking(move || driver.node_info()).await??
+    };
+    std::fs::create_dir_all(&config.compute.instances_path).map_err(|e| {
+        ComputeError::Config(format!("cannot create {}: {e}", config.compute.instances_path.display()))
+    })?;
+    let capacity = Capacity {
+        vcpus: config.compute.vcpus.unwrap_or(node.vcpus),
+        memory_mb: config.compute.memory_mb.unwrap_or(node.memory_mb),
+        local_gb: config.compute.local_gb.unwrap_or_else(|| disk_gb_of(&config.compute.instances_path)),
+    };
+    let (rpc, incoming) = Rpc::start(log.clone(), Some(&config.compute.bind), config.rpc.options())?;
+    let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
+    let endpoint = rpc.endpoint().unwrap_or_default().to_string();
+    let log = log.new(slog::o!("host" => config.compute.host.clone()));
+    let compute = Arc::new(Compute {
+        log: log.clone(),
+        conductor: config.rpc.conductor.clone(),
+        config: config.compute,
+        rpc,
+        driver,
+        capacity,
+        tracker: Mutex::new(ResourceTracker::default()),
+    });
+
+    let handle_endpoint = endpoint.clone();
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        // Register before taking work: the scheduler only knows hosts that have a service row.
+        let registered = tokio::select! {
+            _ = stopped(&mut stop_rx) => false,
+            _ = compute.register(&endpoint) => true,
+        };
+        if registered {
+            info!(compute.log, "compute registered"; "endpoint" => &endpoint,
+                "vcpus" => capacity.vcpus, "memory_mb" => capacity.memory_mb, "local_gb" => capacity.local_gb);
+            let mut report = tokio::time::interval(Duration::from_secs_f64(compute.config.report_interval));
+            report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut stop_rx) => break,
+                    _ = report.tick() => {
+                        let compute = compute.clone();
+                        tokio::spawn(async move { compute.periodic_report().await });
+                    }
+                    request = incoming.recv() => match request {
+                        Some(request) => {
+                            let compute = compute.clone();
+                            tokio::spawn(async move { compute.dispatch(request).await });
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+        compute.rpc.shutdown();
+    });
+    Ok(ServiceHandle::new(handle_endpoint, stop_tx, task))
+}
+
+/// Size of the file system holding `path`, in GB (0 if it cannot be read).
+fn disk_gb_of(path: &Path) -> i64 {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return 0 };
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a properly sized out-parameter.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return 0;
+    }
+    (stat.f_blocks as u128 * stat.f_frsize as u128 / (1024 * 1024 * 1024)) as i64
+}
+
+impl Compute {
+    fn context(&self) -> RequestContext {
+        RequestContext::internal("")
+    }
+
+    async fn register(&self, endpoint: &str) {
+        let args = ServiceRegister {
+            host: self.config.host.clone(),
+            binary: BINARY.into(),
+            rpc_endpoint: endpoint.to_string(),
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let context = self.context();
+            let result = async {
+                self.rpc.call(&self.conductor, &context, &args).await?;
+                let instances = self
+                    .rpc
+                    .call(&self.conductor, &context, &InstancesOnHost { host: self.config.host.clone() })
+                    .await?;
+                *self.tracker.lock().unwrap_or_else(|p| p.into_inner()) = ResourceTracker::from_instances(&instances);
+                self.update_available_resource(&context).await
+            }
+            .await;
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(self.log, "cannot register with the conductor yet; retrying"; "error" => %e, "retry_in_ms" => delay.as_millis() as u64);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn periodic_report(&self) {
+        let context = self.context();
+        let heartbeat = ServiceHeartbeat { host: self.config.host.clone(), binary: BINARY.into() };
+        if let Err(e) = self.rpc.call(&self.conductor, &context, &heartbeat).await {
+            warn!(self.log, "heartbeat not recorded"; "error" => %e);
+        }
+        if let Err(e) = self.update_available_resource(&context).await {
+            warn!(self.log, "resource report not recorded"; "error" => %e);
+        }
+    }
+
+    /// Reports this host's capacity and what its instances use (`update_available_resource`).
+    async fn update_available_resource(&self, context: &RequestContext) -> Result<(), proto::ProtoError> {
+        let (used, running) = {
+            let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            (tracker.used(), tracker.instance_count() as i64)
+        };
+        let update = ComputeNodeUpdate {
+            host: self.config.host.clone(),
+            hypervisor_hostname: self.config.host.clone(),
+            hypervisor_type: self.driver.hypervisor_type().to_string(),
+            vcpus: self.capacity.vcpus,
+            memory_mb: self.capacity.memory_mb,
+            local_gb: self.capacity.local_gb,
+            vcpus_used: used.vcpus,
+            memory_mb_used: used.memory_mb,
+            local_gb_used: used.disk_gb,
+            running_vms: running,
+            extra_resources: ExtraResources {
+                queue_name: self.config.queue_name.clone(),
+                cpu_allocation_ratio: self.config.cpu_allocation_ratio,
+                ram_allocation_ratio: self.config.ram_allocation_ratio,
+                disk_allocation_ratio: self.config.disk_allocation_ratio,
+            },
+        };
+        self.rpc.call(&self.conductor, context, &update).await
+    }
+
+    async fn dispatch(&self, request: Incoming) {
+        let log = for_request(&self.log, request.context());
+        let context = request.context().clone();
+        match request.method() {
+            ComputeRunInstance::NAME => match request.args::<ComputeRunInstance>() {
+                Ok(args) => {
+                    request.reply::<ComputeRunInstance>(Ok(()));
+                    self.new_run_instance(&log, &context, args).await;
+                }
+                Err(e) => warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e),
+            },
+            TerminateInstance::NAME => match request.args::<TerminateInstance>() {
+                Ok(args) => {
+                    request.reply::<TerminateInstance>(Ok(()));
+                    self.terminate_instance(&log, &context, &args.uuid).await;
+                }
+                Err(e) => warn!(log, "terminate_instance with malformed arguments dropped"; "error" => %e),
+            },
+            Ping::NAME => request.reply::<Ping>(Ok(self.config.host.clone())),
+            other => {
+                warn!(log, "unknown method"; "method" => other);
+                let message = format!("the compute has no method {other}");
+                request.reply::<Ping>(Err(RemoteError { kind: "NoSuchMethod".into(), message }));
+            }
+        }
+    }
+
+    async fn new_run_instance(&self, log: &Logger, context: &RequestContext, args: ComputeRunInstance) {
+        let uuid = args.spec.instance_uuid.clone();
+        let started = Instant::now();
+        match self.build_and_run(context, &args).await {
+            Ok(()) => info!(log, "instance running"; "instance" => &uuid, "build_ms" => started.elapsed().as_millis() as u64),
+            Err(e) => {
+                warn!(log, "instance build failed"; "instance" => &uuid, "error" => %e);
+                // Leave nothing behind: no domain, no disk, no claim.
+                let name = instance_name(&uuid);
+                let driver = self.driver.clone();
+                let _ = blocking(move || driver.destroy_and_undefine(&name)).await;
+                let _ = disk::remove_instance_dir(&self.config.instances_path, &instance_name(&uuid));
+                self.tracker.lock().unwrap_or_else(|p| p.into_inner()).release(&uuid);
+                let update = InstanceUpdate {
+                    uuid: uuid.clone(),
+                    state: Some(InstanceState {
+                        vm_state: vm_state::ERROR.into(),
+                        task_state: None,
+                        power_state: power_state::NOSTATE,
+                    }),
+                    host: Some(self.config.host.clone()),
+                    fault: Some(Fault { code: 500, message: e.to_string(), details: String::new() }),
+                    ..Default::default()
+                };
+                if let Err(e) = self.rpc.call(&self.conductor, context, &update).await {
+                    warn!(log, "could not record the build failure"; "instance" => &uuid, "error" => %e);
+                }
+                let _ = self.update_available_resource(context).await;
+            }
+        }
+    }
+
+    /// Claim, spawn, wait for RUNNING, report ACTIVE.
+    async fn build_and_run(&self, context: &RequestContext, args: &ComputeRunInstance) -> Result<(), ComputeError> {
+        let spec = &args.spec;
+        let uuid = spec.instance_uuid.clone();
+        let resources = InstanceResources {
+            uuid: uuid.clone(),
+            vcpus: spec.flavor.vcpus,
+            memory_mb: spec.flavor.memory_mb,
+            root_gb: spec.flavor.root_gb,
+            ephemeral_gb: spec.flavor.ephemeral_gb,
+            swap_mb: spec.flavor.swap_mb,
+        };
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .claim(&self.config.host, &uuid, Usage::of(&resources), &args.limits)?;
+        // Report the claim at once so the next host-queue rebuild already counts it.
+        self.update_available_resource(context).await?;
+        self.rpc
+            .call(&self.conductor, context, &InstanceUpdate {
+                uuid: uuid.clone(),
+                state: Some(InstanceState {
+                    vm_state: vm_state::BUILDING.into(),
+                    task_state: Some(task_state::SPAWNING.into()),
+                    power_state: power_state::NOSTATE,
+                }),
+                host: Some(self.config.host.clone()),
+                node: Some(args.node.clone()),
+                ..Default::default()
+            })
+            .await?;
+
+        let name = instance_name(&uuid);
+        let disk_path = if self.driver.domain_type() == "test" {
+            // The test hypervisor runs no guest, so it needs no disk file.
+            None
+        } else {
+            let dir = self.config.instances_path.clone();
+            let disk_name = name.clone();
+            let size = (spec.flavor.root_gb.max(1)) as u64;
+            let backing = spec.image.location.clone().map(PathBuf::from);
+            let path = blocking(move || disk::create_instance_disk(&dir, &disk_name, size, backing.as_deref())).await??;
+            Some(path.display().to_string())
+        };
+        let xml = domain_xml(&DomainSpec {
+            name: name.clone(),
+            uuid: uuid.clone(),
+            vcpus: spec.flavor.vcpus.max(1) as u32,
+            memory_mb: spec.flavor.memory_mb.max(1) as u64,
+            domain_type: self.driver.domain_type().to_string(),
+            disk_path,
+            mac_address: None,
+            network: None,
+            display_name: spec.display_name.clone(),
+        })?;
+        let driver = self.driver.clone();
+        blocking(move || driver.define_and_start(&xml)).await??;
+
+        let deadline = Instant::now() + Duration::from_secs_f64(self.config.boot_timeout);
+        loop {
+            let driver = self.driver.clone();
+            let lookup = name.clone();
+            let state = blocking(move || driver.power_state(&lookup)).await??;
+            if state == power_state::RUNNING {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ComputeError::BootTimeout { name, seconds: self.config.boot_timeout, state });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.rpc
+            .call(&self.conductor, context, &InstanceUpdate {
+                uuid,
+                state: Some(InstanceState {
+                    vm_state: vm_state::ACTIVE.into(),
+                    task_state: None,
+                    power_state: power_state::RUNNING,
+                }),
+                launched: true,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn terminate_instance(&self, log: &Logger, context: &RequestContext, uuid: &str) {
+        let name = instance_name(uuid);
+        let driver = self.driver.clone();
+        let destroyed = match blocking(move || driver.destroy_and_undefine(&name)).await {
+            Ok(result) => result.map_err(ComputeError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = destroyed {
+            // The row stays (in its current state) so the operator can see and retry the delete.
+            warn!(log, "domain could not be destroyed"; "instance" => uuid, "error" => %e);
+            let update = InstanceUpdate {
+                uuid: uuid.to_string(),
+                fault: Some(Fault { code: 500, message: e.to_string(), details: String::new() }),
+                ..Default::default()
+            };
+            let _ = self.rpc.call(&self.conductor, context, &update).await;
+            return;
+        }
+        if let Err(e) = disk::remove_instance_dir(&self.config.instances_path, &instance_name(uuid)) {
+            warn!(log, "instance files not removed"; "instance" => uuid, "error" => %e);
+        }
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner()).release(uuid);
+        match self.rpc.call(&self.conductor, context, &InstanceDestroy { uuid: uuid.to_string() }).await {
+            Ok(()) => info!(log, "instance deleted"; "instance" => uuid),
+            Err(e) => warn!(log, "instance row not deleted"; "instance" => uuid, "error" => %e),
+        }
+        if let Err(e) = self.update_available_resource(context).await {
+            warn!(log, "resource report not recorded"; "error" => %e);
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The conductor: turns `build_instances` from the API into request specs for the scheduler, and
+//! is the only database door for compute nodes (every read or write a compute needs is an RPC
+//! here). It holds no state of its own beyond the database.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use slog::{info, warn, Logger};
+use tokio::sync::watch;
+
+use db::{ComputeNodeValues, Db, DbError, InstanceChanges, NewFault};
+use proto::service::{for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
+use proto::{
+    BuildInstances, ComputeNodeUpdate, FlavorSpec, ImageSpec, Incoming, InstanceDestroy,
+    InstanceResources, InstanceUpdate, InstancesOnHost, Method, Ping, RemoteError, RequestContext,
+    RequestSpec, RetrySpec, Rpc, ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
+};
+
+pub const BINARY: &str = "zova-conductor";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub rpc: RpcConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "zova-conductor", about = "Zova conductor: scheduling requests and the compute nodes' database door")]
+pub struct Args {
+    /// The zova.toml to read (environment ZOVA_* and these flags override it).
+    #[arg(long, env = "ZOVA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// RPC endpoint to bind, e.g. tcp://127.0.0.1:5560 (default: [rpc] conductor).
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Database URL (default: [database] url).
+    #[arg(long)]
+    pub database: Option<String>,
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config, ConductorError> {
+        let mut config: Config = proto::service::load_config(self.config.as_deref())
+            .map_err(|e| ConductorError::Config(e.to_string()))?;
+        if let Some(bind) = self.bind {
+            config.rpc.conductor = bind;
+        }
+        if let Some(url) = self.database {
+            config.database.url = url;
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConductorError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error(transparent)]
+    Rpc(#[from] proto::ProtoError),
+}
+
+struct Conductor {
+    log: Logger,
+    db: Db,
+    rpc: Rpc,
+    scheduler_endpoint: String,
+}
+
+/// Opens the database, binds `[rpc] conductor` and serves until stopped.
+pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ConductorError> {
+    let url = config.database.url.clone();
+    let db = tokio::task::spawn_blocking(move || Db::open(&url))
+        .await
+        .map_err(|e| ConductorError::Config(e.to_string()))??;
+    let (rpc, incoming) = Rpc::start(log.clone(), Some(&config.rpc.conductor), config.rpc.options())?;
+    let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
+    let endpoint = rpc.endpoint().unwrap_or_default().to_string();
+    info!(log, "conductor listening"; "endpoint" => &endpoint, "scheduler" => &config.rpc.scheduler);
+    let conductor = Arc::new(Conductor { log, db, rpc, scheduler_endpoint: config.rpc.scheduler });
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped(&mut stop_rx) => break,
+                request = incoming.recv() => match request {
+                    Some(request) => {
+                        let conductor = conductor.clone();
+                        tokio::spawn(async move { conductor.dispatch(request).await });
+                    }
+                    None => break,
+                },
+            }
+        }
+        conductor.rpc.shutdown();
+    });
+    Ok(ServiceHandle::new(endpoint, stop_tx, task))
+}
+
+fn remote(err: DbError) -> RemoteError {
+    let kind = match err {
+        DbError::NotFound { .. } => "NotFound",
+        _ => "Database",
+    };
+    RemoteError { kind: kind.into(), message: err.to_string() }
+}
+
+fn bad_args(err: proto::ProtoError) -> RemoteError {
+    RemoteError { kind: "InvalidArgs".into(), message: err.to_string() }
+}
+
+impl Conductor {
+    async fn dispatch(self: Arc<Self>, request: Incoming) {
+        let log = for_request(&self.log, request.context());
+        match request.method() {
+            BuildInstances::NAME => match request.args::<BuildInstances>() {
+                Ok(args) => {
+                    let context = request.context().clone();
+                    request.reply::<BuildInstances>(Ok(()));
+                    self.build_instances(&log, &context, args).await;
+                }
+                Err(e) => warn!(log, "build_instances with malformed arguments dropped"; "error" => %e),
+            },
+            InstanceUpdate::NAME => self.answer::<InstanceUpdate>(request, |db, args| {
+                instance_update(db, args)
+            }).await,
+            InstanceDestroy::NAME => self.answer::<InstanceDestroy>(request, |db, args| {
+                db.instance_destroy(&args.uuid)
+            }).await,
+            InstancesOnHost::NAME => self.answer::<InstancesOnHost>(request, |db, args| {
+                Ok(db.instances_by_host(&args.host)?.into_iter().map(|i| InstanceResources {
+                    uuid: i.uuid,
+                    vcpus: i.vcpus,
+                    memory_mb: i.memory_mb,
+                    root_gb: i.root_gb,
+                    ephemeral_gb: i.ephemeral_gb,
+                    swap_mb: i.swap_mb,
+                }).collect())
+            }).await,
+            ServiceRegister::NAME => self.answer::<ServiceRegister>(request, |db, args| {
+                let topic = format!("compute.{}", args.host);
+                db.service_upsert(&args.host, &args.binary, &topic, &args.rpc_endpoint).map(|_| ())
+            }).await,
+            ServiceHeartbeat::NAME => self.answer::<ServiceHeartbeat>(request, |db, args| {
+                db.service_heartbeat(&args.host, &args.binary)
+            }).await,
+            ComputeNodeUpdate::NAME => self.answer::<ComputeNodeUpdate>(request, |db, args| {
+                let extra = serde_json::to_string(&args.extra_resources)
+                    .map_err(|e| DbError::Json(e.to_string()))?;
+                db.compute_node_upsert(&ComputeNodeValues {
+                    host: args.host,
+                    hypervisor_hostname: args.hypervisor_hostname,
+                    hypervisor_type: args.hypervisor_type,
+                    vcpus: args.vcpus,
+                    memory_mb: args.memory_mb,
+                    local_gb: args.local_gb,
+                    vcpus_used: args.vcpus_used,
+                    memory_mb_used: args.memory_mb_used,
+                    local_gb_used: args.local_gb_used,
+                    running_vms: args.running_vms,
+                    extra_resources: extra,
+                })
+            }).await,
+            Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
+            other => {
+                warn!(log, "unknown method"; "method" => other);
+                let method = other.to_string();
+                request.reply::<Ping>(Err(RemoteError {
+                    kind: "NoSuchMethod".into(),
+                    message: format!("the conductor has no method {method}"),
+                }));
+            }
+        }
+    }
+
+    /// Decodes the arguments, runs `work` on a blocking thread against the database, and answers.
+    async fn answer<M: Method>(
+        &self,
+        request: Incoming,
+        work: impl FnOnce(&Db, M) -> Result<M::Reply, DbError> + Send + 'static,
+    ) {
+        let args = match request.args::<M>() {
+            Ok(args) => args,
+            Err(e) => return request.reply::<M>(Err(bad_args(e))),
+        };
+        let db = self.db.clone();
+        let result = match tokio::task::spawn_blocking(move || work(&db, args)).await {
+            Ok(result) => result.map_err(remote),
+            Err(e) => Err(RemoteError { kind: "Internal".into(), message: e.to_string() }),
+        };
+        if let Err(e) = &result {
+            warn!(for_request(&self.log, request.context()), "{} failed", M::NAME; "error" => %e);
+        }
+        request.reply::<M>(result);
+    }
+
+    async fn build_instances(&self, log: &Logger, context: &RequestContext, args: BuildInstances) {
+        for uuid in args.instance_uuids {
+            let db = self.db.clone();
+            let hints = args.hints.clone();
+            let lookup = uuid.clone();
+            let spec = tokio::task::spawn_blocking(move || request_spec(&db, &lookup, hints)).await;
+            let result = match spec {
+                Ok(Ok(spec)) => self
+                    .rpc
+                    .cast(&self.scheduler_endpoint, context, &ScheduleRunInstance { spec })
+                    .await
+                    .map_err(|e| format!("the scheduler did not take the request: {e}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => info!(log, "instance sent to the scheduler"; "instance" => &uuid),
+                Err(message) => {
+                    warn!(log, "instance could not be scheduled"; "instance" => &uuid, "error" => &message);
+                    let db = self.db.clone();
+                    let fault = NewFault {
+                        instance_uuid: uuid.clone(),
+                        code: 500,
+                        message,
+                        details: String::new(),
+                        host: None,
+                    };
+                    let _ = tokio::task::spawn_blocking(move || db.instance_set_error(&fault.instance_uuid.clone(), &fault)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The request spec for one instance, from its row and its image (as Nova's conductor builds it).
+fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<RequestSpec, DbError> {
+    let instance = db.instance_get(uuid)?.ok_or_else(|| DbError::NotFound { kind: "instance", id: uuid.to_string() })?;
+    let image = db.image_get(&instance.image_ref)?.ok_or_else(|| DbError::NotFound { kind: "image", id: instance.image_ref.clone() })?;
+    let flavor_name = db.flavor_get(&instance.flavorid)?.map(|f| f.name).unwrap_or_default();
+    Ok(RequestSpec {
+        instance_uuid: instance.uuid,
+        display_name: instance.display_name,
+        project_id: instance.project_id,
+        flavor: FlavorSpec {
+            flavorid: instance.flavorid,
+            name: flavor_name,
+            vcpus: instance.vcpus,
+            memory_mb: instance.memory_mb,
+            root_gb: instance.root_gb,
+            ephemeral_gb: instance.ephemeral_gb,
+            swap_mb: instance.swap_mb,
+        },
+        image: ImageSpec { id: image.uuid, name: image.name, disk_format: image.disk_format, location: image.location },
+        hints,
+        retry: RetrySpec::default(),
+    })
+}
+
+fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
+    let mut changes = InstanceChanges::default();
+    if let Some(state) = &args.state {
+        changes.vm_state = Some(state.vm_state.clone());
+        changes.task_state = Some(state.task_state.clone());
+        changes.power_state = Some(state.power_state);
+    }
+    if let Some(host) = args.host.clone() {
+        changes.host = Some(Some(host));
+    }
+    if let Some(node) = args.node.clone() {
+        changes.node = Some(Some(node));
+    }
+    if args.launched {
+        changes.launched_at = Some(Some(chrono::Utc::now().naive_utc()));
+    }
+    db.instance_update(&args.uuid, &changes)?;
+    if let Some(fault) = args.fault {
+        db.instance_fault_create(&NewFault {
+            instance_uuid: args.uuid,
+            code: fault.code,
+            message: fault.message,
+            details: fault.details,
+            host: args.host,
+        })?;
+    }
+    Ok(())
+}

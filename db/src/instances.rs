@@ -1,0 +1,549 @@
+//! Instances and their history (actions and faults).
+
+use diesel::prelude::*;
+
+use crate::schema::{instance_actions, instance_faults, instances};
+use crate::{
+    check_json_object, now, Db, DbError, Instance, InstanceAction, InstanceChanges, InstanceFault,
+    NewFault, NewInstance, Result,
+};
+
+fn instance_not_found(uuid: &str) -> DbError {
+    DbError::NotFound {
+        kind: "instance",
+        id: uuid.to_string(),
+    }
+}
+
+fn insert_fault(conn: &mut SqliteConnection, fault: &NewFault) -> QueryResult<InstanceFault> {
+    diesel::insert_into(instance_faults::table)
+        .values((fault, instance_faults::created_at.eq(now())))
+        .returning(InstanceFault::as_returning())
+        .get_result(conn)
+}
+
+impl Db {
+    /// Creates an instance together with its `create` action, so no instance exists without
+    /// the record of the request that made it.
+    pub fn instance_create(&self, new: &NewInstance, request_id: &str) -> Result<Instance> {
+        check_json_object("scheduler_hints", &new.scheduler_hints)?;
+        check_json_object("metadata", &new.metadata)?;
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let created_at = now();
+            let instance = diesel::insert_into(instances::table)
+                .values((new, instances::created_at.eq(created_at)))
+                .returning(Instance::as_returning())
+                .get_result(conn)?;
+            diesel::insert_into(instance_actions::table)
+                .values((
+                    instance_actions::action.eq("create"),
+                    instance_actions::instance_uuid.eq(&new.uuid),
+                    instance_actions::request_id.eq(request_id),
+                    instance_actions::user_id.eq(&new.user_id),
+                    instance_actions::project_id.eq(&new.project_id),
+                    instance_actions::start_time.eq(created_at),
+                ))
+                .execute(conn)?;
+            Ok(instance)
+        })
+    }
+
+    /// The live instance with this uuid.
+    pub fn instance_get(&self, uuid: &str) -> Result<Option<Instance>> {
+        let mut conn = self.conn()?;
+        Ok(instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::uuid.eq(uuid))
+            .select(Instance::as_select())
+            .first(&mut conn)
+            .optional()?)
+    }
+
+    /// Live instances of one project (or of all projects for `None`), newest first.
+    pub fn instances_list(&self, project_id: Option<&str>) -> Result<Vec<Instance>> {
+        let mut conn = self.conn()?;
+        let mut query = instances::table
+            .filter(instances::deleted.eq(0))
+            .order((instances::created_at.desc(), instances::id.desc()))
+            .select(Instance::as_select())
+            .into_boxed();
+        if let Some(project_id) = project_id {
+            query = query.filter(instances::project_id.eq(project_id));
+        }
+        Ok(query.load(&mut conn)?)
+    }
+
+    /// Live instances placed on `host`, oldest first.
+    pub fn instances_by_host(&self, host: &str) -> Result<Vec<Instance>> {
+        let mut conn = self.conn()?;
+        Ok(instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::host.eq(host))
+            .order(instances::id.asc())
+            .select(Instance::as_select())
+            .load(&mut conn)?)
+    }
+
+    /// The live instances among `uuids`, oldest first; unknown uuids are skipped.
+    pub fn instances_by_uuids(&self, uuids: &[String]) -> Result<Vec<Instance>> {
+        let mut conn = self.conn()?;
+        Ok(instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::uuid.eq_any(uuids))
+            .order(instances::id.asc())
+            .select(Instance::as_select())
+            .load(&mut conn)?)
+    }
+
+    /// Applies `changes` (and a fresh `updated_at`) to a live instance and returns the result.
+    pub fn instance_update(&self, uuid: &str, changes: &InstanceChanges) -> Result<Instance> {
+        let mut conn = self.conn()?;
+        diesel::update(
+            instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid)),
+        )
+        .set((changes, instances::updated_at.eq(now())))
+        .returning(Instance::as_returning())
+        .get_result(&mut conn)
+        .optional()?
+        .ok_or_else(|| instance_not_found(uuid))
+    }
+
+    /// Puts a live instance into `error` and records why, together.
+    pub fn instance_set_error(&self, uuid: &str, fault: &NewFault) -> Result<()> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let updated = diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid)),
+            )
+            .set((
+                instances::vm_state.eq("error"),
+                instances::task_state.eq(None::<String>),
+                instances::updated_at.eq(now()),
+            ))
+            .execute(conn)?;
+            if updated == 0 {
+                return Err(instance_not_found(uuid));
+            }
+            insert_fault(conn, fault)?;
+            Ok(())
+        })
+    }
+
+    /// Records a fault without changing the instance's state.
+    pub fn instance_fault_create(&self, fault: &NewFault) -> Result<InstanceFault> {
+        let mut conn = self.conn()?;
+        Ok(insert_fault(&mut conn, fault)?)
+    }
+
+    /// The most recent fault of an instance, the one the API shows.
+    pub fn instance_fault_latest(&self, uuid: &str) -> Result<Option<InstanceFault>> {
+        let mut conn = self.conn()?;
+        Ok(instance_faults::table
+            .filter(instance_faults::deleted.eq(0))
+            .filter(instance_faults::instance_uuid.eq(uuid))
+            .order(instance_faults::id.desc())
+            .select(InstanceFault::as_select())
+            .first(&mut conn)
+            .optional()?)
+    }
+
+    /// Soft-deletes a live instance: it keeps its row (and its actions and faults) but is
+    /// `deleted` from then on, with `vm_state = "deleted"`.
+    pub fn instance_destroy(&self, uuid: &str) -> Result<()> {
+        let mut conn = self.conn()?;
+        let at = now();
+        let updated = diesel::update(
+            instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid)),
+        )
+        .set((
+            instances::deleted.eq(instances::id),
+            instances::vm_state.eq("deleted"),
+            instances::task_state.eq(None::<String>),
+            instances::terminated_at.eq(at),
+            instances::deleted_at.eq(at),
+            instances::updated_at.eq(at),
+        ))
+        .execute(&mut conn)?;
+        if updated == 0 {
+            return Err(instance_not_found(uuid));
+        }
+        Ok(())
+    }
+
+    /// Records the start of a user request on an instance (`reboot`, `delete`, ...).
+    pub fn instance_action_start(
+        &self,
+        instance_uuid: &str,
+        action: &str,
+        request_id: &str,
+        user_id: &str,
+        project_id: &str,
+    ) -> Result<InstanceAction> {
+        let mut conn = self.conn()?;
+        Ok(diesel::insert_into(instance_actions::table)
+            .values((
+                instance_actions::action.eq(action),
+                instance_actions::instance_uuid.eq(instance_uuid),
+                instance_actions::request_id.eq(request_id),
+                instance_actions::user_id.eq(user_id),
+                instance_actions::project_id.eq(project_id),
+                instance_actions::start_time.eq(now()),
+            ))
+            .returning(InstanceAction::as_returning())
+            .get_result(&mut conn)?)
+    }
+
+    /// Marks the unfinished actions of `request_id` on an instance finished, with an optional
+    /// message (Nova's "Error" on failure). NotFound if there is none.
+    pub fn instance_action_finish(
+        &self,
+        instance_uuid: &str,
+        request_id: &str,
+        message: Option<&str>,
+    ) -> Result<()> {
+        let mut conn = self.conn()?;
+        let updated = diesel::update(
+            instance_actions::table
+                .filter(instance_actions::deleted.eq(0))
+                .filter(instance_actions::instance_uuid.eq(instance_uuid))
+                .filter(instance_actions::request_id.eq(request_id))
+                .filter(instance_actions::finish_time.is_null()),
+        )
+        .set((
+            instance_actions::finish_time.eq(now()),
+            instance_actions::message.eq(message),
+        ))
+        .execute(&mut conn)?;
+        if updated == 0 {
+            return Err(DbError::NotFound {
+                kind: "unfinished instance action",
+                id: format!("{request_id} on instance {instance_uuid}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The actions on an instance, oldest first; kept after the instance is deleted.
+    pub fn instance_actions(&self, uuid: &str) -> Result<Vec<InstanceAction>> {
+        let mut conn = self.conn()?;
+        Ok(instance_actions::table
+            .filter(instance_actions::deleted.eq(0))
+            .filter(instance_actions::instance_uuid.eq(uuid))
+            .order((
+                instance_actions::start_time.asc(),
+                instance_actions::id.asc(),
+            ))
+            .select(InstanceAction::as_select())
+            .load(&mut conn)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::open_temp;
+
+    fn new_instance(uuid: &str, project_id: &str) -> NewInstance {
+        NewInstance {
+            uuid: uuid.to_string(),
+            display_name: format!("vm-{uuid}"),
+            project_id: project_id.to_string(),
+            user_id: "alice".to_string(),
+            flavorid: "1".to_string(),
+            image_ref: "155d900f-4e14-4e4c-a73d-069cbf4541e6".to_string(),
+            vcpus: 1,
+            memory_mb: 512,
+            root_gb: 1,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            vm_state: "building".to_string(),
+            task_state: Some("scheduling".to_string()),
+            power_state: 0,
+            scheduler_hints: "{}".to_string(),
+            metadata: r#"{"role": "web"}"#.to_string(),
+            reservation_id: "r-1".to_string(),
+            launch_index: 0,
+        }
+    }
+
+    fn fault(uuid: &str) -> NewFault {
+        NewFault {
+            instance_uuid: uuid.to_string(),
+            code: 500,
+            message: "No valid host was found.".to_string(),
+            details: "no host has 512 MB free".to_string(),
+            host: None,
+        }
+    }
+
+    #[test]
+    fn create_writes_instance_and_create_action() {
+        let (_dir, db) = open_temp();
+        let created = db
+            .instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        assert_eq!(created.uuid, "u1");
+        assert_eq!(created.vm_state, "building");
+        assert_eq!(created.task_state.as_deref(), Some("scheduling"));
+        assert_eq!(created.metadata, r#"{"role": "web"}"#);
+        assert_eq!(
+            (created.deleted, created.updated_at, created.host.as_deref()),
+            (0, None, None)
+        );
+        assert_eq!(db.instance_get("u1").unwrap().as_ref(), Some(&created));
+
+        let actions = db.instance_actions("u1").unwrap();
+        assert_eq!(actions.len(), 1);
+        let action = &actions[0];
+        assert_eq!(
+            (action.action.as_str(), action.request_id.as_str()),
+            ("create", "req-1")
+        );
+        assert_eq!(
+            (action.user_id.as_str(), action.project_id.as_str()),
+            ("alice", "p1")
+        );
+        assert_eq!(action.start_time, created.created_at);
+        assert_eq!(action.finish_time, None);
+    }
+
+    #[test]
+    fn create_rejects_non_object_json() {
+        let (_dir, db) = open_temp();
+        let mut new = new_instance("u1", "p1");
+        new.metadata = "[]".to_string();
+        assert!(matches!(
+            db.instance_create(&new, "req-1"),
+            Err(DbError::Json(_))
+        ));
+        assert!(db.instance_get("u1").unwrap().is_none());
+    }
+
+    #[test]
+    fn duplicate_uuid_is_a_query_error_and_writes_no_action() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        let err = db
+            .instance_create(&new_instance("u1", "p1"), "req-2")
+            .unwrap_err();
+        assert!(matches!(err, DbError::Query(_)), "{err}");
+        assert_eq!(db.instance_actions("u1").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn update_applies_only_given_fields() {
+        let (_dir, db) = open_temp();
+        let before = db
+            .instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        let launched = now();
+        let after = db
+            .instance_update(
+                "u1",
+                &InstanceChanges {
+                    vm_state: Some("active".to_string()),
+                    task_state: Some(None),
+                    power_state: Some(1),
+                    host: Some(Some("node-1".to_string())),
+                    launched_at: Some(Some(launched)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(after.vm_state, "active");
+        assert_eq!(after.task_state, None);
+        assert_eq!(after.power_state, 1);
+        assert_eq!(after.host.as_deref(), Some("node-1"));
+        assert_eq!(after.node, None);
+        assert_eq!(after.launched_at, Some(launched));
+        assert!(after.updated_at.is_some());
+        assert_eq!(after.display_name, before.display_name);
+        assert_eq!(after.created_at, before.created_at);
+
+        // None leaves a column alone, even a nullable one.
+        let again = db
+            .instance_update(
+                "u1",
+                &InstanceChanges {
+                    node: Some(Some("node-1.example".to_string())),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(again.host.as_deref(), Some("node-1"));
+        assert_eq!(again.launched_at, Some(launched));
+        assert_eq!(again.node.as_deref(), Some("node-1.example"));
+        assert_eq!(db.instance_get("u1").unwrap(), Some(again));
+    }
+
+    #[test]
+    fn set_error_records_fault_and_state() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        db.instance_set_error("u1", &fault("u1")).unwrap();
+        let instance = db.instance_get("u1").unwrap().unwrap();
+        assert_eq!(instance.vm_state, "error");
+        assert_eq!(instance.task_state, None);
+        let latest = db.instance_fault_latest("u1").unwrap().unwrap();
+        assert_eq!(
+            (latest.code, latest.message.as_str()),
+            (500, "No valid host was found.")
+        );
+
+        let mut newer = fault("u1");
+        newer.message = "second".to_string();
+        newer.host = Some("node-2".to_string());
+        db.instance_fault_create(&newer).unwrap();
+        let latest = db.instance_fault_latest("u1").unwrap().unwrap();
+        assert_eq!(latest.message, "second");
+        assert_eq!(latest.host.as_deref(), Some("node-2"));
+        assert!(db.instance_fault_latest("u2").unwrap().is_none());
+    }
+
+    #[test]
+    fn destroy_soft_deletes() {
+        let (_dir, db) = open_temp();
+        let created = db
+            .instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        db.instance_destroy("u1").unwrap();
+        assert!(db.instance_get("u1").unwrap().is_none());
+        assert!(db.instances_list(None).unwrap().is_empty());
+
+        let mut conn = db.conn().unwrap();
+        let row = instances::table
+            .filter(instances::uuid.eq("u1"))
+            .select(Instance::as_select())
+            .first(&mut conn)
+            .unwrap();
+        assert_eq!(row.deleted, created.id);
+        assert_eq!(row.vm_state, "deleted");
+        assert_eq!(row.task_state, None);
+        assert!(row.terminated_at.is_some());
+        assert_eq!(row.terminated_at, row.deleted_at);
+        // History outlives the instance.
+        assert_eq!(db.instance_actions("u1").unwrap().len(), 1);
+
+        let err = db.instance_destroy("u1").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DbError::NotFound {
+                    kind: "instance",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_instance_is_not_found() {
+        let (_dir, db) = open_temp();
+        let err = db
+            .instance_update("1234", &InstanceChanges::default())
+            .unwrap_err();
+        assert_eq!(err.to_string(), "instance 1234 could not be found");
+        let err = db.instance_set_error("1234", &fault("1234")).unwrap_err();
+        assert!(matches!(err, DbError::NotFound { .. }), "{err}");
+        assert!(db.instance_fault_latest("1234").unwrap().is_none());
+        let err = db.instance_destroy("1234").unwrap_err();
+        assert!(matches!(err, DbError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn listing_by_project_host_and_uuids() {
+        let (_dir, db) = open_temp();
+        for (uuid, project) in [("a", "p1"), ("b", "p2"), ("c", "p1")] {
+            db.instance_create(&new_instance(uuid, project), "req")
+                .unwrap();
+        }
+        let uuids = |list: Vec<Instance>| list.into_iter().map(|i| i.uuid).collect::<Vec<_>>();
+        assert_eq!(uuids(db.instances_list(None).unwrap()), ["c", "b", "a"]);
+        assert_eq!(uuids(db.instances_list(Some("p1")).unwrap()), ["c", "a"]);
+        assert!(db.instances_list(Some("p3")).unwrap().is_empty());
+
+        let on_node = InstanceChanges {
+            host: Some(Some("node-1".to_string())),
+            ..Default::default()
+        };
+        db.instance_update("a", &on_node).unwrap();
+        db.instance_update("b", &on_node).unwrap();
+        db.instance_destroy("b").unwrap();
+        assert_eq!(uuids(db.instances_by_host("node-1").unwrap()), ["a"]);
+        assert!(db.instances_by_host("node-2").unwrap().is_empty());
+
+        let wanted = ["c", "b", "zzz", "a"].map(String::from);
+        assert_eq!(uuids(db.instances_by_uuids(&wanted).unwrap()), ["a", "c"]);
+        assert!(db.instances_by_uuids(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn action_start_and_finish() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        db.instance_action_finish("u1", "req-1", None).unwrap();
+        db.instance_action_start("u1", "reboot", "req-2", "bob", "p1")
+            .unwrap();
+        db.instance_action_finish("u1", "req-2", Some("Error"))
+            .unwrap();
+        let actions = db.instance_actions("u1").unwrap();
+        let summary: Vec<_> = actions
+            .iter()
+            .map(|a| {
+                (
+                    a.action.as_str(),
+                    a.finish_time.is_some(),
+                    a.message.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [("create", true, None), ("reboot", true, Some("Error"))]
+        );
+        let err = db.instance_action_finish("u1", "req-2", None).unwrap_err();
+        assert!(matches!(err, DbError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn concurrent_writers_all_succeed() {
+        let (_dir, db) = open_temp();
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let uuid = format!("t{t}-{i}");
+                        db.instance_create(&new_instance(&uuid, "p1"), &format!("req-{uuid}"))
+                            .unwrap();
+                        db.instance_update(
+                            &uuid,
+                            &InstanceChanges {
+                                vm_state: Some("active".to_string()),
+                                ..Default::default()
+                            },
+                        )
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let all = db.instances_list(None).unwrap();
+        assert_eq!(all.len(), 100);
+        assert!(all.iter().all(|i| i.vm_state == "active"));
+    }
+}

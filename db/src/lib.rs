@@ -1,0 +1,285 @@
+//! Zova's database: diesel over SQLite (file, WAL) with embedded migrations; soft-deleted rows
+//! as in Nova.
+//!
+//! A [`Db`] is a cheap-to-clone handle on a connection pool. Every method is synchronous and
+//! short; async callers run them under `tokio::task::spawn_blocking`. A live row has
+//! `deleted = 0`; soft deletion sets `deleted = id`, and every read skips deleted rows.
+
+mod catalog;
+mod error;
+mod instances;
+mod models;
+pub mod schema;
+mod services;
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{NaiveDateTime, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+pub use error::{DbError, Result};
+pub use models::{
+    ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,
+    InstanceFault, NewFault, NewInstance, Service,
+};
+
+/// The schema, compiled into the binary so a fresh host needs nothing but the database path.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Connections kept open; SQLite has one writer at a time, so more would only queue.
+const POOL_SIZE: u32 = 8;
+
+/// How long a writer waits for SQLite's lock before giving up with "database is locked".
+const BUSY_TIMEOUT_MS: u32 = 5000;
+
+/// How long a caller waits for a free pooled connection.
+const POOL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The image every fresh database offers, so a first boot needs no upload.
+const SEED_IMAGE_UUID: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
+
+/// Nova's classic flavors: (flavorid, name, vcpus, memory_mb, root_gb).
+const SEED_FLAVORS: [(&str, &str, i64, i64, i64); 5] = [
+    ("1", "m1.tiny", 1, 512, 1),
+    ("2", "m1.small", 1, 2048, 20),
+    ("3", "m1.medium", 2, 4096, 40),
+    ("4", "m1.large", 4, 8192, 80),
+    ("5", "m1.xlarge", 8, 16384, 160),
+];
+
+type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
+
+/// A handle on Zova's database.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<ConnectionManager<SqliteConnection>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("state", &self.pool.state())
+            .finish()
+    }
+}
+
+/// Settings every connection needs. busy_timeout comes first so that switching to WAL waits
+/// for a concurrent opener instead of failing at once.
+#[derive(Debug)]
+struct Pragmas;
+
+impl Pragmas {
+    fn apply(conn: &mut SqliteConnection) -> QueryResult<()> {
+        conn.batch_execute(&format!(
+            "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS};
+             PRAGMA journal_mode = WAL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA synchronous = NORMAL;"
+        ))
+    }
+}
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
+    fn on_acquire(
+        &self,
+        conn: &mut SqliteConnection,
+    ) -> std::result::Result<(), diesel::r2d2::Error> {
+        Pragmas::apply(conn).map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `url`, a file path or `sqlite://PATH`, brings
+    /// its schema up to date and seeds the default flavors and image into a fresh database.
+    pub fn open(url: &str) -> Result<Db> {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        let connection_error = |reason: String| DbError::Connection {
+            url: url.to_string(),
+            reason,
+        };
+        if path.is_empty() {
+            return Err(connection_error("the path is empty".to_string()));
+        }
+        if let Some(parent) = Path::new(path).parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    connection_error(format!("cannot create directory {}: {e}", parent.display()))
+                })?;
+            }
+        }
+
+        // Set up on one plain connection first: a bad path then fails at once with SQLite's
+        // own reason, rather than after the pool's timeout with a generic one.
+        let mut conn =
+            SqliteConnection::establish(path).map_err(|e| connection_error(e.to_string()))?;
+        Pragmas::apply(&mut conn).map_err(|e| connection_error(e.to_string()))?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map_err(|e| DbError::Migration(e.to_string()))?;
+        seed(&mut conn)?;
+        drop(conn);
+
+        let pool = Pool::builder()
+            .max_size(POOL_SIZE)
+            .connection_timeout(POOL_TIMEOUT)
+            .connection_customizer(Box::new(Pragmas))
+            .build(ConnectionManager::<SqliteConnection>::new(path))
+            .map_err(|e| connection_error(e.to_string()))?;
+        Ok(Db { pool })
+    }
+
+    fn conn(&self) -> Result<Conn> {
+        self.pool.get().map_err(|e| DbError::Pool(e.to_string()))
+    }
+}
+
+/// The current time as stored in every timestamp column.
+fn now() -> NaiveDateTime {
+    Utc::now().naive_utc()
+}
+
+/// Checks that `text` is a JSON object before it goes into the JSON column `what`.
+fn check_json_object(what: &str, text: &str) -> Result<()> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => Err(DbError::Json(format!(
+            "{what} must be a JSON object, got {text}"
+        ))),
+        Err(e) => Err(DbError::Json(format!("{what}: {e}"))),
+    }
+}
+
+/// Fills a fresh database with the default flavors and image. Each table is seeded only when it
+/// has never held a row, so reopening never duplicates and deleting a seed row is permanent.
+fn seed(conn: &mut SqliteConnection) -> Result<()> {
+    use schema::{flavors, images};
+    conn.immediate_transaction(|conn| {
+        let created_at = now();
+        let flavor_rows: i64 = flavors::table.count().get_result(conn)?;
+        if flavor_rows == 0 {
+            for (flavorid, name, vcpus, memory_mb, root_gb) in SEED_FLAVORS {
+                diesel::insert_into(flavors::table)
+                    .values((
+                        flavors::flavorid.eq(flavorid),
+                        flavors::name.eq(name),
+                        flavors::vcpus.eq(vcpus),
+                        flavors::memory_mb.eq(memory_mb),
+                        flavors::root_gb.eq(root_gb),
+                        flavors::ephemeral_gb.eq(0),
+                        flavors::swap_mb.eq(0),
+                        flavors::is_public.eq(true),
+                        flavors::disabled.eq(false),
+                        flavors::created_at.eq(created_at),
+                    ))
+                    .execute(conn)?;
+            }
+        }
+        let image_rows: i64 = images::table.count().get_result(conn)?;
+        if image_rows == 0 {
+            diesel::insert_into(images::table)
+                .values((
+                    images::uuid.eq(SEED_IMAGE_UUID),
+                    images::name.eq("cirros-0.6.2-x86_64-disk"),
+                    images::disk_format.eq("qcow2"),
+                    images::container_format.eq("bare"),
+                    images::status.eq("active"),
+                    images::min_disk.eq(0),
+                    images::min_ram.eq(0),
+                    images::size_bytes.eq(21_430_272),
+                    images::location.eq(None::<String>),
+                    images::created_at.eq(created_at),
+                ))
+                .execute(conn)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Db;
+
+    /// A database in its own temporary directory; keep the directory alive as long as the `Db`.
+    pub(crate) fn open_temp() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let path = dir.path().join("zova.sqlite");
+        let db = Db::open(path.to_str().expect("utf-8 temp path")).expect("open temp db");
+        (dir, db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_twice_seeds_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}",
+            dir.path().join("sub/dir/zova.sqlite").display()
+        );
+        let first = Db::open(&url).unwrap();
+        assert_eq!(first.flavors().unwrap().len(), 5);
+        drop(first);
+        let second = Db::open(&url).unwrap();
+        assert_eq!(second.flavors().unwrap().len(), 5);
+        assert_eq!(second.images().unwrap().len(), 1);
+        let mut conn = second.conn().unwrap();
+        let all_flavors: i64 = schema::flavors::table
+            .count()
+            .get_result(&mut conn)
+            .unwrap();
+        let all_images: i64 = schema::images::table.count().get_result(&mut conn).unwrap();
+        assert_eq!((all_flavors, all_images), (5, 1));
+    }
+
+    #[test]
+    fn connections_use_wal_and_foreign_keys() {
+        let (_dir, db) = testing::open_temp();
+        let mut conn = db.conn().unwrap();
+        #[derive(QueryableByName)]
+        struct Mode {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            journal_mode: String,
+        }
+        let mode: Mode = diesel::sql_query("PRAGMA journal_mode")
+            .get_result(&mut conn)
+            .unwrap();
+        assert_eq!(mode.journal_mode, "wal");
+        #[derive(QueryableByName)]
+        struct ForeignKeys {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            foreign_keys: i32,
+        }
+        let fk: ForeignKeys = diesel::sql_query("PRAGMA foreign_keys")
+            .get_result(&mut conn)
+            .unwrap();
+        assert_eq!(fk.foreign_keys, 1);
+    }
+
+    #[test]
+    fn unopenable_path_is_a_connection_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory is not a database file.
+        let err = Db::open(dir.path().to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, DbError::Connection { .. }), "{err}");
+        assert!(err.to_string().starts_with("cannot open database"), "{err}");
+    }
+
+    #[test]
+    fn json_columns_must_hold_objects() {
+        assert!(check_json_object("metadata", "{\"a\": 1}").is_ok());
+        assert!(matches!(
+            check_json_object("metadata", "[1]"),
+            Err(DbError::Json(_))
+        ));
+        assert!(matches!(
+            check_json_object("metadata", "{"),
+            Err(DbError::Json(_))
+        ));
+    }
+}

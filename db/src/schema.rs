@@ -1,0 +1,149 @@
+//! The tables, written by hand to match `migrations/*/up.sql` column for column.
+//!
+//! Integer keys are `INTEGER PRIMARY KEY` in SQLite (so they alias the rowid) but are declared
+//! `BigInt` here: SQLite stores them as 64-bit, and the Rust side uses `i64` ids everywhere so
+//! a PostgreSQL `BIGSERIAL` key maps onto the same structs.
+
+diesel::table! {
+    services (id) {
+        id -> BigInt,
+        host -> Text,
+        binary -> Text,
+        topic -> Text,
+        rpc_endpoint -> Text,
+        disabled -> Bool,
+        disabled_reason -> Nullable<Text>,
+        report_count -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Nullable<Timestamp>,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    compute_nodes (id) {
+        id -> BigInt,
+        host -> Text,
+        hypervisor_hostname -> Text,
+        hypervisor_type -> Text,
+        vcpus -> BigInt,
+        memory_mb -> BigInt,
+        local_gb -> BigInt,
+        vcpus_used -> BigInt,
+        memory_mb_used -> BigInt,
+        local_gb_used -> BigInt,
+        free_ram_mb -> BigInt,
+        free_disk_gb -> BigInt,
+        running_vms -> BigInt,
+        extra_resources -> Text,
+        created_at -> Timestamp,
+        updated_at -> Nullable<Timestamp>,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    flavors (id) {
+        id -> BigInt,
+        flavorid -> Text,
+        name -> Text,
+        vcpus -> BigInt,
+        memory_mb -> BigInt,
+        root_gb -> BigInt,
+        ephemeral_gb -> BigInt,
+        swap_mb -> BigInt,
+        is_public -> Bool,
+        disabled -> Bool,
+        created_at -> Timestamp,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    images (id) {
+        id -> BigInt,
+        uuid -> Text,
+        name -> Text,
+        disk_format -> Text,
+        container_format -> Text,
+        status -> Text,
+        min_disk -> BigInt,
+        min_ram -> BigInt,
+        size_bytes -> BigInt,
+        location -> Nullable<Text>,
+        created_at -> Timestamp,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    instances (id) {
+        id -> BigInt,
+        uuid -> Text,
+        display_name -> Text,
+        project_id -> Text,
+        user_id -> Text,
+        flavorid -> Text,
+        image_ref -> Text,
+        vcpus -> BigInt,
+        memory_mb -> BigInt,
+        root_gb -> BigInt,
+        ephemeral_gb -> BigInt,
+        swap_mb -> BigInt,
+        vm_state -> Text,
+        task_state -> Nullable<Text>,
+        power_state -> Integer,
+        host -> Nullable<Text>,
+        node -> Nullable<Text>,
+        scheduler_hints -> Text,
+        metadata -> Text,
+        reservation_id -> Text,
+        launch_index -> Integer,
+        launched_at -> Nullable<Timestamp>,
+        terminated_at -> Nullable<Timestamp>,
+        created_at -> Timestamp,
+        updated_at -> Nullable<Timestamp>,
+        deleted_at -> Nullable<Timestamp>,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    instance_actions (id) {
+        id -> BigInt,
+        action -> Text,
+        instance_uuid -> Text,
+        request_id -> Text,
+        user_id -> Text,
+        project_id -> Text,
+        start_time -> Timestamp,
+        finish_time -> Nullable<Timestamp>,
+        message -> Nullable<Text>,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    instance_faults (id) {
+        id -> BigInt,
+        instance_uuid -> Text,
+        code -> Integer,
+        message -> Text,
+        details -> Text,
+        host -> Nullable<Text>,
+        created_at -> Timestamp,
+        deleted -> BigInt,
+    }
+}
+
+// Compute nodes are joined to their service by host name, not by a foreign key (as in Nova, a
+// node can report before its service row exists), so the join condition is spelled out in SQL.
+diesel::allow_tables_to_appear_in_same_query!(
+    services,
+    compute_nodes,
+    flavors,
+    images,
+    instances,
+    instance_actions,
+    instance_faults,
+);

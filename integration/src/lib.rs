@@ -1,0 +1,259 @@
+//! A whole fabric in one process for tests and load tools: scheduler, conductor, compute hosts and
+//! API as separate services (the same library code as the binaries) talking over real loopback
+//! ZeroMQ and HTTP, with a temporary SQLite file and libvirt's `test:///default` hypervisor.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use proto::service::ServiceHandle;
+
+/// The size of one pretend compute host.
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    pub name: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub local_gb: i64,
+    pub cpu_allocation_ratio: f64,
+}
+
+impl HostSpec {
+    pub fn new(name: &str, vcpus: i64, memory_mb: i64, local_gb: i64) -> Self {
+        HostSpec { name: name.into(), vcpus, memory_mb, local_gb, cpu_allocation_ratio: 16.0 }
+    }
+}
+
+/// The three hosts of the spine tests: node-1 small, node-2 and node-3 twice its size.
+pub fn three_hosts() -> Vec<HostSpec> {
+    vec![
+        HostSpec::new("node-1", 4, 4096, 40),
+        HostSpec::new("node-2", 8, 8192, 80),
+        HostSpec::new("node-3", 8, 8192, 80),
+    ]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    #[error("{service} did not start: {reason}")]
+    Start { service: &'static str, reason: String },
+    #[error("HTTP request failed: {0}")]
+    Http(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+}
+
+pub struct Fabric {
+    pub api_address: String,
+    pub db: db::Db,
+    pub build_queue_period: Duration,
+    services: Vec<ServiceHandle>,
+    // Held for its Drop: the state directory lives as long as the fabric.
+    _state: tempfile::TempDir,
+}
+
+fn rpc_config(conductor: &str, scheduler: &str) -> proto::service::RpcConfig {
+    proto::service::RpcConfig {
+        conductor: conductor.into(),
+        scheduler: scheduler.into(),
+        cast_timeout_ms: 1000,
+        call_timeout_ms: 10_000,
+    }
+}
+
+fn start_error(service: &'static str) -> impl Fn(String) -> FabricError {
+    move |reason| FabricError::Start { service, reason }
+}
+
+impl Fabric {
+    /// Starts every service on ephemeral loopback ports and waits until the scheduler's host queue
+    /// has seen every host.
+    pub async fn start(hosts: &[HostSpec], log: slog::Logger) -> Result<Fabric, FabricError> {
+        let state = tempfile::tempdir()?;
+        let database = proto::service::DatabaseConfig { url: state.path().join("zova.sqlite").display().to_string() };
+        let build_queue_period = Duration::from_millis(300);
+        let any = "tcp://127.0.0.1:*";
+        let mut services = Vec::new();
+
+        let scheduler = scheduler::start(
+            scheduler::Config {
+                database: database.clone(),
+                rpc: rpc_config("", any),
+                scheduler: scheduler::SchedulerConfig {
+                    build_queue_period: build_queue_period.as_secs_f64(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            log.new(slog::o!("service" => "zova-scheduler")),
+        )
+        .await
+        .map_err(|e| start_error("scheduler")(e.to_string()))?;
+        let scheduler_endpoint = scheduler.endpoint.clone();
+        services.push(scheduler);
+
+        let conductor = conductor::start(
+            conductor::Config { database: database.clone(), rpc: rpc_config(any, &scheduler_endpoint), ..Default::default() },
+            log.new(slog::o!("service" => "zova-conductor")),
+        )
+        .await
+        .map_err(|e| start_error("conductor")(e.to_string()))?;
+        let conductor_endpoint = conductor.endpoint.clone();
+        services.push(conductor);
+        let rpc = rpc_config(&conductor_endpoint, &scheduler_endpoint);
+
+        for host in hosts {
+            let compute = compute::start(
+                compute::Config {
+                    rpc: rpc.clone(),
+                    compute: compute::ComputeConfig {
+                        host: host.name.clone(),
+                        bind: any.into(),
+                        libvirt_uri: "test:///default".into(),
+                        instances_path: state.path().join("instances").join(&host.name),
+                        vcpus: Some(host.vcpus),
+                        memory_mb: Some(host.memory_mb),
+                        local_gb: Some(host.local_gb),
+                        cpu_allocation_ratio: host.cpu_allocation_ratio,
+                        report_interval: 1.0,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                log.new(slog::o!("service" => "zova-compute", "host" => host.name.clone())),
+            )
+            .await
+            .map_err(|e| start_error("compute")(e.to_string()))?;
+            services.push(compute);
+        }
+
+        let api = api::start(
+            api::Config {
+                database: database.clone(),
+                rpc,
+                api: api::ApiConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
+                ..Default::default()
+            },
+            log.new(slog::o!("service" => "zova-api")),
+        )
+        .await
+        .map_err(|e| start_error("api")(e.to_string()))?;
+        let api_address = api.endpoint.clone();
+        services.push(api);
+
+        let db = db::Db::open(&database.url)?;
+        let fabric = Fabric { api_address, db, build_queue_period, services, _state: state };
+        let expected = hosts.len();
+        fabric
+            .wait_for("every compute node to report", Duration::from_secs(30), || {
+                Ok(fabric.db.compute_nodes()?.len() >= expected)
+            })
+            .await?;
+        fabric.wait_for_queue_rebuild().await;
+        Ok(fabric)
+    }
+
+    /// Sleeps long enough for the scheduler to rebuild its host queue at least once.
+    pub async fn wait_for_queue_rebuild(&self) {
+        tokio::time::sleep(self.build_queue_period * 2 + Duration::from_millis(100)).await;
+    }
+
+    /// Polls `check` every 50 ms until it is true.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut() -> Result<bool, FabricError>,
+    ) -> Result<(), FabricError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !check()? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FabricError::Timeout(what.to_string()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn http(&self, method: Method, path: &str, body: Option<&Value>) -> Result<HttpResponse, FabricError> {
+        let raw = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        http_request(&self.api_address, method, path, raw).await
+    }
+
+    /// `POST /v2.1/servers`; returns the new server's id.
+    pub async fn create_server(&self, body: &Value) -> Result<String, FabricError> {
+        let response = self.http(Method::POST, "/v2.1/servers", Some(body)).await?;
+        if response.status != StatusCode::ACCEPTED {
+            return Err(FabricError::Http(format!("create answered {}: {}", response.status, response.body)));
+        }
+        response.body["server"]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| FabricError::Http(format!("no server id in {}", response.body)))
+    }
+
+    pub async fn show_server(&self, id: &str) -> Result<HttpResponse, FabricError> {
+        self.http(Method::GET, &format!("/v2.1/servers/{id}"), None).await
+    }
+
+    /// Waits until the server leaves BUILD and returns its final body.
+    pub async fn wait_until_built(&self, id: &str, limit: Duration) -> Result<Value, FabricError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let response = self.show_server(id).await?;
+            let status = response.body["server"]["status"].as_str().unwrap_or_default().to_string();
+            if response.status == StatusCode::OK && status != "BUILD" {
+                return Ok(response.body["server"].clone());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FabricError::Timeout(format!("server {id} to leave BUILD (last: {})", response.body)));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops every service, API first, so no request is left half done.
+    pub async fn stop(mut self) {
+        while let Some(service) = self.services.pop() {
+            service.stop().await;
+        }
+    }
+}
+
+pub struct HttpResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The JSON body, or `Value::Null` when it is empty or not JSON.
+    pub body: Value,
+    pub raw: Bytes,
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn http_request(address: &str, method: Method, path: &str, body: Vec<u8>) -> Result<HttpResponse, FabricError> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| FabricError::Http(e.to_string()))?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, address)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| FabricError::Http(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(|e| FabricError::Http(e.to_string()))?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let raw = response.into_body().collect().await.map_err(|e| FabricError::Http(e.to_string()))?.to_bytes();
+    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Ok(HttpResponse { status, headers, body, raw })
+}

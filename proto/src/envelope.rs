@@ -1,0 +1,209 @@
+//! The MessagePack envelope every frame carries, and the request context inside it.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ProtoError;
+
+/// Major protocol version: peers with another major refuse the frame; minor versions only add
+/// optional fields, which older peers ignore.
+pub const PROTOCOL_MAJOR: u16 = 1;
+pub const PROTOCOL_MINOR: u16 = 0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// One-way request: the sender waits only for the peer's `Ack`.
+    Cast,
+    /// Request that expects a `Reply` with the same message id.
+    Call,
+    Reply,
+    /// The peer's I/O thread has taken the message (sent for casts and calls alike).
+    Ack,
+}
+
+/// Who asked, carried from the HTTP request through every service so each log line shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestContext {
+    /// `req-<uuid>`, the id returned in `x-openstack-request-id`.
+    pub request_id: String,
+    #[serde(default)]
+    pub user_id: String,
+    #[serde(default)]
+    pub project_id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl RequestContext {
+    /// A context for work a service starts itself (periodic tasks, start-up).
+    pub fn internal(project_id: &str) -> Self {
+        RequestContext {
+            request_id: new_request_id(),
+            user_id: String::new(),
+            project_id: project_id.to_string(),
+            roles: vec!["admin".to_string()],
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == "admin")
+    }
+}
+
+pub fn new_request_id() -> String {
+    format!("req-{}", Uuid::new_v4())
+}
+
+/// The outcome a reply carries: the method's value, or an error the caller can show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyBody {
+    Ok(#[serde(with = "serde_bytes")] Vec<u8>),
+    Err(RemoteError),
+}
+
+/// An error raised by the remote handler, sent back to the caller of a `call`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct RemoteError {
+    /// A short class name (`NotFound`, `InvalidArgs`, `Database`, ...).
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: (u16, u16),
+    pub msg_id: Uuid,
+    pub kind: Kind,
+    #[serde(default)]
+    pub method: String,
+    pub context: RequestContext,
+    /// The method's arguments (for `Cast`/`Call`) or a `ReplyBody` (for `Reply`), MessagePack with
+    /// named fields, decoded only by the code that knows the method.
+    #[serde(with = "serde_bytes", default)]
+    pub payload: Vec<u8>,
+}
+
+impl Envelope {
+    pub fn request<A: Serialize>(
+        kind: Kind,
+        method: &str,
+        context: &RequestContext,
+        args: &A,
+    ) -> Result<Self, ProtoError> {
+        Ok(Envelope {
+            version: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
+            msg_id: Uuid::new_v4(),
+            kind,
+            method: method.to_string(),
+            context: context.clone(),
+            payload: encode(args)?,
+        })
+    }
+
+    /// The acknowledgement or reply to `self`, same id and context.
+    pub fn answer(&self, kind: Kind, payload: Vec<u8>) -> Self {
+        Envelope {
+            version: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
+            msg_id: self.msg_id,
+            kind,
+            method: self.method.clone(),
+            context: self.context.clone(),
+            payload,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
+        encode(self)
+    }
+
+    /// Parses a frame from the network; anything malformed or of another major version is an error,
+    /// never a panic.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let envelope: Envelope = decode(bytes)?;
+        if envelope.version.0 != PROTOCOL_MAJOR {
+            return Err(ProtoError::Version(envelope.version.0));
+        }
+        Ok(envelope)
+    }
+
+    pub fn args<A: DeserializeOwned>(&self) -> Result<A, ProtoError> {
+        decode(&self.payload)
+    }
+}
+
+/// MessagePack with field names, so a newer peer's extra optional fields are ignored.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, ProtoError> {
+    rmp_serde::to_vec_named(value).map_err(|e| ProtoError::Encode(e.to_string()))
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
+    rmp_serde::from_slice(bytes).map_err(|e| ProtoError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct ArgsV1 {
+        name: String,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct ArgsV2 {
+        name: String,
+        #[serde(default)]
+        color: Option<String>,
+    }
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            request_id: "req-1".into(),
+            user_id: "u".into(),
+            project_id: "p".into(),
+            roles: vec!["member".into()],
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let env = Envelope::request(Kind::Call, "ping", &ctx(), &ArgsV1 { name: "a".into() })
+            .expect("encode");
+        let back = Envelope::from_bytes(&env.to_bytes().expect("bytes")).expect("decode");
+        assert_eq!(back, env);
+        assert_eq!(back.args::<ArgsV1>().expect("args"), ArgsV1 { name: "a".into() });
+    }
+
+    #[test]
+    fn newer_peer_fields_are_ignored_and_missing_optionals_default() {
+        let newer = ArgsV2 { name: "x".into(), color: Some("red".into()) };
+        let old: ArgsV1 = decode(&encode(&newer).expect("encode")).expect("old peer decodes");
+        assert_eq!(old.name, "x");
+        let from_old: ArgsV2 = decode(&encode(&old).expect("encode")).expect("new peer decodes");
+        assert_eq!(from_old.color, None);
+    }
+
+    #[test]
+    fn garbage_and_wrong_major_are_errors() {
+        assert!(Envelope::from_bytes(b"\xc1\xff not msgpack").is_err());
+        assert!(Envelope::from_bytes(&[]).is_err());
+        let mut env = Envelope::request(Kind::Cast, "m", &ctx(), &()).expect("encode");
+        env.version = (PROTOCOL_MAJOR + 1, 0);
+        match Envelope::from_bytes(&env.to_bytes().expect("bytes")) {
+            Err(ProtoError::Version(v)) => assert_eq!(v, PROTOCOL_MAJOR + 1),
+            other => panic!("expected a version error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reply_body_round_trips() {
+        let ok = ReplyBody::Ok(encode(&42u32).expect("encode"));
+        let back: ReplyBody = decode(&encode(&ok).expect("encode")).expect("decode");
+        assert_eq!(back, ok);
+        let err = ReplyBody::Err(RemoteError { kind: "NotFound".into(), message: "gone".into() });
+        let back: ReplyBody = decode(&encode(&err).expect("encode")).expect("decode");
+        assert_eq!(back, err);
+    }
+}

@@ -1,0 +1,258 @@
+//! The typed arguments and replies of every RPC method, one struct per method.
+//!
+//! Fields added later must be `#[serde(default)]` so a peer of the previous minor version still
+//! decodes them.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// A remote method: its wire name, its argument struct (`Self`) and its reply.
+pub trait Method: Serialize + DeserializeOwned + Send + Sync + 'static {
+    const NAME: &'static str;
+    type Reply: Serialize + DeserializeOwned + Send + 'static;
+}
+
+macro_rules! method {
+    ($ty:ty, $name:literal, $reply:ty) => {
+        impl Method for $ty {
+            const NAME: &'static str = $name;
+            type Reply = $reply;
+        }
+    };
+}
+
+// ---------------------------------------------------------------- shared data
+
+/// Nova's vm_state values used on the create path.
+pub mod vm_state {
+    pub const BUILDING: &str = "building";
+    pub const ACTIVE: &str = "active";
+    pub const ERROR: &str = "error";
+    pub const DELETED: &str = "deleted";
+}
+
+/// Nova's task_state values used on the create and delete paths.
+pub mod task_state {
+    pub const SCHEDULING: &str = "scheduling";
+    pub const SPAWNING: &str = "spawning";
+    pub const DELETING: &str = "deleting";
+}
+
+/// Nova's power_state codes.
+pub mod power_state {
+    pub const NOSTATE: i32 = 0;
+    pub const RUNNING: i32 = 1;
+    pub const PAUSED: i32 = 3;
+    pub const SHUTDOWN: i32 = 4;
+    pub const CRASHED: i32 = 6;
+    pub const SUSPENDED: i32 = 7;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorSpec {
+    pub flavorid: String,
+    pub name: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub root_gb: i64,
+    pub ephemeral_gb: i64,
+    pub swap_mb: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub id: String,
+    pub name: String,
+    pub disk_format: String,
+    /// Path of the base image file on the compute host, if the image has one; the qemu path
+    /// uses it as the backing file of the instance disk.
+    #[serde(default)]
+    pub location: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerHints {
+    /// Send the instance to exactly this host (admin only).
+    #[serde(default)]
+    pub scheduler_host: Option<String>,
+    /// Keep only hosts whose name contains a match of this regular expression.
+    #[serde(default)]
+    pub scheduler_host_match: Option<String>,
+    /// Skip hosts that run any of these instances.
+    #[serde(default)]
+    pub different_host: Vec<String>,
+}
+
+/// Hosts already tried for this instance, so a reschedule goes elsewhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetrySpec {
+    pub num_attempts: u32,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// Everything the scheduler and the compute need to place and build one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestSpec {
+    pub instance_uuid: String,
+    pub display_name: String,
+    pub project_id: String,
+    pub flavor: FlavorSpec,
+    pub image: ImageSpec,
+    #[serde(default)]
+    pub hints: SchedulerHints,
+    #[serde(default)]
+    pub retry: RetrySpec,
+}
+
+/// The ceilings the compute's claim must respect, as the scheduler computed them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub vcpu: f64,
+    pub memory_mb: f64,
+    pub disk_gb: f64,
+}
+
+/// vm_state, task_state and power_state always change together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceState {
+    pub vm_state: String,
+    pub task_state: Option<String>,
+    pub power_state: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub code: i32,
+    pub message: String,
+    #[serde(default)]
+    pub details: String,
+}
+
+/// Per-host settings the scheduler reads from `compute_nodes.extra_resources`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExtraResources {
+    pub queue_name: String,
+    pub cpu_allocation_ratio: f64,
+    pub ram_allocation_ratio: f64,
+    pub disk_allocation_ratio: f64,
+}
+
+/// The resources one instance holds on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceResources {
+    pub uuid: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub root_gb: i64,
+    pub ephemeral_gb: i64,
+    pub swap_mb: i64,
+}
+
+// ---------------------------------------------------------------- conductor
+
+/// api → conductor (cast): schedule these freshly inserted instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildInstances {
+    pub instance_uuids: Vec<String>,
+    #[serde(default)]
+    pub hints: SchedulerHints,
+}
+method!(BuildInstances, "build_instances", ());
+
+/// compute → conductor (call): record a state change, host, launch time or fault.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceUpdate {
+    pub uuid: String,
+    #[serde(default)]
+    pub state: Option<InstanceState>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Set `launched_at` to now.
+    #[serde(default)]
+    pub launched: bool,
+    #[serde(default)]
+    pub fault: Option<Fault>,
+}
+method!(InstanceUpdate, "instance_update", ());
+
+/// compute → conductor (call): the domain is gone; soft-delete the row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceDestroy {
+    pub uuid: String,
+}
+method!(InstanceDestroy, "instance_destroy", ());
+
+/// compute → conductor (call): the instances the database places on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstancesOnHost {
+    pub host: String,
+}
+method!(InstancesOnHost, "instances_on_host", Vec<InstanceResources>);
+
+/// compute → conductor (call): register or refresh the service row with the RPC endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRegister {
+    pub host: String,
+    pub binary: String,
+    pub rpc_endpoint: String,
+}
+method!(ServiceRegister, "service_register", ());
+
+/// compute → conductor (call): the periodic "I am alive".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHeartbeat {
+    pub host: String,
+    pub binary: String,
+}
+method!(ServiceHeartbeat, "service_heartbeat", ());
+
+/// compute → conductor (call): `update_available_resource`, the compute-node row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComputeNodeUpdate {
+    pub host: String,
+    pub hypervisor_hostname: String,
+    pub hypervisor_type: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub local_gb: i64,
+    pub vcpus_used: i64,
+    pub memory_mb_used: i64,
+    pub local_gb_used: i64,
+    pub running_vms: i64,
+    pub extra_resources: ExtraResources,
+}
+method!(ComputeNodeUpdate, "compute_node_update", ());
+
+// ---------------------------------------------------------------- scheduler
+
+/// conductor → scheduler (cast): place this instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleRunInstance {
+    pub spec: RequestSpec,
+}
+method!(ScheduleRunInstance, "new_run_instance", ());
+
+// ---------------------------------------------------------------- compute
+
+/// scheduler → compute.<host> (cast): claim and build this instance here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComputeRunInstance {
+    pub spec: RequestSpec,
+    pub node: String,
+    pub limits: Limits,
+}
+method!(ComputeRunInstance, "new_run_instance", ());
+
+/// api → compute.<host> (cast): destroy the domain and its disk, then destroy the row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminateInstance {
+    pub uuid: String,
+}
+method!(TerminateInstance, "terminate_instance", ());
+
+/// any → any (call): liveness probe used by tests and operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {}
+method!(Ping, "ping", String);

@@ -1,0 +1,203 @@
+//! What every Zova service shares: the layered configuration, the logger, and the handle a
+//! started service returns so the binaries, the all-in-one and the tests stop it the same way.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use slog::{o, Drain, Logger};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::RpcOptions;
+
+/// Loads a service's configuration: its defaults, then the TOML file (if given), then
+/// `ZOVA_<SECTION>__<KEY>` environment variables (e.g. `ZOVA_API__LISTEN=0.0.0.0:8774`).
+pub fn load_config<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&Path>,
+) -> Result<T, Box<figment::Error>> {
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(Box::new(figment::Error::from(format!(
+                "configuration file {} does not exist",
+                file.display()
+            ))));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    figment.merge(Env::prefixed("ZOVA_").split("__")).extract().map_err(Box::new)
+}
+
+/// `[database]`: where the database is (a SQLite file path, or `sqlite://PATH`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    pub url: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: "zova-state/zova.sqlite".into() }
+    }
+}
+
+/// `[rpc]`: where the conductor and the scheduler listen, and how long callers wait.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RpcConfig {
+    pub conductor: String,
+    pub scheduler: String,
+    pub cast_timeout_ms: u64,
+    pub call_timeout_ms: u64,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            conductor: "tcp://127.0.0.1:5560".into(),
+            scheduler: "tcp://127.0.0.1:5561".into(),
+            cast_timeout_ms: 2000,
+            call_timeout_ms: 30000,
+        }
+    }
+}
+
+impl RpcConfig {
+    pub fn options(&self) -> RpcOptions {
+        RpcOptions {
+            cast_timeout: Duration::from_millis(self.cast_timeout_ms),
+            call_timeout: Duration::from_millis(self.call_timeout_ms),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Terminal,
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// Also log debug lines.
+    pub debug: bool,
+}
+
+/// The root logger of a service: every line carries the service name; request handlers add
+/// `request_id` with `for_request`.
+pub fn root_logger(config: &LogConfig, service: &str) -> Logger {
+    let level = if config.debug { slog::Level::Debug } else { slog::Level::Info };
+    let drain = match config.format {
+        LogFormat::Terminal => {
+            let decorator = slog_term::PlainDecorator::new(std::io::stderr());
+            let drain = slog_term::FullFormat::new(decorator).build().fuse();
+            slog_async::Async::new(drain).chan_size(4096).build().fuse()
+        }
+        LogFormat::Json => {
+            let drain = slog_json::Json::default(std::io::stderr()).fuse();
+            slog_async::Async::new(drain).chan_size(4096).build().fuse()
+        }
+    };
+    let drain = slog::LevelFilter::new(drain, level).fuse();
+    Logger::root(drain, o!("service" => service.to_string()))
+}
+
+/// A child logger whose lines carry the request id (and project) of `context`.
+pub fn for_request(log: &Logger, context: &crate::RequestContext) -> Logger {
+    log.new(o!("request_id" => context.request_id.clone(), "project_id" => context.project_id.clone()))
+}
+
+/// A running service: where it listens, and how to stop it.
+pub struct ServiceHandle {
+    /// The RPC endpoint (or, for the API, the HTTP address) the service is bound to.
+    pub endpoint: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ServiceHandle {
+    pub fn new(endpoint: String, stop: watch::Sender<bool>, task: JoinHandle<()>) -> Self {
+        ServiceHandle { endpoint, stop, task }
+    }
+
+    /// Asks the service to stop and waits until its loops have ended.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the service ends by itself (it only does on a fatal error) or Ctrl-C/SIGTERM.
+    pub async fn run_until_signal(self) {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = self.stop.closed() => {}
+        }
+        self.stop().await;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Resolves once `stop` has been set (or its sender dropped).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The body of every service binary: report a bad configuration (exit 2), start the service, run
+/// it until Ctrl-C or SIGTERM, report a failure to start (exit 1).
+pub async fn run_binary<C, E, F>(
+    binary: &str,
+    config: Result<C, E>,
+    log_config: impl FnOnce(&C) -> LogConfig,
+    start: impl FnOnce(C, Logger) -> F,
+) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<ServiceHandle, E>>,
+{
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let log = root_logger(&log_config(&config), binary);
+    match start(config, log.clone()).await {
+        Ok(handle) => {
+            handle.run_until_signal().await;
+            slog::info!(log, "stopped");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            slog::crit!(log, "failed to start"; "error" => %e);
+            eprintln!("{binary}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
