@@ -47,7 +47,11 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: "127.0.0.1:8774".into(), max_body_bytes: 1024 * 1024, default_project: "default".into() }
+        ApiConfig {
+            listen: "127.0.0.1:8774".into(),
+            max_body_bytes: 1024 * 1024,
+            default_project: "default".into(),
+        }
     }
 }
 
@@ -76,8 +80,8 @@ pub struct Args {
 
 impl Args {
     pub fn into_config(self) -> Result<Config, ApiStartError> {
-        let mut config: Config =
-            proto::service::load_config(self.config.as_deref()).map_err(|e| ApiStartError::Config(e.to_string()))?;
+        let mut config: Config = proto::service::load_config(self.config.as_deref())
+            .map_err(|e| ApiStartError::Config(e.to_string()))?;
         if let Some(listen) = self.listen {
             config.api.listen = listen;
         }
@@ -93,7 +97,10 @@ pub enum ApiStartError {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot listen on {address}: {source}")]
-    Listen { address: String, source: std::io::Error },
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Database(#[from] DbError),
     #[error(transparent)]
@@ -154,7 +161,8 @@ impl ApiError {
 
     fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
-        let body = json!({ self.fault_name(): {"code": status.as_u16(), "message": self.to_string()} });
+        let body =
+            json!({ self.fault_name(): {"code": status.as_u16(), "message": self.to_string()} });
         json_response(status, &body)
     }
 }
@@ -162,7 +170,9 @@ impl ApiError {
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -189,11 +199,24 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
     let (rpc, _) = Rpc::start(log.clone(), None, config.rpc.options())?;
     let listener = TcpListener::bind(&config.api.listen)
         .await
-        .map_err(|source| ApiStartError::Listen { address: config.api.listen.clone(), source })?;
-    let address: SocketAddr =
-        listener.local_addr().map_err(|source| ApiStartError::Listen { address: config.api.listen.clone(), source })?;
+        .map_err(|source| ApiStartError::Listen {
+            address: config.api.listen.clone(),
+            source,
+        })?;
+    let address: SocketAddr = listener
+        .local_addr()
+        .map_err(|source| ApiStartError::Listen {
+            address: config.api.listen.clone(),
+            source,
+        })?;
     info!(log, "api listening"; "address" => %address, "conductor" => &config.rpc.conductor);
-    let api = Arc::new(Api { log, db, rpc, conductor: config.rpc.conductor, config: config.api });
+    let api = Arc::new(Api {
+        log,
+        db,
+        rpc,
+        conductor: config.rpc.conductor,
+        config: config.api,
+    });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
         loop {
@@ -239,7 +262,11 @@ impl Api {
         let log = for_request(&self.log, &context);
         let method = request.method().clone();
         let path = request.uri().path().to_string();
-        let base = match request.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()) {
+        let base = match request
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
             Some(host) => format!("http://{host}"),
             None => format!("http://{}", self.config.listen),
         };
@@ -253,10 +280,15 @@ impl Api {
             }
         };
         if let Ok(id) = HeaderValue::from_str(&context.request_id) {
-            response.headers_mut().insert("x-openstack-request-id", id.clone());
+            response
+                .headers_mut()
+                .insert("x-openstack-request-id", id.clone());
             response.headers_mut().insert("x-compute-request-id", id);
         }
-        response.headers_mut().insert("openstack-api-version", HeaderValue::from_static("compute 2.1"));
+        response.headers_mut().insert(
+            "openstack-api-version",
+            HeaderValue::from_static("compute 2.1"),
+        );
         info!(log, "request"; "method" => %method, "path" => &path, "status" => response.status().as_u16(),
             "ms" => started.elapsed().as_millis() as u64);
         response
@@ -273,14 +305,22 @@ impl Api {
         let path = request.uri().path().trim_end_matches('/').to_string();
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match (method.clone(), segments.as_slice()) {
-            (Method::GET, []) => Ok(json_response(StatusCode::MULTIPLE_CHOICES, &json!({"versions": [views::version(base)]}))),
-            (Method::GET, ["v2.1"]) => Ok(json_response(StatusCode::OK, &json!({"version": views::version(base)}))),
+            (Method::GET, []) => Ok(json_response(
+                StatusCode::MULTIPLE_CHOICES,
+                &json!({"versions": [views::version(base)]}),
+            )),
+            (Method::GET, ["v2.1"]) => Ok(json_response(
+                StatusCode::OK,
+                &json!({"version": views::version(base)}),
+            )),
             (Method::POST, ["v2.1", "servers"]) => {
                 let body = self.read_body(request).await?;
                 self.create_server(log, context, base, &body).await
             }
             (Method::GET, ["v2.1", "servers"]) => self.list_servers(context, base, false).await,
-            (Method::GET, ["v2.1", "servers", "detail"]) => self.list_servers(context, base, true).await,
+            (Method::GET, ["v2.1", "servers", "detail"]) => {
+                self.list_servers(context, base, true).await
+            }
             (Method::GET, ["v2.1", "servers", id]) => self.show_server(context, base, id).await,
             (Method::DELETE, ["v2.1", "servers", id]) => self.delete_server(log, context, id).await,
             (Method::GET, ["v2.1", "flavors"]) => self.list_flavors(base, false).await,
@@ -289,7 +329,9 @@ impl Api {
             (_, ["v2.1", "servers", ..] | ["v2.1", "flavors", ..] | ["v2.1"] | []) => {
                 Err(ApiError::MethodNotAllowed(method.to_string()))
             }
-            _ => Err(ApiError::NotFound(format!("The resource {path} could not be found."))),
+            _ => Err(ApiError::NotFound(format!(
+                "The resource {path} could not be found."
+            ))),
         }
     }
 
@@ -298,12 +340,17 @@ impl Api {
         match Limited::new(request.into_body(), limit).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(limit)),
-            Err(e) => Err(ApiError::BadRequest(format!("The request body could not be read: {e}"))),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "The request body could not be read: {e}"
+            ))),
         }
     }
 
     /// Runs a database closure on a blocking thread.
-    async fn db<T: Send + 'static>(&self, work: impl FnOnce(&Db) -> Result<T, DbError> + Send + 'static) -> Result<T, ApiError> {
+    async fn db<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Db) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, ApiError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || work(&db))
             .await
@@ -312,12 +359,20 @@ impl Api {
     }
 
     /// The live instance `id` if the caller's project may see it.
-    async fn visible_instance(&self, context: &RequestContext, id: &str) -> Result<Instance, ApiError> {
+    async fn visible_instance(
+        &self,
+        context: &RequestContext,
+        id: &str,
+    ) -> Result<Instance, ApiError> {
         let lookup = id.to_string();
         let instance = self.db(move |db| db.instance_get(&lookup)).await?;
         match instance {
-            Some(instance) if context.is_admin() || instance.project_id == context.project_id => Ok(instance),
-            _ => Err(ApiError::NotFound(format!("Instance {id} could not be found."))),
+            Some(instance) if context.is_admin() || instance.project_id == context.project_id => {
+                Ok(instance)
+            }
+            _ => Err(ApiError::NotFound(format!(
+                "Instance {id} could not be found."
+            ))),
         }
     }
 
@@ -330,25 +385,42 @@ impl Api {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let request = validate::parse_create_server(body).map_err(ApiError::BadRequest)?;
         if request.hints.scheduler_host.is_some() && !context.is_admin() {
-            return Err(ApiError::Forbidden("Only administrators may force a host with scheduler_host.".into()));
+            return Err(ApiError::Forbidden(
+                "Only administrators may force a host with scheduler_host.".into(),
+            ));
         }
         let (flavor_ref, image_ref) = (request.flavor_ref.clone(), request.image_ref.clone());
-        let (flavor, image) = self.db(move |db| Ok((db.flavor_get(&flavor_ref)?, db.image_get(&image_ref)?))).await?;
-        let flavor = flavor.ok_or_else(|| ApiError::BadRequest(format!("Flavor {} could not be found.", request.flavor_ref)))?;
-        let image = image.ok_or_else(|| ApiError::BadRequest(format!("Image {} could not be found.", request.image_ref)))?;
+        let (flavor, image) = self
+            .db(move |db| Ok((db.flavor_get(&flavor_ref)?, db.image_get(&image_ref)?)))
+            .await?;
+        let flavor = flavor.ok_or_else(|| {
+            ApiError::BadRequest(format!("Flavor {} could not be found.", request.flavor_ref))
+        })?;
+        let image = image.ok_or_else(|| {
+            ApiError::BadRequest(format!("Image {} could not be found.", request.image_ref))
+        })?;
         if image.status != "active" {
-            return Err(ApiError::BadRequest(format!("Image {} is not active.", image.uuid)));
+            return Err(ApiError::BadRequest(format!(
+                "Image {} is not active.",
+                image.uuid
+            )));
         }
 
         let reservation_id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let metadata = serde_json::to_string(&request.metadata).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let hints = serde_json::to_string(&request.hints).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let metadata = serde_json::to_string(&request.metadata)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let hints =
+            serde_json::to_string(&request.hints).map_err(|e| ApiError::Internal(e.to_string()))?;
         let count = request.max_count;
         let rows: Vec<NewInstance> = (0..count)
             .map(|index| NewInstance {
                 uuid: uuid::Uuid::new_v4().to_string(),
                 // Nova's multi_instance_display_name_template: "%(name)s-%(count)d".
-                display_name: if count > 1 { format!("{}-{}", request.name, index + 1) } else { request.name.clone() },
+                display_name: if count > 1 {
+                    format!("{}-{}", request.name, index + 1)
+                } else {
+                    request.name.clone()
+                },
                 project_id: context.project_id.clone(),
                 user_id: context.user_id.clone(),
                 flavorid: flavor.flavorid.clone(),
@@ -377,7 +449,10 @@ impl Api {
         })
         .await?;
 
-        let build = BuildInstances { instance_uuids: uuids.clone(), hints: request.hints.clone() };
+        let build = BuildInstances {
+            instance_uuids: uuids.clone(),
+            hints: request.hints.clone(),
+        };
         if let Err(e) = self.rpc.cast(&self.conductor, context, &build).await {
             // The rows exist: they go to ERROR with the reason rather than vanish.
             warn!(log, "conductor did not take build_instances"; "error" => %e);
@@ -385,7 +460,13 @@ impl Api {
             let failed = uuids.clone();
             self.db(move |db| {
                 for uuid in &failed {
-                    let fault = NewFault { instance_uuid: uuid.clone(), code: 500, message: message.clone(), details: String::new(), host: None };
+                    let fault = NewFault {
+                        instance_uuid: uuid.clone(),
+                        code: 500,
+                        message: message.clone(),
+                        details: String::new(),
+                        host: None,
+                    };
                     db.instance_set_error(uuid, &fault)?;
                 }
                 Ok(())
@@ -407,19 +488,30 @@ impl Api {
         }});
         let mut response = json_response(StatusCode::ACCEPTED, &body);
         if let Ok(location) = HeaderValue::from_str(&format!("{base}/v2.1/servers/{id}")) {
-            response.headers_mut().insert(hyper::header::LOCATION, location);
+            response
+                .headers_mut()
+                .insert(hyper::header::LOCATION, location);
         }
         Ok(response)
     }
 
-    async fn list_servers(&self, context: &RequestContext, base: &str, detail: bool) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn list_servers(
+        &self,
+        context: &RequestContext,
+        base: &str,
+        detail: bool,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let project = context.project_id.clone();
         let servers = self
             .db(move |db| {
                 let instances = db.instances_list(Some(&project))?;
                 let mut out = Vec::with_capacity(instances.len());
                 for instance in instances {
-                    let fault = if detail && instance.vm_state == vm_state::ERROR { db.instance_fault_latest(&instance.uuid)? } else { None };
+                    let fault = if detail && instance.vm_state == vm_state::ERROR {
+                        db.instance_fault_latest(&instance.uuid)?
+                    } else {
+                        None
+                    };
                     out.push((instance, fault));
                 }
                 Ok(out)
@@ -427,52 +519,119 @@ impl Api {
             .await?;
         let servers: Vec<Value> = servers
             .iter()
-            .map(|(i, f)| if detail { views::server_detail(base, i, f.as_ref()) } else { views::server_summary(base, i) })
+            .map(|(i, f)| {
+                if detail {
+                    views::server_detail(base, i, f.as_ref())
+                } else {
+                    views::server_summary(base, i)
+                }
+            })
             .collect();
-        Ok(json_response(StatusCode::OK, &json!({ "servers": servers })))
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "servers": servers }),
+        ))
     }
 
-    async fn show_server(&self, context: &RequestContext, base: &str, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn show_server(
+        &self,
+        context: &RequestContext,
+        base: &str,
+        id: &str,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let instance = self.visible_instance(context, id).await?;
         let uuid = instance.uuid.clone();
-        let fault = if instance.vm_state == vm_state::ERROR { self.db(move |db| db.instance_fault_latest(&uuid)).await? } else { None };
-        Ok(json_response(StatusCode::OK, &json!({"server": views::server_detail(base, &instance, fault.as_ref())})))
+        let fault = if instance.vm_state == vm_state::ERROR {
+            self.db(move |db| db.instance_fault_latest(&uuid)).await?
+        } else {
+            None
+        };
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"server": views::server_detail(base, &instance, fault.as_ref())}),
+        ))
     }
 
     /// Casts the delete to the instance's compute; with no host, or a compute that does not take
     /// the cast, deletes the row here (Nova's "local delete").
-    async fn delete_server(&self, log: &Logger, context: &RequestContext, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn delete_server(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        id: &str,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let instance = self.visible_instance(context, id).await?;
         let uuid = instance.uuid.clone();
         let endpoint = match instance.host.clone() {
-            Some(host) => self.db(move |db| Ok(db.service_get(&host, "zova-compute")?.map(|s| s.rpc_endpoint))).await?,
+            Some(host) => {
+                self.db(move |db| {
+                    Ok(db
+                        .service_get(&host, "zova-compute")?
+                        .map(|s| s.rpc_endpoint))
+                })
+                .await?
+            }
             None => None,
         };
         if let Some(endpoint) = endpoint {
-            let changes = db::InstanceChanges { task_state: Some(Some(task_state::DELETING.into())), ..Default::default() };
+            let changes = db::InstanceChanges {
+                task_state: Some(Some(task_state::DELETING.into())),
+                ..Default::default()
+            };
             let lookup = uuid.clone();
-            self.db(move |db| db.instance_update(&lookup, &changes)).await?;
-            match self.rpc.cast(&endpoint, context, &TerminateInstance { uuid: uuid.clone() }).await {
+            self.db(move |db| db.instance_update(&lookup, &changes))
+                .await?;
+            match self
+                .rpc
+                .cast(
+                    &endpoint,
+                    context,
+                    &TerminateInstance { uuid: uuid.clone() },
+                )
+                .await
+            {
                 Ok(()) => return Ok(empty_response(StatusCode::NO_CONTENT)),
-                Err(e) => warn!(log, "compute did not take the delete; deleting locally"; "instance" => &uuid, "error" => %e),
+                Err(e) => {
+                    warn!(log, "compute did not take the delete; deleting locally"; "instance" => &uuid, "error" => %e)
+                }
             }
         }
         self.db(move |db| db.instance_destroy(&uuid)).await?;
         Ok(empty_response(StatusCode::NO_CONTENT))
     }
 
-    async fn list_flavors(&self, base: &str, detail: bool) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn list_flavors(
+        &self,
+        base: &str,
+        detail: bool,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let flavors = self.db(|db| db.flavors()).await?;
-        let flavors: Vec<Value> =
-            flavors.iter().map(|f| if detail { views::flavor(base, f) } else { views::flavor_summary(base, f) }).collect();
-        Ok(json_response(StatusCode::OK, &json!({ "flavors": flavors })))
+        let flavors: Vec<Value> = flavors
+            .iter()
+            .map(|f| {
+                if detail {
+                    views::flavor(base, f)
+                } else {
+                    views::flavor_summary(base, f)
+                }
+            })
+            .collect();
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "flavors": flavors }),
+        ))
     }
 
     async fn show_flavor(&self, base: &str, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
         let lookup = id.to_string();
         match self.db(move |db| db.flavor_get(&lookup)).await? {
-            Some(flavor) => Ok(json_response(StatusCode::OK, &json!({"flavor": views::flavor(base, &flavor)}))),
-            None => Err(ApiError::NotFound(format!("Flavor {id} could not be found."))),
+            Some(flavor) => Ok(json_response(
+                StatusCode::OK,
+                &json!({"flavor": views::flavor(base, &flavor)}),
+            )),
+            None => Err(ApiError::NotFound(format!(
+                "Flavor {id} could not be found."
+            ))),
         }
     }
 }

@@ -57,12 +57,18 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> String {
 
 /// Parses and checks the body of `POST /servers`.
 pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
-    let value: Value = serde_json::from_slice(body).map_err(|_| "Malformed request body".to_string())?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|_| "Malformed request body".to_string())?;
     let Value::Object(top) = value else {
         return Err("Malformed request body: the body must be a JSON object".into());
     };
-    if let Some(extra) = top.keys().find(|k| *k != "server" && !HINT_KEYS.contains(&k.as_str())) {
-        return Err(format!("Additional properties are not allowed ('{extra}' was unexpected)"));
+    if let Some(extra) = top
+        .keys()
+        .find(|k| *k != "server" && !HINT_KEYS.contains(&k.as_str()))
+    {
+        return Err(format!(
+            "Additional properties are not allowed ('{extra}' was unexpected)"
+        ));
     }
     let server = match top.get("server") {
         Some(Value::Object(server)) => server,
@@ -70,31 +76,51 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
         None => return Err("'server' is a required property".into()),
     };
     if let Some(extra) = server.keys().find(|k| {
-        !matches!(k.as_str(), "name" | "flavorRef" | "imageRef" | "min_count" | "max_count" | "metadata")
-            && !ACCEPTED_UNUSED_SERVER_FIELDS.contains(&k.as_str())
+        !matches!(
+            k.as_str(),
+            "name" | "flavorRef" | "imageRef" | "min_count" | "max_count" | "metadata"
+        ) && !ACCEPTED_UNUSED_SERVER_FIELDS.contains(&k.as_str())
     }) {
-        return Err(format!("Additional properties are not allowed ('{extra}' was unexpected)"));
+        return Err(format!(
+            "Additional properties are not allowed ('{extra}' was unexpected)"
+        ));
     }
 
     let name = parse_name(server.get("name"))?;
     let flavor_ref = parse_ref("flavorRef", server.get("flavorRef"))?;
     let image_ref = parse_ref("imageRef", server.get("imageRef"))?;
     if uuid::Uuid::parse_str(&image_ref).is_err() {
-        return Err(format!("Invalid imageRef provided: {image_ref} is not an image id"));
+        return Err(format!(
+            "Invalid imageRef provided: {image_ref} is not an image id"
+        ));
     }
     let min_count = parse_count("min_count", server.get("min_count"))?.unwrap_or(1);
     let max_count = parse_count("max_count", server.get("max_count"))?.unwrap_or(min_count);
     if min_count > max_count {
-        return Err(format!("min_count ({min_count}) must be <= max_count ({max_count})"));
+        return Err(format!(
+            "min_count ({min_count}) must be <= max_count ({max_count})"
+        ));
     }
     let metadata = parse_metadata(server.get("metadata"))?;
 
-    let hints = match (top.get(HINT_KEYS[0]), top.get(HINT_KEYS[1])) {
-        (Some(_), Some(_)) => return Err("Give scheduler hints once, as os:scheduler_hints or OS-SCH-HNT:scheduler_hints".into()),
-        (Some(h), None) | (None, Some(h)) => parse_hints(h)?,
-        (None, None) => SchedulerHints::default(),
-    };
-    Ok(CreateServer { name, flavor_ref, image_ref, min_count, max_count, metadata, hints })
+    let hints =
+        match (top.get(HINT_KEYS[0]), top.get(HINT_KEYS[1])) {
+            (Some(_), Some(_)) => return Err(
+                "Give scheduler hints once, as os:scheduler_hints or OS-SCH-HNT:scheduler_hints"
+                    .into(),
+            ),
+            (Some(h), None) | (None, Some(h)) => parse_hints(h)?,
+            (None, None) => SchedulerHints::default(),
+        };
+    Ok(CreateServer {
+        name,
+        flavor_ref,
+        image_ref,
+        min_count,
+        max_count,
+        metadata,
+        hints,
+    })
 }
 
 fn parse_name(value: Option<&Value>) -> Result<String, String> {
@@ -104,16 +130,28 @@ fn parse_name(value: Option<&Value>) -> Result<String, String> {
         None => return Err("'name' is a required property".into()),
     };
     if name.trim().is_empty() {
-        return Err(invalid("name", "The name must not be empty or only white space."));
+        return Err(invalid(
+            "name",
+            "The name must not be empty or only white space.",
+        ));
     }
     if name.trim() != name {
-        return Err(invalid("name", "The name must not start or end with white space."));
+        return Err(invalid(
+            "name",
+            "The name must not start or end with white space.",
+        ));
     }
     if name.chars().count() > MAX_NAME_LEN {
-        return Err(invalid("name", format!("The name is longer than {MAX_NAME_LEN} characters.")));
+        return Err(invalid(
+            "name",
+            format!("The name is longer than {MAX_NAME_LEN} characters."),
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(invalid("name", "The name must not contain control characters."));
+        return Err(invalid(
+            "name",
+            "The name must not contain control characters.",
+        ));
     }
     Ok(name.clone())
 }
@@ -123,12 +161,25 @@ fn parse_ref(field: &str, value: Option<&Value>) -> Result<String, String> {
     let raw = match value {
         Some(Value::String(s)) => s.trim().to_string(),
         Some(Value::Number(n)) if n.is_u64() => n.to_string(),
-        Some(_) => return Err(invalid(field, "Value must be a string or a positive integer.")),
+        Some(_) => {
+            return Err(invalid(
+                field,
+                "Value must be a string or a positive integer.",
+            ))
+        }
         None => return Err(format!("'{field}' is a required property")),
     };
-    let id = raw.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_string();
+    let id = raw
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     if id.is_empty() || id.len() > 255 {
-        return Err(invalid(field, "Value must be a non-empty id of at most 255 characters."));
+        return Err(invalid(
+            field,
+            "Value must be a non-empty id of at most 255 characters.",
+        ));
     }
     Ok(id)
 }
@@ -143,7 +194,10 @@ fn parse_count(field: &str, value: Option<&Value>) -> Result<Option<i64>, String
     };
     match count {
         Some(n) if (1..=MAX_COUNT).contains(&n) => Ok(Some(n)),
-        _ => Err(invalid(field, format!("Value must be an integer from 1 to {MAX_COUNT}."))),
+        _ => Err(invalid(
+            field,
+            format!("Value must be an integer from 1 to {MAX_COUNT}."),
+        )),
     }
 }
 
@@ -154,18 +208,29 @@ fn parse_metadata(value: Option<&Value>) -> Result<BTreeMap<String, String>, Str
         Some(_) => return Err(invalid("metadata", "Value must be an object.")),
     };
     if map.len() > MAX_METADATA_ITEMS {
-        return Err(format!("Maximum number of metadata items exceeds {MAX_METADATA_ITEMS}"));
+        return Err(format!(
+            "Maximum number of metadata items exceeds {MAX_METADATA_ITEMS}"
+        ));
     }
     let mut metadata = BTreeMap::new();
     for (key, value) in map {
         if key.is_empty() || key.chars().count() > 255 {
-            return Err(invalid("metadata", "Keys must be 1 to 255 characters long."));
+            return Err(invalid(
+                "metadata",
+                "Keys must be 1 to 255 characters long.",
+            ));
         }
         let Value::String(value) = value else {
-            return Err(invalid("metadata", format!("The value of '{key}' must be a string.")));
+            return Err(invalid(
+                "metadata",
+                format!("The value of '{key}' must be a string."),
+            ));
         };
         if value.chars().count() > 255 {
-            return Err(invalid("metadata", format!("The value of '{key}' is longer than 255 characters.")));
+            return Err(invalid(
+                "metadata",
+                format!("The value of '{key}' is longer than 255 characters."),
+            ));
         }
         metadata.insert(key.clone(), value.clone());
     }
@@ -180,18 +245,29 @@ fn hint_strings(name: &str, value: &Value) -> Result<Vec<String>, String> {
             .iter()
             .map(|item| match item {
                 Value::String(s) => Ok(s.clone()),
-                _ => Err(invalid(name, "Value must be a string or a list of strings.")),
+                _ => Err(invalid(
+                    name,
+                    "Value must be a string or a list of strings.",
+                )),
             })
             .collect(),
-        _ => Err(invalid(name, "Value must be a string or a list of strings.")),
+        _ => Err(invalid(
+            name,
+            "Value must be a string or a list of strings.",
+        )),
     }
 }
 
 fn single_hint(name: &str, hints: &Map<String, Value>) -> Result<Option<String>, String> {
-    let Some(value) = hints.get(name) else { return Ok(None) };
+    let Some(value) = hints.get(name) else {
+        return Ok(None);
+    };
     match hint_strings(name, value)?.as_slice() {
         [one] if !one.is_empty() && one.len() <= 255 => Ok(Some(one.clone())),
-        _ => Err(invalid(name, "Value must be one non-empty string of at most 255 characters.")),
+        _ => Err(invalid(
+            name,
+            "Value must be one non-empty string of at most 255 characters.",
+        )),
     }
 }
 
@@ -209,13 +285,20 @@ fn parse_hints(value: &Value) -> Result<SchedulerHints, String> {
         Some(value) => {
             let uuids = hint_strings("different_host", value)?;
             if let Some(bad) = uuids.iter().find(|u| uuid::Uuid::parse_str(u).is_err()) {
-                return Err(invalid("different_host", format!("'{bad}' is not a server id.")));
+                return Err(invalid(
+                    "different_host",
+                    format!("'{bad}' is not a server id."),
+                ));
             }
             uuids
         }
     };
     // Other hints are scheduler-specific in Nova; they are accepted and ignored here.
-    Ok(SchedulerHints { scheduler_host, scheduler_host_match, different_host })
+    Ok(SchedulerHints {
+        scheduler_host,
+        scheduler_host_match,
+        different_host,
+    })
 }
 
 #[cfg(test)]
@@ -252,7 +335,12 @@ mod tests {
         assert_eq!(req.image_ref, IMAGE);
         let mut server = minimal();
         server["flavorRef"] = Value::String("http://zova:8774/v2.1/flavors/2".into());
-        assert_eq!(parse_create_server(&body(server)).expect("valid").flavor_ref, "2");
+        assert_eq!(
+            parse_create_server(&body(server))
+                .expect("valid")
+                .flavor_ref,
+            "2"
+        );
     }
 
     #[test]
@@ -262,12 +350,16 @@ mod tests {
             top[key] = serde_json::json!({"scheduler_host": "node-2", "scheduler_host_match": "^node-[12]$", "different_host": [IMAGE], "unknown_hint": 1});
             let req = parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("valid");
             assert_eq!(req.hints.scheduler_host.as_deref(), Some("node-2"));
-            assert_eq!(req.hints.scheduler_host_match.as_deref(), Some("^node-[12]$"));
+            assert_eq!(
+                req.hints.scheduler_host_match.as_deref(),
+                Some("^node-[12]$")
+            );
             assert_eq!(req.hints.different_host, vec![IMAGE.to_string()]);
         }
         let mut top = serde_json::json!({ "server": minimal() });
         top["os:scheduler_hints"] = serde_json::json!({"scheduler_host": ["node-1"]});
-        let req = parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("a one-item list");
+        let req =
+            parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("a one-item list");
         assert_eq!(req.hints.scheduler_host.as_deref(), Some("node-1"));
     }
 
@@ -278,27 +370,93 @@ mod tests {
             (b"[]".to_vec(), "must be a JSON object"),
             (b"{}".to_vec(), "'server' is a required property"),
             (br#"{"server": 1}"#.to_vec(), "server"),
-            (br#"{"server": {}, "extra": 1}"#.to_vec(), "'extra' was unexpected"),
-            (body(serde_json::json!({"flavorRef": "1", "imageRef": IMAGE})), "'name' is a required property"),
-            (body(serde_json::json!({"name": "", "flavorRef": "1", "imageRef": IMAGE})), "name"),
-            (body(serde_json::json!({"name": "   ", "flavorRef": "1", "imageRef": IMAGE})), "white space"),
-            (body(serde_json::json!({"name": " a", "flavorRef": "1", "imageRef": IMAGE})), "white space"),
-            (body(serde_json::json!({"name": "a\u{7}", "flavorRef": "1", "imageRef": IMAGE})), "control"),
-            (body(serde_json::json!({"name": "x".repeat(256), "flavorRef": "1", "imageRef": IMAGE})), "255"),
-            (body(serde_json::json!({"name": 5, "flavorRef": "1", "imageRef": IMAGE})), "string"),
-            (body(serde_json::json!({"name": "a", "imageRef": IMAGE})), "'flavorRef' is a required property"),
-            (body(serde_json::json!({"name": "a", "flavorRef": "", "imageRef": IMAGE})), "flavorRef"),
-            (body(serde_json::json!({"name": "a", "flavorRef": {}, "imageRef": IMAGE})), "flavorRef"),
-            (body(serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": "cirros"})), "Invalid imageRef"),
-            (body(serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "min_count": 0})), "min_count"),
-            (body(serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "max_count": 101})), "max_count"),
-            (body(serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "min_count": 3, "max_count": 2})), "min_count (3) must be <= max_count (2)"),
-            (body(serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "metadata": {"k": 1}})), "must be a string"),
-            (body(serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "bogus": 1})), "'bogus' was unexpected"),
+            (
+                br#"{"server": {}, "extra": 1}"#.to_vec(),
+                "'extra' was unexpected",
+            ),
+            (
+                body(serde_json::json!({"flavorRef": "1", "imageRef": IMAGE})),
+                "'name' is a required property",
+            ),
+            (
+                body(serde_json::json!({"name": "", "flavorRef": "1", "imageRef": IMAGE})),
+                "name",
+            ),
+            (
+                body(serde_json::json!({"name": "   ", "flavorRef": "1", "imageRef": IMAGE})),
+                "white space",
+            ),
+            (
+                body(serde_json::json!({"name": " a", "flavorRef": "1", "imageRef": IMAGE})),
+                "white space",
+            ),
+            (
+                body(serde_json::json!({"name": "a\u{7}", "flavorRef": "1", "imageRef": IMAGE})),
+                "control",
+            ),
+            (
+                body(
+                    serde_json::json!({"name": "x".repeat(256), "flavorRef": "1", "imageRef": IMAGE}),
+                ),
+                "255",
+            ),
+            (
+                body(serde_json::json!({"name": 5, "flavorRef": "1", "imageRef": IMAGE})),
+                "string",
+            ),
+            (
+                body(serde_json::json!({"name": "a", "imageRef": IMAGE})),
+                "'flavorRef' is a required property",
+            ),
+            (
+                body(serde_json::json!({"name": "a", "flavorRef": "", "imageRef": IMAGE})),
+                "flavorRef",
+            ),
+            (
+                body(serde_json::json!({"name": "a", "flavorRef": {}, "imageRef": IMAGE})),
+                "flavorRef",
+            ),
+            (
+                body(serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": "cirros"})),
+                "Invalid imageRef",
+            ),
+            (
+                body(
+                    serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "min_count": 0}),
+                ),
+                "min_count",
+            ),
+            (
+                body(
+                    serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "max_count": 101}),
+                ),
+                "max_count",
+            ),
+            (
+                body(
+                    serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "min_count": 3, "max_count": 2}),
+                ),
+                "min_count (3) must be <= max_count (2)",
+            ),
+            (
+                body(
+                    serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "metadata": {"k": 1}}),
+                ),
+                "must be a string",
+            ),
+            (
+                body(
+                    serde_json::json!({"name": "a", "flavorRef": "1", "imageRef": IMAGE, "bogus": 1}),
+                ),
+                "'bogus' was unexpected",
+            ),
         ];
         for (input, expected) in cases {
             let err = parse_create_server(&input).expect_err(&String::from_utf8_lossy(&input));
-            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
         }
     }
 
@@ -328,7 +486,9 @@ mod tests {
     #[test]
     fn no_input_panics() {
         // A crude fuzz: every prefix of a valid body, and byte flips of it, must give Ok or Err.
-        let valid = body(serde_json::json!({"name": "vm", "flavorRef": "1", "imageRef": IMAGE, "metadata": {"a": "b"}}));
+        let valid = body(
+            serde_json::json!({"name": "vm", "flavorRef": "1", "imageRef": IMAGE, "metadata": {"a": "b"}}),
+        );
         for end in 0..valid.len() {
             let _ = parse_create_server(&valid[..end]);
         }

@@ -80,9 +80,12 @@ pub fn server_detail(base: &str, instance: &Instance, fault: Option<&InstanceFau
 /// Nova's opaque per-project host id: stable for a (project, host) pair, empty without a host.
 fn host_id(instance: &Instance) -> String {
     match &instance.host {
-        Some(host) => uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{}{}", instance.project_id, host).as_bytes())
-            .simple()
-            .to_string(),
+        Some(host) => uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("{}{}", instance.project_id, host).as_bytes(),
+        )
+        .simple()
+        .to_string(),
         None => String::new(),
     }
 }

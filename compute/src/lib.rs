@@ -18,9 +18,10 @@ use tokio::sync::watch;
 
 use proto::service::{for_request, stopped, LogConfig, RpcConfig, ServiceHandle};
 use proto::{
-    power_state, task_state, vm_state, ComputeNodeUpdate, ComputeRunInstance, ExtraResources, Fault,
-    Incoming, InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate, InstancesOnHost,
-    Method, Ping, RemoteError, RequestContext, Rpc, ServiceHeartbeat, ServiceRegister, TerminateInstance,
+    power_state, task_state, vm_state, ComputeNodeUpdate, ComputeRunInstance, ExtraResources,
+    Fault, Incoming, InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate,
+    InstancesOnHost, Method, Ping, RemoteError, RequestContext, Rpc, ServiceHeartbeat,
+    ServiceRegister, TerminateInstance,
 };
 
 use domain_xml::{domain_xml, instance_name, DomainSpec};
@@ -86,7 +87,10 @@ pub struct Config {
 }
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "zova-compute", about = "Zova compute: runs the libvirt domains of one host")]
+#[command(
+    name = "zova-compute",
+    about = "Zova compute: runs the libvirt domains of one host"
+)]
 pub struct Args {
     /// The zova.toml to read (environment ZOVA_* and these flags override it).
     #[arg(long, env = "ZOVA_CONFIG")]
@@ -127,10 +131,16 @@ impl Args {
         c.memory_mb = self.memory_mb.or(c.memory_mb);
         c.local_gb = self.local_gb.or(c.local_gb);
         if c.host.is_empty() || c.host.contains(char::is_whitespace) {
-            return Err(ComputeError::Config(format!("host name {:?} must be non-empty without spaces", c.host)));
+            return Err(ComputeError::Config(format!(
+                "host name {:?} must be non-empty without spaces",
+                c.host
+            )));
         }
-        if !(c.report_interval > 0.0) || !(c.boot_timeout > 0.0) {
-            return Err(ComputeError::Config("report_interval and boot_timeout must be positive".into()));
+        for (name, value) in [
+            ("report_interval", c.report_interval),
+            ("boot_timeout", c.boot_timeout),
+        ] {
+            proto::service::positive_seconds(name, value).map_err(ComputeError::Config)?;
         }
         Ok(config)
     }
@@ -151,7 +161,11 @@ pub enum ComputeError {
     #[error(transparent)]
     Claim(#[from] tracker::ClaimError),
     #[error("domain {name} did not reach RUNNING within {seconds} s (power state {state})")]
-    BootTimeout { name: String, seconds: f64, state: i32 },
+    BootTimeout {
+        name: String,
+        seconds: f64,
+        state: i32,
+    },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -171,16 +185,25 @@ struct Compute {
     rpc: Rpc,
     driver: Arc<LibvirtDriver>,
     capacity: Capacity,
+    boot_timeout: Duration,
     tracker: Mutex<ResourceTracker>,
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ComputeError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ComputeError::Task(e.to_string()))
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ComputeError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ComputeError::Task(e.to_string()))
 }
 
 /// Opens libvirt, binds the RPC endpoint, registers through the conductor (retrying until it
 /// answers) and serves until stopped.
 pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ComputeError> {
+    let seconds =
+        |name, value| proto::service::positive_seconds(name, value).map_err(ComputeError::Config);
+    let report_interval = seconds("report_interval", config.compute.report_interval)?;
+    let boot_timeout = seconds("boot_timeout", config.compute.boot_timeout)?;
     let uri = config.compute.libvirt_uri.clone();
     let driver = Arc::new(blocking(move || LibvirtDriver::open(&uri)).await??);
     let node = {
@@ -188,14 +211,24 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         blocking(move || driver.node_info()).await??
     };
     std::fs::create_dir_all(&config.compute.instances_path).map_err(|e| {
-        ComputeError::Config(format!("cannot create {}: {e}", config.compute.instances_path.display()))
+        ComputeError::Config(format!(
+            "cannot create {}: {e}",
+            config.compute.instances_path.display()
+        ))
     })?;
     let capacity = Capacity {
         vcpus: config.compute.vcpus.unwrap_or(node.vcpus),
         memory_mb: config.compute.memory_mb.unwrap_or(node.memory_mb),
-        local_gb: config.compute.local_gb.unwrap_or_else(|| disk_gb_of(&config.compute.instances_path)),
+        local_gb: config
+            .compute
+            .local_gb
+            .unwrap_or_else(|| disk_gb_of(&config.compute.instances_path)),
     };
-    let (rpc, incoming) = Rpc::start(log.clone(), Some(&config.compute.bind), config.rpc.options())?;
+    let (rpc, incoming) = Rpc::start(
+        log.clone(),
+        Some(&config.compute.bind),
+        config.rpc.options(),
+    )?;
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
     let endpoint = rpc.endpoint().unwrap_or_default().to_string();
     let log = log.new(slog::o!("host" => config.compute.host.clone()));
@@ -206,6 +239,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         rpc,
         driver,
         capacity,
+        boot_timeout,
         tracker: Mutex::new(ResourceTracker::default()),
     });
 
@@ -220,7 +254,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         if registered {
             info!(compute.log, "compute registered"; "endpoint" => &endpoint,
                 "vcpus" => capacity.vcpus, "memory_mb" => capacity.memory_mb, "local_gb" => capacity.local_gb);
-            let mut report = tokio::time::interval(Duration::from_secs_f64(compute.config.report_interval));
+            let mut report = tokio::time::interval(report_interval);
             report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -246,7 +280,9 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
 
 /// Size of the file system holding `path`, in GB (0 if it cannot be read).
 fn disk_gb_of(path: &Path) -> i64 {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return 0 };
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and stat a properly sized out-parameter.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
@@ -273,9 +309,16 @@ impl Compute {
                 self.rpc.call(&self.conductor, &context, &args).await?;
                 let instances = self
                     .rpc
-                    .call(&self.conductor, &context, &InstancesOnHost { host: self.config.host.clone() })
+                    .call(
+                        &self.conductor,
+                        &context,
+                        &InstancesOnHost {
+                            host: self.config.host.clone(),
+                        },
+                    )
                     .await?;
-                *self.tracker.lock().unwrap_or_else(|p| p.into_inner()) = ResourceTracker::from_instances(&instances);
+                *self.tracker.lock().unwrap_or_else(|p| p.into_inner()) =
+                    ResourceTracker::from_instances(&instances);
                 self.update_available_resource(&context).await
             }
             .await;
@@ -292,7 +335,10 @@ impl Compute {
 
     async fn periodic_report(&self) {
         let context = self.context();
-        let heartbeat = ServiceHeartbeat { host: self.config.host.clone(), binary: BINARY.into() };
+        let heartbeat = ServiceHeartbeat {
+            host: self.config.host.clone(),
+            binary: BINARY.into(),
+        };
         if let Err(e) = self.rpc.call(&self.conductor, &context, &heartbeat).await {
             warn!(self.log, "heartbeat not recorded"; "error" => %e);
         }
@@ -302,7 +348,10 @@ impl Compute {
     }
 
     /// Reports this host's capacity and what its instances use (`update_available_resource`).
-    async fn update_available_resource(&self, context: &RequestContext) -> Result<(), proto::ProtoError> {
+    async fn update_available_resource(
+        &self,
+        context: &RequestContext,
+    ) -> Result<(), proto::ProtoError> {
         let (used, running) = {
             let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
             (tracker.used(), tracker.instance_count() as i64)
@@ -337,37 +386,55 @@ impl Compute {
                     request.reply::<ComputeRunInstance>(Ok(()));
                     self.new_run_instance(&log, &context, args).await;
                 }
-                Err(e) => warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e),
+                Err(e) => {
+                    warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e)
+                }
             },
             TerminateInstance::NAME => match request.args::<TerminateInstance>() {
                 Ok(args) => {
                     request.reply::<TerminateInstance>(Ok(()));
                     self.terminate_instance(&log, &context, &args.uuid).await;
                 }
-                Err(e) => warn!(log, "terminate_instance with malformed arguments dropped"; "error" => %e),
+                Err(e) => {
+                    warn!(log, "terminate_instance with malformed arguments dropped"; "error" => %e)
+                }
             },
             Ping::NAME => request.reply::<Ping>(Ok(self.config.host.clone())),
             other => {
                 warn!(log, "unknown method"; "method" => other);
                 let message = format!("the compute has no method {other}");
-                request.reply::<Ping>(Err(RemoteError { kind: "NoSuchMethod".into(), message }));
+                request.reply::<Ping>(Err(RemoteError {
+                    kind: "NoSuchMethod".into(),
+                    message,
+                }));
             }
         }
     }
 
-    async fn new_run_instance(&self, log: &Logger, context: &RequestContext, args: ComputeRunInstance) {
+    async fn new_run_instance(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        args: ComputeRunInstance,
+    ) {
         let uuid = args.spec.instance_uuid.clone();
         let started = Instant::now();
         match self.build_and_run(context, &args).await {
-            Ok(()) => info!(log, "instance running"; "instance" => &uuid, "build_ms" => started.elapsed().as_millis() as u64),
+            Ok(()) => {
+                info!(log, "instance running"; "instance" => &uuid, "build_ms" => started.elapsed().as_millis() as u64)
+            }
             Err(e) => {
                 warn!(log, "instance build failed"; "instance" => &uuid, "error" => %e);
                 // Leave nothing behind: no domain, no disk, no claim.
                 let name = instance_name(&uuid);
                 let driver = self.driver.clone();
                 let _ = blocking(move || driver.destroy_and_undefine(&name)).await;
-                let _ = disk::remove_instance_dir(&self.config.instances_path, &instance_name(&uuid));
-                self.tracker.lock().unwrap_or_else(|p| p.into_inner()).release(&uuid);
+                let _ =
+                    disk::remove_instance_dir(&self.config.instances_path, &instance_name(&uuid));
+                self.tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(&uuid);
                 let update = InstanceUpdate {
                     uuid: uuid.clone(),
                     state: Some(InstanceState {
@@ -376,7 +443,11 @@ impl Compute {
                         power_state: power_state::NOSTATE,
                     }),
                     host: Some(self.config.host.clone()),
-                    fault: Some(Fault { code: 500, message: e.to_string(), details: String::new() }),
+                    fault: Some(Fault {
+                        code: 500,
+                        message: e.to_string(),
+                        details: String::new(),
+                    }),
                     ..Default::default()
                 };
                 if let Err(e) = self.rpc.call(&self.conductor, context, &update).await {
@@ -388,7 +459,11 @@ impl Compute {
     }
 
     /// Claim, spawn, wait for RUNNING, report ACTIVE.
-    async fn build_and_run(&self, context: &RequestContext, args: &ComputeRunInstance) -> Result<(), ComputeError> {
+    async fn build_and_run(
+        &self,
+        context: &RequestContext,
+        args: &ComputeRunInstance,
+    ) -> Result<(), ComputeError> {
         let spec = &args.spec;
         let uuid = spec.instance_uuid.clone();
         let resources = InstanceResources {
@@ -402,21 +477,30 @@ impl Compute {
         self.tracker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .claim(&self.config.host, &uuid, Usage::of(&resources), &args.limits)?;
+            .claim(
+                &self.config.host,
+                &uuid,
+                Usage::of(&resources),
+                &args.limits,
+            )?;
         // Report the claim at once so the next host-queue rebuild already counts it.
         self.update_available_resource(context).await?;
         self.rpc
-            .call(&self.conductor, context, &InstanceUpdate {
-                uuid: uuid.clone(),
-                state: Some(InstanceState {
-                    vm_state: vm_state::BUILDING.into(),
-                    task_state: Some(task_state::SPAWNING.into()),
-                    power_state: power_state::NOSTATE,
-                }),
-                host: Some(self.config.host.clone()),
-                node: Some(args.node.clone()),
-                ..Default::default()
-            })
+            .call(
+                &self.conductor,
+                context,
+                &InstanceUpdate {
+                    uuid: uuid.clone(),
+                    state: Some(InstanceState {
+                        vm_state: vm_state::BUILDING.into(),
+                        task_state: Some(task_state::SPAWNING.into()),
+                        power_state: power_state::NOSTATE,
+                    }),
+                    host: Some(self.config.host.clone()),
+                    node: Some(args.node.clone()),
+                    ..Default::default()
+                },
+            )
             .await?;
 
         let name = instance_name(&uuid);
@@ -428,7 +512,10 @@ impl Compute {
             let disk_name = name.clone();
             let size = (spec.flavor.root_gb.max(1)) as u64;
             let backing = spec.image.location.clone().map(PathBuf::from);
-            let path = blocking(move || disk::create_instance_disk(&dir, &disk_name, size, backing.as_deref())).await??;
+            let path = blocking(move || {
+                disk::create_instance_disk(&dir, &disk_name, size, backing.as_deref())
+            })
+            .await??;
             Some(path.display().to_string())
         };
         let xml = domain_xml(&DomainSpec {
@@ -445,7 +532,7 @@ impl Compute {
         let driver = self.driver.clone();
         blocking(move || driver.define_and_start(&xml)).await??;
 
-        let deadline = Instant::now() + Duration::from_secs_f64(self.config.boot_timeout);
+        let deadline = Instant::now() + self.boot_timeout;
         loop {
             let driver = self.driver.clone();
             let lookup = name.clone();
@@ -454,21 +541,29 @@ impl Compute {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(ComputeError::BootTimeout { name, seconds: self.config.boot_timeout, state });
+                return Err(ComputeError::BootTimeout {
+                    name,
+                    seconds: self.config.boot_timeout,
+                    state,
+                });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         self.rpc
-            .call(&self.conductor, context, &InstanceUpdate {
-                uuid,
-                state: Some(InstanceState {
-                    vm_state: vm_state::ACTIVE.into(),
-                    task_state: None,
-                    power_state: power_state::RUNNING,
-                }),
-                launched: true,
-                ..Default::default()
-            })
+            .call(
+                &self.conductor,
+                context,
+                &InstanceUpdate {
+                    uuid,
+                    state: Some(InstanceState {
+                        vm_state: vm_state::ACTIVE.into(),
+                        task_state: None,
+                        power_state: power_state::RUNNING,
+                    }),
+                    launched: true,
+                    ..Default::default()
+                },
+            )
             .await?;
         Ok(())
     }
@@ -485,17 +580,35 @@ impl Compute {
             warn!(log, "domain could not be destroyed"; "instance" => uuid, "error" => %e);
             let update = InstanceUpdate {
                 uuid: uuid.to_string(),
-                fault: Some(Fault { code: 500, message: e.to_string(), details: String::new() }),
+                fault: Some(Fault {
+                    code: 500,
+                    message: e.to_string(),
+                    details: String::new(),
+                }),
                 ..Default::default()
             };
             let _ = self.rpc.call(&self.conductor, context, &update).await;
             return;
         }
-        if let Err(e) = disk::remove_instance_dir(&self.config.instances_path, &instance_name(uuid)) {
+        if let Err(e) = disk::remove_instance_dir(&self.config.instances_path, &instance_name(uuid))
+        {
             warn!(log, "instance files not removed"; "instance" => uuid, "error" => %e);
         }
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner()).release(uuid);
-        match self.rpc.call(&self.conductor, context, &InstanceDestroy { uuid: uuid.to_string() }).await {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(uuid);
+        match self
+            .rpc
+            .call(
+                &self.conductor,
+                context,
+                &InstanceDestroy {
+                    uuid: uuid.to_string(),
+                },
+            )
+            .await
+        {
             Ok(()) => info!(log, "instance deleted"; "instance" => uuid),
             Err(e) => warn!(log, "instance row not deleted"; "instance" => uuid, "error" => %e),
         }

@@ -38,15 +38,22 @@ pub struct ResourceTracker {
 impl ResourceTracker {
     /// Starts from the instances the database places on this host.
     pub fn from_instances(instances: &[InstanceResources]) -> Self {
-        ResourceTracker { instances: instances.iter().map(|i| (i.uuid.clone(), Usage::of(i))).collect() }
+        ResourceTracker {
+            instances: instances
+                .iter()
+                .map(|i| (i.uuid.clone(), Usage::of(i)))
+                .collect(),
+        }
     }
 
     pub fn used(&self) -> Usage {
-        self.instances.values().fold(Usage::default(), |sum, u| Usage {
-            vcpus: sum.vcpus + u.vcpus,
-            memory_mb: sum.memory_mb + u.memory_mb,
-            disk_gb: sum.disk_gb + u.disk_gb,
-        })
+        self.instances
+            .values()
+            .fold(Usage::default(), |sum, u| Usage {
+                vcpus: sum.vcpus + u.vcpus,
+                memory_mb: sum.memory_mb + u.memory_mb,
+                disk_gb: sum.disk_gb + u.disk_gb,
+            })
     }
 
     pub fn instance_count(&self) -> usize {
@@ -54,7 +61,13 @@ impl ResourceTracker {
     }
 
     /// Takes `usage` for `uuid` if it fits under `limits`; claiming the same uuid twice is a no-op.
-    pub fn claim(&mut self, host: &str, uuid: &str, usage: Usage, limits: &Limits) -> Result<(), ClaimError> {
+    pub fn claim(
+        &mut self,
+        host: &str,
+        uuid: &str,
+        usage: Usage,
+        limits: &Limits,
+    ) -> Result<(), ClaimError> {
         if self.instances.contains_key(uuid) {
             return Ok(());
         }
@@ -85,11 +98,28 @@ impl ResourceTracker {
 mod tests {
     use super::*;
 
-    fn resources(uuid: &str, vcpus: i64, memory_mb: i64, root_gb: i64, swap_mb: i64) -> InstanceResources {
-        InstanceResources { uuid: uuid.into(), vcpus, memory_mb, root_gb, ephemeral_gb: 0, swap_mb }
+    fn resources(
+        uuid: &str,
+        vcpus: i64,
+        memory_mb: i64,
+        root_gb: i64,
+        swap_mb: i64,
+    ) -> InstanceResources {
+        InstanceResources {
+            uuid: uuid.into(),
+            vcpus,
+            memory_mb,
+            root_gb,
+            ephemeral_gb: 0,
+            swap_mb,
+        }
     }
 
-    const LIMITS: Limits = Limits { vcpu: 4.0, memory_mb: 4096.0, disk_gb: 40.0 };
+    const LIMITS: Limits = Limits {
+        vcpu: 4.0,
+        memory_mb: 4096.0,
+        disk_gb: 40.0,
+    };
 
     #[test]
     fn swap_rounds_up_to_whole_gigabytes() {
@@ -103,22 +133,62 @@ mod tests {
         let mut tracker = ResourceTracker::default();
         for i in 0..4 {
             let usage = Usage::of(&resources(&format!("i{i}"), 1, 1024, 10, 0));
-            tracker.claim("node-1", &format!("i{i}"), usage, &LIMITS).expect("fits");
+            tracker
+                .claim("node-1", &format!("i{i}"), usage, &LIMITS)
+                .expect("fits");
         }
-        assert_eq!(tracker.used(), Usage { vcpus: 4, memory_mb: 4096, disk_gb: 40 });
+        assert_eq!(
+            tracker.used(),
+            Usage {
+                vcpus: 4,
+                memory_mb: 4096,
+                disk_gb: 40
+            }
+        );
         let err = tracker
-            .claim("node-1", "i5", Usage { vcpus: 1, memory_mb: 0, disk_gb: 0 }, &LIMITS)
+            .claim(
+                "node-1",
+                "i5",
+                Usage {
+                    vcpus: 1,
+                    memory_mb: 0,
+                    disk_gb: 0,
+                },
+                &LIMITS,
+            )
             .expect_err("no vCPU left");
         assert!(err.to_string().contains("vCPUs"), "{err}");
         assert!(tracker.release("i0"));
         assert!(!tracker.release("i0"));
-        tracker.claim("node-1", "i5", Usage { vcpus: 1, memory_mb: 1024, disk_gb: 10 }, &LIMITS).expect("fits again");
+        tracker
+            .claim(
+                "node-1",
+                "i5",
+                Usage {
+                    vcpus: 1,
+                    memory_mb: 1024,
+                    disk_gb: 10,
+                },
+                &LIMITS,
+            )
+            .expect("fits again");
     }
 
     #[test]
     fn a_repeated_claim_is_counted_once() {
         let mut tracker = ResourceTracker::from_instances(&[resources("a", 2, 2048, 20, 0)]);
-        tracker.claim("node-1", "a", Usage { vcpus: 2, memory_mb: 2048, disk_gb: 20 }, &LIMITS).expect("same");
+        tracker
+            .claim(
+                "node-1",
+                "a",
+                Usage {
+                    vcpus: 2,
+                    memory_mb: 2048,
+                    disk_gb: 20,
+                },
+                &LIMITS,
+            )
+            .expect("same");
         assert_eq!(tracker.used().vcpus, 2);
         assert_eq!(tracker.instance_count(), 1);
     }
@@ -129,9 +199,29 @@ mod tests {
             let mut t = ResourceTracker::default();
             t.claim("h", "x", u, &LIMITS).map(|_| t)
         };
-        assert!(tracker_with(Usage { vcpus: 5, memory_mb: 1, disk_gb: 1 }).is_err());
-        assert!(tracker_with(Usage { vcpus: 1, memory_mb: 4097, disk_gb: 1 }).is_err());
-        assert!(tracker_with(Usage { vcpus: 1, memory_mb: 1, disk_gb: 41 }).is_err());
-        assert!(tracker_with(Usage { vcpus: 4, memory_mb: 4096, disk_gb: 40 }).is_ok());
+        assert!(tracker_with(Usage {
+            vcpus: 5,
+            memory_mb: 1,
+            disk_gb: 1
+        })
+        .is_err());
+        assert!(tracker_with(Usage {
+            vcpus: 1,
+            memory_mb: 4097,
+            disk_gb: 1
+        })
+        .is_err());
+        assert!(tracker_with(Usage {
+            vcpus: 1,
+            memory_mb: 1,
+            disk_gb: 41
+        })
+        .is_err());
+        assert!(tracker_with(Usage {
+            vcpus: 4,
+            memory_mb: 4096,
+            disk_gb: 40
+        })
+        .is_ok());
     }
 }

@@ -28,7 +28,10 @@ pub struct Config {
 }
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "zova-conductor", about = "Zova conductor: scheduling requests and the compute nodes' database door")]
+#[command(
+    name = "zova-conductor",
+    about = "Zova conductor: scheduling requests and the compute nodes' database door"
+)]
 pub struct Args {
     /// The zova.toml to read (environment ZOVA_* and these flags override it).
     #[arg(long, env = "ZOVA_CONFIG")]
@@ -78,11 +81,20 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
     let db = tokio::task::spawn_blocking(move || Db::open(&url))
         .await
         .map_err(|e| ConductorError::Config(e.to_string()))??;
-    let (rpc, incoming) = Rpc::start(log.clone(), Some(&config.rpc.conductor), config.rpc.options())?;
+    let (rpc, incoming) = Rpc::start(
+        log.clone(),
+        Some(&config.rpc.conductor),
+        config.rpc.options(),
+    )?;
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
     let endpoint = rpc.endpoint().unwrap_or_default().to_string();
     info!(log, "conductor listening"; "endpoint" => &endpoint, "scheduler" => &config.rpc.scheduler);
-    let conductor = Arc::new(Conductor { log, db, rpc, scheduler_endpoint: config.rpc.scheduler });
+    let conductor = Arc::new(Conductor {
+        log,
+        db,
+        rpc,
+        scheduler_endpoint: config.rpc.scheduler,
+    });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
         loop {
@@ -107,11 +119,17 @@ fn remote(err: DbError) -> RemoteError {
         DbError::NotFound { .. } => "NotFound",
         _ => "Database",
     };
-    RemoteError { kind: kind.into(), message: err.to_string() }
+    RemoteError {
+        kind: kind.into(),
+        message: err.to_string(),
+    }
 }
 
 fn bad_args(err: proto::ProtoError) -> RemoteError {
-    RemoteError { kind: "InvalidArgs".into(), message: err.to_string() }
+    RemoteError {
+        kind: "InvalidArgs".into(),
+        message: err.to_string(),
+    }
 }
 
 impl Conductor {
@@ -124,48 +142,69 @@ impl Conductor {
                     request.reply::<BuildInstances>(Ok(()));
                     self.build_instances(&log, &context, args).await;
                 }
-                Err(e) => warn!(log, "build_instances with malformed arguments dropped"; "error" => %e),
+                Err(e) => {
+                    warn!(log, "build_instances with malformed arguments dropped"; "error" => %e)
+                }
             },
-            InstanceUpdate::NAME => self.answer::<InstanceUpdate>(request, |db, args| {
-                instance_update(db, args)
-            }).await,
-            InstanceDestroy::NAME => self.answer::<InstanceDestroy>(request, |db, args| {
-                db.instance_destroy(&args.uuid)
-            }).await,
-            InstancesOnHost::NAME => self.answer::<InstancesOnHost>(request, |db, args| {
-                Ok(db.instances_by_host(&args.host)?.into_iter().map(|i| InstanceResources {
-                    uuid: i.uuid,
-                    vcpus: i.vcpus,
-                    memory_mb: i.memory_mb,
-                    root_gb: i.root_gb,
-                    ephemeral_gb: i.ephemeral_gb,
-                    swap_mb: i.swap_mb,
-                }).collect())
-            }).await,
-            ServiceRegister::NAME => self.answer::<ServiceRegister>(request, |db, args| {
-                let topic = format!("compute.{}", args.host);
-                db.service_upsert(&args.host, &args.binary, &topic, &args.rpc_endpoint).map(|_| ())
-            }).await,
-            ServiceHeartbeat::NAME => self.answer::<ServiceHeartbeat>(request, |db, args| {
-                db.service_heartbeat(&args.host, &args.binary)
-            }).await,
-            ComputeNodeUpdate::NAME => self.answer::<ComputeNodeUpdate>(request, |db, args| {
-                let extra = serde_json::to_string(&args.extra_resources)
-                    .map_err(|e| DbError::Json(e.to_string()))?;
-                db.compute_node_upsert(&ComputeNodeValues {
-                    host: args.host,
-                    hypervisor_hostname: args.hypervisor_hostname,
-                    hypervisor_type: args.hypervisor_type,
-                    vcpus: args.vcpus,
-                    memory_mb: args.memory_mb,
-                    local_gb: args.local_gb,
-                    vcpus_used: args.vcpus_used,
-                    memory_mb_used: args.memory_mb_used,
-                    local_gb_used: args.local_gb_used,
-                    running_vms: args.running_vms,
-                    extra_resources: extra,
+            InstanceUpdate::NAME => {
+                self.answer::<InstanceUpdate>(request, instance_update)
+                    .await
+            }
+            InstanceDestroy::NAME => {
+                self.answer::<InstanceDestroy>(request, |db, args| db.instance_destroy(&args.uuid))
+                    .await
+            }
+            InstancesOnHost::NAME => {
+                self.answer::<InstancesOnHost>(request, |db, args| {
+                    Ok(db
+                        .instances_by_host(&args.host)?
+                        .into_iter()
+                        .map(|i| InstanceResources {
+                            uuid: i.uuid,
+                            vcpus: i.vcpus,
+                            memory_mb: i.memory_mb,
+                            root_gb: i.root_gb,
+                            ephemeral_gb: i.ephemeral_gb,
+                            swap_mb: i.swap_mb,
+                        })
+                        .collect())
                 })
-            }).await,
+                .await
+            }
+            ServiceRegister::NAME => {
+                self.answer::<ServiceRegister>(request, |db, args| {
+                    let topic = format!("compute.{}", args.host);
+                    db.service_upsert(&args.host, &args.binary, &topic, &args.rpc_endpoint)
+                        .map(|_| ())
+                })
+                .await
+            }
+            ServiceHeartbeat::NAME => {
+                self.answer::<ServiceHeartbeat>(request, |db, args| {
+                    db.service_heartbeat(&args.host, &args.binary)
+                })
+                .await
+            }
+            ComputeNodeUpdate::NAME => {
+                self.answer::<ComputeNodeUpdate>(request, |db, args| {
+                    let extra = serde_json::to_string(&args.extra_resources)
+                        .map_err(|e| DbError::Json(e.to_string()))?;
+                    db.compute_node_upsert(&ComputeNodeValues {
+                        host: args.host,
+                        hypervisor_hostname: args.hypervisor_hostname,
+                        hypervisor_type: args.hypervisor_type,
+                        vcpus: args.vcpus,
+                        memory_mb: args.memory_mb,
+                        local_gb: args.local_gb,
+                        vcpus_used: args.vcpus_used,
+                        memory_mb_used: args.memory_mb_used,
+                        local_gb_used: args.local_gb_used,
+                        running_vms: args.running_vms,
+                        extra_resources: extra,
+                    })
+                })
+                .await
+            }
             Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
             other => {
                 warn!(log, "unknown method"; "method" => other);
@@ -191,7 +230,10 @@ impl Conductor {
         let db = self.db.clone();
         let result = match tokio::task::spawn_blocking(move || work(&db, args)).await {
             Ok(result) => result.map_err(remote),
-            Err(e) => Err(RemoteError { kind: "Internal".into(), message: e.to_string() }),
+            Err(e) => Err(RemoteError {
+                kind: "Internal".into(),
+                message: e.to_string(),
+            }),
         };
         if let Err(e) = &result {
             warn!(for_request(&self.log, request.context()), "{} failed", M::NAME; "error" => %e);
@@ -208,7 +250,11 @@ impl Conductor {
             let result = match spec {
                 Ok(Ok(spec)) => self
                     .rpc
-                    .cast(&self.scheduler_endpoint, context, &ScheduleRunInstance { spec })
+                    .cast(
+                        &self.scheduler_endpoint,
+                        context,
+                        &ScheduleRunInstance { spec },
+                    )
                     .await
                     .map_err(|e| format!("the scheduler did not take the request: {e}")),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -226,7 +272,10 @@ impl Conductor {
                         details: String::new(),
                         host: None,
                     };
-                    let _ = tokio::task::spawn_blocking(move || db.instance_set_error(&fault.instance_uuid.clone(), &fault)).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        db.instance_set_error(&fault.instance_uuid.clone(), &fault)
+                    })
+                    .await;
                 }
             }
         }
@@ -235,9 +284,20 @@ impl Conductor {
 
 /// The request spec for one instance, from its row and its image (as Nova's conductor builds it).
 fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<RequestSpec, DbError> {
-    let instance = db.instance_get(uuid)?.ok_or_else(|| DbError::NotFound { kind: "instance", id: uuid.to_string() })?;
-    let image = db.image_get(&instance.image_ref)?.ok_or_else(|| DbError::NotFound { kind: "image", id: instance.image_ref.clone() })?;
-    let flavor_name = db.flavor_get(&instance.flavorid)?.map(|f| f.name).unwrap_or_default();
+    let instance = db.instance_get(uuid)?.ok_or_else(|| DbError::NotFound {
+        kind: "instance",
+        id: uuid.to_string(),
+    })?;
+    let image = db
+        .image_get(&instance.image_ref)?
+        .ok_or_else(|| DbError::NotFound {
+            kind: "image",
+            id: instance.image_ref.clone(),
+        })?;
+    let flavor_name = db
+        .flavor_get(&instance.flavorid)?
+        .map(|f| f.name)
+        .unwrap_or_default();
     Ok(RequestSpec {
         instance_uuid: instance.uuid,
         display_name: instance.display_name,
@@ -251,7 +311,12 @@ fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<Req
             ephemeral_gb: instance.ephemeral_gb,
             swap_mb: instance.swap_mb,
         },
-        image: ImageSpec { id: image.uuid, name: image.name, disk_format: image.disk_format, location: image.location },
+        image: ImageSpec {
+            id: image.uuid,
+            name: image.name,
+            disk_format: image.disk_format,
+            location: image.location,
+        },
         hints,
         retry: RetrySpec::default(),
     })

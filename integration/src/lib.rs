@@ -24,7 +24,13 @@ pub struct HostSpec {
 
 impl HostSpec {
     pub fn new(name: &str, vcpus: i64, memory_mb: i64, local_gb: i64) -> Self {
-        HostSpec { name: name.into(), vcpus, memory_mb, local_gb, cpu_allocation_ratio: 16.0 }
+        HostSpec {
+            name: name.into(),
+            vcpus,
+            memory_mb,
+            local_gb,
+            cpu_allocation_ratio: 16.0,
+        }
     }
 }
 
@@ -40,7 +46,10 @@ pub fn three_hosts() -> Vec<HostSpec> {
 #[derive(Debug, thiserror::Error)]
 pub enum FabricError {
     #[error("{service} did not start: {reason}")]
-    Start { service: &'static str, reason: String },
+    Start {
+        service: &'static str,
+        reason: String,
+    },
     #[error("HTTP request failed: {0}")]
     Http(String),
     #[error("timed out waiting for {0}")]
@@ -78,7 +87,9 @@ impl Fabric {
     /// has seen every host.
     pub async fn start(hosts: &[HostSpec], log: slog::Logger) -> Result<Fabric, FabricError> {
         let state = tempfile::tempdir()?;
-        let database = proto::service::DatabaseConfig { url: state.path().join("zova.sqlite").display().to_string() };
+        let database = proto::service::DatabaseConfig {
+            url: state.path().join("zova.sqlite").display().to_string(),
+        };
         let build_queue_period = Duration::from_millis(300);
         let any = "tcp://127.0.0.1:*";
         let mut services = Vec::new();
@@ -101,7 +112,11 @@ impl Fabric {
         services.push(scheduler);
 
         let conductor = conductor::start(
-            conductor::Config { database: database.clone(), rpc: rpc_config(any, &scheduler_endpoint), ..Default::default() },
+            conductor::Config {
+                database: database.clone(),
+                rpc: rpc_config(any, &scheduler_endpoint),
+                ..Default::default()
+            },
             log.new(slog::o!("service" => "zova-conductor")),
         )
         .await
@@ -139,7 +154,10 @@ impl Fabric {
             api::Config {
                 database: database.clone(),
                 rpc,
-                api: api::ApiConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
+                api: api::ApiConfig {
+                    listen: "127.0.0.1:0".into(),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             log.new(slog::o!("service" => "zova-api")),
@@ -150,12 +168,20 @@ impl Fabric {
         services.push(api);
 
         let db = db::Db::open(&database.url)?;
-        let fabric = Fabric { api_address, db, build_queue_period, services, _state: state };
+        let fabric = Fabric {
+            api_address,
+            db,
+            build_queue_period,
+            services,
+            _state: state,
+        };
         let expected = hosts.len();
         fabric
-            .wait_for("every compute node to report", Duration::from_secs(30), || {
-                Ok(fabric.db.compute_nodes()?.len() >= expected)
-            })
+            .wait_for(
+                "every compute node to report",
+                Duration::from_secs(30),
+                || Ok(fabric.db.compute_nodes()?.len() >= expected),
+            )
             .await?;
         fabric.wait_for_queue_rebuild().await;
         Ok(fabric)
@@ -183,7 +209,12 @@ impl Fabric {
         Ok(())
     }
 
-    pub async fn http(&self, method: Method, path: &str, body: Option<&Value>) -> Result<HttpResponse, FabricError> {
+    pub async fn http(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<HttpResponse, FabricError> {
         let raw = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
         http_request(&self.api_address, method, path, raw).await
     }
@@ -192,7 +223,10 @@ impl Fabric {
     pub async fn create_server(&self, body: &Value) -> Result<String, FabricError> {
         let response = self.http(Method::POST, "/v2.1/servers", Some(body)).await?;
         if response.status != StatusCode::ACCEPTED {
-            return Err(FabricError::Http(format!("create answered {}: {}", response.status, response.body)));
+            return Err(FabricError::Http(format!(
+                "create answered {}: {}",
+                response.status, response.body
+            )));
         }
         response.body["server"]["id"]
             .as_str()
@@ -201,7 +235,8 @@ impl Fabric {
     }
 
     pub async fn show_server(&self, id: &str) -> Result<HttpResponse, FabricError> {
-        self.http(Method::GET, &format!("/v2.1/servers/{id}"), None).await
+        self.http(Method::GET, &format!("/v2.1/servers/{id}"), None)
+            .await
     }
 
     /// Waits until the server leaves BUILD and returns its final body.
@@ -209,12 +244,18 @@ impl Fabric {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let response = self.show_server(id).await?;
-            let status = response.body["server"]["status"].as_str().unwrap_or_default().to_string();
+            let status = response.body["server"]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             if response.status == StatusCode::OK && status != "BUILD" {
                 return Ok(response.body["server"].clone());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(FabricError::Timeout(format!("server {id} to leave BUILD (last: {})", response.body)));
+                return Err(FabricError::Timeout(format!(
+                    "server {id} to leave BUILD (last: {})",
+                    response.body
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -237,7 +278,12 @@ pub struct HttpResponse {
 }
 
 /// One HTTP/1.1 request on a fresh connection.
-pub async fn http_request(address: &str, method: Method, path: &str, body: Vec<u8>) -> Result<HttpResponse, FabricError> {
+pub async fn http_request(
+    address: &str,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<HttpResponse, FabricError> {
     let stream = tokio::net::TcpStream::connect(address).await?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -250,10 +296,23 @@ pub async fn http_request(address: &str, method: Method, path: &str, body: Vec<u
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| FabricError::Http(e.to_string()))?;
-    let response = sender.send_request(request).await.map_err(|e| FabricError::Http(e.to_string()))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| FabricError::Http(e.to_string()))?;
     let status = response.status();
     let headers = response.headers().clone();
-    let raw = response.into_body().collect().await.map_err(|e| FabricError::Http(e.to_string()))?.to_bytes();
+    let raw = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| FabricError::Http(e.to_string()))?
+        .to_bytes();
     let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-    Ok(HttpResponse { status, headers, body, raw })
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+        raw,
+    })
 }

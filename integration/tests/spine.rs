@@ -13,8 +13,18 @@ use integration::{three_hosts, Fabric};
 const IMAGE: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
+/// Quiet unless ZOVA_TEST_LOG is set, then every service logs to stderr.
 fn log() -> slog::Logger {
-    slog::Logger::root(slog::Discard, slog::o!())
+    match std::env::var_os("ZOVA_TEST_LOG") {
+        Some(_) => proto::service::root_logger(
+            &proto::service::LogConfig {
+                debug: true,
+                ..Default::default()
+            },
+            "test",
+        ),
+        None => slog::Logger::root(slog::Discard, slog::o!()),
+    }
 }
 
 fn server(name: &str, flavor: &str) -> Value {
@@ -28,7 +38,9 @@ fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {
 }
 
 async fn fabric() -> Fabric {
-    Fabric::start(&three_hosts(), log()).await.expect("fabric starts")
+    Fabric::start(&three_hosts(), log())
+        .await
+        .expect("fabric starts")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,32 +48,55 @@ async fn twenty_servers_become_active_and_spread_over_the_hosts() {
     let fabric = fabric().await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(fabric.create_server(&server(&format!("vm-{i}"), "1")).await.expect("accepted"));
+        ids.push(
+            fabric
+                .create_server(&server(&format!("vm-{i}"), "1"))
+                .await
+                .expect("accepted"),
+        );
     }
     let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
     for id in &ids {
-        let server = fabric.wait_until_built(id, BUILD_LIMIT).await.expect("built");
+        let server = fabric
+            .wait_until_built(id, BUILD_LIMIT)
+            .await
+            .expect("built");
         assert_eq!(server["status"], "ACTIVE", "{server}");
         assert_eq!(server["OS-EXT-STS:vm_state"], "active");
         assert_eq!(server["OS-EXT-STS:task_state"], Value::Null);
         assert_eq!(server["OS-EXT-STS:power_state"], 1);
         assert!(server["OS-SRV-USG:launched_at"].is_string());
-        let host = server["OS-EXT-SRV-ATTR:host"].as_str().expect("a host").to_string();
+        let host = server["OS-EXT-SRV-ATTR:host"]
+            .as_str()
+            .expect("a host")
+            .to_string();
         *per_host.entry(host).or_default() += 1;
     }
     // Round robin over three hosts with room for all: 7, 7 and 6.
     assert_eq!(per_host.len(), 3, "{per_host:?}");
-    assert!(per_host.values().all(|&n| (6..=7).contains(&n)), "{per_host:?}");
+    assert!(
+        per_host.values().all(|&n| (6..=7).contains(&n)),
+        "{per_host:?}"
+    );
 
     // The compute nodes report what they hold (after their next report).
     fabric
         .wait_for("compute nodes to report 20 instances", BUILD_LIMIT, || {
-            Ok(fabric.db.compute_nodes()?.iter().map(|n| n.running_vms).sum::<i64>() == 20)
+            Ok(fabric
+                .db
+                .compute_nodes()?
+                .iter()
+                .map(|n| n.running_vms)
+                .sum::<i64>()
+                == 20)
         })
         .await
         .expect("resources reported");
 
-    let detail = fabric.http(Method::GET, "/v2.1/servers/detail", None).await.expect("detail");
+    let detail = fabric
+        .http(Method::GET, "/v2.1/servers/detail", None)
+        .await
+        .expect("detail");
     assert_eq!(detail.status, StatusCode::OK);
     assert_eq!(detail.body["servers"].as_array().map(Vec::len), Some(20));
     fabric.stop().await;
@@ -71,13 +106,22 @@ async fn twenty_servers_become_active_and_spread_over_the_hosts() {
 async fn a_flavor_larger_than_every_host_ends_in_error_with_the_no_valid_host_fault() {
     let fabric = fabric().await;
     // m1.xlarge: 16384 MB of RAM, twice the largest host.
-    let id = fabric.create_server(&server("too-big", "5")).await.expect("accepted");
-    let server = fabric.wait_until_built(&id, BUILD_LIMIT).await.expect("decided");
+    let id = fabric
+        .create_server(&server("too-big", "5"))
+        .await
+        .expect("accepted");
+    let server = fabric
+        .wait_until_built(&id, BUILD_LIMIT)
+        .await
+        .expect("decided");
     assert_eq!(server["status"], "ERROR", "{server}");
     assert_eq!(server["OS-EXT-STS:vm_state"], "error");
     let message = server["fault"]["message"].as_str().expect("a fault");
     assert!(message.starts_with("No valid host was found"), "{message}");
-    assert!(message.contains("16384"), "the reason names the request: {message}");
+    assert!(
+        message.contains("16384"),
+        "the reason names the request: {message}"
+    );
     assert_eq!(server["OS-EXT-SRV-ATTR:host"], Value::Null);
     fabric.stop().await;
 }
@@ -86,17 +130,33 @@ async fn a_flavor_larger_than_every_host_ends_in_error_with_the_no_valid_host_fa
 async fn scheduler_host_lands_on_that_host() {
     let fabric = fabric().await;
     for i in 0..3 {
-        let body = with_hints(&format!("pinned-{i}"), "1", json!({"scheduler_host": "node-2"}));
+        let body = with_hints(
+            &format!("pinned-{i}"),
+            "1",
+            json!({"scheduler_host": "node-2"}),
+        );
         let id = fabric.create_server(&body).await.expect("accepted");
-        let server = fabric.wait_until_built(&id, BUILD_LIMIT).await.expect("built");
+        let server = fabric
+            .wait_until_built(&id, BUILD_LIMIT)
+            .await
+            .expect("built");
         assert_eq!(server["status"], "ACTIVE", "{server}");
         assert_eq!(server["OS-EXT-SRV-ATTR:host"], "node-2");
     }
     let body = with_hints("nowhere", "1", json!({"scheduler_host": "node-9"}));
     let id = fabric.create_server(&body).await.expect("accepted");
-    let server = fabric.wait_until_built(&id, BUILD_LIMIT).await.expect("decided");
+    let server = fabric
+        .wait_until_built(&id, BUILD_LIMIT)
+        .await
+        .expect("decided");
     assert_eq!(server["status"], "ERROR");
-    assert!(server["fault"]["message"].as_str().unwrap_or_default().contains("node-9"), "{server}");
+    assert!(
+        server["fault"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("node-9"),
+        "{server}"
+    );
     fabric.stop().await;
 }
 
@@ -112,9 +172,19 @@ async fn scheduler_host_match_never_lands_outside_the_match() {
     }
     let mut hosts = BTreeMap::new();
     for id in &ids {
-        let server = fabric.wait_until_built(id, BUILD_LIMIT).await.expect("built");
+        let server = fabric
+            .wait_until_built(id, BUILD_LIMIT)
+            .await
+            .expect("built");
         assert_eq!(server["status"], "ACTIVE", "{server}");
-        *hosts.entry(server["OS-EXT-SRV-ATTR:host"].as_str().unwrap_or_default().to_string()).or_insert(0) += 1;
+        *hosts
+            .entry(
+                server["OS-EXT-SRV-ATTR:host"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_insert(0) += 1;
     }
     assert!(!hosts.contains_key("node-3"), "{hosts:?}");
     assert_eq!(hosts.len(), 2, "both matching hosts are used: {hosts:?}");
@@ -126,18 +196,35 @@ async fn delete_frees_the_resources_for_the_next_queue_rebuild() {
     let fabric = fabric().await;
     // m1.large (4 vCPU, 8192 MB, 80 GB) fills node-2's RAM and disk exactly.
     let on_node_2 = |name: &str| with_hints(name, "4", json!({"scheduler_host": "node-2"}));
-    let first = fabric.create_server(&on_node_2("large-1")).await.expect("accepted");
-    let server = fabric.wait_until_built(&first, BUILD_LIMIT).await.expect("built");
+    let first = fabric
+        .create_server(&on_node_2("large-1"))
+        .await
+        .expect("accepted");
+    let server = fabric
+        .wait_until_built(&first, BUILD_LIMIT)
+        .await
+        .expect("built");
     assert_eq!(server["status"], "ACTIVE", "{server}");
 
-    let second = fabric.create_server(&on_node_2("large-2")).await.expect("accepted");
-    let server = fabric.wait_until_built(&second, BUILD_LIMIT).await.expect("decided");
+    let second = fabric
+        .create_server(&on_node_2("large-2"))
+        .await
+        .expect("accepted");
+    let server = fabric
+        .wait_until_built(&second, BUILD_LIMIT)
+        .await
+        .expect("decided");
     assert_eq!(server["status"], "ERROR", "node-2 is full: {server}");
 
-    let deleted = fabric.http(Method::DELETE, &format!("/v2.1/servers/{first}"), None).await.expect("delete");
+    let deleted = fabric
+        .http(Method::DELETE, &format!("/v2.1/servers/{first}"), None)
+        .await
+        .expect("delete");
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     fabric
-        .wait_for("the deleted server to disappear", BUILD_LIMIT, || Ok(fabric.db.instance_get(&first)?.is_none()))
+        .wait_for("the deleted server to disappear", BUILD_LIMIT, || {
+            Ok(fabric.db.instance_get(&first)?.is_none())
+        })
         .await
         .expect("deleted");
     let gone = fabric.show_server(&first).await.expect("show");
@@ -145,19 +232,35 @@ async fn delete_frees_the_resources_for_the_next_queue_rebuild() {
     assert_eq!(gone.body["itemNotFound"]["code"], 404);
     fabric
         .wait_for("node-2 to report its memory free", BUILD_LIMIT, || {
-            Ok(fabric.db.compute_nodes()?.iter().any(|n| n.host == "node-2" && n.free_ram_mb == 8192))
+            Ok(fabric
+                .db
+                .compute_nodes()?
+                .iter()
+                .any(|n| n.host == "node-2" && n.free_ram_mb == 8192))
         })
         .await
         .expect("freed");
     fabric.wait_for_queue_rebuild().await;
 
-    let third = fabric.create_server(&on_node_2("large-3")).await.expect("accepted");
-    let server = fabric.wait_until_built(&third, BUILD_LIMIT).await.expect("built");
-    assert_eq!(server["status"], "ACTIVE", "the freed room is used again: {server}");
+    let third = fabric
+        .create_server(&on_node_2("large-3"))
+        .await
+        .expect("accepted");
+    let server = fabric
+        .wait_until_built(&third, BUILD_LIMIT)
+        .await
+        .expect("built");
+    assert_eq!(
+        server["status"], "ACTIVE",
+        "the freed room is used again: {server}"
+    );
     assert_eq!(server["OS-EXT-SRV-ATTR:host"], "node-2");
 
     // The server in ERROR has no host: its delete is local.
-    let deleted = fabric.http(Method::DELETE, &format!("/v2.1/servers/{second}"), None).await.expect("delete");
+    let deleted = fabric
+        .http(Method::DELETE, &format!("/v2.1/servers/{second}"), None)
+        .await
+        .expect("delete");
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     assert!(fabric.db.instance_get(&second).expect("db").is_none());
     fabric.stop().await;
@@ -174,29 +277,73 @@ async fn bad_requests_get_nova_errors_and_change_nothing() {
         (with_hints("vm", "1", json!({"scheduler_host_match": "(["})).to_string().into_bytes(), "scheduler_host_match"),
     ];
     for (body, expected) in cases {
-        let response = integration::http_request(&fabric.api_address, Method::POST, "/v2.1/servers", body).await.expect("answered");
-        assert_eq!(response.status, StatusCode::BAD_REQUEST, "{}", response.body);
+        let response =
+            integration::http_request(&fabric.api_address, Method::POST, "/v2.1/servers", body)
+                .await
+                .expect("answered");
+        assert_eq!(
+            response.status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            response.body
+        );
         assert_eq!(response.body["badRequest"]["code"], 400);
-        let message = response.body["badRequest"]["message"].as_str().unwrap_or_default();
-        assert!(message.contains(expected), "{message:?} should mention {expected:?}");
-        let request_id = response.headers.get("x-openstack-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let message = response.body["badRequest"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.contains(expected),
+            "{message:?} should mention {expected:?}"
+        );
+        let request_id = response
+            .headers
+            .get("x-openstack-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         assert!(request_id.starts_with("req-"), "{request_id}");
     }
-    assert!(fabric.db.instances_list(None).expect("db").is_empty(), "no row was written");
+    assert!(
+        fabric.db.instances_list(None).expect("db").is_empty(),
+        "no row was written"
+    );
 
     let too_large = vec![b' '; 2 * 1024 * 1024];
-    let response = integration::http_request(&fabric.api_address, Method::POST, "/v2.1/servers", too_large).await.expect("answered");
+    let response = integration::http_request(
+        &fabric.api_address,
+        Method::POST,
+        "/v2.1/servers",
+        too_large,
+    )
+    .await
+    .expect("answered");
     assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
 
-    let missing = fabric.show_server("no-such-server").await.expect("answered");
+    let missing = fabric
+        .show_server("no-such-server")
+        .await
+        .expect("answered");
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.body["itemNotFound"]["code"], 404);
-    let wrong_method = fabric.http(Method::PUT, "/v2.1/servers", None).await.expect("answered");
+    let wrong_method = fabric
+        .http(Method::PUT, "/v2.1/servers", None)
+        .await
+        .expect("answered");
     assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
 
-    let flavors = fabric.http(Method::GET, "/v2.1/flavors/detail", None).await.expect("flavors");
+    let flavors = fabric
+        .http(Method::GET, "/v2.1/flavors/detail", None)
+        .await
+        .expect("flavors");
     assert_eq!(flavors.status, StatusCode::OK);
-    let names: Vec<&str> = flavors.body["flavors"].as_array().expect("list").iter().filter_map(|f| f["name"].as_str()).collect();
-    assert_eq!(names, ["m1.tiny", "m1.small", "m1.medium", "m1.large", "m1.xlarge"]);
+    let names: Vec<&str> = flavors.body["flavors"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["m1.tiny", "m1.small", "m1.medium", "m1.large", "m1.xlarge"]
+    );
     fabric.stop().await;
 }

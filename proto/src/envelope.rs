@@ -173,12 +173,18 @@ mod tests {
             .expect("encode");
         let back = Envelope::from_bytes(&env.to_bytes().expect("bytes")).expect("decode");
         assert_eq!(back, env);
-        assert_eq!(back.args::<ArgsV1>().expect("args"), ArgsV1 { name: "a".into() });
+        assert_eq!(
+            back.args::<ArgsV1>().expect("args"),
+            ArgsV1 { name: "a".into() }
+        );
     }
 
     #[test]
     fn newer_peer_fields_are_ignored_and_missing_optionals_default() {
-        let newer = ArgsV2 { name: "x".into(), color: Some("red".into()) };
+        let newer = ArgsV2 {
+            name: "x".into(),
+            color: Some("red".into()),
+        };
         let old: ArgsV1 = decode(&encode(&newer).expect("encode")).expect("old peer decodes");
         assert_eq!(old.name, "x");
         let from_old: ArgsV2 = decode(&encode(&old).expect("encode")).expect("new peer decodes");
@@ -202,7 +208,10 @@ mod tests {
         let ok = ReplyBody::Ok(encode(&42u32).expect("encode"));
         let back: ReplyBody = decode(&encode(&ok).expect("encode")).expect("decode");
         assert_eq!(back, ok);
-        let err = ReplyBody::Err(RemoteError { kind: "NotFound".into(), message: "gone".into() });
+        let err = ReplyBody::Err(RemoteError {
+            kind: "NotFound".into(),
+            message: "gone".into(),
+        });
         let back: ReplyBody = decode(&encode(&err).expect("encode")).expect("decode");
         assert_eq!(back, err);
     }

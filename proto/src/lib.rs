@@ -16,7 +16,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
     #[error("cannot bind the RPC endpoint {endpoint}: {source}")]
-    Bind { endpoint: String, source: zmq::Error },
+    Bind {
+        endpoint: String,
+        source: zmq::Error,
+    },
     #[error("ZeroMQ socket error: {0}")]
     Socket(#[from] zmq::Error),
     #[error("cannot encode a message: {0}")]
@@ -26,7 +29,11 @@ pub enum ProtoError {
     #[error("message of protocol major version {0} is not understood by this service")]
     Version(u16),
     #[error("{method} to {endpoint} was not answered within {waited:?}: the peer is down or unreachable")]
-    Timeout { method: String, endpoint: String, waited: Duration },
+    Timeout {
+        method: String,
+        endpoint: String,
+        waited: Duration,
+    },
     #[error("cannot send to {endpoint}: {reason}")]
     SendFailed { endpoint: String, reason: String },
     #[error("the remote service answered with an error: {0}")]

@@ -28,7 +28,10 @@ pub fn load_config<T: Serialize + DeserializeOwned + Default>(
         }
         figment = figment.merge(Toml::file(file));
     }
-    figment.merge(Env::prefixed("ZOVA_").split("__")).extract().map_err(Box::new)
+    figment
+        .merge(Env::prefixed("ZOVA_").split("__"))
+        .extract()
+        .map_err(Box::new)
 }
 
 /// `[database]`: where the database is (a SQLite file path, or `sqlite://PATH`).
@@ -40,7 +43,9 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "zova-state/zova.sqlite".into() }
+        DatabaseConfig {
+            url: "zova-state/zova.sqlite".into(),
+        }
     }
 }
 
@@ -94,7 +99,11 @@ pub struct LogConfig {
 /// The root logger of a service: every line carries the service name; request handlers add
 /// `request_id` with `for_request`.
 pub fn root_logger(config: &LogConfig, service: &str) -> Logger {
-    let level = if config.debug { slog::Level::Debug } else { slog::Level::Info };
+    let level = if config.debug {
+        slog::Level::Debug
+    } else {
+        slog::Level::Info
+    };
     let drain = match config.format {
         LogFormat::Terminal => {
             let decorator = slog_term::PlainDecorator::new(std::io::stderr());
@@ -112,7 +121,9 @@ pub fn root_logger(config: &LogConfig, service: &str) -> Logger {
 
 /// A child logger whose lines carry the request id (and project) of `context`.
 pub fn for_request(log: &Logger, context: &crate::RequestContext) -> Logger {
-    log.new(o!("request_id" => context.request_id.clone(), "project_id" => context.project_id.clone()))
+    log.new(
+        o!("request_id" => context.request_id.clone(), "project_id" => context.project_id.clone()),
+    )
 }
 
 /// A running service: where it listens, and how to stop it.
@@ -125,7 +136,11 @@ pub struct ServiceHandle {
 
 impl ServiceHandle {
     pub fn new(endpoint: String, stop: watch::Sender<bool>, task: JoinHandle<()>) -> Self {
-        ServiceHandle { endpoint, stop, task }
+        ServiceHandle {
+            endpoint,
+            stop,
+            task,
+        }
     }
 
     /// Asks the service to stop and waits until its loops have ended.
@@ -199,5 +214,15 @@ where
             eprintln!("{binary}: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// A configured number of seconds as a `Duration`: positive and finite, or a message naming it.
+pub fn positive_seconds(name: &str, value: f64) -> Result<Duration, String> {
+    match Duration::try_from_secs_f64(value) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => Err(format!(
+            "{name} must be a positive number of seconds, not {value}"
+        )),
     }
 }

@@ -11,7 +11,7 @@ use slog::{debug, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::envelope::{decode, encode, Envelope, Kind, ReplyBody, RemoteError, RequestContext};
+use crate::envelope::{decode, encode, Envelope, Kind, RemoteError, ReplyBody, RequestContext};
 use crate::messages::Method;
 use crate::ProtoError;
 
@@ -29,7 +29,10 @@ pub struct RpcOptions {
 
 impl Default for RpcOptions {
     fn default() -> Self {
-        RpcOptions { cast_timeout: Duration::from_secs(2), call_timeout: Duration::from_secs(30) }
+        RpcOptions {
+            cast_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -65,8 +68,10 @@ impl Incoming {
     /// Answers a `call` (does nothing for a `cast`, whose sender already has its ack).
     pub fn reply<M: Method>(mut self, result: Result<M::Reply, RemoteError>) {
         let body = match result.and_then(|value| {
-            encode(&value)
-                .map_err(|e| RemoteError { kind: "Encode".into(), message: e.to_string() })
+            encode(&value).map_err(|e| RemoteError {
+                kind: "Encode".into(),
+                message: e.to_string(),
+            })
         }) {
             Ok(bytes) => ReplyBody::Ok(bytes),
             Err(err) => ReplyBody::Err(err),
@@ -81,10 +86,13 @@ impl Incoming {
         }
         self.replied = true;
         let Ok(payload) = encode(&body) else { return };
-        let Ok(bytes) = self.envelope.answer(Kind::Reply, payload).to_bytes() else { return };
+        let Ok(bytes) = self.envelope.answer(Kind::Reply, payload).to_bytes() else {
+            return;
+        };
         if let Ok(socket) = self.commands.lock() {
-            // The I/O thread is gone only at shutdown, when nobody waits for the reply any more.
-            let _ = socket.send_multipart([&b"reply"[..], &self.identity, &bytes], 0);
+            // The I/O thread is gone only at shutdown, when nobody waits for the reply any more;
+            // DONTWAIT because a PUSH without its peer would block forever.
+            let _ = socket.send_multipart([&b"reply"[..], &self.identity, &bytes], zmq::DONTWAIT);
         }
     }
 }
@@ -252,10 +260,16 @@ impl Rpc {
             .and_then(|socket| {
                 socket
                     .send_multipart(
-                        [&b"send"[..], endpoint.as_bytes(), envelope.msg_id.as_bytes(), &bytes],
-                        0,
+                        [
+                            &b"send"[..],
+                            endpoint.as_bytes(),
+                            envelope.msg_id.as_bytes(),
+                            &bytes,
+                        ],
+                        zmq::DONTWAIT,
                     )
-                    .map_err(ProtoError::from)
+                    // The queue to the I/O thread is unbounded: it refuses only once it is gone.
+                    .map_err(|_| ProtoError::Closed)
             });
         if sent.is_err() {
             self.forget(envelope.msg_id);
@@ -265,7 +279,7 @@ impl Rpc {
 
     fn command(&self, frames: &[&[u8]]) {
         if let Ok(socket) = self.commands.lock() {
-            if let Err(e) = socket.send_multipart(frames, 0) {
+            if let Err(e) = socket.send_multipart(frames, zmq::DONTWAIT) {
                 warn!(self.log, "rpc command not delivered to the I/O thread"; "error" => %e);
             }
         }
@@ -281,10 +295,11 @@ impl Rpc {
     }
 
     /// Stops the I/O thread and closes every socket; pending requests fail with `Closed`.
+    /// Idempotent.
     pub fn shutdown(&self) {
-        self.command(&[b"stop"]);
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
+            self.command(&[b"stop"]);
             let _ = handle.join();
         }
         self.lock_pending().clear();
@@ -357,7 +372,12 @@ impl IoThread {
         }
         zmq::poll(&mut items, -1)?;
         let flags: Vec<bool> = items.iter().map(|item| item.is_readable()).collect();
-        Ok(sources.into_iter().zip(flags).filter(|(_, readable)| *readable).map(|(s, _)| s).collect())
+        Ok(sources
+            .into_iter()
+            .zip(flags)
+            .filter(|(_, readable)| *readable)
+            .map(|(s, _)| s)
+            .collect())
     }
 
     /// Returns false when asked to stop.
@@ -389,9 +409,14 @@ impl IoThread {
     fn send_to_peer(&mut self, endpoint: &[u8], msg_id: &[u8], bytes: &[u8]) {
         let endpoint = String::from_utf8_lossy(endpoint).into_owned();
         let msg_id = Uuid::from_slice(msg_id).unwrap_or_default();
-        let result = self.dealer(&endpoint).and_then(|d| d.send(bytes, zmq::DONTWAIT));
+        let result = self
+            .dealer(&endpoint)
+            .and_then(|d| d.send(bytes, zmq::DONTWAIT));
         if let Err(e) = result {
-            let err = ProtoError::SendFailed { endpoint, reason: e.to_string() };
+            let err = ProtoError::SendFailed {
+                endpoint,
+                reason: e.to_string(),
+            };
             self.complete(msg_id, Err(err));
         }
     }
@@ -425,7 +450,9 @@ impl IoThread {
                 warn!(self.log, "unexpected frame kind on the service socket dropped"; "kind" => ?envelope.kind);
                 continue;
             }
-            let Some(incoming) = &self.incoming else { continue };
+            let Some(incoming) = &self.incoming else {
+                continue;
+            };
             if let Ok(ack) = envelope.answer(Kind::Ack, Vec::new()).to_bytes() {
                 if let Err(e) = router.send_multipart([identity.as_slice(), &ack], 0) {
                     debug!(self.log, "ack not delivered"; "error" => %e);
@@ -446,12 +473,16 @@ impl IoThread {
     }
 
     fn drain_dealer(&mut self, endpoint: &str) {
-        let Some(dealer) = self.dealers.get(endpoint) else { return };
+        let Some(dealer) = self.dealers.get(endpoint) else {
+            return;
+        };
         let mut answers = Vec::new();
         while let Ok(bytes) = dealer.recv_bytes(zmq::DONTWAIT) {
             match Envelope::from_bytes(&bytes) {
                 Ok(envelope) => answers.push(envelope),
-                Err(e) => warn!(self.log, "malformed answer dropped"; "peer" => endpoint, "error" => %e),
+                Err(e) => {
+                    warn!(self.log, "malformed answer dropped"; "peer" => endpoint, "error" => %e)
+                }
             }
         }
         for envelope in answers {
@@ -461,7 +492,9 @@ impl IoThread {
                     Ok(body) => self.complete(envelope.msg_id, Ok(body)),
                     Err(e) => self.complete(envelope.msg_id, Err(e)),
                 },
-                kind => warn!(self.log, "unexpected frame kind from a peer dropped"; "kind" => ?kind),
+                kind => {
+                    warn!(self.log, "unexpected frame kind from a peer dropped"; "kind" => ?kind)
+                }
             }
         }
     }
@@ -477,7 +510,11 @@ impl IoThread {
     }
 
     fn complete(&self, msg_id: Uuid, result: Result<ReplyBody, ProtoError>) {
-        let waiter = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&msg_id);
+        let waiter = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&msg_id);
         match waiter {
             Some(Waiter::Reply(tx)) => {
                 let _ = tx.send(result);

@@ -9,11 +9,16 @@ fn log() -> slog::Logger {
 }
 
 fn fast() -> RpcOptions {
-    RpcOptions { cast_timeout: Duration::from_millis(300), call_timeout: Duration::from_secs(5) }
+    RpcOptions {
+        cast_timeout: Duration::from_millis(300),
+        call_timeout: Duration::from_secs(5),
+    }
 }
 
 /// Serves `ping` (answering with the caller's request id) and counts heartbeats.
-fn serve(rpc_rx: tokio::sync::mpsc::UnboundedReceiver<proto::Incoming>) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+fn serve(
+    rpc_rx: tokio::sync::mpsc::UnboundedReceiver<proto::Incoming>,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
     let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut rx = rpc_rx;
     tokio::spawn(async move {
@@ -27,7 +32,10 @@ fn serve(rpc_rx: tokio::sync::mpsc::UnboundedReceiver<proto::Incoming>) -> tokio
                     let args: ServiceHeartbeat = request.args().expect("typed args");
                     let _ = seen_tx.send(args.host);
                 }
-                _ => request.reply::<Ping>(Err(RemoteError { kind: "NoSuchMethod".into(), message: "?".into() })),
+                _ => request.reply::<Ping>(Err(RemoteError {
+                    kind: "NoSuchMethod".into(),
+                    message: "?".into(),
+                })),
             }
         }
     });
@@ -43,12 +51,22 @@ async fn cast_is_acknowledged_and_call_is_answered() {
     let ctx = RequestContext::internal("p");
 
     client
-        .cast(&endpoint, &ctx, &ServiceHeartbeat { host: "node-1".into(), binary: "zova-compute".into() })
+        .cast(
+            &endpoint,
+            &ctx,
+            &ServiceHeartbeat {
+                host: "node-1".into(),
+                binary: "zova-compute".into(),
+            },
+        )
         .await
         .expect("cast acknowledged");
     assert_eq!(seen.recv().await.as_deref(), Some("node-1"));
 
-    let answer = client.call(&endpoint, &ctx, &Ping {}).await.expect("call answered");
+    let answer = client
+        .call(&endpoint, &ctx, &Ping {})
+        .await
+        .expect("call answered");
     assert_eq!(answer, ctx.request_id);
 }
 
@@ -57,7 +75,11 @@ async fn cast_to_a_dead_peer_fails_fast() {
     let (client, _) = Rpc::start(log(), None, fast()).expect("client");
     let ctx = RequestContext::internal("p");
     // Bind then drop a socket to get a port that nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
     let err = client
         .cast(&format!("tcp://127.0.0.1:{port}"), &ctx, &Ping {})
         .await
@@ -77,11 +99,15 @@ async fn garbage_frames_do_not_stop_the_service() {
     for junk in [&b""[..], b"\xc1", b"\x93\x01\x02\x03", &[0xffu8; 4096]] {
         raw.send(junk, 0).expect("send junk");
     }
-    raw.send_multipart([&b"two"[..], b"parts"], 0).expect("send multipart junk");
+    raw.send_multipart([&b"two"[..], b"parts"], 0)
+        .expect("send multipart junk");
 
     let (client, _) = Rpc::start(log(), None, fast()).expect("client");
     let ctx = RequestContext::internal("p");
-    let answer = client.call(&endpoint, &ctx, &Ping {}).await.expect("still serving");
+    let answer = client
+        .call(&endpoint, &ctx, &Ping {})
+        .await
+        .expect("still serving");
     assert_eq!(answer, ctx.request_id);
 }
 

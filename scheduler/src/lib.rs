@@ -5,18 +5,19 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
 use db::{Db, DbError, NewFault};
-use hostqueue::{ComputeNodeRow, HostMatch, HostQueue, NoValidHost, PlacementRequest, ResourceRequest};
+use hostqueue::{
+    ComputeNodeRow, HostMatch, HostQueue, NoValidHost, PlacementRequest, ResourceRequest,
+};
 use proto::service::{for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
 use proto::{
-    ComputeRunInstance, ExtraResources, Incoming, Limits, Method, Ping, RemoteError, RequestContext,
-    RequestSpec, Rpc, ScheduleRunInstance,
+    ComputeRunInstance, ExtraResources, Incoming, Limits, Method, Ping, RemoteError,
+    RequestContext, RequestSpec, Rpc, ScheduleRunInstance,
 };
 
 pub const BINARY: &str = "zova-scheduler";
@@ -59,7 +60,10 @@ pub struct Config {
 }
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "zova-scheduler", about = "Zova scheduler: the host queue and placement")]
+#[command(
+    name = "zova-scheduler",
+    about = "Zova scheduler: the host queue and placement"
+)]
 pub struct Args {
     /// The zova.toml to read (environment ZOVA_* and these flags override it).
     #[arg(long, env = "ZOVA_CONFIG")]
@@ -88,9 +92,8 @@ impl Args {
         if let Some(period) = self.build_queue_period {
             config.scheduler.build_queue_period = period;
         }
-        if !(config.scheduler.build_queue_period > 0.0) {
-            return Err(SchedulerError::Config("build_queue_period must be a positive number of seconds".into()));
-        }
+        proto::service::positive_seconds("build_queue_period", config.scheduler.build_queue_period)
+            .map_err(SchedulerError::Config)?;
         Ok(config)
     }
 }
@@ -117,11 +120,18 @@ struct Scheduler {
 
 /// Opens the database, builds the host queue, binds `[rpc] scheduler` and serves until stopped.
 pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, SchedulerError> {
+    let period =
+        proto::service::positive_seconds("build_queue_period", config.scheduler.build_queue_period)
+            .map_err(SchedulerError::Config)?;
     let url = config.database.url.clone();
     let db = tokio::task::spawn_blocking(move || Db::open(&url))
         .await
         .map_err(|e| SchedulerError::Task(e.to_string()))??;
-    let (rpc, incoming) = Rpc::start(log.clone(), Some(&config.rpc.scheduler), config.rpc.options())?;
+    let (rpc, incoming) = Rpc::start(
+        log.clone(),
+        Some(&config.rpc.scheduler),
+        config.rpc.options(),
+    )?;
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
     let endpoint = rpc.endpoint().unwrap_or_default().to_string();
     let scheduler = Arc::new(Scheduler {
@@ -135,7 +145,6 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
     info!(log, "scheduler listening"; "endpoint" => &endpoint);
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let period = Duration::from_secs_f64(scheduler.config.build_queue_period);
     let task = tokio::spawn(async move {
         let mut rebuild = tokio::time::interval(period);
         rebuild.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -162,7 +171,12 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
 }
 
 /// The host-queue input for one compute node, from its row and its service's row.
-pub fn compute_node_row(node: &db::ComputeNode, service: &db::Service, now: chrono::NaiveDateTime, service_down_time: i64) -> ComputeNodeRow {
+pub fn compute_node_row(
+    node: &db::ComputeNode,
+    service: &db::Service,
+    now: chrono::NaiveDateTime,
+    service_down_time: i64,
+) -> ComputeNodeRow {
     let extra: Option<ExtraResources> = serde_json::from_str(&node.extra_resources).ok();
     let last_seen = service.updated_at.unwrap_or(service.created_at);
     ComputeNodeRow {
@@ -216,20 +230,30 @@ impl Scheduler {
                     request.reply::<ScheduleRunInstance>(Ok(()));
                     self.new_run_instance(&log, &context, args.spec).await;
                 }
-                Err(e) => warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e),
+                Err(e) => {
+                    warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e)
+                }
             },
             Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
             other => {
                 warn!(log, "unknown method"; "method" => other);
                 let message = format!("the scheduler has no method {other}");
-                request.reply::<Ping>(Err(RemoteError { kind: "NoSuchMethod".into(), message }));
+                request.reply::<Ping>(Err(RemoteError {
+                    kind: "NoSuchMethod".into(),
+                    message,
+                }));
             }
         }
     }
 
     /// Places one instance: select a host, charge it, cast to it; a host that does not take the
     /// cast is given back and avoided, up to `max_attempts` hosts in all.
-    async fn new_run_instance(&self, log: &Logger, context: &RequestContext, mut spec: RequestSpec) {
+    async fn new_run_instance(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        mut spec: RequestSpec,
+    ) {
         let mut placement_request = match self.placement_request(&spec).await {
             Ok(request) => request,
             Err(reason) => return self.no_valid_host(log, &spec.instance_uuid, &reason).await,
@@ -241,7 +265,9 @@ impl Scheduler {
             };
             let placement = match selected {
                 Ok(placement) => placement,
-                Err(NoValidHost { reason }) => return self.no_valid_host(log, &spec.instance_uuid, &reason).await,
+                Err(NoValidHost { reason }) => {
+                    return self.no_valid_host(log, &spec.instance_uuid, &reason).await
+                }
             };
             spec.retry.num_attempts += 1;
             spec.retry.hosts.push(placement.hostname.clone());
@@ -262,8 +288,13 @@ impl Scheduler {
                 Err(e) => {
                     warn!(log, "compute did not take the instance; trying another host";
                         "instance" => &spec.instance_uuid, "host" => &placement.hostname, "error" => %e);
-                    self.queue.lock().unwrap_or_else(|p| p.into_inner()).release_host(&placement.hostname, &placement_request.resources);
-                    placement_request.avoid_hosts.push(placement.hostname.clone());
+                    self.queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .release_host(&placement.hostname, &placement_request.resources);
+                    placement_request
+                        .avoid_hosts
+                        .push(placement.hostname.clone());
                     if spec.retry.num_attempts >= self.config.max_attempts {
                         let reason = format!(
                             "Exceeded maximum number of attempts ({}); hosts tried: {}",
@@ -295,7 +326,13 @@ impl Scheduler {
         }
         let flavor = &spec.flavor;
         Ok(PlacementRequest {
-            resources: ResourceRequest::from_flavor(flavor.vcpus, flavor.memory_mb, flavor.root_gb, flavor.ephemeral_gb, flavor.swap_mb),
+            resources: ResourceRequest::from_flavor(
+                flavor.vcpus,
+                flavor.memory_mb,
+                flavor.root_gb,
+                flavor.ephemeral_gb,
+                flavor.swap_mb,
+            ),
             queue_name: None,
             scheduler_host: hints.scheduler_host.clone(),
             scheduler_host_match,
@@ -319,9 +356,15 @@ impl Scheduler {
             host: None,
         };
         let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.instance_set_error(&fault.instance_uuid.clone(), &fault)).await {
+        match tokio::task::spawn_blocking(move || {
+            db.instance_set_error(&fault.instance_uuid.clone(), &fault)
+        })
+        .await
+        {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(log, "could not record the fault"; "instance" => uuid, "error" => %e),
+            Ok(Err(e)) => {
+                warn!(log, "could not record the fault"; "instance" => uuid, "error" => %e)
+            }
             Err(e) => warn!(log, "could not record the fault"; "instance" => uuid, "error" => %e),
         }
     }
