@@ -64,7 +64,8 @@ pub struct Fabric {
     pub api_address: String,
     pub db: db::Db,
     pub build_queue_period: Duration,
-    services: Vec<ServiceHandle>,
+    /// (name, handle): `scheduler`, `conductor`, the compute host names, `api`.
+    services: Vec<(String, ServiceHandle)>,
     // Held for its Drop: the state directory lives as long as the fabric.
     _state: tempfile::TempDir,
 }
@@ -109,7 +110,7 @@ impl Fabric {
         .await
         .map_err(|e| start_error("scheduler")(e.to_string()))?;
         let scheduler_endpoint = scheduler.endpoint.clone();
-        services.push(scheduler);
+        services.push(("scheduler".to_string(), scheduler));
 
         let conductor = conductor::start(
             conductor::Config {
@@ -122,7 +123,7 @@ impl Fabric {
         .await
         .map_err(|e| start_error("conductor")(e.to_string()))?;
         let conductor_endpoint = conductor.endpoint.clone();
-        services.push(conductor);
+        services.push(("conductor".to_string(), conductor));
         let rpc = rpc_config(&conductor_endpoint, &scheduler_endpoint);
 
         for host in hosts {
@@ -147,7 +148,7 @@ impl Fabric {
             )
             .await
             .map_err(|e| start_error("compute")(e.to_string()))?;
-            services.push(compute);
+            services.push((host.name.clone(), compute));
         }
 
         let api = api::start(
@@ -165,7 +166,7 @@ impl Fabric {
         .await
         .map_err(|e| start_error("api")(e.to_string()))?;
         let api_address = api.endpoint.clone();
-        services.push(api);
+        services.push(("api".to_string(), api));
 
         let db = db::Db::open(&database.url)?;
         let fabric = Fabric {
@@ -263,8 +264,19 @@ impl Fabric {
 
     /// Stops every service, API first, so no request is left half done.
     pub async fn stop(mut self) {
-        while let Some(service) = self.services.pop() {
+        while let Some((_, service)) = self.services.pop() {
             service.stop().await;
+        }
+    }
+
+    /// Stops one service (a compute host by its name), as if its process had died.
+    pub async fn kill(&mut self, name: &str) -> bool {
+        match self.services.iter().position(|(n, _)| n == name) {
+            Some(index) => {
+                self.services.remove(index).1.stop().await;
+                true
+            }
+            None => false,
         }
     }
 }

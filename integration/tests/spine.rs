@@ -347,3 +347,57 @@ async fn bad_requests_get_nova_errors_and_change_nothing() {
     );
     fabric.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_compute_is_skipped_and_the_instance_lands_on_the_next_host() {
+    let mut fabric = fabric().await;
+    assert!(fabric.kill("node-1").await);
+    // The scheduler still believes node-1 is up (its heartbeat is recent): the cast to it is not
+    // acknowledged, so the scheduler gives the charge back and tries the next matching host.
+    let mut hosts = BTreeMap::new();
+    for i in 0..3 {
+        let body = with_hints(
+            &format!("survivor-{i}"),
+            "1",
+            json!({"scheduler_host_match": "^node-[12]$"}),
+        );
+        let id = fabric.create_server(&body).await.expect("accepted");
+        let server = fabric
+            .wait_until_built(&id, BUILD_LIMIT)
+            .await
+            .expect("built");
+        assert_eq!(server["status"], "ACTIVE", "{server}");
+        *hosts
+            .entry(
+                server["OS-EXT-SRV-ATTR:host"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_insert(0) += 1;
+    }
+    assert_eq!(hosts, BTreeMap::from([("node-2".to_string(), 3)]));
+
+    // Forced onto the dead host, the instance goes to ERROR instead of waiting forever.
+    let id = fabric
+        .create_server(&with_hints(
+            "stranded",
+            "1",
+            json!({"scheduler_host": "node-1"}),
+        ))
+        .await
+        .expect("accepted");
+    let server = fabric
+        .wait_until_built(&id, BUILD_LIMIT)
+        .await
+        .expect("decided");
+    assert_eq!(server["status"], "ERROR", "{server}");
+    assert!(
+        server["fault"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("No valid host was found"),
+        "{server}"
+    );
+    fabric.stop().await;
+}
