@@ -226,3 +226,44 @@ pub fn positive_seconds(name: &str, value: f64) -> Result<Duration, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct Sample {
+        rpc: RpcConfig,
+        database: DatabaseConfig,
+    }
+
+    #[test]
+    fn the_file_overrides_the_defaults_key_by_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("zova.toml");
+        std::fs::write(&file, "[rpc]\nconductor = \"tcp://10.0.0.1:5560\"\n").expect("write");
+        let sample: Sample = load_config(Some(&file)).expect("loads");
+        assert_eq!(sample.rpc.conductor, "tcp://10.0.0.1:5560");
+        assert_eq!(sample.rpc.scheduler, RpcConfig::default().scheduler);
+        assert_eq!(sample.database.url, DatabaseConfig::default().url);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(load_config::<Sample>(Some(&dir.path().join("absent.toml"))).is_err());
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[rpc]\ncast_timeout_ms = \"soon\"\n").expect("write");
+        let err = load_config::<Sample>(Some(&file)).expect_err("wrong type");
+        assert!(err.to_string().contains("cast_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn seconds_must_be_positive_and_finite() {
+        assert_eq!(positive_seconds("x", 0.5), Ok(Duration::from_millis(500)));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e30] {
+            assert!(positive_seconds("x", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -369,3 +369,83 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(
+        updated_seconds_ago: i64,
+        extra: &str,
+    ) -> (db::ComputeNode, db::Service, chrono::NaiveDateTime) {
+        let now = chrono::Utc::now().naive_utc();
+        let seen = now - chrono::Duration::seconds(updated_seconds_ago);
+        let node = db::ComputeNode {
+            id: 1,
+            host: "node-1".into(),
+            hypervisor_hostname: "node-1".into(),
+            hypervisor_type: "test".into(),
+            vcpus: 4,
+            memory_mb: 4096,
+            local_gb: 40,
+            vcpus_used: 1,
+            memory_mb_used: 512,
+            local_gb_used: 1,
+            free_ram_mb: 3584,
+            free_disk_gb: 39,
+            running_vms: 1,
+            extra_resources: extra.into(),
+            created_at: seen,
+            updated_at: Some(seen),
+            deleted: 0,
+        };
+        let service = db::Service {
+            id: 1,
+            host: "node-1".into(),
+            binary: "zova-compute".into(),
+            topic: "compute.node-1".into(),
+            rpc_endpoint: "tcp://127.0.0.1:5571".into(),
+            disabled: false,
+            disabled_reason: None,
+            report_count: 3,
+            created_at: seen,
+            updated_at: Some(seen),
+            deleted: 0,
+        };
+        (node, service, now)
+    }
+
+    #[test]
+    fn a_row_carries_the_ratios_and_the_endpoint() {
+        let extra = r#"{"queue_name":"gpu","cpu_allocation_ratio":16.0,"ram_allocation_ratio":1.5,"disk_allocation_ratio":1.0}"#;
+        let (node, service, now) = rows(5, extra);
+        let row = compute_node_row(&node, &service, now, 60);
+        assert!(row.up);
+        assert_eq!(row.queue_name.as_deref(), Some("gpu"));
+        assert_eq!(
+            (row.cpu_allocation_ratio, row.ram_allocation_ratio),
+            (16.0, 1.5)
+        );
+        assert_eq!(row.rpc_endpoint, "tcp://127.0.0.1:5571");
+        assert_eq!(
+            (row.vcpus_used, row.free_ram_mb, row.free_disk_gb),
+            (1, 3584, 39)
+        );
+    }
+
+    #[test]
+    fn a_silent_service_is_down_and_bad_extra_resources_fall_back_to_the_defaults() {
+        let (node, service, now) = rows(61, "not json");
+        let row = compute_node_row(&node, &service, now, 60);
+        assert!(!row.up);
+        assert_eq!(row.queue_name, None);
+        assert_eq!(
+            (
+                row.cpu_allocation_ratio,
+                row.ram_allocation_ratio,
+                row.disk_allocation_ratio
+            ),
+            (1.0, 1.0, 1.0)
+        );
+    }
+}
