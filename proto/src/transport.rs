@@ -41,7 +41,31 @@ enum Waiter {
     Reply(oneshot::Sender<Result<ReplyBody, ProtoError>>),
 }
 
-type PendingMap = Arc<Mutex<HashMap<Uuid, Waiter>>>;
+/// A request waiting for its ack or reply, and the peer it went to.
+struct Pending {
+    endpoint: String,
+    waiter: Waiter,
+}
+
+type PendingMap = Arc<Mutex<HashMap<Uuid, Pending>>>;
+
+fn lock(pending: &PendingMap) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
+    // A poisoned map only means another thread panicked mid-insert; the map itself is intact.
+    pending.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes a request's entry when its caller stops waiting for any reason, a dropped future
+/// included, so abandoned requests do not pile up in the map.
+struct PendingGuard<'a> {
+    pending: &'a PendingMap,
+    msg_id: Uuid,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).remove(&self.msg_id);
+    }
+}
 type CommandSocket = Arc<Mutex<zmq::Socket>>;
 
 /// A request that reached this service's ROUTER; a `call` must be answered with `reply`.
@@ -204,12 +228,11 @@ impl Rpc {
     ) -> Result<(), ProtoError> {
         let envelope = Envelope::request(Kind::Cast, M::NAME, context, args)?;
         let (tx, rx) = oneshot::channel();
-        self.send(endpoint, &envelope, Waiter::Ack(tx))?;
+        let _guard = self.send(endpoint, &envelope, Waiter::Ack(tx))?;
         match tokio::time::timeout(self.options.cast_timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProtoError::Closed),
             Err(_) => {
-                self.forget(envelope.msg_id);
                 // Drop the DEALER so the unacknowledged frame is not delivered later, after the
                 // caller has already given up on it and maybe sent the work elsewhere.
                 self.command(&[b"reset", endpoint.as_bytes()]);
@@ -231,12 +254,11 @@ impl Rpc {
     ) -> Result<M::Reply, ProtoError> {
         let envelope = Envelope::request(Kind::Call, M::NAME, context, args)?;
         let (tx, rx) = oneshot::channel();
-        self.send(endpoint, &envelope, Waiter::Reply(tx))?;
+        let _guard = self.send(endpoint, &envelope, Waiter::Reply(tx))?;
         let body = match tokio::time::timeout(self.options.call_timeout, rx).await {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => return Err(ProtoError::Closed),
             Err(_) => {
-                self.forget(envelope.msg_id);
                 return Err(ProtoError::Timeout {
                     method: M::NAME.to_string(),
                     endpoint: endpoint.to_string(),
@@ -250,31 +272,36 @@ impl Rpc {
         }
     }
 
-    fn send(&self, endpoint: &str, envelope: &Envelope, waiter: Waiter) -> Result<(), ProtoError> {
+    fn send(
+        &self,
+        endpoint: &str,
+        envelope: &Envelope,
+        waiter: Waiter,
+    ) -> Result<PendingGuard<'_>, ProtoError> {
         let bytes = envelope.to_bytes()?;
-        self.lock_pending().insert(envelope.msg_id, waiter);
-        let sent = self
-            .commands
-            .lock()
-            .map_err(|_| ProtoError::Closed)
-            .and_then(|socket| {
-                socket
-                    .send_multipart(
-                        [
-                            &b"send"[..],
-                            endpoint.as_bytes(),
-                            envelope.msg_id.as_bytes(),
-                            &bytes,
-                        ],
-                        zmq::DONTWAIT,
-                    )
-                    // The queue to the I/O thread is unbounded: it refuses only once it is gone.
-                    .map_err(|_| ProtoError::Closed)
-            });
-        if sent.is_err() {
-            self.forget(envelope.msg_id);
-        }
-        sent
+        let pending = Pending {
+            endpoint: endpoint.to_string(),
+            waiter,
+        };
+        lock(&self.pending).insert(envelope.msg_id, pending);
+        let guard = PendingGuard {
+            pending: &self.pending,
+            msg_id: envelope.msg_id,
+        };
+        let socket = self.commands.lock().map_err(|_| ProtoError::Closed)?;
+        socket
+            .send_multipart(
+                [
+                    &b"send"[..],
+                    endpoint.as_bytes(),
+                    envelope.msg_id.as_bytes(),
+                    &bytes,
+                ],
+                zmq::DONTWAIT,
+            )
+            // The queue to the I/O thread is unbounded: it refuses only once it is gone.
+            .map_err(|_| ProtoError::Closed)?;
+        Ok(guard)
     }
 
     fn command(&self, frames: &[&[u8]]) {
@@ -285,15 +312,6 @@ impl Rpc {
         }
     }
 
-    fn forget(&self, msg_id: Uuid) {
-        self.lock_pending().remove(&msg_id);
-    }
-
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Waiter>> {
-        // A poisoned map only means another thread panicked mid-insert; the map itself is intact.
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Stops the I/O thread and closes every socket; pending requests fail with `Closed`.
     /// Idempotent.
     pub fn shutdown(&self) {
@@ -302,7 +320,7 @@ impl Rpc {
             self.command(&[b"stop"]);
             let _ = handle.join();
         }
-        self.lock_pending().clear();
+        lock(&self.pending).clear();
     }
 }
 
@@ -390,7 +408,9 @@ impl IoThread {
                 }
                 Some(b"reply") if frames.len() == 3 => {
                     if let Some(router) = &self.router {
-                        if let Err(e) = router.send_multipart([&frames[1], &frames[2]], 0) {
+                        if let Err(e) =
+                            router.send_multipart([&frames[1], &frames[2]], zmq::DONTWAIT)
+                        {
                             // The caller went away (ROUTER_MANDATORY says so); it has timed out.
                             debug!(self.log, "reply not delivered"; "error" => %e);
                         }
@@ -399,6 +419,9 @@ impl IoThread {
                 Some(b"reset") if frames.len() == 2 => {
                     let endpoint = String::from_utf8_lossy(&frames[1]).into_owned();
                     self.dealers.remove(&endpoint);
+                    // Whatever else was in flight on that DEALER can no longer be answered:
+                    // tell those callers now rather than at their own timeouts.
+                    self.fail_all_to(&endpoint);
                 }
                 _ => warn!(self.log, "malformed rpc command dropped"),
             }
@@ -454,7 +477,8 @@ impl IoThread {
                 continue;
             };
             if let Ok(ack) = envelope.answer(Kind::Ack, Vec::new()).to_bytes() {
-                if let Err(e) = router.send_multipart([identity.as_slice(), &ack], 0) {
+                // Never block the I/O thread on a peer that does not read: it will time out.
+                if let Err(e) = router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT) {
                     debug!(self.log, "ack not delivered"; "error" => %e);
                 }
             }
@@ -500,29 +524,59 @@ impl IoThread {
     }
 
     fn complete_ack(&self, msg_id: Uuid) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = lock(&self.pending);
         // A call's ack only says the peer is there; the caller keeps waiting for the reply.
-        if matches!(pending.get(&msg_id), Some(Waiter::Ack(_))) {
-            if let Some(Waiter::Ack(tx)) = pending.remove(&msg_id) {
+        if matches!(
+            pending.get(&msg_id),
+            Some(Pending {
+                waiter: Waiter::Ack(_),
+                ..
+            })
+        ) {
+            if let Some(Pending {
+                waiter: Waiter::Ack(tx),
+                ..
+            }) = pending.remove(&msg_id)
+            {
                 let _ = tx.send(Ok(()));
             }
         }
     }
 
     fn complete(&self, msg_id: Uuid, result: Result<ReplyBody, ProtoError>) {
-        let waiter = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&msg_id);
-        match waiter {
-            Some(Waiter::Reply(tx)) => {
-                let _ = tx.send(result);
-            }
-            Some(Waiter::Ack(tx)) => {
-                let _ = tx.send(result.map(|_| ()));
-            }
-            None => {}
+        let entry = lock(&self.pending).remove(&msg_id);
+        if let Some(entry) = entry {
+            finish(entry.waiter, result);
+        }
+    }
+
+    fn fail_all_to(&self, endpoint: &str) {
+        let failed: Vec<Pending> = {
+            let mut pending = lock(&self.pending);
+            let ids: Vec<Uuid> = pending
+                .iter()
+                .filter(|(_, p)| p.endpoint == endpoint)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        for entry in failed {
+            let err = ProtoError::SendFailed {
+                endpoint: endpoint.to_string(),
+                reason: "the connection was reset after another request to it timed out".into(),
+            };
+            finish(entry.waiter, Err(err));
+        }
+    }
+}
+
+fn finish(waiter: Waiter, result: Result<ReplyBody, ProtoError>) {
+    match waiter {
+        Waiter::Reply(tx) => {
+            let _ = tx.send(result);
+        }
+        Waiter::Ack(tx) => {
+            let _ = tx.send(result.map(|_| ()));
         }
     }
 }
