@@ -123,6 +123,8 @@ pub enum ApiError {
     #[error("The request body is larger than {0} bytes.")]
     TooLarge(usize),
     #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -143,6 +145,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -155,7 +158,8 @@ impl ApiError {
             ApiError::NotFound(_) => "itemNotFound",
             ApiError::MethodNotAllowed(_) => "badMethod",
             ApiError::TooLarge(_) => "overLimit",
-            ApiError::Internal(_) => "computeFault",
+            // Nova has no name of its own for 406 either.
+            ApiError::NotAcceptable(_) | ApiError::Internal(_) => "computeFault",
         }
     }
 
@@ -270,7 +274,17 @@ impl Api {
             Some(host) => format!("http://{host}"),
             None => format!("http://{}", self.config.listen),
         };
-        let mut response = match self.route(&log, &context, &base, request).await {
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        let version = validate::check_microversion(
+            header("openstack-api-version"),
+            header("x-openstack-nova-api-version"),
+        )
+        .map_err(ApiError::NotAcceptable);
+        let routed = match version {
+            Ok(()) => self.route(&log, &context, &base, request).await,
+            Err(err) => Err(err),
+        };
+        let mut response = match routed {
             Ok(response) => response,
             Err(err) => {
                 if matches!(err, ApiError::Internal(_)) {
@@ -285,9 +299,18 @@ impl Api {
                 .insert("x-openstack-request-id", id.clone());
             response.headers_mut().insert("x-compute-request-id", id);
         }
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             "openstack-api-version",
             HeaderValue::from_static("compute 2.1"),
+        );
+        headers.insert(
+            "x-openstack-nova-api-version",
+            HeaderValue::from_static("2.1"),
+        );
+        headers.insert(
+            "vary",
+            HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
         );
         info!(log, "request"; "method" => %method, "path" => &path, "status" => response.status().as_u16(),
             "ms" => started.elapsed().as_millis() as u64);
@@ -295,7 +318,7 @@ impl Api {
     }
 
     async fn route(
-        &self,
+        self: &Arc<Self>,
         log: &Logger,
         context: &RequestContext,
         base: &str,
@@ -377,7 +400,7 @@ impl Api {
     }
 
     async fn create_server(
-        &self,
+        self: &Arc<Self>,
         log: &Logger,
         context: &RequestContext,
         base: &str,
@@ -439,41 +462,22 @@ impl Api {
                 launch_index: index as i32,
             })
             .collect();
-        let request_id = context.request_id.clone();
-        let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
-        self.db(move |db| {
-            for row in &rows {
-                db.instance_create(row, &request_id)?;
-            }
-            Ok(())
+        // Detached, so a client that hangs up cannot leave rows written but never cast.
+        let api = self.clone();
+        let (task_log, task_context, hints) = (log.clone(), context.clone(), request.hints.clone());
+        let uuids = tokio::spawn(async move {
+            api.insert_and_build(&task_log, &task_context, rows, hints)
+                .await
         })
-        .await?;
-
-        let build = BuildInstances {
-            instance_uuids: uuids.clone(),
-            hints: request.hints.clone(),
-        };
-        if let Err(e) = self.rpc.cast(&self.conductor, context, &build).await {
-            // The rows exist: they go to ERROR with the reason rather than vanish.
-            warn!(log, "conductor did not take build_instances"; "error" => %e);
-            let message = format!("The conductor did not take the build request: {e}");
-            let failed = uuids.clone();
-            self.db(move |db| {
-                for uuid in &failed {
-                    let fault = NewFault {
-                        instance_uuid: uuid.clone(),
-                        code: 500,
-                        message: message.clone(),
-                        details: String::new(),
-                        host: None,
-                    };
-                    db.instance_set_error(uuid, &fault)?;
-                }
-                Ok(())
-            })
-            .await?;
-        }
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
         info!(log, "servers accepted"; "count" => count, "first" => &uuids[0], "flavor" => &flavor.name);
+        if request.return_reservation_id {
+            return Ok(json_response(
+                StatusCode::ACCEPTED,
+                &json!({"reservation_id": reservation_id}),
+            ));
+        }
         let id = &uuids[0];
         let admin_pass = Alphanumeric.sample_string(&mut rand::thread_rng(), 12);
         let body = json!({"server": {
@@ -493,6 +497,45 @@ impl Api {
                 .insert(hyper::header::LOCATION, location);
         }
         Ok(response)
+    }
+
+    /// Writes the rows (all or none) and casts `build_instances`; if the conductor does not take
+    /// it, the rows go to ERROR with the reason rather than wait in BUILD forever.
+    async fn insert_and_build(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        rows: Vec<NewInstance>,
+        hints: proto::SchedulerHints,
+    ) -> Result<Vec<String>, ApiError> {
+        let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
+        let request_id = context.request_id.clone();
+        self.db(move |db| db.instances_create(&rows, &request_id))
+            .await?;
+        let build = BuildInstances {
+            instance_uuids: uuids.clone(),
+            hints,
+        };
+        if let Err(e) = self.rpc.cast(&self.conductor, context, &build).await {
+            warn!(log, "conductor did not take build_instances"; "error" => %e);
+            let message = format!("The conductor did not take the build request: {e}");
+            for uuid in uuids.clone() {
+                let fault = NewFault {
+                    instance_uuid: uuid.clone(),
+                    code: 500,
+                    message: message.clone(),
+                    details: String::new(),
+                    host: None,
+                };
+                if let Err(e) = self
+                    .db(move |db| db.instance_set_error(&uuid, &fault))
+                    .await
+                {
+                    warn!(log, "could not record the fault"; "error" => %e);
+                }
+            }
+        }
+        Ok(uuids)
     }
 
     async fn list_servers(
@@ -552,17 +595,32 @@ impl Api {
         ))
     }
 
-    /// Casts the delete to the instance's compute; with no host, or a compute that does not take
-    /// the cast, deletes the row here (Nova's "local delete").
     async fn delete_server(
-        &self,
+        self: &Arc<Self>,
         log: &Logger,
         context: &RequestContext,
         id: &str,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let instance = self.visible_instance(context, id).await?;
+        // Detached, so a client that hangs up cannot leave the server marked `deleting` for ever.
+        let api = self.clone();
+        let (task_log, task_context) = (log.clone(), context.clone());
+        tokio::spawn(async move { api.terminate(&task_log, &task_context, instance).await })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        Ok(empty_response(StatusCode::NO_CONTENT))
+    }
+
+    /// Casts the delete to the instance's compute; with no host, or a compute that does not take
+    /// the cast, deletes the row here (Nova's "local delete").
+    async fn terminate(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        instance: Instance,
+    ) -> Result<(), ApiError> {
         let uuid = instance.uuid.clone();
-        let endpoint = match instance.host.clone() {
+        let endpoint = match instance.host {
             Some(host) => {
                 self.db(move |db| {
                     Ok(db
@@ -590,14 +648,13 @@ impl Api {
                 )
                 .await
             {
-                Ok(()) => return Ok(empty_response(StatusCode::NO_CONTENT)),
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     warn!(log, "compute did not take the delete; deleting locally"; "instance" => &uuid, "error" => %e)
                 }
             }
         }
-        self.db(move |db| db.instance_destroy(&uuid)).await?;
-        Ok(empty_response(StatusCode::NO_CONTENT))
+        self.db(move |db| db.instance_destroy(&uuid)).await
     }
 
     async fn list_flavors(

@@ -22,6 +22,8 @@ pub struct CreateServer {
     pub max_count: i64,
     pub metadata: BTreeMap<String, String>,
     pub hints: SchedulerHints,
+    /// Answer with the reservation id instead of the first server.
+    pub return_reservation_id: bool,
 }
 
 /// Server fields Nova accepts that this version takes and ignores (networks, keys, ...), so the
@@ -41,7 +43,6 @@ const ACCEPTED_UNUSED_SERVER_FIELDS: &[&str] = &[
     "accessIPv6",
     "personality",
     "OS-DCF:diskConfig",
-    "return_reservation_id",
     "tags",
     "trusted_image_certificates",
     "host",
@@ -78,7 +79,13 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
     if let Some(extra) = server.keys().find(|k| {
         !matches!(
             k.as_str(),
-            "name" | "flavorRef" | "imageRef" | "min_count" | "max_count" | "metadata"
+            "name"
+                | "flavorRef"
+                | "imageRef"
+                | "min_count"
+                | "max_count"
+                | "metadata"
+                | "return_reservation_id"
         ) && !ACCEPTED_UNUSED_SERVER_FIELDS.contains(&k.as_str())
     }) {
         return Err(format!(
@@ -102,6 +109,11 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
         ));
     }
     let metadata = parse_metadata(server.get("metadata"))?;
+    let return_reservation_id = match server.get("return_reservation_id") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid("return_reservation_id", "Value must be a boolean.")),
+    };
 
     let hints =
         match (top.get(HINT_KEYS[0]), top.get(HINT_KEYS[1])) {
@@ -120,6 +132,7 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
         max_count,
         metadata,
         hints,
+        return_reservation_id,
     })
 }
 
@@ -299,6 +312,35 @@ fn parse_hints(value: &Value) -> Result<SchedulerHints, String> {
         scheduler_host_match,
         different_host,
     })
+}
+
+/// The one compute API microversion served so far.
+pub const MICROVERSION: &str = "2.1";
+
+/// Checks the microversion a client asks for (`OpenStack-API-Version: compute X` or
+/// `X-OpenStack-Nova-API-Version: X`); only 2.1 (or `latest`, which is 2.1) is served.
+pub fn check_microversion(openstack: Option<&str>, nova: Option<&str>) -> Result<(), String> {
+    let asked = match (openstack, nova) {
+        (Some(header), _) => {
+            let mut words = header.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some(service), Some(version)) if service.eq_ignore_ascii_case("compute") => {
+                    Some(version)
+                }
+                // A header for another service says nothing about the compute API.
+                (Some(_), Some(_)) => None,
+                _ => return Err(format!("Invalid OpenStack-API-Version header: {header:?}")),
+            }
+        }
+        (None, Some(version)) => Some(version.trim()),
+        (None, None) => None,
+    };
+    match asked {
+        None | Some("latest") | Some(MICROVERSION) => Ok(()),
+        Some(version) => Err(format!(
+            "Version {version} is not supported by the API. Minimum is {MICROVERSION} and maximum is {MICROVERSION}."
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -481,6 +523,33 @@ mod tests {
         server["min_count"] = Value::String("3".into());
         let req = parse_create_server(&body(server)).expect("valid");
         assert_eq!((req.min_count, req.max_count), (3, 3));
+    }
+
+    #[test]
+    fn reservation_id_is_asked_for_with_a_boolean() {
+        let mut server = minimal();
+        server["return_reservation_id"] = Value::Bool(true);
+        assert!(
+            parse_create_server(&body(server.clone()))
+                .expect("valid")
+                .return_reservation_id
+        );
+        server["return_reservation_id"] = Value::String("yes".into());
+        assert!(parse_create_server(&body(server)).is_err());
+    }
+
+    #[test]
+    fn only_microversion_2_1_is_served() {
+        assert_eq!(check_microversion(None, None), Ok(()));
+        assert_eq!(check_microversion(Some("compute 2.1"), None), Ok(()));
+        assert_eq!(check_microversion(Some("compute latest"), None), Ok(()));
+        assert_eq!(check_microversion(Some("volume 3.60"), None), Ok(()));
+        assert_eq!(check_microversion(None, Some("2.1")), Ok(()));
+        assert!(check_microversion(Some("compute 2.79"), None)
+            .expect_err("2.79")
+            .contains("2.79"));
+        assert!(check_microversion(None, Some("2.60")).is_err());
+        assert!(check_microversion(Some("compute"), None).is_err());
     }
 
     #[test]

@@ -26,26 +26,40 @@ impl Db {
     /// Creates an instance together with its `create` action, so no instance exists without
     /// the record of the request that made it.
     pub fn instance_create(&self, new: &NewInstance, request_id: &str) -> Result<Instance> {
-        check_json_object("scheduler_hints", &new.scheduler_hints)?;
-        check_json_object("metadata", &new.metadata)?;
+        let mut created = self.instances_create(std::slice::from_ref(new), request_id)?;
+        created.pop().ok_or_else(|| instance_not_found(&new.uuid))
+    }
+
+    /// Creates several instances (one request's `min_count..max_count`) and their `create`
+    /// actions in one transaction: all of them, or none.
+    pub fn instances_create(&self, new: &[NewInstance], request_id: &str) -> Result<Vec<Instance>> {
+        for instance in new {
+            check_json_object("scheduler_hints", &instance.scheduler_hints)?;
+            check_json_object("metadata", &instance.metadata)?;
+        }
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
             let created_at = now();
-            let instance = diesel::insert_into(instances::table)
-                .values((new, instances::created_at.eq(created_at)))
-                .returning(Instance::as_returning())
-                .get_result(conn)?;
-            diesel::insert_into(instance_actions::table)
-                .values((
-                    instance_actions::action.eq("create"),
-                    instance_actions::instance_uuid.eq(&new.uuid),
-                    instance_actions::request_id.eq(request_id),
-                    instance_actions::user_id.eq(&new.user_id),
-                    instance_actions::project_id.eq(&new.project_id),
-                    instance_actions::start_time.eq(created_at),
-                ))
-                .execute(conn)?;
-            Ok(instance)
+            let mut created = Vec::with_capacity(new.len());
+            for instance in new {
+                created.push(
+                    diesel::insert_into(instances::table)
+                        .values((instance, instances::created_at.eq(created_at)))
+                        .returning(Instance::as_returning())
+                        .get_result(conn)?,
+                );
+                diesel::insert_into(instance_actions::table)
+                    .values((
+                        instance_actions::action.eq("create"),
+                        instance_actions::instance_uuid.eq(&instance.uuid),
+                        instance_actions::request_id.eq(request_id),
+                        instance_actions::user_id.eq(&instance.user_id),
+                        instance_actions::project_id.eq(&instance.project_id),
+                        instance_actions::start_time.eq(created_at),
+                    ))
+                    .execute(conn)?;
+            }
+            Ok(created)
         })
     }
 
@@ -336,6 +350,19 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, DbError::Query(_)), "{err}");
         assert_eq!(db.instance_actions("u1").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_batch_is_created_whole_or_not_at_all() {
+        let (_dir, db) = open_temp();
+        let batch = [new_instance("b1", "p1"), new_instance("b2", "p1")];
+        assert_eq!(db.instances_create(&batch, "req-1").unwrap().len(), 2);
+        // b3 is new but b1 clashes: nothing of this batch may be written.
+        let clash = [new_instance("b3", "p1"), new_instance("b1", "p1")];
+        assert!(db.instances_create(&clash, "req-2").is_err());
+        assert!(db.instance_get("b3").unwrap().is_none());
+        assert!(db.instance_actions("b3").unwrap().is_empty());
+        assert_eq!(db.instances_list(Some("p1")).unwrap().len(), 2);
     }
 
     #[test]

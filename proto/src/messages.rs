@@ -146,6 +146,9 @@ pub struct InstanceResources {
     pub root_gb: i64,
     pub ephemeral_gb: i64,
     pub swap_mb: i64,
+    /// The instance's vm_state, so a restarted compute can tell interrupted builds apart.
+    #[serde(default)]
+    pub vm_state: String,
 }
 
 // ---------------------------------------------------------------- conductor
