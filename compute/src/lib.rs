@@ -8,6 +8,7 @@ pub mod domain_xml;
 pub mod driver;
 pub mod tracker;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -168,6 +169,10 @@ pub enum ComputeError {
     },
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error("the build for node {node} reached {host}: refusing it")]
+    WrongHost { node: String, host: String },
+    #[error("the instance was deleted while it was being built: {0}")]
+    Vanished(String),
 }
 
 /// Total capacity of this host, before allocation ratios.
@@ -187,6 +192,7 @@ struct Compute {
     capacity: Capacity,
     boot_timeout: Duration,
     tracker: Mutex<ResourceTracker>,
+    instance_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -241,6 +247,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         capacity,
         boot_timeout,
         tracker: Mutex::new(ResourceTracker::default()),
+        instance_locks: Mutex::new(HashMap::new()),
     });
 
     let handle_endpoint = endpoint.clone();
@@ -291,9 +298,28 @@ fn disk_gb_of(path: &Path) -> i64 {
     (stat.f_blocks as u128 * stat.f_frsize as u128 / (1024 * 1024 * 1024)) as i64
 }
 
+/// Retries of a state record before the compute gives up on the conductor.
+const RECORD_ATTEMPTS: u32 = 5;
+
 impl Compute {
     fn context(&self) -> RequestContext {
         RequestContext::internal("")
+    }
+
+    /// The lock that keeps a build and a delete of the same instance from running at once.
+    fn instance_lock(&self, uuid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .instance_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        locks.entry(uuid.to_string()).or_default().clone()
+    }
+
+    fn forget_instance_lock(&self, uuid: &str) {
+        self.instance_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uuid);
     }
 
     async fn register(&self, endpoint: &str) {
@@ -307,18 +333,12 @@ impl Compute {
             let context = self.context();
             let result = async {
                 self.rpc.call(&self.conductor, &context, &args).await?;
+                let host = self.config.host.clone();
                 let instances = self
                     .rpc
-                    .call(
-                        &self.conductor,
-                        &context,
-                        &InstancesOnHost {
-                            host: self.config.host.clone(),
-                        },
-                    )
+                    .call(&self.conductor, &context, &InstancesOnHost { host })
                     .await?;
-                *self.tracker.lock().unwrap_or_else(|p| p.into_inner()) =
-                    ResourceTracker::from_instances(&instances);
+                self.init_host(&context, instances).await;
                 self.update_available_resource(&context).await
             }
             .await;
@@ -333,6 +353,95 @@ impl Compute {
         }
     }
 
+    /// Nova's `init_host`: instances this host was building when its previous process stopped
+    /// can never finish, so they go to ERROR (and their leftovers are removed); instances in
+    /// ERROR hold nothing; the rest are counted against this host.
+    async fn init_host(&self, context: &RequestContext, instances: Vec<InstanceResources>) {
+        let (interrupted, rest): (Vec<_>, Vec<_>) = instances
+            .into_iter()
+            .partition(|i| i.vm_state == vm_state::BUILDING);
+        let holding: Vec<_> = rest
+            .into_iter()
+            .filter(|i| i.vm_state != vm_state::ERROR)
+            .collect();
+        *self.tracker.lock().unwrap_or_else(|p| p.into_inner()) =
+            ResourceTracker::from_instances(&holding);
+        for instance in interrupted {
+            warn!(self.log, "build interrupted by a restart"; "instance" => &instance.uuid);
+            self.remove_leftovers(&instance.uuid).await;
+            let message = format!(
+                "The build was interrupted by a restart of {BINARY} on {}",
+                self.config.host
+            );
+            if let Err(e) = self
+                .record(context, &self.error_update(&instance.uuid, message))
+                .await
+            {
+                warn!(self.log, "could not record the interrupted build"; "instance" => &instance.uuid, "error" => %e);
+            }
+        }
+    }
+
+    /// Sends a state change to the conductor, retrying while the conductor does not answer. An
+    /// answer that is an error (the row is gone, say) is final.
+    async fn record(
+        &self,
+        context: &RequestContext,
+        update: &InstanceUpdate,
+    ) -> Result<(), proto::ProtoError> {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match self.rpc.call(&self.conductor, context, update).await {
+                Ok(()) => return Ok(()),
+                Err(e @ proto::ProtoError::Remote(_)) => return Err(e),
+                Err(e) if attempt >= RECORD_ATTEMPTS => return Err(e),
+                Err(e) => {
+                    warn!(self.log, "state not recorded yet; retrying"; "instance" => &update.uuid, "error" => %e);
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn error_update(&self, uuid: &str, message: String) -> InstanceUpdate {
+        InstanceUpdate {
+            uuid: uuid.to_string(),
+            state: Some(InstanceState {
+                vm_state: vm_state::ERROR.into(),
+                task_state: None,
+                power_state: power_state::NOSTATE,
+            }),
+            fault: Some(Fault {
+                code: 500,
+                message,
+                details: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Destroys the domain and the disk of `uuid` if they exist, and releases its claim.
+    async fn remove_leftovers(&self, uuid: &str) {
+        let name = instance_name(uuid);
+        let driver = self.driver.clone();
+        match blocking(move || driver.destroy_and_undefine(&name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(self.log, "domain not removed"; "instance" => uuid, "error" => %e),
+            Err(e) => warn!(self.log, "domain not removed"; "instance" => uuid, "error" => %e),
+        }
+        if let Err(e) = disk::remove_instance_dir(&self.config.instances_path, &instance_name(uuid))
+        {
+            warn!(self.log, "instance files not removed"; "instance" => uuid, "error" => %e);
+        }
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(uuid);
+    }
+
     async fn periodic_report(&self) {
         let context = self.context();
         let heartbeat = ServiceHeartbeat {
@@ -342,7 +451,13 @@ impl Compute {
         if let Err(e) = self.rpc.call(&self.conductor, &context, &heartbeat).await {
             warn!(self.log, "heartbeat not recorded"; "error" => %e);
         }
-        if let Err(e) = self.update_available_resource(&context).await {
+        self.report_resources(&context).await;
+    }
+
+    /// `update_available_resource`, where a failure is only worth a log line: the next periodic
+    /// report carries the same numbers.
+    async fn report_resources(&self, context: &RequestContext) {
+        if let Err(e) = self.update_available_resource(context).await {
             warn!(self.log, "resource report not recorded"; "error" => %e);
         }
     }
@@ -365,7 +480,7 @@ impl Compute {
             local_gb: self.capacity.local_gb,
             vcpus_used: used.vcpus,
             memory_mb_used: used.memory_mb,
-            local_gb_used: used.disk_gb,
+            local_gb_used: used.disk_gb(),
             running_vms: running,
             extra_resources: ExtraResources {
                 queue_name: self.config.queue_name.clone(),
@@ -418,42 +533,30 @@ impl Compute {
         args: ComputeRunInstance,
     ) {
         let uuid = args.spec.instance_uuid.clone();
+        let lock = self.instance_lock(&uuid);
+        let _building = lock.lock().await;
         let started = Instant::now();
-        match self.build_and_run(context, &args).await {
+        match self.build_and_run(log, context, &args).await {
             Ok(()) => {
                 info!(log, "instance running"; "instance" => &uuid, "build_ms" => started.elapsed().as_millis() as u64)
+            }
+            Err(ComputeError::Vanished(_)) => {
+                // Deleted while it was being built: clean up, there is no row to report to.
+                info!(log, "instance deleted during its build"; "instance" => &uuid);
+                self.remove_leftovers(&uuid).await;
+                self.report_resources(context).await;
             }
             Err(e) => {
                 warn!(log, "instance build failed"; "instance" => &uuid, "error" => %e);
                 // Leave nothing behind: no domain, no disk, no claim.
-                let name = instance_name(&uuid);
-                let driver = self.driver.clone();
-                let _ = blocking(move || driver.destroy_and_undefine(&name)).await;
-                let _ =
-                    disk::remove_instance_dir(&self.config.instances_path, &instance_name(&uuid));
-                self.tracker
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .release(&uuid);
-                let update = InstanceUpdate {
-                    uuid: uuid.clone(),
-                    state: Some(InstanceState {
-                        vm_state: vm_state::ERROR.into(),
-                        task_state: None,
-                        power_state: power_state::NOSTATE,
-                    }),
-                    host: Some(self.config.host.clone()),
-                    fault: Some(Fault {
-                        code: 500,
-                        message: e.to_string(),
-                        details: String::new(),
-                    }),
-                    ..Default::default()
-                };
-                if let Err(e) = self.rpc.call(&self.conductor, context, &update).await {
+                self.remove_leftovers(&uuid).await;
+                if let Err(e) = self
+                    .record(context, &self.error_update(&uuid, e.to_string()))
+                    .await
+                {
                     warn!(log, "could not record the build failure"; "instance" => &uuid, "error" => %e);
                 }
-                let _ = self.update_available_resource(context).await;
+                self.report_resources(context).await;
             }
         }
     }
@@ -461,11 +564,18 @@ impl Compute {
     /// Claim, spawn, wait for RUNNING, report ACTIVE.
     async fn build_and_run(
         &self,
+        log: &Logger,
         context: &RequestContext,
         args: &ComputeRunInstance,
     ) -> Result<(), ComputeError> {
         let spec = &args.spec;
         let uuid = spec.instance_uuid.clone();
+        if args.node != self.config.host {
+            return Err(ComputeError::WrongHost {
+                node: args.node.clone(),
+                host: self.config.host.clone(),
+            });
+        }
         let resources = InstanceResources {
             uuid: uuid.clone(),
             vcpus: spec.flavor.vcpus,
@@ -473,6 +583,7 @@ impl Compute {
             root_gb: spec.flavor.root_gb,
             ephemeral_gb: spec.flavor.ephemeral_gb,
             swap_mb: spec.flavor.swap_mb,
+            vm_state: vm_state::BUILDING.into(),
         };
         self.tracker
             .lock()
@@ -484,24 +595,21 @@ impl Compute {
                 &args.limits,
             )?;
         // Report the claim at once so the next host-queue rebuild already counts it.
-        self.update_available_resource(context).await?;
-        self.rpc
-            .call(
-                &self.conductor,
-                context,
-                &InstanceUpdate {
-                    uuid: uuid.clone(),
-                    state: Some(InstanceState {
-                        vm_state: vm_state::BUILDING.into(),
-                        task_state: Some(task_state::SPAWNING.into()),
-                        power_state: power_state::NOSTATE,
-                    }),
-                    host: Some(self.config.host.clone()),
-                    node: Some(args.node.clone()),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        self.report_resources(context).await;
+        let spawning = InstanceUpdate {
+            uuid: uuid.clone(),
+            state: Some(InstanceState {
+                vm_state: vm_state::BUILDING.into(),
+                task_state: Some(task_state::SPAWNING.into()),
+                power_state: power_state::NOSTATE,
+            }),
+            host: Some(self.config.host.clone()),
+            node: Some(args.node.clone()),
+            ..Default::default()
+        };
+        self.record(context, &spawning)
+            .await
+            .map_err(vanished_or_rpc)?;
 
         let name = instance_name(&uuid);
         let disk_path = if self.driver.domain_type() == "test" {
@@ -510,7 +618,7 @@ impl Compute {
         } else {
             let dir = self.config.instances_path.clone();
             let disk_name = name.clone();
-            let size = (spec.flavor.root_gb.max(1)) as u64;
+            let size = spec.flavor.root_gb.max(1) as u64;
             let backing = spec.image.location.clone().map(PathBuf::from);
             let path = blocking(move || {
                 disk::create_instance_disk(&dir, &disk_name, size, backing.as_deref())
@@ -521,7 +629,7 @@ impl Compute {
         let xml = domain_xml(&DomainSpec {
             name: name.clone(),
             uuid: uuid.clone(),
-            vcpus: spec.flavor.vcpus.max(1) as u32,
+            vcpus: u32::try_from(spec.flavor.vcpus.max(1)).unwrap_or(u32::MAX),
             memory_mb: spec.flavor.memory_mb.max(1) as u64,
             domain_type: self.driver.domain_type().to_string(),
             disk_path,
@@ -543,32 +651,38 @@ impl Compute {
             if Instant::now() >= deadline {
                 return Err(ComputeError::BootTimeout {
                     name,
-                    seconds: self.config.boot_timeout,
+                    seconds: self.boot_timeout.as_secs_f64(),
                     state,
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        self.rpc
-            .call(
-                &self.conductor,
-                context,
-                &InstanceUpdate {
-                    uuid,
-                    state: Some(InstanceState {
-                        vm_state: vm_state::ACTIVE.into(),
-                        task_state: None,
-                        power_state: power_state::RUNNING,
-                    }),
-                    launched: true,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        Ok(())
+        let active = InstanceUpdate {
+            uuid: uuid.clone(),
+            state: Some(InstanceState {
+                vm_state: vm_state::ACTIVE.into(),
+                task_state: None,
+                power_state: power_state::RUNNING,
+            }),
+            launched: true,
+            ..Default::default()
+        };
+        match self.record(context, &active).await.map_err(vanished_or_rpc) {
+            Ok(()) => Ok(()),
+            Err(e @ ComputeError::Vanished(_)) => Err(e),
+            Err(e) => {
+                // The guest runs; destroying it because the conductor is unreachable would turn a
+                // bookkeeping problem into lost work. The row says BUILD until a later record.
+                warn!(log, "instance runs but ACTIVE was not recorded"; "instance" => &uuid, "error" => %e);
+                Ok(())
+            }
+        }
     }
 
     async fn terminate_instance(&self, log: &Logger, context: &RequestContext, uuid: &str) {
+        let lock = self.instance_lock(uuid);
+        // Wait for a build of the same instance to finish, then delete what it made.
+        let _deleting = lock.lock().await;
         let name = instance_name(uuid);
         let driver = self.driver.clone();
         let destroyed = match blocking(move || driver.destroy_and_undefine(&name)).await {
@@ -587,17 +701,10 @@ impl Compute {
                 }),
                 ..Default::default()
             };
-            let _ = self.rpc.call(&self.conductor, context, &update).await;
+            let _ = self.record(context, &update).await;
             return;
         }
-        if let Err(e) = disk::remove_instance_dir(&self.config.instances_path, &instance_name(uuid))
-        {
-            warn!(log, "instance files not removed"; "instance" => uuid, "error" => %e);
-        }
-        self.tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release(uuid);
+        self.remove_leftovers(uuid).await;
         match self
             .rpc
             .call(
@@ -612,8 +719,17 @@ impl Compute {
             Ok(()) => info!(log, "instance deleted"; "instance" => uuid),
             Err(e) => warn!(log, "instance row not deleted"; "instance" => uuid, "error" => %e),
         }
-        if let Err(e) = self.update_available_resource(context).await {
-            warn!(log, "resource report not recorded"; "error" => %e);
+        self.forget_instance_lock(uuid);
+        self.report_resources(context).await;
+    }
+}
+
+/// A remote NotFound means the row was deleted while this compute worked on it.
+fn vanished_or_rpc(err: proto::ProtoError) -> ComputeError {
+    match err {
+        proto::ProtoError::Remote(remote) if remote.kind == "NotFound" => {
+            ComputeError::Vanished(remote.message)
         }
+        other => ComputeError::Rpc(other),
     }
 }

@@ -5,21 +5,42 @@ use std::collections::HashMap;
 
 use proto::{InstanceResources, Limits};
 
-/// What one instance holds: vCPUs, MB of RAM and GB of disk (swap rounded up to whole GB).
+/// What one instance holds: vCPUs, MB of RAM and MB of disk. Disk is counted in MB, as the
+/// scheduler's `requested_disk` is (`1024 * (root_gb + ephemeral_gb) + swap_mb`), so the two
+/// never disagree about whether an instance fits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub vcpus: i64,
     pub memory_mb: i64,
-    pub disk_gb: i64,
+    pub disk_mb: i64,
 }
 
 impl Usage {
     pub fn of(resources: &InstanceResources) -> Self {
+        let disk_gb = resources
+            .root_gb
+            .max(0)
+            .saturating_add(resources.ephemeral_gb.max(0));
         Usage {
-            vcpus: resources.vcpus,
-            memory_mb: resources.memory_mb,
-            disk_gb: resources.root_gb + resources.ephemeral_gb + (resources.swap_mb + 1023) / 1024,
+            vcpus: resources.vcpus.max(0),
+            memory_mb: resources.memory_mb.max(0),
+            disk_mb: disk_gb
+                .saturating_mul(1024)
+                .saturating_add(resources.swap_mb.max(0)),
         }
+    }
+
+    fn plus(self, other: Usage) -> Usage {
+        Usage {
+            vcpus: self.vcpus.saturating_add(other.vcpus),
+            memory_mb: self.memory_mb.saturating_add(other.memory_mb),
+            disk_mb: self.disk_mb.saturating_add(other.disk_mb),
+        }
+    }
+
+    /// Disk in whole GB, rounded up, as `compute_nodes.local_gb_used` records it.
+    pub fn disk_gb(&self) -> i64 {
+        self.disk_mb.saturating_add(1023) / 1024
     }
 }
 
@@ -49,11 +70,7 @@ impl ResourceTracker {
     pub fn used(&self) -> Usage {
         self.instances
             .values()
-            .fold(Usage::default(), |sum, u| Usage {
-                vcpus: sum.vcpus + u.vcpus,
-                memory_mb: sum.memory_mb + u.memory_mb,
-                disk_gb: sum.disk_gb + u.disk_gb,
-            })
+            .fold(Usage::default(), |sum, u| sum.plus(*u))
     }
 
     pub fn instance_count(&self) -> usize {
@@ -75,10 +92,15 @@ impl ResourceTracker {
         let checks = [
             ("vCPUs", used.vcpus, usage.vcpus, limits.vcpu),
             ("MB RAM", used.memory_mb, usage.memory_mb, limits.memory_mb),
-            ("GB disk", used.disk_gb, usage.disk_gb, limits.disk_gb),
+            (
+                "MB disk",
+                used.disk_mb,
+                usage.disk_mb,
+                limits.disk_gb * 1024.0,
+            ),
         ];
         for (what, used, requested, limit) in checks {
-            if requested > 0 && (used + requested) as f64 > limit {
+            if requested > 0 && used.saturating_add(requested) as f64 > limit {
                 return Err(ClaimError {
                     host: host.to_string(),
                     reason: format!("{requested} {what} requested, {used} of {limit} in use"),
@@ -112,6 +134,7 @@ mod tests {
             root_gb,
             ephemeral_gb: 0,
             swap_mb,
+            vm_state: "active".into(),
         }
     }
 
@@ -122,10 +145,24 @@ mod tests {
     };
 
     #[test]
-    fn swap_rounds_up_to_whole_gigabytes() {
-        assert_eq!(Usage::of(&resources("a", 1, 512, 1, 1)).disk_gb, 2);
-        assert_eq!(Usage::of(&resources("a", 1, 512, 1, 1024)).disk_gb, 2);
-        assert_eq!(Usage::of(&resources("a", 1, 512, 1, 1025)).disk_gb, 3);
+    fn disk_is_counted_in_mb_like_the_scheduler_and_reported_in_whole_gb() {
+        assert_eq!(Usage::of(&resources("a", 1, 512, 1, 1)).disk_mb, 1025);
+        assert_eq!(Usage::of(&resources("a", 1, 512, 1, 1)).disk_gb(), 2);
+        assert_eq!(Usage::of(&resources("a", 1, 512, 1, 1024)).disk_gb(), 2);
+        assert_eq!(Usage::of(&resources("a", 1, 512, 1, 1025)).disk_gb(), 3);
+    }
+
+    #[test]
+    fn absurd_values_saturate_instead_of_overflowing() {
+        let huge = resources("h", i64::MAX, i64::MAX, i64::MAX, i64::MAX);
+        let usage = Usage::of(&huge);
+        assert_eq!(usage.disk_mb, i64::MAX);
+        let mut tracker =
+            ResourceTracker::from_instances(&[huge.clone(), resources("g", i64::MAX, 1, 1, 0)]);
+        assert_eq!(tracker.used().vcpus, i64::MAX);
+        assert!(tracker.claim("h", "x", usage, &LIMITS).is_err());
+        let negative = Usage::of(&resources("n", -5, -5, -5, -5));
+        assert_eq!(negative, Usage::default());
     }
 
     #[test]
@@ -142,7 +179,7 @@ mod tests {
             Usage {
                 vcpus: 4,
                 memory_mb: 4096,
-                disk_gb: 40
+                disk_mb: 40 * 1024
             }
         );
         let err = tracker
@@ -152,7 +189,7 @@ mod tests {
                 Usage {
                     vcpus: 1,
                     memory_mb: 0,
-                    disk_gb: 0,
+                    disk_mb: 0,
                 },
                 &LIMITS,
             )
@@ -167,7 +204,7 @@ mod tests {
                 Usage {
                     vcpus: 1,
                     memory_mb: 1024,
-                    disk_gb: 10,
+                    disk_mb: 10 * 1024,
                 },
                 &LIMITS,
             )
@@ -184,7 +221,7 @@ mod tests {
                 Usage {
                     vcpus: 2,
                     memory_mb: 2048,
-                    disk_gb: 20,
+                    disk_mb: 20 * 1024,
                 },
                 &LIMITS,
             )
@@ -202,25 +239,25 @@ mod tests {
         assert!(tracker_with(Usage {
             vcpus: 5,
             memory_mb: 1,
-            disk_gb: 1
+            disk_mb: 1024
         })
         .is_err());
         assert!(tracker_with(Usage {
             vcpus: 1,
             memory_mb: 4097,
-            disk_gb: 1
+            disk_mb: 1024
         })
         .is_err());
         assert!(tracker_with(Usage {
             vcpus: 1,
             memory_mb: 1,
-            disk_gb: 41
+            disk_mb: 41 * 1024
         })
         .is_err());
         assert!(tracker_with(Usage {
             vcpus: 4,
             memory_mb: 4096,
-            disk_gb: 40
+            disk_mb: 40 * 1024
         })
         .is_ok());
     }

@@ -166,6 +166,7 @@ impl Conductor {
                             root_gb: i.root_gb,
                             ephemeral_gb: i.ephemeral_gb,
                             swap_mb: i.swap_mb,
+                            vm_state: i.vm_state,
                         })
                         .collect())
                 })

@@ -66,6 +66,8 @@ pub struct Fabric {
     pub build_queue_period: Duration,
     /// (name, handle): `scheduler`, `conductor`, the compute host names, `api`.
     services: Vec<(String, ServiceHandle)>,
+    rpc: proto::service::RpcConfig,
+    log: slog::Logger,
     // Held for its Drop: the state directory lives as long as the fabric.
     _state: tempfile::TempDir,
 }
@@ -81,6 +83,35 @@ fn rpc_config(conductor: &str, scheduler: &str) -> proto::service::RpcConfig {
 
 fn start_error(service: &'static str) -> impl Fn(String) -> FabricError {
     move |reason| FabricError::Start { service, reason }
+}
+
+async fn start_compute(
+    host: &HostSpec,
+    rpc: &proto::service::RpcConfig,
+    state: &std::path::Path,
+    log: &slog::Logger,
+) -> Result<ServiceHandle, FabricError> {
+    compute::start(
+        compute::Config {
+            rpc: rpc.clone(),
+            compute: compute::ComputeConfig {
+                host: host.name.clone(),
+                bind: "tcp://127.0.0.1:*".into(),
+                libvirt_uri: "test:///default".into(),
+                instances_path: state.join("instances").join(&host.name),
+                vcpus: Some(host.vcpus),
+                memory_mb: Some(host.memory_mb),
+                local_gb: Some(host.local_gb),
+                cpu_allocation_ratio: host.cpu_allocation_ratio,
+                report_interval: 1.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        log.new(slog::o!("service" => "zova-compute", "host" => host.name.clone())),
+    )
+    .await
+    .map_err(|e| start_error("compute")(e.to_string()))
 }
 
 impl Fabric {
@@ -127,34 +158,16 @@ impl Fabric {
         let rpc = rpc_config(&conductor_endpoint, &scheduler_endpoint);
 
         for host in hosts {
-            let compute = compute::start(
-                compute::Config {
-                    rpc: rpc.clone(),
-                    compute: compute::ComputeConfig {
-                        host: host.name.clone(),
-                        bind: any.into(),
-                        libvirt_uri: "test:///default".into(),
-                        instances_path: state.path().join("instances").join(&host.name),
-                        vcpus: Some(host.vcpus),
-                        memory_mb: Some(host.memory_mb),
-                        local_gb: Some(host.local_gb),
-                        cpu_allocation_ratio: host.cpu_allocation_ratio,
-                        report_interval: 1.0,
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                },
-                log.new(slog::o!("service" => "zova-compute", "host" => host.name.clone())),
-            )
-            .await
-            .map_err(|e| start_error("compute")(e.to_string()))?;
-            services.push((host.name.clone(), compute));
+            services.push((
+                host.name.clone(),
+                start_compute(host, &rpc, state.path(), &log).await?,
+            ));
         }
 
         let api = api::start(
             api::Config {
                 database: database.clone(),
-                rpc,
+                rpc: rpc.clone(),
                 api: api::ApiConfig {
                     listen: "127.0.0.1:0".into(),
                     ..Default::default()
@@ -174,6 +187,8 @@ impl Fabric {
             db,
             build_queue_period,
             services,
+            rpc,
+            log,
             _state: state,
         };
         let expected = hosts.len();
@@ -267,6 +282,13 @@ impl Fabric {
         while let Some((_, service)) = self.services.pop() {
             service.stop().await;
         }
+    }
+
+    /// Starts (or restarts, after `kill`) a compute host.
+    pub async fn start_compute(&mut self, host: &HostSpec) -> Result<(), FabricError> {
+        let handle = start_compute(host, &self.rpc, self._state.path(), &self.log).await?;
+        self.services.push((host.name.clone(), handle));
+        Ok(())
     }
 
     /// Stops one service (a compute host by its name), as if its process had died.

@@ -401,3 +401,148 @@ async fn a_dead_compute_is_skipped_and_the_instance_lands_on_the_next_host() {
     );
     fabric.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_interrupted_by_a_compute_restart_ends_in_error() {
+    let mut fabric = fabric().await;
+    let id = fabric
+        .create_server(&with_hints(
+            "before",
+            "1",
+            json!({"scheduler_host": "node-3"}),
+        ))
+        .await
+        .expect("accepted");
+    assert_eq!(
+        fabric
+            .wait_until_built(&id, BUILD_LIMIT)
+            .await
+            .expect("built")["status"],
+        "ACTIVE"
+    );
+    assert!(fabric.kill("node-3").await);
+
+    // A row that node-3's previous process was still building when it stopped.
+    let stuck = uuid::Uuid::new_v4().to_string();
+    let row = db::NewInstance {
+        uuid: stuck.clone(),
+        display_name: "stuck".into(),
+        project_id: "default".into(),
+        user_id: "admin".into(),
+        flavorid: "1".into(),
+        image_ref: IMAGE.into(),
+        vcpus: 1,
+        memory_mb: 512,
+        root_gb: 1,
+        ephemeral_gb: 0,
+        swap_mb: 0,
+        vm_state: "building".into(),
+        task_state: Some("spawning".into()),
+        power_state: 0,
+        scheduler_hints: "{}".into(),
+        metadata: "{}".into(),
+        reservation_id: "r-test".into(),
+        launch_index: 0,
+    };
+    fabric.db.instance_create(&row, "req-test").expect("row");
+    let on_node_3 = db::InstanceChanges {
+        host: Some(Some("node-3".into())),
+        ..Default::default()
+    };
+    fabric.db.instance_update(&stuck, &on_node_3).expect("host");
+
+    fabric
+        .start_compute(&three_hosts()[2])
+        .await
+        .expect("node-3 restarts");
+    let server = fabric
+        .wait_until_built(&stuck, BUILD_LIMIT)
+        .await
+        .expect("decided");
+    assert_eq!(server["status"], "ERROR", "{server}");
+    assert!(
+        server["fault"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"),
+        "{server}"
+    );
+
+    // The active instance is still counted, the interrupted one is not.
+    fabric
+        .wait_for("node-3 to report one instance", BUILD_LIMIT, || {
+            Ok(fabric
+                .db
+                .compute_nodes()?
+                .iter()
+                .any(|n| n.host == "node-3" && n.running_vms == 1 && n.memory_mb_used == 512))
+        })
+        .await
+        .expect("counted once");
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_creates_max_count_servers_and_can_answer_with_the_reservation() {
+    let fabric = fabric().await;
+    let body = json!({"server": {"name": "batch", "flavorRef": "1", "imageRef": IMAGE, "min_count": 2, "max_count": 3}});
+    fabric.create_server(&body).await.expect("accepted");
+    let listed = fabric
+        .http(Method::GET, "/v2.1/servers", None)
+        .await
+        .expect("list");
+    let mut names: Vec<String> = listed.body["servers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["batch-1", "batch-2", "batch-3"]);
+
+    let body = json!({"server": {"name": "r", "flavorRef": "1", "imageRef": IMAGE, "return_reservation_id": true}});
+    let response = fabric
+        .http(Method::POST, "/v2.1/servers", Some(&body))
+        .await
+        .expect("answered");
+    assert_eq!(response.status, StatusCode::ACCEPTED);
+    assert!(
+        response.body["reservation_id"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("r-"),
+        "{}",
+        response.body
+    );
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_microversion_2_1_is_served() {
+    let fabric = fabric().await;
+    let stream = tokio::net::TcpStream::connect(&fabric.api_address)
+        .await
+        .expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(connection);
+    let request = hyper::Request::get("/v2.1/flavors")
+        .header("host", &fabric.api_address)
+        .header("OpenStack-API-Version", "compute 2.79")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("answered");
+    assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
+    assert_eq!(response.headers()["openstack-api-version"], "compute 2.1");
+    assert_eq!(response.headers()["x-openstack-nova-api-version"], "2.1");
+
+    let plain = fabric
+        .http(Method::GET, "/v2.1/flavors", None)
+        .await
+        .expect("answered");
+    assert_eq!(plain.status, StatusCode::OK);
+    assert_eq!(plain.headers["openstack-api-version"], "compute 2.1");
+    fabric.stop().await;
+}
