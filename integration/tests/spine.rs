@@ -37,6 +37,15 @@ fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {
     body
 }
 
+/// Creates a server and waits until it has left BUILD; returns its final JSON.
+async fn boot(fabric: &Fabric, body: &Value) -> Value {
+    let id = fabric.create_server(body).await.expect("accepted");
+    fabric
+        .wait_until_built(&id, BUILD_LIMIT)
+        .await
+        .expect("left BUILD")
+}
+
 async fn fabric() -> Fabric {
     Fabric::start(&three_hosts(), log())
         .await
@@ -135,20 +144,12 @@ async fn scheduler_host_lands_on_that_host() {
             "1",
             json!({"scheduler_host": "node-2"}),
         );
-        let id = fabric.create_server(&body).await.expect("accepted");
-        let server = fabric
-            .wait_until_built(&id, BUILD_LIMIT)
-            .await
-            .expect("built");
+        let server = boot(&fabric, &body).await;
         assert_eq!(server["status"], "ACTIVE", "{server}");
         assert_eq!(server["OS-EXT-SRV-ATTR:host"], "node-2");
     }
     let body = with_hints("nowhere", "1", json!({"scheduler_host": "node-9"}));
-    let id = fabric.create_server(&body).await.expect("accepted");
-    let server = fabric
-        .wait_until_built(&id, BUILD_LIMIT)
-        .await
-        .expect("decided");
+    let server = boot(&fabric, &body).await;
     assert_eq!(server["status"], "ERROR");
     assert!(
         server["fault"]["message"]
@@ -361,11 +362,7 @@ async fn a_dead_compute_is_skipped_and_the_instance_lands_on_the_next_host() {
             "1",
             json!({"scheduler_host_match": "^node-[12]$"}),
         );
-        let id = fabric.create_server(&body).await.expect("accepted");
-        let server = fabric
-            .wait_until_built(&id, BUILD_LIMIT)
-            .await
-            .expect("built");
+        let server = boot(&fabric, &body).await;
         assert_eq!(server["status"], "ACTIVE", "{server}");
         *hosts
             .entry(
