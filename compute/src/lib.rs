@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
-use proto::service::{for_request, stopped, LogConfig, RpcConfig, ServiceHandle};
+use proto::service::{finish_in_flight, for_request, stopped, LogConfig, RpcConfig, ServiceHandle};
 use proto::{
     power_state, task_state, vm_state, ComputeNodeUpdate, ComputeRunInstance, ExtraResources,
     Fault, Incoming, InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate,
@@ -253,6 +253,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
     let handle_endpoint = endpoint.clone();
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
         // Register before taking work: the scheduler only knows hosts that have a service row.
         let registered = tokio::select! {
             _ = stopped(&mut stop_rx) => false,
@@ -266,19 +267,31 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
             loop {
                 tokio::select! {
                     _ = stopped(&mut stop_rx) => break,
+                                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     _ = report.tick() => {
                         let compute = compute.clone();
-                        tokio::spawn(async move { compute.periodic_report().await });
+                        tasks.spawn(async move { compute.periodic_report().await });
                     }
                     request = incoming.recv() => match request {
                         Some(request) => {
                             let compute = compute.clone();
-                            tokio::spawn(async move { compute.dispatch(request).await });
+                            tasks.spawn(async move { compute.dispatch(request).await });
                         }
                         None => break,
                     },
                 }
             }
+        }
+        // Finish what was acknowledged before going; a build cut short here is turned into ERROR
+        // by `init_host` when the compute comes back.
+        compute.rpc.stop_serving();
+        while let Some(request) = incoming.recv().await {
+            let compute = compute.clone();
+            tasks.spawn(async move { compute.dispatch(request).await });
+        }
+        let abandoned = finish_in_flight(&mut tasks).await;
+        if abandoned > 0 {
+            warn!(compute.log, "stopped with requests still running"; "abandoned" => abandoned);
         }
         compute.rpc.shutdown();
     });

@@ -10,7 +10,9 @@ use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
 use db::{ComputeNodeValues, Db, DbError, InstanceChanges, NewFault};
-use proto::service::{for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
+use proto::service::{
+    finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle,
+};
 use proto::{
     BuildInstances, ComputeNodeUpdate, FlavorSpec, ImageSpec, Incoming, InstanceDestroy,
     InstanceResources, InstanceUpdate, InstancesOnHost, Method, Ping, RemoteError, RequestContext,
@@ -97,17 +99,27 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = stopped(&mut stop_rx) => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 request = incoming.recv() => match request {
                     Some(request) => {
-                        let conductor = conductor.clone();
-                        tokio::spawn(async move { conductor.dispatch(request).await });
+                        tasks.spawn(conductor.clone().dispatch(request));
                     }
                     None => break,
                 },
             }
+        }
+        // Finish what was acknowledged before going: a cast that was acked must not vanish.
+        conductor.rpc.stop_serving();
+        while let Some(request) = incoming.recv().await {
+            tasks.spawn(conductor.clone().dispatch(request));
+        }
+        let abandoned = finish_in_flight(&mut tasks).await;
+        if abandoned > 0 {
+            warn!(conductor.log, "stopped with requests still running"; "abandoned" => abandoned);
         }
         conductor.rpc.shutdown();
     });

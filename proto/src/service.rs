@@ -174,6 +174,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long a stopping service waits for the requests it already took.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Waits (up to `DRAIN_LIMIT`) for a stopping service's requests in flight; returns how many were
+/// abandoned.
+pub async fn finish_in_flight(tasks: &mut tokio::task::JoinSet<()>) -> usize {
+    let all_done = async { while tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(DRAIN_LIMIT, all_done).await;
+    let abandoned = tasks.len();
+    tasks.abort_all();
+    abandoned
+}
+
 /// Resolves once `stop` has been set (or its sender dropped).
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     while !*stop.borrow() {

@@ -312,6 +312,13 @@ impl Rpc {
         }
     }
 
+    /// Stops taking requests: the receiver returned by `start` ends once it has delivered what was
+    /// already acknowledged, and later requests go unacknowledged (to their senders this service
+    /// is down). Replies to calls still go out until `shutdown`.
+    pub fn stop_serving(&self) {
+        self.command(&[b"close"]);
+    }
+
     /// Stops the I/O thread and closes every socket; pending requests fail with `Closed`.
     /// Idempotent.
     pub fn shutdown(&self) {
@@ -403,6 +410,11 @@ impl IoThread {
         while let Ok(frames) = self.command_pull.recv_multipart(zmq::DONTWAIT) {
             match frames.first().map(Vec::as_slice) {
                 Some(b"stop") => return false,
+                Some(b"close") => {
+                    // Frames that arrive from now on are neither acknowledged nor taken, so their
+                    // senders see a service that is gone; answers to taken calls still go out.
+                    self.incoming = None;
+                }
                 Some(b"send") if frames.len() == 4 => {
                     self.send_to_peer(&frames[1], &frames[2], &frames[3]);
                 }

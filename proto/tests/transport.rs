@@ -139,3 +139,41 @@ fn the_linked_libzmq_supports_curve() {
     // itself has no CURVE, which the messaging issue needs for encryption and authentication.
     assert_eq!(zmq::has("curve"), Some(true));
 }
+
+#[tokio::test]
+async fn stop_serving_delivers_what_was_acknowledged_and_takes_nothing_more() {
+    let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), fast()).expect("bind");
+    let mut rx = rx.expect("server receiver");
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+    let ctx = RequestContext::internal("p");
+    let beat = |host: &str| ServiceHeartbeat {
+        host: host.into(),
+        binary: "zova-compute".into(),
+    };
+
+    // Acknowledged, but not yet taken off the queue by the service loop.
+    client
+        .cast(&endpoint, &ctx, &beat("before"))
+        .await
+        .expect("acked");
+    server.stop_serving();
+    let late = client.cast(&endpoint, &ctx, &beat("after")).await;
+    assert!(
+        matches!(late, Err(ProtoError::Timeout { .. })),
+        "not taken once stopping: {late:?}"
+    );
+
+    let first = rx
+        .recv()
+        .await
+        .expect("the acknowledged cast is still delivered");
+    assert_eq!(
+        first.args::<ServiceHeartbeat>().expect("args").host,
+        "before"
+    );
+    assert!(
+        rx.recv().await.is_none(),
+        "the queue ends after what was acknowledged"
+    );
+}

@@ -161,9 +161,19 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
                     // Placements are handled one at a time, in arrival order: each one must see the
                     // charges of the one before it.
                     Some(request) => scheduler.dispatch(request).await,
-                    None => break,
+                                        None => break,
                 },
             }
+        }
+        // Place what was acknowledged before going: a cast that was acked must not vanish.
+        scheduler.rpc.stop_serving();
+        let drained = tokio::time::timeout(proto::service::DRAIN_LIMIT, async {
+            while let Some(request) = incoming.recv().await {
+                scheduler.dispatch(request).await;
+            }
+        });
+        if drained.await.is_err() {
+            warn!(scheduler.log, "stopped with requests still queued");
         }
         scheduler.rpc.shutdown();
     });
