@@ -37,8 +37,11 @@ pub const BINARY: &str = "zova-compute";
 pub struct ComputeConfig {
     /// This host's name: the service row, the compute-node row and `compute.<host>`.
     pub host: String,
-    /// RPC endpoint to bind; other services find it in the `services` table.
+    /// RPC endpoint to bind.
     pub bind: String,
+    /// The endpoint other services connect to, recorded in the `services` table; default: the
+    /// bound endpoint. Required when `bind` listens on every address (`tcp://0.0.0.0:…`, `*`).
+    pub advertise: Option<String>,
     /// `test:///default` (libvirt's in-process test hypervisor) or `qemu:///system`.
     pub libvirt_uri: String,
     /// Where instance disks live (one directory per instance).
@@ -64,6 +67,7 @@ impl Default for ComputeConfig {
         ComputeConfig {
             host: "node-1".into(),
             bind: "tcp://127.0.0.1:5570".into(),
+            advertise: None,
             libvirt_uri: "test:///default".into(),
             instances_path: PathBuf::from("zova-state/instances"),
             vcpus: None,
@@ -102,6 +106,9 @@ pub struct Args {
     /// RPC endpoint to bind (default: [compute] bind).
     #[arg(long)]
     pub bind: Option<String>,
+    /// Endpoint other services use to reach this one (default: [compute] advertise, or the bound endpoint).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// libvirt URI (default: [compute] libvirt_uri).
     #[arg(long)]
     pub libvirt_uri: Option<String>,
@@ -126,6 +133,7 @@ impl Args {
         let c = &mut config.compute;
         c.host = self.host.unwrap_or(c.host.clone());
         c.bind = self.bind.unwrap_or(c.bind.clone());
+        c.advertise = self.advertise.or(c.advertise.clone());
         c.libvirt_uri = self.libvirt_uri.unwrap_or(c.libvirt_uri.clone());
         c.instances_path = self.instances_path.unwrap_or(c.instances_path.clone());
         c.vcpus = self.vcpus.or(c.vcpus);
@@ -236,7 +244,9 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         config.rpc.options(),
     )?;
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
-    let endpoint = rpc.endpoint().unwrap_or_default().to_string();
+    let bound = rpc.endpoint().unwrap_or_default().to_string();
+    let endpoint = advertised_endpoint(&bound, config.compute.advertise.as_deref())
+        .map_err(ComputeError::Config)?;
     let log = log.new(slog::o!("host" => config.compute.host.clone()));
     let compute = Arc::new(Compute {
         log: log.clone(),
@@ -296,6 +306,23 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         compute.rpc.shutdown();
     });
     Ok(ServiceHandle::new(handle_endpoint, stop_tx, task))
+}
+
+/// The endpoint to register: `advertise` if set, else the bound one, which must then name one
+/// address (a wildcard would send other hosts to themselves).
+pub fn advertised_endpoint(bound: &str, advertise: Option<&str>) -> Result<String, String> {
+    if let Some(advertise) = advertise {
+        return Ok(advertise.to_string());
+    }
+    let wildcard = ["://0.0.0.0:", "://*:", "://[::]:", "://::"]
+        .iter()
+        .any(|w| bound.contains(w));
+    if wildcard {
+        return Err(format!(
+            "the RPC endpoint {bound} listens on every address; set [compute] advertise to the one other hosts should use"
+        ));
+    }
+    Ok(bound.to_string())
 }
 
 /// Size of the file system holding `path`, in GB (0 if it cannot be read).
@@ -744,5 +771,24 @@ fn vanished_or_rpc(err: proto::ProtoError) -> ComputeError {
             ComputeError::Vanished(remote.message)
         }
         other => ComputeError::Rpc(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_endpoint;
+
+    #[test]
+    fn a_wildcard_bind_needs_an_advertised_endpoint() {
+        assert_eq!(
+            advertised_endpoint("tcp://127.0.0.1:5571", None).as_deref(),
+            Ok("tcp://127.0.0.1:5571")
+        );
+        assert!(advertised_endpoint("tcp://0.0.0.0:5571", None).is_err());
+        assert!(advertised_endpoint("tcp://[::]:5571", None).is_err());
+        assert_eq!(
+            advertised_endpoint("tcp://0.0.0.0:5571", Some("tcp://10.0.0.7:5571")).as_deref(),
+            Ok("tcp://10.0.0.7:5571")
+        );
     }
 }
