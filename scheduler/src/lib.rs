@@ -3,6 +3,7 @@
 //! memory and casts the work to `compute.<host>`. When no host fits, the instance goes to ERROR
 //! with the "No valid host was found" fault.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -116,6 +117,9 @@ struct Scheduler {
     rpc: Rpc,
     config: SchedulerConfig,
     queue: Mutex<HostQueue>,
+    /// Hosts whose compute did not take a cast, and when: they count as down until they send a
+    /// heartbeat after that, so later requests do not each wait for the same timeout.
+    unreachable: Mutex<HashMap<String, chrono::NaiveDateTime>>,
 }
 
 /// Opens the database, builds the host queue, binds `[rpc] scheduler` and serves until stopped.
@@ -139,6 +143,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
         db,
         rpc,
         queue: Mutex::new(HostQueue::new(&config.scheduler.default_queue)),
+        unreachable: Mutex::new(HashMap::new()),
         config: config.scheduler,
     });
     scheduler.build_queue().await?;
@@ -215,16 +220,26 @@ impl Scheduler {
     async fn build_queue(&self) -> Result<(), SchedulerError> {
         let db = self.db.clone();
         let down_time = self.config.service_down_time;
-        let rows = tokio::task::spawn_blocking(move || -> Result<Vec<ComputeNodeRow>, DbError> {
-            let now = chrono::Utc::now().naive_utc();
-            Ok(db
-                .compute_nodes_with_services()?
-                .iter()
-                .map(|(node, service)| compute_node_row(node, service, now, down_time))
-                .collect())
-        })
-        .await
-        .map_err(|e| SchedulerError::Task(e.to_string()))??;
+        let nodes = tokio::task::spawn_blocking(move || db.compute_nodes_with_services())
+            .await
+            .map_err(|e| SchedulerError::Task(e.to_string()))??;
+        let now = chrono::Utc::now().naive_utc();
+        let mut rows = Vec::with_capacity(nodes.len());
+        {
+            let mut unreachable = self.unreachable.lock().unwrap_or_else(|p| p.into_inner());
+            for (node, service) in &nodes {
+                let mut row = compute_node_row(node, service, now, down_time);
+                let last_seen = service.updated_at.unwrap_or(service.created_at);
+                match unreachable.get(&row.hypervisor_hostname) {
+                    Some(failed_at) if last_seen <= *failed_at => row.up = false,
+                    Some(_) => {
+                        unreachable.remove(&row.hypervisor_hostname);
+                    }
+                    None => {}
+                }
+                rows.push(row);
+            }
+        }
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue.build_queue(&rows);
         debug!(self.log, "host queue rebuilt"; "hosts" => rows.len(), "unavailable" => queue.unavailable().len());
@@ -305,6 +320,10 @@ impl Scheduler {
                     placement_request
                         .avoid_hosts
                         .push(placement.hostname.clone());
+                    self.unreachable
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(placement.hostname.clone(), chrono::Utc::now().naive_utc());
                     if spec.retry.num_attempts >= self.config.max_attempts {
                         let reason = format!(
                             "Exceeded maximum number of attempts ({}); hosts tried: {}",
@@ -325,6 +344,13 @@ impl Scheduler {
             None => None,
         };
         let mut avoid_hosts = spec.retry.hosts.clone();
+        avoid_hosts.extend(
+            self.unreachable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned(),
+        );
         if !hints.different_host.is_empty() {
             let db = self.db.clone();
             let uuids = hints.different_host.clone();
