@@ -21,8 +21,8 @@ use proto::service::{finish_in_flight, for_request, stopped, LogConfig, RpcConfi
 use proto::{
     power_state, task_state, vm_state, ComputeNodeUpdate, ComputeRunInstance, ExtraResources,
     Fault, Incoming, InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate,
-    InstancesOnHost, Method, Ping, RemoteError, RequestContext, Rpc, ServiceHeartbeat,
-    ServiceRegister, TerminateInstance,
+    InstancesOnHost, Method, Ping, RequestContext, Rpc, ServiceHeartbeat, ServiceRegister,
+    TerminateInstance,
 };
 
 use domain_xml::{domain_xml, instance_name, DomainSpec};
@@ -200,6 +200,9 @@ struct Compute {
     capacity: Capacity,
     boot_timeout: Duration,
     tracker: Mutex<ResourceTracker>,
+    /// One resource report at a time, each snapshotting the ledger only once the one before has
+    /// landed, so an older snapshot can never overwrite a newer one in the database.
+    report_lock: tokio::sync::Mutex<()>,
     instance_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -257,6 +260,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         capacity,
         boot_timeout,
         tracker: Mutex::new(ResourceTracker::default()),
+        report_lock: tokio::sync::Mutex::new(()),
         instance_locks: Mutex::new(HashMap::new()),
     });
 
@@ -507,6 +511,7 @@ impl Compute {
         &self,
         context: &RequestContext,
     ) -> Result<(), proto::ProtoError> {
+        let _one_at_a_time = self.report_lock.lock().await;
         let (used, running) = {
             let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
             (tracker.used(), tracker.instance_count() as i64)
@@ -557,11 +562,7 @@ impl Compute {
             Ping::NAME => request.reply::<Ping>(Ok(self.config.host.clone())),
             other => {
                 warn!(log, "unknown method"; "method" => other);
-                let message = format!("the compute has no method {other}");
-                request.reply::<Ping>(Err(RemoteError {
-                    kind: "NoSuchMethod".into(),
-                    message,
-                }));
+                request.reply_no_such_method(BINARY);
             }
         }
     }

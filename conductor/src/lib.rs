@@ -221,11 +221,7 @@ impl Conductor {
             Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
             other => {
                 warn!(log, "unknown method"; "method" => other);
-                let method = other.to_string();
-                request.reply::<Ping>(Err(RemoteError {
-                    kind: "NoSuchMethod".into(),
-                    message: format!("the conductor has no method {method}"),
-                }));
+                request.reply_no_such_method(BINARY);
             }
         }
     }

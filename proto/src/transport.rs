@@ -103,6 +103,15 @@ impl Incoming {
         self.send_reply(body);
     }
 
+    /// Answers a request for a method `service` does not have (a newer peer, or a stray frame).
+    pub fn reply_no_such_method(mut self, service: &str) {
+        let message = format!("{service} has no method {}", self.envelope.method);
+        self.send_reply(ReplyBody::Err(RemoteError {
+            kind: "NoSuchMethod".into(),
+            message,
+        }));
+    }
+
     fn send_reply(&mut self, body: ReplyBody) {
         if self.replied || self.envelope.kind != Kind::Call {
             self.replied = true;

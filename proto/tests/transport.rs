@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use proto::{Ping, ProtoError, RemoteError, RequestContext, Rpc, RpcOptions, ServiceHeartbeat};
+use proto::{Ping, ProtoError, RequestContext, Rpc, RpcOptions, ServiceHeartbeat};
 
 fn log() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
@@ -32,10 +32,7 @@ fn serve(
                     let args: ServiceHeartbeat = request.args().expect("typed args");
                     let _ = seen_tx.send(args.host);
                 }
-                _ => request.reply::<Ping>(Err(RemoteError {
-                    kind: "NoSuchMethod".into(),
-                    message: "?".into(),
-                })),
+                _ => request.reply_no_such_method("test-service"),
             }
         }
     });
@@ -176,4 +173,36 @@ async fn stop_serving_delivers_what_was_acknowledged_and_takes_nothing_more() {
         rx.recv().await.is_none(),
         "the queue ends after what was acknowledged"
     );
+}
+
+/// A method no service has, as a newer peer might send.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct FromTheFuture {}
+
+impl proto::Method for FromTheFuture {
+    const NAME: &'static str = "from_the_future";
+    type Reply = ();
+}
+
+#[tokio::test]
+async fn an_unknown_method_is_answered_with_no_such_method() {
+    let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), fast()).expect("bind");
+    let _seen = serve(rx.expect("server receiver"));
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+    let err = client
+        .call(&endpoint, &RequestContext::internal("p"), &FromTheFuture {})
+        .await
+        .expect_err("unknown");
+    match err {
+        ProtoError::Remote(remote) => {
+            assert_eq!(remote.kind, "NoSuchMethod");
+            assert!(
+                remote.message.contains("from_the_future"),
+                "{}",
+                remote.message
+            );
+        }
+        other => panic!("expected a remote error, got {other}"),
+    }
 }

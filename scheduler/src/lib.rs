@@ -17,8 +17,8 @@ use hostqueue::{
 };
 use proto::service::{for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
 use proto::{
-    ComputeRunInstance, ExtraResources, Incoming, Limits, Method, Ping, RemoteError,
-    RequestContext, RequestSpec, Rpc, ScheduleRunInstance,
+    ComputeRunInstance, ExtraResources, Incoming, Limits, Method, Ping, RequestContext,
+    RequestSpec, Rpc, ScheduleRunInstance,
 };
 
 pub const BINARY: &str = "zova-scheduler";
@@ -262,11 +262,7 @@ impl Scheduler {
             Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
             other => {
                 warn!(log, "unknown method"; "method" => other);
-                let message = format!("the scheduler has no method {other}");
-                request.reply::<Ping>(Err(RemoteError {
-                    kind: "NoSuchMethod".into(),
-                    message,
-                }));
+                request.reply_no_such_method(BINARY);
             }
         }
     }
