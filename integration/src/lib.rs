@@ -76,7 +76,7 @@ fn rpc_config(conductor: &str, scheduler: &str) -> proto::service::RpcConfig {
     proto::service::RpcConfig {
         conductor: conductor.into(),
         scheduler: scheduler.into(),
-        cast_timeout_ms: 1000,
+        cast_timeout_ms: 2000,
         call_timeout_ms: 10_000,
     }
 }
