@@ -432,7 +432,7 @@ impl Api {
         let reservation_id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let metadata = serde_json::to_string(&request.metadata)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let hints =
+        let hints_json =
             serde_json::to_string(&request.hints).map_err(|e| ApiError::Internal(e.to_string()))?;
         let count = request.max_count;
         let rows: Vec<NewInstance> = (0..count)
@@ -456,7 +456,7 @@ impl Api {
                 vm_state: vm_state::BUILDING.into(),
                 task_state: Some(task_state::SCHEDULING.into()),
                 power_state: power_state::NOSTATE,
-                scheduler_hints: hints.clone(),
+                scheduler_hints: hints_json.clone(),
                 metadata: metadata.clone(),
                 reservation_id: reservation_id.clone(),
                 launch_index: index as i32,
