@@ -197,24 +197,12 @@ async fn delete_frees_the_resources_for_the_next_queue_rebuild() {
     let fabric = fabric().await;
     // m1.large (4 vCPU, 8192 MB, 80 GB) fills node-2's RAM and disk exactly.
     let on_node_2 = |name: &str| with_hints(name, "4", json!({"scheduler_host": "node-2"}));
-    let first = fabric
-        .create_server(&on_node_2("large-1"))
-        .await
-        .expect("accepted");
-    let server = fabric
-        .wait_until_built(&first, BUILD_LIMIT)
-        .await
-        .expect("built");
+    let server = boot(&fabric, &on_node_2("large-1")).await;
+    let first = server["id"].as_str().expect("an id").to_string();
     assert_eq!(server["status"], "ACTIVE", "{server}");
 
-    let second = fabric
-        .create_server(&on_node_2("large-2"))
-        .await
-        .expect("accepted");
-    let server = fabric
-        .wait_until_built(&second, BUILD_LIMIT)
-        .await
-        .expect("decided");
+    let server = boot(&fabric, &on_node_2("large-2")).await;
+    let second = server["id"].as_str().expect("an id").to_string();
     assert_eq!(server["status"], "ERROR", "node-2 is full: {server}");
 
     let deleted = fabric
@@ -243,14 +231,7 @@ async fn delete_frees_the_resources_for_the_next_queue_rebuild() {
         .expect("freed");
     fabric.wait_for_queue_rebuild().await;
 
-    let third = fabric
-        .create_server(&on_node_2("large-3"))
-        .await
-        .expect("accepted");
-    let server = fabric
-        .wait_until_built(&third, BUILD_LIMIT)
-        .await
-        .expect("built");
+    let server = boot(&fabric, &on_node_2("large-3")).await;
     assert_eq!(
         server["status"], "ACTIVE",
         "the freed room is used again: {server}"
