@@ -467,15 +467,15 @@ impl Compute {
         }
     }
 
-    /// Destroys the domain and the disk of `uuid` if they exist, and releases its claim.
-    async fn remove_leftovers(&self, uuid: &str) {
+    /// Destroys and undefines the domain of `uuid`; a domain that does not exist is not an error.
+    async fn destroy_domain(&self, uuid: &str) -> Result<(), ComputeError> {
         let name = instance_name(uuid);
         let driver = self.driver.clone();
-        match blocking(move || driver.destroy_and_undefine(&name)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(self.log, "domain not removed"; "instance" => uuid, "error" => %e),
-            Err(e) => warn!(self.log, "domain not removed"; "instance" => uuid, "error" => %e),
-        }
+        Ok(blocking(move || driver.destroy_and_undefine(&name)).await??)
+    }
+
+    /// Removes the disk of `uuid` and releases its claim (its domain is already gone).
+    fn release_files_and_claim(&self, uuid: &str) {
         if let Err(e) = disk::remove_instance_dir(&self.config.instances_path, &instance_name(uuid))
         {
             warn!(self.log, "instance files not removed"; "instance" => uuid, "error" => %e);
@@ -484,6 +484,14 @@ impl Compute {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .release(uuid);
+    }
+
+    /// Destroys the domain and the disk of `uuid` if they exist, and releases its claim.
+    async fn remove_leftovers(&self, uuid: &str) {
+        if let Err(e) = self.destroy_domain(uuid).await {
+            warn!(self.log, "domain not removed"; "instance" => uuid, "error" => %e);
+        }
+        self.release_files_and_claim(uuid);
     }
 
     async fn periodic_report(&self) {
@@ -724,13 +732,7 @@ impl Compute {
         let lock = self.instance_lock(uuid);
         // Wait for a build of the same instance to finish, then delete what it made.
         let _deleting = lock.lock().await;
-        let name = instance_name(uuid);
-        let driver = self.driver.clone();
-        let destroyed = match blocking(move || driver.destroy_and_undefine(&name)).await {
-            Ok(result) => result.map_err(ComputeError::from),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = destroyed {
+        if let Err(e) = self.destroy_domain(uuid).await {
             // The row stays (in its current state) so the operator can see and retry the delete.
             warn!(log, "domain could not be destroyed"; "instance" => uuid, "error" => %e);
             let update = InstanceUpdate {
@@ -745,7 +747,7 @@ impl Compute {
             let _ = self.record(context, &update).await;
             return;
         }
-        self.remove_leftovers(uuid).await;
+        self.release_files_and_claim(uuid);
         match self
             .rpc
             .call(
