@@ -185,6 +185,11 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
     Ok(ServiceHandle::new(endpoint, stop_tx, task))
 }
 
+/// When a service last reported: its last heartbeat, or its registration.
+fn last_seen(service: &db::Service) -> chrono::NaiveDateTime {
+    service.updated_at.unwrap_or(service.created_at)
+}
+
 /// The host-queue input for one compute node, from its row and its service's row.
 pub fn compute_node_row(
     node: &db::ComputeNode,
@@ -193,7 +198,7 @@ pub fn compute_node_row(
     service_down_time: i64,
 ) -> ComputeNodeRow {
     let extra: Option<ExtraResources> = serde_json::from_str(&node.extra_resources).ok();
-    let last_seen = service.updated_at.unwrap_or(service.created_at);
+    let last_seen = last_seen(service);
     ComputeNodeRow {
         hypervisor_hostname: node.hypervisor_hostname.clone(),
         host: node.host.clone(),
@@ -229,9 +234,8 @@ impl Scheduler {
             let mut unreachable = self.unreachable.lock().unwrap_or_else(|p| p.into_inner());
             for (node, service) in &nodes {
                 let mut row = compute_node_row(node, service, now, down_time);
-                let last_seen = service.updated_at.unwrap_or(service.created_at);
                 match unreachable.get(&row.hypervisor_hostname) {
-                    Some(failed_at) if last_seen <= *failed_at => row.up = false,
+                    Some(failed_at) if last_seen(service) <= *failed_at => row.up = false,
                     Some(_) => {
                         unreachable.remove(&row.hypervisor_hostname);
                     }
