@@ -224,10 +224,6 @@ impl Rpc {
         self.endpoint.as_deref()
     }
 
-    pub fn options(&self) -> RpcOptions {
-        self.options
-    }
-
     /// Sends a one-way request and returns once the peer has acknowledged it.
     pub async fn cast<M: Method>(
         &self,
