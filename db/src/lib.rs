@@ -117,9 +117,7 @@ impl Db {
         let mut conn =
             SqliteConnection::establish(path).map_err(|e| connection_error(e.to_string()))?;
         Pragmas::apply(&mut conn).map_err(|e| connection_error(e.to_string()))?;
-        conn.run_pending_migrations(MIGRATIONS)
-            .map_err(|e| DbError::Migration(e.to_string()))?;
-        seed(&mut conn)?;
+        migrate_and_seed(&mut conn)?;
         drop(conn);
 
         let pool = Pool::builder()
@@ -152,11 +150,23 @@ fn check_json_object(what: &str, text: &str) -> Result<()> {
     }
 }
 
+/// Brings the schema up to date and seeds a fresh database under one exclusive lock: every
+/// service opens the database at start-up, and the all-in-one starts them together, so without
+/// the lock two of them could both see the schema missing and the second would fail on
+/// `CREATE TABLE`. The others wait on busy_timeout, then find nothing pending.
+fn migrate_and_seed(conn: &mut SqliteConnection) -> Result<()> {
+    conn.exclusive_transaction(|conn| {
+        conn.run_pending_migrations(MIGRATIONS)
+            .map_err(|e| DbError::Migration(e.to_string()))?;
+        seed(conn)
+    })
+}
+
 /// Fills a fresh database with the default flavors and image. Each table is seeded only when it
 /// has never held a row, so reopening never duplicates and deleting a seed row is permanent.
 fn seed(conn: &mut SqliteConnection) -> Result<()> {
     use schema::{flavors, images};
-    conn.immediate_transaction(|conn| {
+    conn.transaction(|conn| {
         let created_at = now();
         let flavor_rows: i64 = flavors::table.count().get_result(conn)?;
         if flavor_rows == 0 {
@@ -214,6 +224,24 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn services_opening_a_fresh_database_together_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zova.sqlite");
+        let openers: Vec<_> = (0..6)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || Db::open(path.to_str().unwrap()).map(|_| ()))
+            })
+            .collect();
+        for opener in openers {
+            opener.join().unwrap().unwrap();
+        }
+        let db = Db::open(path.to_str().unwrap()).unwrap();
+        assert_eq!(db.flavors().unwrap().len(), 5);
+        assert_eq!(db.images().unwrap().len(), 1);
+    }
 
     #[test]
     fn opening_twice_seeds_once() {
