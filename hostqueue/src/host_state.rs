@@ -5,16 +5,25 @@ use serde::{Deserialize, Serialize};
 /// What the scheduler reads from `compute_nodes` joined with `services`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ComputeNodeRow {
+    /// `compute_nodes.id`: the row a placement's database claim updates.
+    pub node_id: i64,
     /// The host name used everywhere (`node-1`, ...).
     pub hypervisor_hostname: String,
     pub host: String,
     pub rpc_endpoint: String,
+    /// Totals and usage as the compute last reported them.
     pub vcpus: i64,
     pub vcpus_used: i64,
     pub memory_mb: i64,
     pub free_ram_mb: i64,
     pub local_gb: i64,
     pub free_disk_gb: i64,
+    /// What schedulers have placed on the node (the sum of its allocations, committed before
+    /// the compute hears of them): vCPUs, MB of RAM, MB of disk.
+    pub placed: Placed,
+    /// Kept back for the host itself; taken off the capacity after the ratio.
+    pub reserved_host_memory_mb: i64,
+    pub reserved_host_disk_mb: i64,
     /// From `extra_resources`; `None` or `""` puts the host in the default queue.
     pub queue_name: Option<String>,
     pub cpu_allocation_ratio: f64,
@@ -26,7 +35,17 @@ pub struct ComputeNodeRow {
     pub up: bool,
 }
 
-/// The ceilings the compute's claim must respect: capacity after the allocation ratios.
+/// Resources placed on a node: vCPUs, MB of RAM and MB of disk (disk in MB, as a request's
+/// `requested_disk` is, so that swap is counted exactly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Placed {
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_mb: i64,
+}
+
+/// The ceilings the compute's claim and the database claim must respect: capacity after the
+/// allocation ratios, less what is reserved for the host.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     pub vcpu: f64,
@@ -37,6 +56,7 @@ pub struct Limits {
 /// A host in a queue, with its capacity after the allocation ratios and what is still free.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostState {
+    pub node_id: i64,
     pub hostname: String,
     pub host: String,
     pub rpc_endpoint: String,
@@ -54,21 +74,31 @@ pub struct HostState {
 impl HostState {
     /// The seed's `build_queue` arithmetic for one row. A row without a queue name goes to
     /// `default_queue`.
+    ///
+    /// Used is the larger of what the compute reported and what schedulers placed: a
+    /// placement counts from the moment it is committed, before the compute reports it, and
+    /// an instance the compute runs counts even if no allocation records it.
     pub fn from_row(row: &ComputeNodeRow, default_queue: &str) -> Self {
         let cpu_ratio = allocation_ratio(row.cpu_allocation_ratio);
         let ram_ratio = allocation_ratio(row.ram_allocation_ratio);
         let disk_ratio = allocation_ratio(row.disk_allocation_ratio);
+        let reserved_memory_mb = row.reserved_host_memory_mb.max(0) as f64;
+        let reserved_disk_gb = row.reserved_host_disk_mb.max(0) as f64 / 1024.0;
 
         // Differences are taken in f64 so that no pair of i64 values can overflow.
         let vcpus = row.vcpus as f64 * cpu_ratio;
-        let vcpus_used = row.vcpus_used as f64;
+        let vcpus_used = (row.vcpus_used as f64).max(row.placed.vcpus as f64);
         let free_vcpus = vcpus - vcpus_used;
 
-        let memory_mb = row.memory_mb as f64 * ram_ratio;
-        let free_memory_mb = memory_mb - (row.memory_mb as f64 - row.free_ram_mb as f64);
+        let memory_mb = row.memory_mb as f64 * ram_ratio - reserved_memory_mb;
+        let memory_used =
+            (row.memory_mb as f64 - row.free_ram_mb as f64).max(row.placed.memory_mb as f64);
+        let free_memory_mb = memory_mb - memory_used;
 
-        let local_gb = row.local_gb as f64 * disk_ratio;
-        let free_local_gb = local_gb - (row.local_gb as f64 - row.free_disk_gb as f64);
+        let local_gb = row.local_gb as f64 * disk_ratio - reserved_disk_gb;
+        let disk_used_gb =
+            (row.local_gb as f64 - row.free_disk_gb as f64).max(row.placed.disk_mb as f64 / 1024.0);
+        let free_local_gb = local_gb - disk_used_gb;
 
         let queue_name = match row.queue_name.as_deref() {
             Some(name) if !name.is_empty() => name,
@@ -76,6 +106,7 @@ impl HostState {
         };
 
         HostState {
+            node_id: row.node_id,
             hostname: row.hypervisor_hostname.clone(),
             host: row.host.clone(),
             rpc_endpoint: row.rpc_endpoint.clone(),
@@ -93,6 +124,23 @@ impl HostState {
                 disk_gb: local_gb,
             },
         }
+    }
+
+    /// Takes into account what the database says is placed on the host (after a claim lost a
+    /// race to another scheduler): free resources only ever go down here, so a stale or
+    /// partial view can make the host look fuller, never emptier.
+    pub fn observe_placed(&mut self, placed: Placed) {
+        let free_vcpus = self.limits.vcpu - placed.vcpus as f64;
+        if free_vcpus < self.free_vcpus {
+            self.free_vcpus = free_vcpus;
+            self.vcpus_used = self.vcpus - free_vcpus;
+        }
+        self.free_memory_mb = self
+            .free_memory_mb
+            .min(self.limits.memory_mb - placed.memory_mb as f64);
+        self.free_local_gb = self
+            .free_local_gb
+            .min(self.limits.disk_gb - placed.disk_mb as f64 / 1024.0);
     }
 }
 
@@ -113,6 +161,7 @@ pub(crate) mod tests {
     /// An enabled, up host in the default queue with the given totals and nothing used.
     pub(crate) fn row(name: &str, vcpus: i64, memory_mb: i64, local_gb: i64) -> ComputeNodeRow {
         ComputeNodeRow {
+            node_id: 0,
             hypervisor_hostname: name.to_owned(),
             host: name.to_owned(),
             rpc_endpoint: format!("tcp://{name}:5570"),
@@ -122,6 +171,9 @@ pub(crate) mod tests {
             free_ram_mb: memory_mb,
             local_gb,
             free_disk_gb: local_gb,
+            placed: Placed::default(),
+            reserved_host_memory_mb: 0,
+            reserved_host_disk_mb: 0,
             queue_name: None,
             cpu_allocation_ratio: 1.0,
             ram_allocation_ratio: 1.0,
@@ -238,6 +290,45 @@ pub(crate) mod tests {
             );
             assert_eq!(h.vcpus_used, case.row.vcpus_used as f64, "{}", case.name);
         }
+    }
+
+    #[test]
+    fn placed_usage_and_reserved_resources() {
+        let r = ComputeNodeRow {
+            vcpus_used: 2,
+            free_ram_mb: 8192 - 1024,
+            free_disk_gb: 100 - 30,
+            placed: Placed {
+                vcpus: 3,
+                memory_mb: 512,
+                disk_mb: 40 * 1024 + 512,
+            },
+            reserved_host_memory_mb: 512,
+            reserved_host_disk_mb: 2048,
+            ram_allocation_ratio: 1.5,
+            ..row("node-1", 4, 8192, 100)
+        };
+        let h = HostState::from_row(&r, "kvm");
+        // Placed vCPUs (3) exceed the reported 2; reported RAM (1024) exceeds placed (512).
+        assert_eq!((h.vcpus, h.vcpus_used, h.free_vcpus), (4.0, 3.0, 1.0));
+        // 8192 * 1.5 - 512 reserved = 11776; minus 1024 used.
+        assert_eq!((h.memory_mb, h.free_memory_mb), (11776.0, 10752.0));
+        // 100 GB - 2 GB reserved = 98; placed 40.5 GB beats the reported 30.
+        assert_eq!((h.local_gb, h.free_local_gb), (98.0, 57.5));
+        assert_eq!(
+            h.limits,
+            Limits {
+                vcpu: 4.0,
+                memory_mb: 11776.0,
+                disk_gb: 98.0
+            }
+        );
+        // A negative reservation reserves nothing.
+        let r = ComputeNodeRow {
+            reserved_host_memory_mb: -4096,
+            ..row("node-1", 4, 8192, 100)
+        };
+        assert_eq!(HostState::from_row(&r, "kvm").memory_mb, 8192.0);
     }
 
     #[test]

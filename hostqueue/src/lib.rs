@@ -11,9 +11,11 @@ mod queue;
 mod request;
 mod resources;
 
-pub use host_state::{ComputeNodeRow, HostState, Limits};
-pub use queue::{HostQueue, NoValidHost, Placement};
-pub use request::{HostMatch, PlacementRequest};
+pub use host_state::{ComputeNodeRow, HostState, Limits, Placed};
+pub use queue::{
+    BatchPlacement, Elimination, HostQueue, NoValidHost, Placement, Unavailable, UnavailableReason,
+};
+pub use request::{Direction, HostMatch, PlacementRequest};
 pub use resources::{check_host_resource, why_not, ResourceRequest};
 
 /// What can be wrong with a request before any host is looked at.

@@ -1,21 +1,22 @@
 //! The queues of hosts and the walk that picks one: the seed's `QueueManager.build_queue` and
 //! `_new_schedule` with its `find_pos` cursor.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::resources::shortfalls;
-use crate::{check_host_resource, why_not, ComputeNodeRow, HostState, Limits};
-use crate::{PlacementRequest, ResourceRequest};
+use crate::resources::{disk_fits, ram_fits, shortfalls, vcpus_fit};
+use crate::{check_host_resource, why_not, ComputeNodeRow, HostState, Limits, Placed};
+use crate::{Direction, PlacementRequest, ResourceRequest};
 
-/// How many hosts a "no valid host" message describes one by one.
-const DETAILED_HOSTS: usize = 5;
+/// How many hosts lacking resources a "no valid host" message names as examples.
+const EXAMPLE_HOSTS: usize = 3;
 
-/// The host chosen for one instance: where to cast `new_run_instance` and the limits its
-/// claim must respect.
+/// The host chosen for one instance: where to cast `new_run_instance`, the node row the
+/// database claim updates and the limits both claims must respect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Placement {
+    pub node_id: i64,
     pub hostname: String,
     pub host: String,
     pub rpc_endpoint: String,
@@ -25,6 +26,7 @@ pub struct Placement {
 impl Placement {
     fn of(host: &HostState) -> Self {
         Placement {
+            node_id: host.node_id,
             hostname: host.hostname.clone(),
             host: host.host.clone(),
             rpc_endpoint: host.rpc_endpoint.clone(),
@@ -33,15 +35,93 @@ impl Placement {
     }
 }
 
-/// No host can take the instance; `reason` says why, for the instance fault.
+/// Why a host was not chosen, in the order the checks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Elimination {
+    Disabled,
+    Down,
+    NotMatching,
+    NotSameHost,
+    DifferentHost,
+    AlreadyTried,
+    BeyondBoundary,
+    InsufficientDisk,
+    InsufficientRam,
+    InsufficientVcpus,
+}
+
+impl Elimination {
+    /// A short label, also usable as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Elimination::Disabled => "disabled",
+            Elimination::Down => "down",
+            Elimination::NotMatching => "not matching scheduler_host_match",
+            Elimination::NotSameHost => "not running a same_host instance",
+            Elimination::DifferentHost => "running a different_host instance",
+            Elimination::AlreadyTried => "already tried",
+            Elimination::BeyondBoundary => "beyond boundary_host",
+            Elimination::InsufficientDisk => "insufficient disk",
+            Elimination::InsufficientRam => "insufficient RAM",
+            Elimination::InsufficientVcpus => "insufficient vCPUs",
+        }
+    }
+}
+
+/// No host can take the instance; `reason` says why, for the instance fault, and
+/// `eliminated` counts the hosts each check ruled out (each host counted once, under the
+/// first check it failed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("No valid host was found. {reason}")]
 pub struct NoValidHost {
     pub reason: String,
+    pub eliminated: Vec<(Elimination, usize)>,
 }
 
 fn no_valid_host(reason: String) -> NoValidHost {
-    NoValidHost { reason }
+    NoValidHost {
+        reason,
+        eliminated: Vec::new(),
+    }
+}
+
+/// Why a host is in no queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// The queue the host would be in.
+    pub queue_name: String,
+    pub reason: UnavailableReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnavailableReason {
+    /// The operator disabled the service, perhaps with a reason.
+    Disabled(Option<String>),
+    /// Its heartbeat is too old.
+    Down,
+    /// It did not take work sent to it and has not reported since.
+    NotAnswering,
+}
+
+impl std::fmt::Display for UnavailableReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnavailableReason::Disabled(Some(reason)) if !reason.is_empty() => {
+                write!(f, "disabled: {reason}")
+            }
+            UnavailableReason::Disabled(_) => f.write_str("disabled"),
+            UnavailableReason::Down => f.write_str("service is down"),
+            UnavailableReason::NotAnswering => f.write_str("not answering"),
+        }
+    }
+}
+
+/// The outcome of placing a multi-create request: the hosts found and, when fewer than asked
+/// for were found, why the rest were not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPlacement {
+    pub placements: Vec<Placement>,
+    pub shortfall: Option<NoValidHost>,
 }
 
 /// The hosts the scheduler may place on, grouped by queue name and ordered by host name, with
@@ -55,7 +135,7 @@ pub struct HostQueue {
     /// Host name → (queue name, position in that queue).
     index: BTreeMap<String, (String, usize)>,
     /// Host name → why it is not in any queue.
-    unavailable: BTreeMap<String, String>,
+    unavailable: BTreeMap<String, Unavailable>,
 }
 
 impl HostQueue {
@@ -75,11 +155,12 @@ impl HostQueue {
         &self.default_queue
     }
 
-    /// Replaces every host state from `rows`, dropping in-memory charges (the rows now count
-    /// them). Disabled and down hosts go to [`HostQueue::unavailable`] instead. Each queue's
-    /// cursor is kept, so round robin continues across rebuilds; a cursor past the end of a
-    /// queue that got shorter wraps to its start, and the cursor of a queue that is gone is
-    /// forgotten. When several rows name the same host, the last one wins.
+    /// Replaces every host state from `rows`, dropping in-memory charges (the rows' placed
+    /// usage now counts them). Disabled and down hosts go to [`HostQueue::unavailable`]
+    /// instead. Each queue's cursor is kept, so round robin continues across rebuilds; a
+    /// cursor past the end of a queue that got shorter wraps to its start, and the cursor of
+    /// a queue that is gone is forgotten. When several rows name the same host, the last one
+    /// wins.
     pub fn build_queue(&mut self, rows: &[ComputeNodeRow]) {
         let mut latest: BTreeMap<&str, &ComputeNodeRow> = BTreeMap::new();
         for row in rows {
@@ -91,20 +172,24 @@ impl HostQueue {
         self.unavailable.clear();
         // `latest` iterates in host-name order, so every queue comes out sorted.
         for (hostname, row) in latest {
-            if row.disabled {
-                let reason = match row.disabled_reason.as_deref() {
-                    Some(reason) if !reason.is_empty() => format!("disabled: {reason}"),
-                    _ => "disabled".to_owned(),
-                };
-                self.unavailable.insert(hostname.to_owned(), reason);
-                continue;
-            }
-            if !row.up {
-                self.unavailable
-                    .insert(hostname.to_owned(), "service is down".to_owned());
-                continue;
-            }
             let state = HostState::from_row(row, &self.default_queue);
+            let reason = if row.disabled {
+                Some(UnavailableReason::Disabled(row.disabled_reason.clone()))
+            } else if !row.up {
+                Some(UnavailableReason::Down)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.unavailable.insert(
+                    hostname.to_owned(),
+                    Unavailable {
+                        queue_name: state.queue_name,
+                        reason,
+                    },
+                );
+                continue;
+            }
             let queue = self.queues.entry(state.queue_name.clone()).or_default();
             self.index
                 .insert(hostname.to_owned(), (state.queue_name.clone(), queue.len()));
@@ -133,6 +218,15 @@ impl HostQueue {
         self.queues.keys().map(String::as_str)
     }
 
+    /// How many hosts are in a queue, over all queues.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     /// An available host by name, whatever its queue.
     pub fn host(&self, hostname: &str) -> Option<&HostState> {
         let (queue, pos) = self.index.get(hostname)?;
@@ -144,24 +238,95 @@ impl HostQueue {
         self.queues.get_mut(queue)?.get_mut(*pos)
     }
 
-    /// Hosts left out by the last [`HostQueue::build_queue`], with the reason
-    /// ("disabled: maintenance", "service is down").
-    pub fn unavailable(&self) -> &BTreeMap<String, String> {
+    /// Hosts left out by the last [`HostQueue::build_queue`] or taken out since, and why.
+    pub fn unavailable(&self) -> &BTreeMap<String, Unavailable> {
         &self.unavailable
+    }
+
+    /// Takes a host out of its queue until the next rebuild (its compute did not take a
+    /// cast), so later requests do not each wait for the same timeout. The queue's cursor
+    /// keeps pointing at the same next host. Unknown hosts are ignored.
+    pub fn mark_unavailable(&mut self, hostname: &str, reason: UnavailableReason) {
+        let Some((queue_name, pos)) = self.index.remove(hostname) else {
+            return;
+        };
+        let Some(queue) = self.queues.get_mut(&queue_name) else {
+            return;
+        };
+        if pos < queue.len() {
+            queue.remove(pos);
+        }
+        for (later_pos, host) in queue.iter().enumerate().skip(pos) {
+            if let Some(entry) = self.index.get_mut(&host.hostname) {
+                entry.1 = later_pos;
+            }
+        }
+        if let Some(cursor) = self.find_pos.get_mut(&queue_name) {
+            if *cursor > pos {
+                *cursor -= 1;
+            }
+            if *cursor >= queue.len() {
+                *cursor = 0;
+            }
+        }
+        if queue.is_empty() {
+            self.queues.remove(&queue_name);
+            self.find_pos.remove(&queue_name);
+        }
+        self.unavailable
+            .insert(hostname.to_owned(), Unavailable { queue_name, reason });
     }
 
     /// Picks a host for `req` and charges it in memory, so the next call sees what is left.
     ///
-    /// A forced `scheduler_host` is taken if it is available, not avoided and (unless the
-    /// operator turned the check off) has room; the cursor does not move. Otherwise the
-    /// request's queue is walked from its cursor for at most one lap, skipping hosts that do
-    /// not match `scheduler_host_match`, are avoided or lack room; the cursor then moves past
-    /// the chosen host.
+    /// A forced `scheduler_host` is taken if it is available, passes the request's host hints
+    /// and (unless the operator turned the check off) has room; the cursor does not move.
+    /// Otherwise the request's queue is walked from its cursor in the request's direction,
+    /// for at most one lap or until `boundary_host`, skipping hosts that fail a hint or lack
+    /// room; the cursor then moves one past the chosen host.
     pub fn select(&mut self, req: &PlacementRequest) -> Result<Placement, NoValidHost> {
         match req.scheduler_host.as_deref() {
             Some(forced) => self.select_forced(forced, req),
             None => self.select_from_queue(req),
         }
+    }
+
+    /// Places `count` instances of one request in one pass. If at least `min_count` fit, the
+    /// hosts found are kept (at most `count`) and `shortfall` says why the rest did not;
+    /// otherwise nothing stays charged and the error says why.
+    pub fn select_many(
+        &mut self,
+        req: &PlacementRequest,
+        count: usize,
+        min_count: usize,
+    ) -> Result<BatchPlacement, NoValidHost> {
+        let mut placements = Vec::with_capacity(count);
+        let mut shortfall = None;
+        while placements.len() < count {
+            match self.select(req) {
+                Ok(placement) => placements.push(placement),
+                Err(err) => {
+                    shortfall = Some(err);
+                    break;
+                }
+            }
+        }
+        if placements.len() >= min_count.max(1).min(count) {
+            return Ok(BatchPlacement {
+                placements,
+                shortfall,
+            });
+        }
+        for placement in &placements {
+            self.release_host(&placement.hostname, &req.resources);
+        }
+        let mut err = shortfall.unwrap_or_else(|| no_valid_host(String::new()));
+        err.reason = format!(
+            "Only {} of the {min_count} instances required fit. {}",
+            placements.len(),
+            err.reason
+        );
+        Err(err)
     }
 
     fn select_forced(
@@ -171,16 +336,19 @@ impl HostQueue {
     ) -> Result<Placement, NoValidHost> {
         let Some(host) = self.host(forced) else {
             return Err(no_valid_host(match self.unavailable.get(forced) {
-                Some(reason) => format!("Host {forced} is not available: {reason}"),
+                Some(unavailable) => {
+                    format!("Host {forced} is not available: {}", unavailable.reason)
+                }
                 None => format!("Host {forced} is unknown"),
             }));
         };
-        if req.avoid_hosts.iter().any(|avoid| avoid == forced) {
+        if let Some(elimination) = hint_elimination(host, req) {
             return Err(no_valid_host(format!(
-                "Host {forced} is excluded by the request (different_host or an earlier attempt)"
+                "Host {forced} is excluded by the request: {}",
+                elimination.as_str()
             )));
         }
-        if req.check_forced_host_resources {
+        if !req.skip_forced_host_resource_check {
             if let Some(why) = why_not(host, &req.resources) {
                 return Err(no_valid_host(why));
             }
@@ -191,58 +359,39 @@ impl HostQueue {
     }
 
     fn select_from_queue(&mut self, req: &PlacementRequest) -> Result<Placement, NoValidHost> {
-        let queue_name = match req.queue_name.as_deref() {
-            Some(name) if !name.is_empty() => name,
-            _ => self.default_queue.as_str(),
+        let queue_name = req.queue(&self.default_queue);
+        let Some(queue) = self.queues.get(queue_name).filter(|q| !q.is_empty()) else {
+            return Err(self.explain(queue_name, req, &[]));
         };
-        let queue = match self.queues.get(queue_name) {
-            Some(queue) if !queue.is_empty() => queue,
-            _ => {
-                return Err(no_valid_host(format!("No hosts in queue '{queue_name}'")));
-            }
-        };
-        let matches = |host: &HostState| match &req.scheduler_host_match {
-            Some(host_match) => host_match.is_match(&host.hostname),
-            None => true,
-        };
-        if !queue.iter().any(matches) {
-            let pattern = req
-                .scheduler_host_match
-                .as_ref()
-                .map_or("", |host_match| host_match.as_str());
-            return Err(no_valid_host(format!("No host name matches '{pattern}'")));
-        }
-        let avoid: BTreeSet<&str> = req.avoid_hosts.iter().map(String::as_str).collect();
-
-        // Walk in the full queue's index space, so a host-name filter does not disturb the
-        // round robin of requests without one.
         let len = queue.len();
         let start = self.find_pos.get(queue_name).copied().unwrap_or(0) % len;
-        let mut rejected: Vec<(&str, String)> = Vec::new();
+        let boundary = req
+            .boundary_host
+            .as_deref()
+            .and_then(|name| queue.iter().position(|h| h.hostname == name));
         let mut chosen = None;
         for step in 0..len {
-            let pos = (start + step) % len;
+            let pos = walk_position(start, step, len, req.direction);
+            if step > 0 && Some(pos) == boundary {
+                break;
+            }
             let host = &queue[pos];
-            if !matches(host) {
-                continue;
-            }
-            if avoid.contains(host.hostname.as_str()) {
-                rejected.push((&host.hostname, "excluded by the request".to_owned()));
-                continue;
-            }
-            if check_host_resource(host, &req.resources) {
+            if hint_elimination(host, req).is_none() && check_host_resource(host, &req.resources) {
                 chosen = Some(pos);
                 break;
             }
-            let shortfalls = shortfalls(host, &req.resources).join(" and ");
-            rejected.push((&host.hostname, shortfalls));
         }
-
         let Some(pos) = chosen else {
-            return Err(no_valid_host(summarise(queue_name, req, &rejected)));
+            let queue_name = queue_name.to_owned();
+            let reached = reached_positions(start, len, boundary, req.direction);
+            return Err(self.explain(&queue_name, req, &reached));
         };
+
         let queue_name = queue_name.to_owned();
-        self.find_pos.insert(queue_name.clone(), (pos + 1) % len);
+        self.find_pos.insert(
+            queue_name.clone(),
+            walk_position(pos, 1, len, req.direction),
+        );
         let host = self
             .queues
             .get_mut(&queue_name)
@@ -250,6 +399,76 @@ impl HostQueue {
             .ok_or_else(|| no_valid_host(format!("No hosts in queue '{queue_name}'")))?;
         charge(host, &req.resources);
         Ok(Placement::of(host))
+    }
+
+    /// Why no host of `queue_name` took `req`: every host of the queue (available or not)
+    /// counted under the first check it fails. `reached[pos]` says whether the walk got to
+    /// the host at `pos` (it may have stopped at `boundary_host`).
+    fn explain(&self, queue_name: &str, req: &PlacementRequest, reached: &[bool]) -> NoValidHost {
+        let mut counts: BTreeMap<Elimination, usize> = BTreeMap::new();
+        let mut examples = Vec::new();
+        for unavailable in self.unavailable.values() {
+            if unavailable.queue_name == queue_name {
+                let elimination = match unavailable.reason {
+                    UnavailableReason::Disabled(_) => Elimination::Disabled,
+                    UnavailableReason::Down | UnavailableReason::NotAnswering => Elimination::Down,
+                };
+                *counts.entry(elimination).or_default() += 1;
+            }
+        }
+        for (pos, host) in self.get_host_queue(queue_name).iter().enumerate() {
+            let elimination = hint_elimination(host, req)
+                .or_else(|| {
+                    (!reached.get(pos).copied().unwrap_or(true))
+                        .then_some(Elimination::BeyondBoundary)
+                })
+                .or_else(|| resource_elimination(host, &req.resources));
+            let Some(elimination) = elimination else {
+                continue; // unreachable in practice: such a host would have been chosen
+            };
+            if elimination >= Elimination::InsufficientDisk && examples.len() < EXAMPLE_HOSTS {
+                examples.push(format!(
+                    "{}: {}",
+                    host.hostname,
+                    shortfalls(host, &req.resources).join(" and ")
+                ));
+            }
+            *counts.entry(elimination).or_default() += 1;
+        }
+        let total: usize = counts.values().sum();
+        let wanted = match req.resources.describe() {
+            Some(wanted) => format!(" for {wanted}"),
+            None => String::new(),
+        };
+        if total == 0 {
+            return no_valid_host(format!("No hosts in queue '{queue_name}'"));
+        }
+        let mut reason = format!("0/{total} hosts in queue '{queue_name}'{wanted}");
+        {
+            let parts: Vec<String> = counts
+                .iter()
+                .map(
+                    |(elimination, n)| match (elimination, &req.scheduler_host_match) {
+                        (Elimination::NotMatching, Some(pattern)) => {
+                            format!(
+                                "{n} not matching scheduler_host_match '{}'",
+                                pattern.as_str()
+                            )
+                        }
+                        _ => format!("{n} {}", elimination.as_str()),
+                    },
+                )
+                .collect();
+            reason.push_str(": ");
+            reason.push_str(&parts.join(", "));
+        }
+        if !examples.is_empty() {
+            reason.push_str(&format!(" ({})", examples.join("; ")));
+        }
+        NoValidHost {
+            reason,
+            eliminated: counts.into_iter().collect(),
+        }
     }
 
     /// Takes `req` from the host's free resources until the next rebuild. Unknown hosts are
@@ -260,10 +479,9 @@ impl HostQueue {
         }
     }
 
-    /// Gives back what [`HostQueue::charge_host`] took, for a placement that did not happen
-    /// (the cast to the chosen compute failed). Free resources never rise above the host's
-    /// capacity, so a release after a rebuild already counted it cannot invent room.
-    /// Unknown hosts are ignored.
+    /// Gives back what [`HostQueue::charge_host`] took, for a placement that did not happen.
+    /// Free resources never rise above the host's capacity, so a release after a rebuild
+    /// already counted it cannot invent room. Unknown hosts are ignored.
     pub fn release_host(&mut self, hostname: &str, req: &ResourceRequest) {
         let Some(host) = self.host_mut(hostname) else {
             return;
@@ -274,6 +492,75 @@ impl HostQueue {
         host.vcpus_used -= vcpus;
         host.free_memory_mb += give_back(host.free_memory_mb, ram_mb, host.memory_mb);
         host.free_local_gb += give_back(host.free_local_gb, disk_gb, host.local_gb);
+    }
+
+    /// Records what the database says is placed on a host (a claim there lost a race): see
+    /// [`HostState::observe_placed`]. Unknown hosts are ignored.
+    pub fn observe_placed(&mut self, hostname: &str, placed: Placed) {
+        if let Some(host) = self.host_mut(hostname) {
+            host.observe_placed(placed);
+        }
+    }
+}
+
+/// The position `step` hosts from `start` in `direction`, wrapping around a queue of `len`.
+fn walk_position(start: usize, step: usize, len: usize, direction: Direction) -> usize {
+    let step = step % len;
+    match direction {
+        Direction::Forward => (start + step) % len,
+        Direction::Backward => (start + len - step) % len,
+    }
+}
+
+/// Which positions a walk from `start` reaches before the boundary.
+fn reached_positions(
+    start: usize,
+    len: usize,
+    boundary: Option<usize>,
+    direction: Direction,
+) -> Vec<bool> {
+    let mut reached = vec![false; len];
+    for step in 0..len {
+        let pos = walk_position(start, step, len, direction);
+        if step > 0 && Some(pos) == boundary {
+            break;
+        }
+        reached[pos] = true;
+    }
+    reached
+}
+
+/// The first host hint `host` fails, if any.
+fn hint_elimination(host: &HostState, req: &PlacementRequest) -> Option<Elimination> {
+    if let Some(pattern) = &req.scheduler_host_match {
+        if req.scheduler_host.is_none() && !pattern.is_match(&host.hostname) {
+            return Some(Elimination::NotMatching);
+        }
+    }
+    if let Some(same) = &req.same_host {
+        if !same.contains(&host.hostname) {
+            return Some(Elimination::NotSameHost);
+        }
+    }
+    if req.different_host.contains(&host.hostname) {
+        return Some(Elimination::DifferentHost);
+    }
+    if req.tried_hosts.contains(&host.hostname) {
+        return Some(Elimination::AlreadyTried);
+    }
+    None
+}
+
+/// The first resource `host` lacks for `req`, in the seed's order: disk, RAM, vCPUs.
+fn resource_elimination(host: &HostState, req: &ResourceRequest) -> Option<Elimination> {
+    if !disk_fits(host, req) {
+        Some(Elimination::InsufficientDisk)
+    } else if !ram_fits(host, req) {
+        Some(Elimination::InsufficientRam)
+    } else if !vcpus_fit(host, req) {
+        Some(Elimination::InsufficientVcpus)
+    } else {
+        None
     }
 }
 
@@ -295,35 +582,10 @@ fn give_back(free: f64, amount: f64, capacity: f64) -> f64 {
     }
 }
 
-/// "No host in queue 'kvm' has 1 vCPU, 16384 MB RAM and 160 GB disk free (3 hosts checked:
-/// node-1: ...; node-2: ...; node-3: ...)".
-fn summarise(queue_name: &str, req: &PlacementRequest, rejected: &[(&str, String)]) -> String {
-    let matching = match &req.scheduler_host_match {
-        Some(host_match) => format!(" matching '{}'", host_match.as_str()),
-        None => String::new(),
-    };
-    let wanted = match req.resources.describe() {
-        Some(wanted) => format!("{wanted} free"),
-        None => "room for the request".to_owned(),
-    };
-    let plural = if rejected.len() == 1 { "" } else { "s" };
-    let mut details: Vec<String> = rejected
-        .iter()
-        .take(DETAILED_HOSTS)
-        .map(|(hostname, why)| format!("{hostname}: {why}"))
-        .collect();
-    if rejected.len() > DETAILED_HOSTS {
-        details.push(format!("and {} more", rejected.len() - DETAILED_HOSTS));
-    }
-    format!(
-        "No host in queue '{queue_name}'{matching} has {wanted} ({} host{plural} checked: {})",
-        rejected.len(),
-        details.join("; ")
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::host_state::tests::row;
     use crate::HostMatch;
@@ -388,17 +650,17 @@ mod tests {
         assert_eq!(names("gpu"), ["gpu-1"]);
         assert!(names("nope").is_empty());
         assert_eq!(q.queue_names().collect::<Vec<_>>(), ["gpu", "kvm"]);
-        let unavailable: Vec<(&str, &str)> = q
+        let unavailable: Vec<(&str, String)> = q
             .unavailable()
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .map(|(k, v)| (k.as_str(), v.reason.to_string()))
             .collect();
         assert_eq!(
             unavailable,
             [
-                ("node-7", "service is down"),
-                ("node-8", "disabled"),
-                ("node-9", "disabled: maintenance"),
+                ("node-7", "service is down".to_owned()),
+                ("node-8", "disabled".to_owned()),
+                ("node-9", "disabled: maintenance".to_owned()),
             ]
         );
         assert!(q.host("node-9").is_none());
@@ -412,7 +674,10 @@ mod tests {
         });
         let q = queue_of(&rows);
         assert!(q.host("node-2").is_none());
-        assert_eq!(q.unavailable()["node-2"], "disabled: bad disk");
+        assert_eq!(
+            q.unavailable()["node-2"].reason.to_string(),
+            "disabled: bad disk"
+        );
     }
 
     #[test]
@@ -458,8 +723,8 @@ mod tests {
         let err = q.select(&req(1, 0, 0)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "No valid host was found. No host in queue 'kvm' has 1 vCPU free \
-             (1 host checked: node-1: 0 vCPUs free, 1 requested)"
+            "No valid host was found. 0/1 hosts in queue 'kvm' for 1 vCPU: \
+             1 insufficient vCPUs (node-1: 0 vCPUs free, 1 requested)"
         );
         let h = q.host("node-1").unwrap();
         assert_eq!(
@@ -517,38 +782,61 @@ mod tests {
         let rows = [
             ComputeNodeRow {
                 vcpus_used: 4,
-                ..row("node-1", 4, 8192, 100)
+                ..row("node-1", 4, 8192, 200)
             },
             ComputeNodeRow {
                 free_ram_mb: 512,
-                ..row("node-2", 4, 8192, 100)
+                ..row("node-2", 4, 8192, 200)
             },
             row("node-3", 4, 8192, 100),
+            row("other-1", 4, 8192, 100),
+            ComputeNodeRow {
+                disabled: true,
+                ..row("node-4", 64, 65536, 1000)
+            },
+            ComputeNodeRow {
+                up: false,
+                ..row("node-5", 64, 65536, 1000)
+            },
+            ComputeNodeRow {
+                up: false,
+                queue_name: Some("gpu".to_owned()),
+                ..row("gpu-1", 64, 65536, 1000)
+            },
         ];
         let mut q = queue_of(&rows);
-        let r = req(1, 16384, 160 * 1024);
+        let mut r = req(1, 4096, 160 * 1024);
+        r.scheduler_host_match = Some(HostMatch::new("^node").unwrap());
         let err = q.select(&r).unwrap_err();
         assert_eq!(
             err.reason,
-            "No host in queue 'kvm' has 1 vCPU, 16384 MB RAM and 160 GB disk free (3 hosts checked: \
-             node-1: 100 GB disk free, 160 GB requested and 8192 MB RAM free, 16384 MB requested \
-             and 0 vCPUs free, 1 requested; \
-             node-2: 100 GB disk free, 160 GB requested and 512 MB RAM free, 16384 MB requested; \
-             node-3: 100 GB disk free, 160 GB requested and 8192 MB RAM free, 16384 MB requested)"
+            "0/6 hosts in queue 'kvm' for 1 vCPU, 4096 MB RAM and 160 GB disk: 1 disabled, \
+             1 down, 1 not matching scheduler_host_match '^node', 1 insufficient disk, \
+             1 insufficient RAM, 1 insufficient vCPUs \
+             (node-1: 0 vCPUs free, 1 requested; \
+             node-2: 512 MB RAM free, 4096 MB requested; \
+             node-3: 100 GB disk free, 160 GB requested)"
+        );
+        assert_eq!(
+            err.eliminated,
+            [
+                (Elimination::Disabled, 1),
+                (Elimination::Down, 1),
+                (Elimination::NotMatching, 1),
+                (Elimination::InsufficientDisk, 1),
+                (Elimination::InsufficientRam, 1),
+                (Elimination::InsufficientVcpus, 1),
+            ]
         );
 
-        // Avoided hosts and a host-name filter show in the summary; detail stops at five hosts.
+        // Examples stop at three hosts; the counts cover every host.
         let mut q = queue_of(&equal_hosts(8));
-        let mut r = req(64, 0, 0);
-        r.avoid_hosts = vec!["node-1".to_owned()];
-        r.scheduler_host_match = Some(HostMatch::new("node").unwrap());
-        let err = q.select(&r).unwrap_err();
+        let err = q.select(&req(64, 0, 0)).unwrap_err();
         assert_eq!(
             err.reason,
-            "No host in queue 'kvm' matching 'node' has 64 vCPUs free (8 hosts checked: \
-             node-1: excluded by the request; node-2: 4 vCPUs free, 64 requested; \
-             node-3: 4 vCPUs free, 64 requested; node-4: 4 vCPUs free, 64 requested; \
-             node-5: 4 vCPUs free, 64 requested; and 3 more)"
+            "0/8 hosts in queue 'kvm' for 64 vCPUs: 8 insufficient vCPUs \
+             (node-1: 4 vCPUs free, 64 requested; node-2: 4 vCPUs free, 64 requested; \
+             node-3: 4 vCPUs free, 64 requested)"
         );
     }
 
@@ -643,16 +931,16 @@ mod tests {
                 forced: "node-1",
                 check: true,
                 avoid: &["node-1"],
-                want: Err("Host node-1 is excluded by the request \
-                           (different_host or an earlier attempt)"),
+                want: Err("Host node-1 is excluded by the request: \
+                           running a different_host instance"),
             },
         ];
         for case in cases {
             let mut q = queue_of(&rows);
             let mut r = req(1, 2048, 1024);
             r.scheduler_host = Some(case.forced.to_owned());
-            r.check_forced_host_resources = case.check;
-            r.avoid_hosts = case.avoid.iter().map(|s| s.to_string()).collect();
+            r.skip_forced_host_resource_check = !case.check;
+            r.different_host = case.avoid.iter().map(|s| s.to_string()).collect();
             // A host-name filter does not apply to a forced host.
             r.scheduler_host_match = Some(HostMatch::new("^nothing$").unwrap());
             let got = q.select(&r);
@@ -677,7 +965,7 @@ mod tests {
         let mut q = queue_of(&rows);
         let mut r = req(3, 0, 0);
         r.scheduler_host = Some("node-1".to_owned());
-        r.check_forced_host_resources = false;
+        r.skip_forced_host_resource_check = true;
         for _ in 0..2 {
             assert_eq!(pick(&mut q, &r), "node-1");
         }
@@ -702,7 +990,7 @@ mod tests {
         r.scheduler_host_match = Some(HostMatch::new("xyz").unwrap());
         assert_eq!(
             q.select(&r).unwrap_err().reason,
-            "No host name matches 'xyz'"
+            "0/3 hosts in queue 'kvm': 3 not matching scheduler_host_match 'xyz'"
         );
     }
 
@@ -722,16 +1010,23 @@ mod tests {
     fn avoid_hosts_honoured() {
         let mut q = queue_of(&equal_hosts(3));
         let mut r = req(1, 0, 0);
-        r.avoid_hosts = vec!["node-1".to_owned(), "node-2".to_owned()];
+        r.tried_hosts = ["node-1".to_owned(), "node-2".to_owned()].into();
         for _ in 0..4 {
             assert_eq!(pick(&mut q, &r), "node-3");
         }
         let err = q.select(&r).unwrap_err();
-        assert!(
-            err.reason.contains("node-1: excluded by the request"),
-            "{err}"
+        assert_eq!(
+            err.reason,
+            "0/3 hosts in queue 'kvm' for 1 vCPU: 2 already tried, 1 insufficient vCPUs \
+             (node-3: 0 vCPUs free, 1 requested)"
         );
-        assert!(err.reason.contains("node-3: 0 vCPUs free"), "{err}");
+        assert_eq!(
+            err.eliminated,
+            [
+                (Elimination::AlreadyTried, 2),
+                (Elimination::InsufficientVcpus, 1)
+            ]
+        );
     }
 
     #[test]
@@ -750,6 +1045,174 @@ mod tests {
         let mut gpu = req(1, 0, 0);
         gpu.queue_name = Some("gpu".to_owned());
         assert_eq!(pick(&mut q, &gpu), "gpu-1");
+    }
+
+    #[test]
+    fn same_host_and_different_host() {
+        let mut q = queue_of(&equal_hosts(4));
+        let mut r = req(1, 0, 0);
+        r.same_host = Some(["node-2".to_owned(), "node-4".to_owned()].into());
+        r.different_host = ["node-4".to_owned()].into();
+        for _ in 0..4 {
+            assert_eq!(pick(&mut q, &r), "node-2");
+        }
+        let err = q.select(&r).unwrap_err();
+        assert_eq!(
+            err.eliminated,
+            [
+                (Elimination::NotSameHost, 2),
+                (Elimination::DifferentHost, 1),
+                (Elimination::InsufficientVcpus, 1)
+            ]
+        );
+        // same_host naming instances that run nowhere leaves no host at all.
+        r.same_host = Some(BTreeSet::new());
+        assert_eq!(
+            q.select(&r).unwrap_err().reason,
+            "0/4 hosts in queue 'kvm' for 1 vCPU: 4 not running a same_host instance"
+        );
+    }
+
+    #[test]
+    fn backward_walk_and_boundary_host() {
+        let mut q = queue_of(&equal_hosts(5));
+        let mut back = req(0, 0, 0);
+        back.direction = Direction::Backward;
+        // From the cursor at node-1 a backward walk goes node-1, node-5, node-4, ...
+        let picks: Vec<String> = (0..4).map(|_| pick(&mut q, &back)).collect();
+        assert_eq!(picks, ["node-1", "node-5", "node-4", "node-3"]);
+        // The cursor now sits on node-2 for either direction.
+        assert_eq!(pick(&mut q, &req(0, 0, 0)), "node-2");
+
+        // A boundary stops the walk before it reaches that host.
+        let mut q = queue_of(&equal_hosts(5));
+        q.charge_host("node-1", &req(4, 0, 0).resources);
+        q.charge_host("node-2", &req(4, 0, 0).resources);
+        let mut bounded = req(1, 0, 0);
+        bounded.boundary_host = Some("node-3".to_owned());
+        let err = q.select(&bounded).unwrap_err();
+        assert_eq!(
+            err.eliminated,
+            [
+                (Elimination::BeyondBoundary, 3),
+                (Elimination::InsufficientVcpus, 2)
+            ]
+        );
+        // Starting on the boundary host is a full lap.
+        bounded.boundary_host = Some("node-1".to_owned());
+        assert_eq!(pick(&mut q, &bounded), "node-3");
+        // Backward from node-4 with the boundary at node-2: node-4, node-3, then stop.
+        let mut back = req(4, 0, 0);
+        back.direction = Direction::Backward;
+        back.boundary_host = Some("node-2".to_owned());
+        assert_eq!(pick(&mut q, &back), "node-4");
+        // The cursor moved back to node-3, which has 3 vCPUs left; the walk stops at node-2.
+        let err = q.select(&back).unwrap_err();
+        assert_eq!(
+            err.eliminated,
+            [
+                (Elimination::BeyondBoundary, 4),
+                (Elimination::InsufficientVcpus, 1)
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unanswering_host_leaves_the_queue_until_the_rebuild() {
+        let rows = equal_hosts(4);
+        let mut q = queue_of(&rows);
+        assert_eq!(pick(&mut q, &req(1, 0, 0)), "node-1");
+        assert_eq!(pick(&mut q, &req(1, 0, 0)), "node-2");
+        q.mark_unavailable("node-2", UnavailableReason::NotAnswering);
+        q.mark_unavailable("node-9", UnavailableReason::NotAnswering);
+        assert!(q.host("node-2").is_none());
+        assert_eq!(q.len(), 3);
+        assert_eq!(
+            q.host("node-4").map(|h| h.hostname.as_str()),
+            Some("node-4")
+        );
+        // The cursor still points at node-3, and node-2 is never offered.
+        let picks: Vec<String> = (0..4).map(|_| pick(&mut q, &req(1, 0, 0))).collect();
+        assert_eq!(picks, ["node-3", "node-4", "node-1", "node-3"]);
+        let mut forced = req(1, 0, 0);
+        forced.scheduler_host = Some("node-2".to_owned());
+        assert_eq!(
+            q.select(&forced).unwrap_err().reason,
+            "Host node-2 is not available: not answering"
+        );
+        // Taking the last host out of a queue empties it.
+        for name in ["node-1", "node-3", "node-4"] {
+            q.mark_unavailable(name, UnavailableReason::NotAnswering);
+        }
+        assert!(q.is_empty());
+        assert_eq!(
+            q.select(&req(1, 0, 0)).unwrap_err().eliminated,
+            [(Elimination::Down, 4)]
+        );
+        q.build_queue(&rows);
+        assert_eq!(q.len(), 4);
+    }
+
+    #[test]
+    fn multi_create_is_all_or_nothing_for_min_count() {
+        // Two hosts with room for three 1-vCPU instances in all.
+        let rows = [row("node-1", 2, 8192, 100), row("node-2", 1, 8192, 100)];
+        let mut q = queue_of(&rows);
+        let err = q.select_many(&req(1, 0, 0), 5, 4).unwrap_err();
+        assert!(
+            err.reason
+                .starts_with("Only 3 of the 4 instances required fit. 0/2 hosts"),
+            "{err}"
+        );
+        for name in ["node-1", "node-2"] {
+            assert_eq!(
+                q.host(name).unwrap().vcpus_used,
+                0.0,
+                "nothing stays charged"
+            );
+        }
+
+        let batch = q.select_many(&req(1, 0, 0), 5, 2).unwrap();
+        let hosts: Vec<&str> = batch
+            .placements
+            .iter()
+            .map(|p| p.hostname.as_str())
+            .collect();
+        assert_eq!(hosts.len(), 3);
+        assert!(batch.shortfall.is_some());
+
+        let mut q = queue_of(&rows);
+        let batch = q.select_many(&req(1, 0, 0), 2, 2).unwrap();
+        assert_eq!(batch.placements.len(), 2);
+        assert_eq!(batch.shortfall, None);
+    }
+
+    #[test]
+    fn a_lost_race_makes_the_host_look_fuller_never_emptier() {
+        let mut q = queue_of(&[row("node-1", 4, 8192, 100)]);
+        q.observe_placed(
+            "node-1",
+            Placed {
+                vcpus: 3,
+                memory_mb: 1024,
+                disk_mb: 10 * 1024,
+            },
+        );
+        let h = q.host("node-1").unwrap();
+        assert_eq!(
+            (
+                h.free_vcpus,
+                h.vcpus_used,
+                h.free_memory_mb,
+                h.free_local_gb
+            ),
+            (1.0, 3.0, 7168.0, 90.0)
+        );
+        // A smaller figure (an older view) changes nothing.
+        q.observe_placed("node-1", Placed::default());
+        assert_eq!(q.host("node-1").unwrap().free_vcpus, 1.0);
+        q.observe_placed("node-9", Placed::default());
     }
 
     /// A 64-bit linear congruential generator (Knuth's MMIX constants): enough randomness for
@@ -807,7 +1270,7 @@ mod tests {
             r.scheduler_host_match = Some(HostMatch::new(&pattern).unwrap());
         }
         if rng.below(4) == 0 {
-            r.avoid_hosts = vec![format!("node-{}", rng.below(n_hosts as u64))];
+            r.different_host = [format!("node-{}", rng.below(n_hosts as u64))].into();
         }
         if rng.below(10) == 0 {
             r.scheduler_host = Some(format!("node-{}", rng.below(n_hosts as u64 + 1)));
@@ -821,7 +1284,7 @@ mod tests {
                 Some(m) => m.is_match(&host.hostname),
                 None => true,
             }
-            && !r.avoid_hosts.contains(&host.hostname)
+            && !r.different_host.contains(&host.hostname)
     }
 
     #[test]
@@ -847,7 +1310,7 @@ mod tests {
                             .find(|h| h.hostname == placement.hostname)
                             .expect("placed on a known host");
                         assert!(check_host_resource(was, &r.resources), "{was:?} {r:?}");
-                        assert!(!r.avoid_hosts.contains(&placement.hostname));
+                        assert!(!r.different_host.contains(&placement.hostname));
                         if r.scheduler_host.is_none() {
                             assert!(eligible(was, &r, &queue), "{was:?} {r:?}");
                         }
@@ -907,7 +1370,7 @@ mod tests {
                 q.release_host("node-4-0", &r.resources);
                 let mut forced = r.clone();
                 forced.scheduler_host = Some("node-4-4".to_owned());
-                forced.check_forced_host_resources = false;
+                forced.skip_forced_host_resource_check = true;
                 let _ = q.select(&forced);
             }
         }

@@ -1,5 +1,7 @@
 //! A placement request: the resources plus the seed's scheduler hints.
 
+use std::collections::BTreeSet;
+
 use crate::{HostQueueError, ResourceRequest};
 
 /// A compiled `scheduler_host_match` hint. It keeps hosts whose name *contains* a match (a
@@ -62,6 +64,14 @@ fn describe_regex_error(err: &regex::Error) -> String {
     }
 }
 
+/// Which way the walk goes from the cursor: the seed's `sign` (1 or -1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    #[default]
+    Forward,
+    Backward,
+}
+
 /// Everything [`crate::HostQueue::select`] needs to pick a host for one instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlacementRequest {
@@ -71,24 +81,45 @@ pub struct PlacementRequest {
     /// A forced host (admin only; the caller checks that).
     pub scheduler_host: Option<String>,
     pub scheduler_host_match: Option<HostMatch>,
-    /// Host names to skip: `different_host` (resolved to host names by the caller) and the
-    /// hosts already tried by earlier attempts.
-    pub avoid_hosts: Vec<String>,
-    /// Whether a forced host must still have room; the operator may turn this off.
-    pub check_forced_host_resources: bool,
+    /// `same_host`, resolved by the caller to the hosts that run those instances: when set,
+    /// only these hosts qualify (an empty set: none does).
+    pub same_host: Option<BTreeSet<String>>,
+    /// `different_host`, resolved by the caller: hosts that run one of those instances.
+    pub different_host: BTreeSet<String>,
+    /// Hosts earlier attempts for this instance already tried.
+    pub tried_hosts: BTreeSet<String>,
+    /// The operator's `force_hosts_skip_resource_check`: a forced host is taken even when
+    /// it lacks room.
+    pub skip_forced_host_resource_check: bool,
+    /// The seed's `sign`.
+    pub direction: Direction,
+    /// The seed's `boundary_host`: the walk stops when it reaches this host, without
+    /// checking it (if the walk starts on it, it makes a full lap).
+    pub boundary_host: Option<String>,
 }
 
 impl PlacementRequest {
-    /// A request for `resources` in the default queue, without hints, with the resource check
-    /// on for forced hosts.
+    /// A request for `resources` in the default queue, without hints, walking forward.
     pub fn new(resources: ResourceRequest) -> Self {
         PlacementRequest {
             resources,
             queue_name: None,
             scheduler_host: None,
             scheduler_host_match: None,
-            avoid_hosts: Vec::new(),
-            check_forced_host_resources: true,
+            same_host: None,
+            different_host: BTreeSet::new(),
+            tried_hosts: BTreeSet::new(),
+            skip_forced_host_resource_check: false,
+            direction: Direction::Forward,
+            boundary_host: None,
+        }
+    }
+
+    /// The queue this request walks.
+    pub fn queue<'a>(&'a self, default_queue: &'a str) -> &'a str {
+        match self.queue_name.as_deref() {
+            Some(name) if !name.is_empty() => name,
+            _ => default_queue,
         }
     }
 }
@@ -154,8 +185,11 @@ mod tests {
     #[test]
     fn placement_request_defaults() {
         let r = PlacementRequest::new(ResourceRequest::from_flavor(1, 512, 1, 0, 0));
-        assert!(r.check_forced_host_resources);
+        assert!(!r.skip_forced_host_resource_check);
         assert_eq!(r.queue_name, None);
-        assert!(r.avoid_hosts.is_empty());
+        assert_eq!(r.queue("kvm"), "kvm");
+        assert_eq!(r.direction, Direction::Forward);
+        assert!(r.different_host.is_empty() && r.tried_hosts.is_empty());
+        assert_eq!(r.same_host, None);
     }
 }

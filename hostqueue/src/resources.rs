@@ -116,16 +116,16 @@ pub(crate) fn shortfalls(host: &HostState, req: &ResourceRequest) -> Vec<String>
 
 // Each check is written as "has at least", so a NaN free amount (only possible in a hand-built
 // HostState) fails rather than passes.
-fn disk_fits(host: &HostState, req: &ResourceRequest) -> bool {
+pub(crate) fn disk_fits(host: &HostState, req: &ResourceRequest) -> bool {
     let usable_disk_mb = host.free_local_gb * 1024.0;
     usable_disk_mb >= req.requested_disk as f64
 }
 
-fn ram_fits(host: &HostState, req: &ResourceRequest) -> bool {
+pub(crate) fn ram_fits(host: &HostState, req: &ResourceRequest) -> bool {
     req.requested_ram <= 0 || host.free_memory_mb >= req.requested_ram as f64
 }
 
-fn vcpus_fit(host: &HostState, req: &ResourceRequest) -> bool {
+pub(crate) fn vcpus_fit(host: &HostState, req: &ResourceRequest) -> bool {
     req.requested_vcpus <= 0 || host.free_vcpus >= req.requested_vcpus as f64
 }
 
