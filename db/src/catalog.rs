@@ -5,6 +5,20 @@ use diesel::prelude::*;
 use crate::schema::{flavors, images};
 use crate::{Db, Flavor, Image, Result};
 
+/// The row id of the live flavor with this flavorid.
+pub(crate) fn flavor_row_id(conn: &mut SqliteConnection, flavorid: &str) -> Result<i64> {
+    flavors::table
+        .filter(flavors::deleted.eq(0))
+        .filter(flavors::flavorid.eq(flavorid))
+        .select(flavors::id)
+        .first(conn)
+        .optional()?
+        .ok_or_else(|| crate::DbError::NotFound {
+            kind: "flavor",
+            id: flavorid.to_string(),
+        })
+}
+
 impl Db {
     /// The enabled flavors, smallest memory first (ties by flavorid).
     pub fn flavors(&self) -> Result<Vec<Flavor>> {

@@ -2,6 +2,7 @@
 
 use diesel::prelude::*;
 
+use crate::placement::release_allocation;
 use crate::schema::{instance_actions, instance_faults, instances};
 use crate::{
     check_json_object, now, Db, DbError, Instance, InstanceAction, InstanceChanges, InstanceFault,
@@ -144,6 +145,8 @@ impl Db {
                 return Err(instance_not_found(uuid));
             }
             insert_fault(conn, fault)?;
+            // An instance in error runs nowhere: whatever was placed for it is free again.
+            release_allocation(conn, uuid)?;
             Ok(())
         })
     }
@@ -170,25 +173,28 @@ impl Db {
     /// `deleted` from then on, with `vm_state = "deleted"`.
     pub fn instance_destroy(&self, uuid: &str) -> Result<()> {
         let mut conn = self.conn()?;
-        let at = now();
-        let updated = diesel::update(
-            instances::table
-                .filter(instances::deleted.eq(0))
-                .filter(instances::uuid.eq(uuid)),
-        )
-        .set((
-            instances::deleted.eq(instances::id),
-            instances::vm_state.eq("deleted"),
-            instances::task_state.eq(None::<String>),
-            instances::terminated_at.eq(at),
-            instances::deleted_at.eq(at),
-            instances::updated_at.eq(at),
-        ))
-        .execute(&mut conn)?;
-        if updated == 0 {
-            return Err(instance_not_found(uuid));
-        }
-        Ok(())
+        conn.immediate_transaction(|conn| {
+            let at = now();
+            let updated = diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid)),
+            )
+            .set((
+                instances::deleted.eq(instances::id),
+                instances::vm_state.eq("deleted"),
+                instances::task_state.eq(None::<String>),
+                instances::terminated_at.eq(at),
+                instances::deleted_at.eq(at),
+                instances::updated_at.eq(at),
+            ))
+            .execute(conn)?;
+            if updated == 0 {
+                return Err(instance_not_found(uuid));
+            }
+            release_allocation(conn, uuid)?;
+            Ok(())
+        })
     }
 
     /// Records the start of a user request on an instance (`reboot`, `delete`, ...).

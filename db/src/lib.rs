@@ -9,6 +9,7 @@ mod catalog;
 mod error;
 mod instances;
 mod models;
+mod placement;
 pub mod schema;
 mod services;
 
@@ -26,6 +27,7 @@ pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,
     InstanceFault, NewFault, NewInstance, Service,
 };
+pub use placement::{AllocationClaim, ClaimOutcome, Placed};
 
 /// The schema, compiled into the binary so a fresh host needs nothing but the database path.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");

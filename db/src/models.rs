@@ -48,6 +48,10 @@ pub struct ComputeNode {
     pub created_at: NaiveDateTime,
     pub updated_at: Option<NaiveDateTime>,
     pub deleted: i64,
+    /// What schedulers have placed here (the sum of the node's allocations): vCPUs, MB, MB.
+    pub placed_vcpus: i64,
+    pub placed_memory_mb: i64,
+    pub placed_disk_mb: i64,
 }
 
 /// A flavor: the size of an instance.

@@ -39,6 +39,31 @@ diesel::table! {
         created_at -> Timestamp,
         updated_at -> Nullable<Timestamp>,
         deleted -> BigInt,
+        placed_vcpus -> BigInt,
+        placed_memory_mb -> BigInt,
+        placed_disk_mb -> BigInt,
+    }
+}
+
+diesel::table! {
+    allocations (id) {
+        id -> BigInt,
+        instance_uuid -> Text,
+        compute_node_id -> BigInt,
+        vcpus -> BigInt,
+        memory_mb -> BigInt,
+        disk_mb -> BigInt,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    flavor_extra_specs (id) {
+        id -> BigInt,
+        flavor_id -> BigInt,
+        spec_key -> Text,
+        spec_value -> Text,
+        created_at -> Timestamp,
     }
 }
 
@@ -136,12 +161,16 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(allocations -> compute_nodes (compute_node_id));
+
 // Compute nodes are joined to their service by host name, not by a foreign key (as in Nova, a
 // node can report before its service row exists), so the join condition is spelled out in SQL.
 diesel::allow_tables_to_appear_in_same_query!(
     services,
     compute_nodes,
+    allocations,
     flavors,
+    flavor_extra_specs,
     images,
     instances,
     instance_actions,

@@ -1,0 +1,497 @@
+//! Placement: the resources a scheduler commits to a compute node before it sends the work.
+//!
+//! A claim is one conditional `UPDATE` of the node's running totals that matches the row only
+//! if the request still fits under the limits, so two schedulers racing for the last room on a
+//! node cannot both win: SQLite runs write transactions one at a time, and PostgreSQL
+//! re-checks the condition on the locked row. Each claim also writes the instance's allocation
+//! row in the same transaction, which is what a release gives back.
+
+use diesel::prelude::*;
+
+use crate::schema::{allocations, compute_nodes, flavor_extra_specs, instances};
+use crate::{now, Db, Result};
+
+/// Resources placed on a node, or asked for by one instance: vCPUs, MB of RAM, MB of disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Placed {
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_mb: i64,
+}
+
+/// A scheduler's request to take `usage` on node `node_id` for one instance, within `limits`
+/// (whole units: what the host queue computed, rounded down).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationClaim {
+    pub instance_uuid: String,
+    pub node_id: i64,
+    pub usage: Placed,
+    pub limits: Placed,
+}
+
+/// What became of a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The room is taken; an earlier allocation of the instance (a reschedule) was given back.
+    Claimed,
+    /// The request no longer fits: this is what is placed on the node now.
+    NoRoom(Placed),
+    /// The node row is gone.
+    NodeGone,
+    /// The instance was deleted or is no longer building: nothing was taken.
+    InstanceGone,
+}
+
+impl Db {
+    /// Takes the room for one instance on one node if it still fits (see the module doc).
+    /// A request for zero vCPUs or RAM is not checked against that limit, as the host queue
+    /// does not check it; disk is always checked.
+    pub fn allocation_claim(&self, claim: &AllocationClaim) -> Result<ClaimOutcome> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let building: i64 = instances::table
+                .filter(instances::uuid.eq(&claim.instance_uuid))
+                .filter(instances::deleted.eq(0))
+                .filter(instances::vm_state.eq("building"))
+                .count()
+                .get_result(conn)?;
+            if building == 0 {
+                return Ok(ClaimOutcome::InstanceGone);
+            }
+
+            let usage = Placed {
+                vcpus: claim.usage.vcpus.max(0),
+                memory_mb: claim.usage.memory_mb.max(0),
+                disk_mb: claim.usage.disk_mb.max(0),
+            };
+            let node = compute_nodes::table
+                .filter(compute_nodes::id.eq(claim.node_id))
+                .filter(compute_nodes::deleted.eq(0));
+            let mut fits = diesel::update(node)
+                .filter((compute_nodes::placed_disk_mb + usage.disk_mb).le(claim.limits.disk_mb))
+                .into_boxed();
+            if usage.vcpus > 0 {
+                fits =
+                    fits.filter((compute_nodes::placed_vcpus + usage.vcpus).le(claim.limits.vcpus));
+            }
+            if usage.memory_mb > 0 {
+                fits = fits.filter(
+                    (compute_nodes::placed_memory_mb + usage.memory_mb).le(claim.limits.memory_mb),
+                );
+            }
+            let taken = fits
+                .set((
+                    compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus + usage.vcpus),
+                    compute_nodes::placed_memory_mb
+                        .eq(compute_nodes::placed_memory_mb + usage.memory_mb),
+                    compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb + usage.disk_mb),
+                ))
+                .execute(conn)?;
+            if taken == 0 {
+                let placed: Option<(i64, i64, i64)> = node
+                    .select((
+                        compute_nodes::placed_vcpus,
+                        compute_nodes::placed_memory_mb,
+                        compute_nodes::placed_disk_mb,
+                    ))
+                    .first(conn)
+                    .optional()?;
+                return Ok(match placed {
+                    Some((vcpus, memory_mb, disk_mb)) => ClaimOutcome::NoRoom(Placed {
+                        vcpus,
+                        memory_mb,
+                        disk_mb,
+                    }),
+                    None => ClaimOutcome::NodeGone,
+                });
+            }
+
+            release_allocation(conn, &claim.instance_uuid)?;
+            diesel::insert_into(allocations::table)
+                .values((
+                    allocations::instance_uuid.eq(&claim.instance_uuid),
+                    allocations::compute_node_id.eq(claim.node_id),
+                    allocations::vcpus.eq(usage.vcpus),
+                    allocations::memory_mb.eq(usage.memory_mb),
+                    allocations::disk_mb.eq(usage.disk_mb),
+                    allocations::created_at.eq(now()),
+                ))
+                .execute(conn)?;
+            Ok(ClaimOutcome::Claimed)
+        })
+    }
+
+    /// Gives back what an instance holds; `false` when it held nothing.
+    pub fn allocation_release(&self, instance_uuid: &str) -> Result<bool> {
+        let mut conn = self.conn()?;
+        Ok(conn.immediate_transaction(|conn| release_allocation(conn, instance_uuid))?)
+    }
+
+    /// The node an instance's resources are placed on, with what it holds there.
+    pub fn allocation_get(&self, instance_uuid: &str) -> Result<Option<(i64, Placed)>> {
+        let mut conn = self.conn()?;
+        let row: Option<(i64, i64, i64, i64)> = allocations::table
+            .filter(allocations::instance_uuid.eq(instance_uuid))
+            .select((
+                allocations::compute_node_id,
+                allocations::vcpus,
+                allocations::memory_mb,
+                allocations::disk_mb,
+            ))
+            .first(&mut conn)
+            .optional()?;
+        Ok(row.map(|(node_id, vcpus, memory_mb, disk_mb)| {
+            (
+                node_id,
+                Placed {
+                    vcpus,
+                    memory_mb,
+                    disk_mb,
+                },
+            )
+        }))
+    }
+
+    /// The sum of the allocations on each node, by node id, for checking the running totals.
+    pub fn allocation_sums(&self) -> Result<std::collections::BTreeMap<i64, Placed>> {
+        let mut conn = self.conn()?;
+        let rows: Vec<(i64, i64, i64, i64)> = allocations::table
+            .select((
+                allocations::compute_node_id,
+                allocations::vcpus,
+                allocations::memory_mb,
+                allocations::disk_mb,
+            ))
+            .load(&mut conn)?;
+        let mut sums = std::collections::BTreeMap::<i64, Placed>::new();
+        for (node_id, vcpus, memory_mb, disk_mb) in rows {
+            let sum = sums.entry(node_id).or_default();
+            sum.vcpus += vcpus;
+            sum.memory_mb += memory_mb;
+            sum.disk_mb += disk_mb;
+        }
+        Ok(sums)
+    }
+
+    /// The hosts of these instances, for the `same_host` and `different_host` hints: where an
+    /// instance runs (`instances.host`) or, while it is still being placed or built, the node
+    /// its allocation is on. Deleted and unknown instances have no host.
+    pub fn instance_hosts(&self, uuids: &[String]) -> Result<std::collections::BTreeSet<String>> {
+        let mut conn = self.conn()?;
+        let mut hosts: std::collections::BTreeSet<String> = instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::uuid.eq_any(uuids))
+            .select(instances::node.nullable())
+            .load::<Option<String>>(&mut conn)?
+            .into_iter()
+            .flatten()
+            .collect();
+        let placed: Vec<String> = allocations::table
+            .inner_join(compute_nodes::table)
+            .inner_join(instances::table.on(instances::uuid.eq(allocations::instance_uuid)))
+            .filter(instances::deleted.eq(0))
+            .filter(allocations::instance_uuid.eq_any(uuids))
+            .select(compute_nodes::hypervisor_hostname)
+            .load(&mut conn)?;
+        hosts.extend(placed);
+        Ok(hosts)
+    }
+
+    /// Sets one extra spec of a flavor (by flavor id), replacing an earlier value.
+    pub fn flavor_extra_spec_set(&self, flavorid: &str, key: &str, value: &str) -> Result<()> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let flavor = crate::catalog::flavor_row_id(conn, flavorid)?;
+            diesel::delete(
+                flavor_extra_specs::table
+                    .filter(flavor_extra_specs::flavor_id.eq(flavor))
+                    .filter(flavor_extra_specs::spec_key.eq(key)),
+            )
+            .execute(conn)?;
+            diesel::insert_into(flavor_extra_specs::table)
+                .values((
+                    flavor_extra_specs::flavor_id.eq(flavor),
+                    flavor_extra_specs::spec_key.eq(key),
+                    flavor_extra_specs::spec_value.eq(value),
+                    flavor_extra_specs::created_at.eq(now()),
+                ))
+                .execute(conn)?;
+            Ok(())
+        })
+    }
+
+    /// A flavor's extra specs (by flavor id), by key.
+    pub fn flavor_extra_specs(
+        &self,
+        flavorid: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut conn = self.conn()?;
+        let flavor = crate::catalog::flavor_row_id(&mut conn, flavorid)?;
+        let specs: Vec<(String, String)> = flavor_extra_specs::table
+            .filter(flavor_extra_specs::flavor_id.eq(flavor))
+            .select((flavor_extra_specs::spec_key, flavor_extra_specs::spec_value))
+            .load(&mut conn)?;
+        Ok(specs.into_iter().collect())
+    }
+}
+
+/// Deletes an instance's allocation and takes it off its node's running totals, inside the
+/// caller's transaction; `false` when there was none.
+pub(crate) fn release_allocation(
+    conn: &mut SqliteConnection,
+    instance_uuid: &str,
+) -> QueryResult<bool> {
+    let held: Option<(i64, i64, i64, i64)> =
+        diesel::delete(allocations::table.filter(allocations::instance_uuid.eq(instance_uuid)))
+            .returning((
+                allocations::compute_node_id,
+                allocations::vcpus,
+                allocations::memory_mb,
+                allocations::disk_mb,
+            ))
+            .get_result(conn)
+            .optional()?;
+    let Some((node_id, vcpus, memory_mb, disk_mb)) = held else {
+        return Ok(false);
+    };
+    diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id)))
+        .set((
+            compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus - vcpus),
+            compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb - memory_mb),
+            compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb - disk_mb),
+        ))
+        .execute(conn)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::open_temp;
+    use crate::{ComputeNodeValues, NewFault, NewInstance};
+
+    fn instance(uuid: &str) -> NewInstance {
+        NewInstance {
+            uuid: uuid.to_string(),
+            display_name: uuid.to_string(),
+            project_id: "p".to_string(),
+            user_id: "u".to_string(),
+            flavorid: "1".to_string(),
+            image_ref: "155d900f-4e14-4e4c-a73d-069cbf4541e6".to_string(),
+            vcpus: 1,
+            memory_mb: 512,
+            root_gb: 1,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            vm_state: "building".to_string(),
+            task_state: Some("scheduling".to_string()),
+            power_state: 0,
+            scheduler_hints: "{}".to_string(),
+            metadata: "{}".to_string(),
+            reservation_id: "r-1".to_string(),
+            launch_index: 0,
+        }
+    }
+
+    /// A node reporting `vcpus` vCPUs and 8 GB / 100 GB, nothing used; returns its id.
+    fn node(db: &Db, host: &str, vcpus: i64) -> i64 {
+        db.compute_node_upsert(&ComputeNodeValues {
+            host: host.to_string(),
+            hypervisor_hostname: host.to_string(),
+            hypervisor_type: "test".to_string(),
+            vcpus,
+            memory_mb: 8192,
+            local_gb: 100,
+            vcpus_used: 0,
+            memory_mb_used: 0,
+            local_gb_used: 0,
+            running_vms: 0,
+            extra_resources: "{}".to_string(),
+        })
+        .unwrap();
+        db.compute_nodes()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.host == host)
+            .unwrap()
+            .id
+    }
+
+    const ONE: Placed = Placed {
+        vcpus: 1,
+        memory_mb: 512,
+        disk_mb: 1024,
+    };
+    const LIMITS: Placed = Placed {
+        vcpus: 2,
+        memory_mb: 8192,
+        disk_mb: 100 * 1024,
+    };
+
+    fn claim(uuid: &str, node_id: i64) -> AllocationClaim {
+        AllocationClaim {
+            instance_uuid: uuid.to_string(),
+            node_id,
+            usage: ONE,
+            limits: LIMITS,
+        }
+    }
+
+    fn placed(db: &Db, node_id: i64) -> Placed {
+        let n = db
+            .compute_nodes()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.id == node_id)
+            .unwrap();
+        Placed {
+            vcpus: n.placed_vcpus,
+            memory_mb: n.placed_memory_mb,
+            disk_mb: n.placed_disk_mb,
+        }
+    }
+
+    #[test]
+    fn a_claim_takes_room_until_the_limit_then_reports_what_is_placed() {
+        let (_dir, db) = open_temp();
+        let node_id = node(&db, "node-1", 2);
+        for uuid in ["a", "b", "c"] {
+            db.instance_create(&instance(uuid), "req-1").unwrap();
+        }
+        assert_eq!(
+            db.allocation_claim(&claim("a", node_id)).unwrap(),
+            ClaimOutcome::Claimed
+        );
+        assert_eq!(
+            db.allocation_claim(&claim("b", node_id)).unwrap(),
+            ClaimOutcome::Claimed
+        );
+        let two = Placed {
+            vcpus: 2,
+            memory_mb: 1024,
+            disk_mb: 2048,
+        };
+        assert_eq!(
+            db.allocation_claim(&claim("c", node_id)).unwrap(),
+            ClaimOutcome::NoRoom(two)
+        );
+        assert_eq!(placed(&db, node_id), two);
+        assert_eq!(db.allocation_get("c").unwrap(), None);
+        assert_eq!(db.allocation_get("a").unwrap(), Some((node_id, ONE)));
+
+        // A compute's report never touches the placed totals.
+        node(&db, "node-1", 2);
+        assert_eq!(placed(&db, node_id), two);
+
+        assert_eq!(
+            db.allocation_claim(&claim("a", 9999)).unwrap(),
+            ClaimOutcome::NodeGone
+        );
+        assert_eq!(
+            db.allocation_claim(&claim("nope", node_id)).unwrap(),
+            ClaimOutcome::InstanceGone
+        );
+    }
+
+    #[test]
+    fn delete_error_and_reschedule_give_back_exactly_once() {
+        let (_dir, db) = open_temp();
+        let node_1 = node(&db, "node-1", 2);
+        let node_2 = node(&db, "node-2", 2);
+        for uuid in ["a", "b"] {
+            db.instance_create(&instance(uuid), "req-1").unwrap();
+            assert_eq!(
+                db.allocation_claim(&claim(uuid, node_1)).unwrap(),
+                ClaimOutcome::Claimed
+            );
+        }
+        // A reschedule moves "a" to node-2 in one step.
+        assert_eq!(
+            db.allocation_claim(&claim("a", node_2)).unwrap(),
+            ClaimOutcome::Claimed
+        );
+        assert_eq!((placed(&db, node_1), placed(&db, node_2)), (ONE, ONE));
+
+        db.instance_destroy("a").unwrap();
+        assert_eq!(placed(&db, node_2), Placed::default());
+        db.instance_set_error(
+            "b",
+            &NewFault {
+                instance_uuid: "b".into(),
+                code: 500,
+                message: "boom".into(),
+                details: String::new(),
+                host: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(placed(&db, node_1), Placed::default());
+        assert!(!db.allocation_release("b").unwrap(), "already given back");
+        assert_eq!(placed(&db, node_1), Placed::default());
+        assert!(db.allocation_sums().unwrap().is_empty());
+
+        // An instance that is no longer building cannot claim.
+        assert_eq!(
+            db.allocation_claim(&claim("b", node_1)).unwrap(),
+            ClaimOutcome::InstanceGone
+        );
+    }
+
+    #[test]
+    fn zero_vcpu_and_ram_requests_skip_those_checks_but_not_disk() {
+        let (_dir, db) = open_temp();
+        let node_id = node(&db, "node-1", 2);
+        db.instance_create(&instance("a"), "req-1").unwrap();
+        let mut zero = claim("a", node_id);
+        zero.usage = Placed {
+            vcpus: 0,
+            memory_mb: 0,
+            disk_mb: 200 * 1024,
+        };
+        zero.limits.vcpus = -1;
+        assert!(matches!(
+            db.allocation_claim(&zero).unwrap(),
+            ClaimOutcome::NoRoom(_)
+        ));
+        zero.usage.disk_mb = 0;
+        assert_eq!(db.allocation_claim(&zero).unwrap(), ClaimOutcome::Claimed);
+    }
+
+    #[test]
+    fn racing_claims_from_many_threads_never_exceed_the_limit() {
+        let (dir, db) = open_temp();
+        let node_id = node(&db, "node-1", 8);
+        let uuids: Vec<String> = (0..64).map(|i| format!("i-{i}")).collect();
+        for uuid in &uuids {
+            db.instance_create(&instance(uuid), "req-1").unwrap();
+        }
+        let path = dir.path().join("zova.sqlite");
+        let claimed: usize = std::thread::scope(|scope| {
+            let workers: Vec<_> = uuids
+                .chunks(8)
+                .map(|chunk| {
+                    // Each thread has its own pool, as separate scheduler processes would.
+                    let db = Db::open(path.to_str().unwrap()).unwrap();
+                    scope.spawn(move || {
+                        let mut won = 0;
+                        for uuid in chunk {
+                            let mut c = claim(uuid, node_id);
+                            c.limits.vcpus = 8;
+                            if db.allocation_claim(&c).unwrap() == ClaimOutcome::Claimed {
+                                won += 1;
+                            }
+                        }
+                        won
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(claimed, 8);
+        assert_eq!(placed(&db, node_id).vcpus, 8);
+        assert_eq!(
+            db.allocation_sums().unwrap()[&node_id],
+            placed(&db, node_id)
+        );
+    }
+}
