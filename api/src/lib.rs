@@ -465,8 +465,9 @@ impl Api {
         // Detached, so a client that hangs up cannot leave rows written but never cast.
         let api = self.clone();
         let (task_log, task_context, hints) = (log.clone(), context.clone(), request.hints.clone());
+        let min_count = u32::try_from(request.min_count).unwrap_or(1);
         let uuids = tokio::spawn(async move {
-            api.insert_and_build(&task_log, &task_context, rows, hints)
+            api.insert_and_build(&task_log, &task_context, rows, hints, min_count)
                 .await
         })
         .await
@@ -507,6 +508,7 @@ impl Api {
         context: &RequestContext,
         rows: Vec<NewInstance>,
         hints: proto::SchedulerHints,
+        min_count: u32,
     ) -> Result<Vec<String>, ApiError> {
         let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
         let request_id = context.request_id.clone();
@@ -515,6 +517,7 @@ impl Api {
         let build = BuildInstances {
             instance_uuids: uuids.clone(),
             hints,
+            min_count,
         };
         if let Err(e) = self.rpc.cast(&self.conductor, context, &build).await {
             warn!(log, "conductor did not take build_instances"; "error" => %e);

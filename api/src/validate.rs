@@ -293,25 +293,40 @@ fn parse_hints(value: &Value) -> Result<SchedulerHints, String> {
     if let Some(pattern) = &scheduler_host_match {
         hostqueue::HostMatch::new(pattern).map_err(|e| invalid("scheduler_host_match", e))?;
     }
-    let different_host = match hints.get("different_host") {
-        None => Vec::new(),
-        Some(value) => {
-            let uuids = hint_strings("different_host", value)?;
-            if let Some(bad) = uuids.iter().find(|u| uuid::Uuid::parse_str(u).is_err()) {
-                return Err(invalid(
-                    "different_host",
-                    format!("'{bad}' is not a server id."),
-                ));
-            }
-            uuids
-        }
+    let different_host = server_ids("different_host", hints)?;
+    let same_host = server_ids("same_host", hints)?;
+    let queue_name = single_hint("queue_name", hints)?;
+    let boundary_host = single_hint("boundary_host", hints)?;
+    let sign = match hints.get("sign") {
+        None => None,
+        Some(Value::Number(n)) if n.as_i64() == Some(1) => Some(1),
+        Some(Value::Number(n)) if n.as_i64() == Some(-1) => Some(-1),
+        Some(Value::String(s)) if s.trim() == "1" => Some(1),
+        Some(Value::String(s)) if s.trim() == "-1" => Some(-1),
+        Some(_) => return Err(invalid("sign", "Value must be 1 or -1.")),
     };
     // Other hints are scheduler-specific in Nova; they are accepted and ignored here.
     Ok(SchedulerHints {
         scheduler_host,
         scheduler_host_match,
         different_host,
+        same_host,
+        queue_name,
+        sign,
+        boundary_host,
     })
+}
+
+/// A hint that names servers (`different_host`, `same_host`): one id or a list of ids.
+fn server_ids(name: &str, hints: &Map<String, Value>) -> Result<Vec<String>, String> {
+    let Some(value) = hints.get(name) else {
+        return Ok(Vec::new());
+    };
+    let uuids = hint_strings(name, value)?;
+    if let Some(bad) = uuids.iter().find(|u| uuid::Uuid::parse_str(u).is_err()) {
+        return Err(invalid(name, format!("'{bad}' is not a server id.")));
+    }
+    Ok(uuids)
 }
 
 /// The one compute API microversion served so far.
@@ -397,12 +412,32 @@ mod tests {
                 Some("^node-[12]$")
             );
             assert_eq!(req.hints.different_host, vec![IMAGE.to_string()]);
+            assert_eq!(req.hints.queue_name, None);
         }
         let mut top = serde_json::json!({ "server": minimal() });
         top["os:scheduler_hints"] = serde_json::json!({"scheduler_host": ["node-1"]});
         let req =
             parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("a one-item list");
         assert_eq!(req.hints.scheduler_host.as_deref(), Some("node-1"));
+    }
+
+    #[test]
+    fn placement_hints_as_the_openstack_client_sends_them() {
+        let mut top = serde_json::json!({"server": minimal()});
+        top["os:scheduler_hints"] = serde_json::json!({
+            "same_host": [IMAGE, IMAGE],
+            "queue_name": "gpu",
+            "sign": "-1",
+            "boundary_host": "node-3",
+        });
+        let req = parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("valid");
+        assert_eq!(
+            req.hints.same_host,
+            vec![IMAGE.to_string(), IMAGE.to_string()]
+        );
+        assert_eq!(req.hints.queue_name.as_deref(), Some("gpu"));
+        assert_eq!(req.hints.sign, Some(-1));
+        assert_eq!(req.hints.boundary_host.as_deref(), Some("node-3"));
     }
 
     #[test]
@@ -512,6 +547,11 @@ mod tests {
         assert!(with_hints(serde_json::json!({"scheduler_host": ""})).is_err());
         assert!(with_hints(serde_json::json!({"scheduler_host": ["a", "b"]})).is_err());
         assert!(with_hints(serde_json::json!({"different_host": "not-a-uuid"})).is_err());
+        assert!(with_hints(serde_json::json!({"same_host": ["not-a-uuid"]})).is_err());
+        assert!(with_hints(serde_json::json!({"sign": "2"})).is_err());
+        assert!(with_hints(serde_json::json!({"sign": 0})).is_err());
+        assert!(with_hints(serde_json::json!({"queue_name": ""})).is_err());
+        assert!(with_hints(serde_json::json!({"boundary_host": 7})).is_err());
         assert!(with_hints(serde_json::json!("scheduler_host")).is_err());
         let top = serde_json::json!({"server": minimal(), "os:scheduler_hints": {}, "OS-SCH-HNT:scheduler_hints": {}});
         assert!(parse_create_server(&serde_json::to_vec(&top).expect("json")).is_err());

@@ -21,8 +21,8 @@ use proto::service::{finish_in_flight, for_request, stopped, LogConfig, RpcConfi
 use proto::{
     power_state, task_state, vm_state, ComputeNodeUpdate, ComputeRunInstance, ExtraResources,
     Fault, Incoming, InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate,
-    InstancesOnHost, Method, Ping, RequestContext, Rpc, ServiceHeartbeat, ServiceRegister,
-    TerminateInstance,
+    InstancesOnHost, Method, Ping, RequestContext, RequestSpec, RescheduleInstance, Rpc,
+    ServiceHeartbeat, ServiceRegister, TerminateInstance,
 };
 
 use domain_xml::{domain_xml, instance_name, DomainSpec};
@@ -51,9 +51,14 @@ pub struct ComputeConfig {
     pub vcpus: Option<i64>,
     pub memory_mb: Option<i64>,
     pub local_gb: Option<i64>,
-    pub cpu_allocation_ratio: f64,
-    pub ram_allocation_ratio: f64,
-    pub disk_allocation_ratio: f64,
+    /// Overcommit of this host; unset, the scheduler's `initial_*_allocation_ratio` applies
+    /// (as in Nova: cpu 4.0, ram 1.0, disk 1.0).
+    pub cpu_allocation_ratio: Option<f64>,
+    pub ram_allocation_ratio: Option<f64>,
+    pub disk_allocation_ratio: Option<f64>,
+    /// Memory and disk kept back for the host itself (Nova's defaults: 512 MB, 0 MB).
+    pub reserved_host_memory_mb: i64,
+    pub reserved_host_disk_mb: i64,
     /// The host queue this host belongs to.
     pub queue_name: String,
     /// Seconds between heartbeats and resource reports.
@@ -73,9 +78,11 @@ impl Default for ComputeConfig {
             vcpus: None,
             memory_mb: None,
             local_gb: None,
-            cpu_allocation_ratio: 1.0,
-            ram_allocation_ratio: 1.0,
-            disk_allocation_ratio: 1.0,
+            cpu_allocation_ratio: None,
+            ram_allocation_ratio: None,
+            disk_allocation_ratio: None,
+            reserved_host_memory_mb: 512,
+            reserved_host_disk_mb: 0,
             queue_name: "kvm".into(),
             report_interval: 10.0,
             boot_timeout: 300.0,
@@ -536,10 +543,12 @@ impl Compute {
             local_gb_used: used.disk_gb(),
             running_vms: running,
             extra_resources: ExtraResources {
-                queue_name: self.config.queue_name.clone(),
+                queue_name: Some(self.config.queue_name.clone()),
                 cpu_allocation_ratio: self.config.cpu_allocation_ratio,
                 ram_allocation_ratio: self.config.ram_allocation_ratio,
                 disk_allocation_ratio: self.config.disk_allocation_ratio,
+                reserved_host_memory_mb: self.config.reserved_host_memory_mb,
+                reserved_host_disk_mb: self.config.reserved_host_disk_mb,
             },
         };
         self.rpc.call(&self.conductor, context, &update).await
@@ -595,6 +604,13 @@ impl Compute {
                 self.remove_leftovers(&uuid).await;
                 self.report_resources(context).await;
             }
+            Err(ComputeError::Claim(refused)) => {
+                // The last line of defence against over-commit: this host cannot take it, so
+                // ask for another one (the scheduler counts the attempts).
+                info!(log, "claim refused; asking for a reschedule"; "instance" => &uuid, "reason" => %refused);
+                self.reschedule(log, context, args.spec, refused.to_string())
+                    .await;
+            }
             Err(e) => {
                 warn!(log, "instance build failed"; "instance" => &uuid, "error" => %e);
                 // Leave nothing behind: no domain, no disk, no claim.
@@ -606,6 +622,36 @@ impl Compute {
                     warn!(log, "could not record the build failure"; "instance" => &uuid, "error" => %e);
                 }
                 self.report_resources(context).await;
+            }
+        }
+    }
+
+    /// Hands an instance this host refused back to the conductor for another host; if the
+    /// conductor does not take it, the instance goes to ERROR with the refusal as its fault.
+    async fn reschedule(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        mut spec: RequestSpec,
+        reason: String,
+    ) {
+        let uuid = spec.instance_uuid.clone();
+        if !spec.retry.hosts.contains(&self.config.host) {
+            spec.retry.hosts.push(self.config.host.clone());
+        }
+        spec.retry.last_error = Some(reason.clone());
+        let request = RescheduleInstance {
+            spec,
+            host: self.config.host.clone(),
+            reason: reason.clone(),
+        };
+        if let Err(e) = self.rpc.cast(&self.conductor, context, &request).await {
+            warn!(log, "the conductor did not take the reschedule"; "instance" => &uuid, "error" => %e);
+            if let Err(e) = self
+                .record(context, &self.error_update(&uuid, reason))
+                .await
+            {
+                warn!(log, "could not record the build failure"; "instance" => &uuid, "error" => %e);
             }
         }
     }

@@ -3,6 +3,7 @@
 //! here). It holds no state of its own beyond the database.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,8 @@ use proto::service::{
 use proto::{
     BuildInstances, ComputeNodeUpdate, FlavorSpec, ImageSpec, Incoming, InstanceDestroy,
     InstanceResources, InstanceUpdate, InstancesOnHost, Method, Ping, RemoteError, RequestContext,
-    RequestSpec, RetrySpec, Rpc, ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
+    RequestSpec, RescheduleInstance, RetrySpec, Rpc, ScheduleRunInstance, ServiceHeartbeat,
+    ServiceRegister,
 };
 
 pub const BINARY: &str = "zova-conductor";
@@ -74,7 +76,9 @@ struct Conductor {
     log: Logger,
     db: Db,
     rpc: Rpc,
-    scheduler_endpoint: String,
+    schedulers: Vec<String>,
+    /// Round robin over `schedulers`.
+    next_scheduler: AtomicUsize,
 }
 
 /// Opens the database, binds `[rpc] conductor` and serves until stopped.
@@ -90,12 +94,14 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
     )?;
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
     let endpoint = rpc.endpoint().unwrap_or_default().to_string();
-    info!(log, "conductor listening"; "endpoint" => &endpoint, "scheduler" => &config.rpc.scheduler);
+    let schedulers = config.rpc.scheduler_endpoints();
+    info!(log, "conductor listening"; "endpoint" => &endpoint, "schedulers" => schedulers.join(","));
     let conductor = Arc::new(Conductor {
         log,
         db,
         rpc,
-        scheduler_endpoint: config.rpc.scheduler,
+        schedulers,
+        next_scheduler: AtomicUsize::new(0),
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -156,6 +162,16 @@ impl Conductor {
                 }
                 Err(e) => {
                     warn!(log, "build_instances with malformed arguments dropped"; "error" => %e)
+                }
+            },
+            RescheduleInstance::NAME => match request.args::<RescheduleInstance>() {
+                Ok(args) => {
+                    let context = request.context().clone();
+                    request.reply::<RescheduleInstance>(Ok(()));
+                    self.reschedule_instance(&log, &context, args).await;
+                }
+                Err(e) => {
+                    warn!(log, "reschedule_instance with malformed arguments dropped"; "error" => %e)
                 }
             },
             InstanceUpdate::NAME => {
@@ -251,42 +267,124 @@ impl Conductor {
     }
 
     async fn build_instances(&self, log: &Logger, context: &RequestContext, args: BuildInstances) {
+        let mut specs = Vec::with_capacity(args.instance_uuids.len());
         for uuid in args.instance_uuids {
             let db = self.db.clone();
             let hints = args.hints.clone();
             let lookup = uuid.clone();
-            let spec = tokio::task::spawn_blocking(move || request_spec(&db, &lookup, hints)).await;
-            let result = match spec {
-                Ok(Ok(spec)) => self
-                    .rpc
-                    .cast(
-                        &self.scheduler_endpoint,
-                        context,
-                        &ScheduleRunInstance { spec },
-                    )
-                    .await
-                    .map_err(|e| format!("the scheduler did not take the request: {e}")),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match result {
-                Ok(()) => info!(log, "instance sent to the scheduler"; "instance" => &uuid),
-                Err(message) => {
-                    warn!(log, "instance could not be scheduled"; "instance" => &uuid, "error" => &message);
-                    let db = self.db.clone();
-                    let fault = NewFault {
-                        instance_uuid: uuid.clone(),
-                        code: 500,
-                        message,
-                        details: String::new(),
-                        host: None,
-                    };
-                    let _ = tokio::task::spawn_blocking(move || {
-                        db.instance_set_error(&fault.instance_uuid.clone(), &fault)
-                    })
-                    .await;
+            match tokio::task::spawn_blocking(move || request_spec(&db, &lookup, hints)).await {
+                Ok(Ok(spec)) => specs.push(spec),
+                Ok(Err(e)) => self.fail(log, &uuid, e.to_string()).await,
+                Err(e) => self.fail(log, &uuid, e.to_string()).await,
+            }
+        }
+        if specs.is_empty() {
+            return;
+        }
+        let uuids: Vec<String> = specs.iter().map(|s| s.instance_uuid.clone()).collect();
+        let request = ScheduleRunInstance {
+            specs,
+            min_count: args.min_count,
+        };
+        match self.cast_to_a_scheduler(log, context, &request).await {
+            Ok(()) => info!(log, "instances sent to the scheduler"; "instances" => uuids.len()),
+            Err(message) => {
+                for uuid in &uuids {
+                    self.fail(log, uuid, message.clone()).await;
                 }
             }
+        }
+    }
+
+    /// A compute refused an instance: back to `scheduling`, without a host, and to a
+    /// scheduler again (which gives up after `max_attempts`).
+    async fn reschedule_instance(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        args: RescheduleInstance,
+    ) {
+        let uuid = args.spec.instance_uuid.clone();
+        let db = self.db.clone();
+        let lookup = uuid.clone();
+        let reset = tokio::task::spawn_blocking(move || {
+            db.instance_update(
+                &lookup,
+                &InstanceChanges {
+                    vm_state: Some(proto::vm_state::BUILDING.into()),
+                    task_state: Some(Some(proto::task_state::SCHEDULING.into())),
+                    host: Some(None),
+                    node: Some(None),
+                    ..Default::default()
+                },
+            )
+        })
+        .await;
+        match reset {
+            Ok(Ok(_)) => {}
+            Ok(Err(DbError::NotFound { .. })) => {
+                info!(log, "instance deleted before its reschedule"; "instance" => &uuid);
+                return;
+            }
+            Ok(Err(e)) => return self.fail(log, &uuid, e.to_string()).await,
+            Err(e) => return self.fail(log, &uuid, e.to_string()).await,
+        }
+        info!(log, "rescheduling"; "instance" => &uuid, "refused_by" => &args.host, "reason" => &args.reason);
+        let request = ScheduleRunInstance {
+            specs: vec![args.spec],
+            min_count: 1,
+        };
+        if let Err(message) = self.cast_to_a_scheduler(log, context, &request).await {
+            self.fail(log, &uuid, message).await;
+        }
+    }
+
+    /// Casts to the schedulers in turn, starting with the next in round robin, until one takes
+    /// the request.
+    async fn cast_to_a_scheduler(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        request: &ScheduleRunInstance,
+    ) -> Result<(), String> {
+        let count = self.schedulers.len().max(1);
+        let first = self.next_scheduler.fetch_add(1, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for offset in 0..count {
+            let Some(endpoint) = self.schedulers.get((first + offset) % count) else {
+                break;
+            };
+            match self.rpc.cast(endpoint, context, request).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    warn!(log, "scheduler did not take the request"; "scheduler" => endpoint, "error" => %e);
+                    errors.push(format!("{endpoint}: {e}"));
+                }
+            }
+        }
+        Err(format!(
+            "no scheduler took the request ({})",
+            errors.join("; ")
+        ))
+    }
+
+    /// Puts an instance that cannot be scheduled into ERROR with `message` as its fault.
+    async fn fail(&self, log: &Logger, uuid: &str, message: String) {
+        warn!(log, "instance could not be scheduled"; "instance" => uuid, "error" => &message);
+        let db = self.db.clone();
+        let fault = NewFault {
+            instance_uuid: uuid.to_string(),
+            code: 500,
+            message,
+            details: String::new(),
+            host: None,
+        };
+        let recorded = tokio::task::spawn_blocking(move || {
+            db.instance_set_error(&fault.instance_uuid.clone(), &fault)
+        })
+        .await;
+        if let Ok(Err(e)) = recorded {
+            warn!(log, "could not record the fault"; "instance" => uuid, "error" => %e);
         }
     }
 }
@@ -303,10 +401,17 @@ fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<Req
             kind: "image",
             id: instance.image_ref.clone(),
         })?;
+    // The flavor may have been deleted since the instance was created; the instance keeps
+    // its own copy of the sizes, and only the name and extra specs are lost.
     let flavor_name = db
         .flavor_get(&instance.flavorid)?
         .map(|f| f.name)
         .unwrap_or_default();
+    let extra_specs = match db.flavor_extra_specs(&instance.flavorid) {
+        Ok(specs) => specs,
+        Err(DbError::NotFound { .. }) => Default::default(),
+        Err(e) => return Err(e),
+    };
     Ok(RequestSpec {
         instance_uuid: instance.uuid,
         display_name: instance.display_name,
@@ -319,6 +424,7 @@ fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<Req
             root_gb: instance.root_gb,
             ephemeral_gb: instance.ephemeral_gb,
             swap_mb: instance.swap_mb,
+            extra_specs,
         },
         image: ImageSpec {
             id: image.uuid,

@@ -72,10 +72,11 @@ pub struct Fabric {
     _state: tempfile::TempDir,
 }
 
-fn rpc_config(conductor: &str, scheduler: &str) -> proto::service::RpcConfig {
+fn rpc_config(conductor: &str, schedulers: &[String]) -> proto::service::RpcConfig {
     proto::service::RpcConfig {
         conductor: conductor.into(),
-        scheduler: scheduler.into(),
+        scheduler: schedulers.first().cloned().unwrap_or_default(),
+        schedulers: schedulers.to_vec(),
         cast_timeout_ms: 2000,
         call_timeout_ms: 10_000,
     }
@@ -102,7 +103,9 @@ async fn start_compute(
                 vcpus: Some(host.vcpus),
                 memory_mb: Some(host.memory_mb),
                 local_gb: Some(host.local_gb),
-                cpu_allocation_ratio: host.cpu_allocation_ratio,
+                cpu_allocation_ratio: Some(host.cpu_allocation_ratio),
+                // Tests reason about whole host sizes.
+                reserved_host_memory_mb: 0,
                 report_interval: 1.0,
                 ..Default::default()
             },
@@ -118,6 +121,16 @@ impl Fabric {
     /// Starts every service on ephemeral loopback ports and waits until the scheduler's host queue
     /// has seen every host.
     pub async fn start(hosts: &[HostSpec], log: slog::Logger) -> Result<Fabric, FabricError> {
+        Fabric::start_with_schedulers(hosts, 1, log).await
+    }
+
+    /// As [`Fabric::start`], with `schedulers` scheduler services (each with its own sockets,
+    /// database connections and host queue) that the conductor spreads work over.
+    pub async fn start_with_schedulers(
+        hosts: &[HostSpec],
+        schedulers: usize,
+        log: slog::Logger,
+    ) -> Result<Fabric, FabricError> {
         let state = tempfile::tempdir()?;
         let database = proto::service::DatabaseConfig {
             url: state.path().join("zova.sqlite").display().to_string(),
@@ -126,27 +139,35 @@ impl Fabric {
         let any = "tcp://127.0.0.1:*";
         let mut services = Vec::new();
 
-        let scheduler = scheduler::start(
-            scheduler::Config {
-                database: database.clone(),
-                rpc: rpc_config("", any),
-                scheduler: scheduler::SchedulerConfig {
-                    build_queue_period: build_queue_period.as_secs_f64(),
+        let mut scheduler_endpoints = Vec::new();
+        for n in 1..=schedulers.max(1) {
+            let scheduler = scheduler::start(
+                scheduler::Config {
+                    database: database.clone(),
+                    rpc: rpc_config("", &[any.to_string()]),
+                    scheduler: scheduler::SchedulerConfig {
+                        build_queue_period: build_queue_period.as_secs_f64(),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
-                ..Default::default()
-            },
-            log.new(slog::o!("service" => "zova-scheduler")),
-        )
-        .await
-        .map_err(|e| start_error("scheduler")(e.to_string()))?;
-        let scheduler_endpoint = scheduler.endpoint.clone();
-        services.push(("scheduler".to_string(), scheduler));
+                log.new(slog::o!("service" => "zova-scheduler", "scheduler" => n)),
+            )
+            .await
+            .map_err(|e| start_error("scheduler")(e.to_string()))?;
+            scheduler_endpoints.push(scheduler.endpoint.clone());
+            let name = if n == 1 {
+                "scheduler".to_string()
+            } else {
+                format!("scheduler-{n}")
+            };
+            services.push((name, scheduler));
+        }
 
         let conductor = conductor::start(
             conductor::Config {
                 database: database.clone(),
-                rpc: rpc_config(any, &scheduler_endpoint),
+                rpc: rpc_config(any, &scheduler_endpoints),
                 ..Default::default()
             },
             log.new(slog::o!("service" => "zova-conductor")),
@@ -155,7 +176,7 @@ impl Fabric {
         .map_err(|e| start_error("conductor")(e.to_string()))?;
         let conductor_endpoint = conductor.endpoint.clone();
         services.push(("conductor".to_string(), conductor));
-        let rpc = rpc_config(&conductor_endpoint, &scheduler_endpoint);
+        let rpc = rpc_config(&conductor_endpoint, &scheduler_endpoints);
 
         for host in hosts {
             services.push((

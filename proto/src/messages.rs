@@ -56,6 +56,9 @@ pub struct FlavorSpec {
     pub root_gb: i64,
     pub ephemeral_gb: i64,
     pub swap_mb: i64,
+    /// The flavor's extra specs; the scheduler reads `queue_name`.
+    #[serde(default)]
+    pub extra_specs: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +83,18 @@ pub struct SchedulerHints {
     /// Skip hosts that run any of these instances.
     #[serde(default)]
     pub different_host: Vec<String>,
+    /// Keep only hosts that run one of these instances.
+    #[serde(default)]
+    pub same_host: Vec<String>,
+    /// The host queue to place in (overrides the flavor's `queue_name` extra spec).
+    #[serde(default)]
+    pub queue_name: Option<String>,
+    /// The seed's walk direction: 1 (forward, the default) or -1.
+    #[serde(default)]
+    pub sign: Option<i8>,
+    /// The seed's `boundary_host`: the walk stops before this host.
+    #[serde(default)]
+    pub boundary_host: Option<String>,
 }
 
 /// Hosts already tried for this instance, so a reschedule goes elsewhere.
@@ -88,6 +103,9 @@ pub struct RetrySpec {
     pub num_attempts: u32,
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Why the last attempt failed, for the fault if no attempt is left.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// Everything the scheduler and the compute need to place and build one instance.
@@ -128,13 +146,23 @@ pub struct Fault {
     pub details: String,
 }
 
-/// Per-host settings the scheduler reads from `compute_nodes.extra_resources`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Per-host settings the scheduler reads from `compute_nodes.extra_resources`. A ratio the
+/// compute does not set falls back to the scheduler's `initial_*_allocation_ratio`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExtraResources {
-    pub queue_name: String,
-    pub cpu_allocation_ratio: f64,
-    pub ram_allocation_ratio: f64,
-    pub disk_allocation_ratio: f64,
+    #[serde(default)]
+    pub queue_name: Option<String>,
+    #[serde(default)]
+    pub cpu_allocation_ratio: Option<f64>,
+    #[serde(default)]
+    pub ram_allocation_ratio: Option<f64>,
+    #[serde(default)]
+    pub disk_allocation_ratio: Option<f64>,
+    /// Memory and disk kept back for the host itself, in MB.
+    #[serde(default)]
+    pub reserved_host_memory_mb: i64,
+    #[serde(default)]
+    pub reserved_host_disk_mb: i64,
 }
 
 /// The resources one instance holds on its host.
@@ -159,8 +187,25 @@ pub struct BuildInstances {
     pub instance_uuids: Vec<String>,
     #[serde(default)]
     pub hints: SchedulerHints,
+    /// How many of the instances must find a host for any of them to be built.
+    #[serde(default = "one")]
+    pub min_count: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 method!(BuildInstances, "build_instances", ());
+
+/// compute → conductor (cast): the compute's claim refused the instance; place it again,
+/// avoiding the hosts in `spec.retry` (the scheduler counts the attempts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RescheduleInstance {
+    pub spec: RequestSpec,
+    pub host: String,
+    pub reason: String,
+}
+method!(RescheduleInstance, "reschedule_instance", ());
 
 /// compute → conductor (call): record a state change, host, launch time or fault.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,12 +275,29 @@ method!(ComputeNodeUpdate, "compute_node_update", ());
 
 // ---------------------------------------------------------------- scheduler
 
-/// conductor → scheduler (cast): place this instance.
+/// conductor → scheduler (cast): place these instances of one request in one pass. If fewer
+/// than `min_count` fit, none is built; a reschedule is a batch of one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleRunInstance {
-    pub spec: RequestSpec,
+    pub specs: Vec<RequestSpec>,
+    #[serde(default = "one")]
+    pub min_count: u32,
 }
 method!(ScheduleRunInstance, "new_run_instance", ());
+
+/// operator → scheduler (call): rebuild the host queue now rather than at the next period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildQueue {}
+method!(RebuildQueue, "build_queue", QueueSummary);
+
+/// The host queue after a rebuild.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSummary {
+    /// Hosts in a queue, by queue name.
+    pub queues: std::collections::BTreeMap<String, usize>,
+    /// Hosts left out (disabled, down), with the reason.
+    pub unavailable: std::collections::BTreeMap<String, String>,
+}
 
 // ---------------------------------------------------------------- compute
 

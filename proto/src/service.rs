@@ -54,7 +54,11 @@ impl Default for DatabaseConfig {
 #[serde(default)]
 pub struct RpcConfig {
     pub conductor: String,
+    /// The scheduler's endpoint (and the one a scheduler binds by default).
     pub scheduler: String,
+    /// Several schedulers: callers spread work over them and move on when one does not take
+    /// a cast. Empty: just `scheduler`.
+    pub schedulers: Vec<String>,
     pub cast_timeout_ms: u64,
     pub call_timeout_ms: u64,
 }
@@ -64,6 +68,7 @@ impl Default for RpcConfig {
         RpcConfig {
             conductor: "tcp://127.0.0.1:5560".into(),
             scheduler: "tcp://127.0.0.1:5561".into(),
+            schedulers: Vec::new(),
             cast_timeout_ms: 2000,
             call_timeout_ms: 30000,
         }
@@ -71,6 +76,15 @@ impl Default for RpcConfig {
 }
 
 impl RpcConfig {
+    /// The schedulers to send work to: `schedulers`, or else `scheduler`.
+    pub fn scheduler_endpoints(&self) -> Vec<String> {
+        if self.schedulers.is_empty() {
+            vec![self.scheduler.clone()]
+        } else {
+            self.schedulers.clone()
+        }
+    }
+
     pub fn options(&self) -> RpcOptions {
         RpcOptions {
             cast_timeout: Duration::from_millis(self.cast_timeout_ms),

@@ -1,9 +1,12 @@
-//! The scheduler: keeps the host queue (rebuilt from the `compute_nodes` rows at start and every
-//! `build_queue_period`), places each `new_run_instance` by walking it, charges the chosen host in
-//! memory and casts the work to `compute.<host>`. When no host fits, the instance goes to ERROR
-//! with the "No valid host was found" fault.
+//! The scheduler: keeps the host queue (rebuilt from the `compute_nodes` rows at start, every
+//! `build_queue_period`, on SIGHUP and on the `build_queue` call), places each
+//! `new_run_instance` batch by walking it, commits every placement to the database with a
+//! conditional update that fails when the node no longer has room (so several schedulers, or a
+//! stale queue, never over-commit a node), and casts the work to `compute.<host>`. When no host
+//! fits, the instance goes to ERROR with a "No valid host was found" fault that counts what
+//! ruled each host out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -11,14 +14,17 @@ use serde::{Deserialize, Serialize};
 use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
-use db::{Db, DbError, NewFault};
+use db::{AllocationClaim, ClaimOutcome, Db, DbError, NewFault};
 use hostqueue::{
-    ComputeNodeRow, HostMatch, HostQueue, NoValidHost, PlacementRequest, ResourceRequest,
+    ComputeNodeRow, Direction, HostMatch, HostQueue, NoValidHost, Placed, Placement,
+    PlacementRequest, ResourceRequest, UnavailableReason,
 };
-use proto::service::{for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
+use proto::service::{
+    finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle,
+};
 use proto::{
-    ComputeRunInstance, ExtraResources, Incoming, Limits, Method, Ping, RequestContext,
-    RequestSpec, Rpc, ScheduleRunInstance,
+    ComputeRunInstance, ExtraResources, Incoming, Limits, Method, Ping, QueueSummary, RebuildQueue,
+    RequestContext, RequestSpec, Rpc, ScheduleRunInstance,
 };
 
 pub const BINARY: &str = "zova-scheduler";
@@ -35,8 +41,12 @@ pub struct SchedulerConfig {
     pub default_queue: String,
     /// Hosts tried for one instance before it goes to ERROR.
     pub max_attempts: u32,
-    /// Whether `scheduler_host` still checks the host's free resources.
-    pub check_forced_host_resources: bool,
+    /// Whether `scheduler_host` skips the check of the host's free resources.
+    pub force_hosts_skip_resource_check: bool,
+    /// Ratios for hosts whose compute sets none (Nova's defaults).
+    pub initial_cpu_allocation_ratio: f64,
+    pub initial_ram_allocation_ratio: f64,
+    pub initial_disk_allocation_ratio: f64,
 }
 
 impl Default for SchedulerConfig {
@@ -46,7 +56,10 @@ impl Default for SchedulerConfig {
             service_down_time: 60,
             default_queue: "kvm".into(),
             max_attempts: 3,
-            check_forced_host_resources: true,
+            force_hosts_skip_resource_check: false,
+            initial_cpu_allocation_ratio: 4.0,
+            initial_ram_allocation_ratio: 1.0,
+            initial_disk_allocation_ratio: 1.0,
         }
     }
 }
@@ -116,7 +129,11 @@ struct Scheduler {
     db: Db,
     rpc: Rpc,
     config: SchedulerConfig,
-    queue: Mutex<HostQueue>,
+    /// The host queue. Holding this lock is also what makes placements of this scheduler
+    /// one-at-a-time: select, database claim and in-memory charge happen under it, and a
+    /// rebuild reads the rows under it, so no claim of this scheduler falls between the read
+    /// and the new queue.
+    queue: tokio::sync::Mutex<HostQueue>,
     /// Hosts whose compute did not take a cast, and when: they count as down until they send a
     /// heartbeat after that, so later requests do not each wait for the same timeout.
     unreachable: Mutex<HashMap<String, chrono::NaiveDateTime>>,
@@ -142,7 +159,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
         log: log.clone(),
         db,
         rpc,
-        queue: Mutex::new(HostQueue::new(&config.scheduler.default_queue)),
+        queue: tokio::sync::Mutex::new(HostQueue::new(&config.scheduler.default_queue)),
         unreachable: Mutex::new(HashMap::new()),
         config: config.scheduler,
     });
@@ -154,35 +171,54 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
         let mut rebuild = tokio::time::interval(period);
         rebuild.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rebuild.tick().await; // the first tick is immediate; the queue was just built
+        let mut hangup = hangup_signal(&scheduler.log);
+        let mut tasks = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = stopped(&mut stop_rx) => break,
-                _ = rebuild.tick() => {
-                    if let Err(e) = scheduler.build_queue().await {
-                        warn!(scheduler.log, "host queue rebuild failed; keeping the previous queue"; "error" => %e);
-                    }
-                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = rebuild.tick() => scheduler.rebuild_or_warn("periodic").await,
+                Some(()) = next_hangup(&mut hangup) => scheduler.rebuild_or_warn("SIGHUP").await,
                 request = incoming.recv() => match request {
-                    // Placements are handled one at a time, in arrival order: each one must see the
-                    // charges of the one before it.
-                    Some(request) => scheduler.dispatch(request).await,
-                                        None => break,
+                    Some(request) => {
+                        tasks.spawn(scheduler.clone().dispatch(request));
+                    }
+                    None => break,
                 },
             }
         }
         // Place what was acknowledged before going: a cast that was acked must not vanish.
         scheduler.rpc.stop_serving();
-        let drained = tokio::time::timeout(proto::service::DRAIN_LIMIT, async {
-            while let Some(request) = incoming.recv().await {
-                scheduler.dispatch(request).await;
-            }
-        });
-        if drained.await.is_err() {
-            warn!(scheduler.log, "stopped with requests still queued");
+        while let Some(request) = incoming.recv().await {
+            tasks.spawn(scheduler.clone().dispatch(request));
+        }
+        let abandoned = finish_in_flight(&mut tasks).await;
+        if abandoned > 0 {
+            warn!(scheduler.log, "stopped with requests still running"; "abandoned" => abandoned);
         }
         scheduler.rpc.shutdown();
     });
     Ok(ServiceHandle::new(endpoint, stop_tx, task))
+}
+
+type Hangup = Option<tokio::signal::unix::Signal>;
+
+/// SIGHUP asks for an immediate rebuild, as `kill -HUP` reloads other daemons.
+fn hangup_signal(log: &Logger) -> Hangup {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            warn!(log, "cannot listen for SIGHUP; rebuilds stay periodic"; "error" => %e);
+            None
+        }
+    }
+}
+
+async fn next_hangup(hangup: &mut Hangup) -> Option<()> {
+    match hangup {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// When a service last reported: its last heartbeat, or its registration.
@@ -190,16 +226,18 @@ fn last_seen(service: &db::Service) -> chrono::NaiveDateTime {
     service.updated_at.unwrap_or(service.created_at)
 }
 
-/// The host-queue input for one compute node, from its row and its service's row.
+/// The host-queue input for one compute node, from its row and its service's row; ratios the
+/// compute does not set come from the scheduler's `initial_*_allocation_ratio`.
 pub fn compute_node_row(
     node: &db::ComputeNode,
     service: &db::Service,
     now: chrono::NaiveDateTime,
-    service_down_time: i64,
+    config: &SchedulerConfig,
 ) -> ComputeNodeRow {
-    let extra: Option<ExtraResources> = serde_json::from_str(&node.extra_resources).ok();
+    let extra: ExtraResources = serde_json::from_str(&node.extra_resources).unwrap_or_default();
     let last_seen = last_seen(service);
     ComputeNodeRow {
+        node_id: node.id,
         hypervisor_hostname: node.hypervisor_hostname.clone(),
         host: node.host.clone(),
         rpc_endpoint: service.rpc_endpoint.clone(),
@@ -209,22 +247,61 @@ pub fn compute_node_row(
         free_ram_mb: node.free_ram_mb,
         local_gb: node.local_gb,
         free_disk_gb: node.free_disk_gb,
-        queue_name: extra.as_ref().map(|e| e.queue_name.clone()),
-        cpu_allocation_ratio: extra.as_ref().map_or(1.0, |e| e.cpu_allocation_ratio),
-        ram_allocation_ratio: extra.as_ref().map_or(1.0, |e| e.ram_allocation_ratio),
-        disk_allocation_ratio: extra.as_ref().map_or(1.0, |e| e.disk_allocation_ratio),
+        placed: Placed {
+            vcpus: node.placed_vcpus,
+            memory_mb: node.placed_memory_mb,
+            disk_mb: node.placed_disk_mb,
+        },
+        reserved_host_memory_mb: extra.reserved_host_memory_mb,
+        reserved_host_disk_mb: extra.reserved_host_disk_mb,
+        queue_name: extra.queue_name,
+        cpu_allocation_ratio: extra
+            .cpu_allocation_ratio
+            .unwrap_or(config.initial_cpu_allocation_ratio),
+        ram_allocation_ratio: extra
+            .ram_allocation_ratio
+            .unwrap_or(config.initial_ram_allocation_ratio),
+        disk_allocation_ratio: extra
+            .disk_allocation_ratio
+            .unwrap_or(config.initial_disk_allocation_ratio),
         disabled: service.disabled,
         disabled_reason: service.disabled_reason.clone(),
-        up: (now - last_seen).num_seconds() <= service_down_time,
+        up: (now - last_seen).num_seconds() <= config.service_down_time,
+    }
+}
+
+/// What the database claim may take on a placement's node: the queue's limits in whole units,
+/// or no limit at all for a forced host whose check the operator turned off.
+fn claim_limits(limits: &Limits, unlimited: bool) -> db::Placed {
+    if unlimited {
+        return db::Placed {
+            vcpus: i64::MAX,
+            memory_mb: i64::MAX,
+            disk_mb: i64::MAX,
+        };
+    }
+    // `as` saturates and maps NaN to 0: a nonsense limit admits nothing.
+    db::Placed {
+        vcpus: limits.vcpu.floor() as i64,
+        memory_mb: limits.memory_mb.floor() as i64,
+        disk_mb: (limits.disk_gb * 1024.0).floor() as i64,
+    }
+}
+
+fn limits_of(placement: &Placement) -> Limits {
+    Limits {
+        vcpu: placement.limits.vcpu,
+        memory_mb: placement.limits.memory_mb,
+        disk_gb: placement.limits.disk_gb,
     }
 }
 
 impl Scheduler {
-    /// `build_queue`: reads every compute node and rebuilds the queue (dropping in-memory charges,
-    /// which the compute nodes' own reports now include).
-    async fn build_queue(&self) -> Result<(), SchedulerError> {
+    /// `build_queue`: reads every compute node and rebuilds the queue (dropping in-memory
+    /// charges: every placement is in the rows' placed totals from the moment it is claimed).
+    async fn build_queue(&self) -> Result<QueueSummary, SchedulerError> {
+        let mut queue = self.queue.lock().await;
         let db = self.db.clone();
-        let down_time = self.config.service_down_time;
         let nodes = tokio::task::spawn_blocking(move || db.compute_nodes_with_services())
             .await
             .map_err(|e| SchedulerError::Task(e.to_string()))??;
@@ -233,7 +310,7 @@ impl Scheduler {
         {
             let mut unreachable = self.unreachable.lock().unwrap_or_else(|p| p.into_inner());
             for (node, service) in &nodes {
-                let mut row = compute_node_row(node, service, now, down_time);
+                let mut row = compute_node_row(node, service, now, &self.config);
                 match unreachable.get(&row.hypervisor_hostname) {
                     Some(failed_at) if last_seen(service) <= *failed_at => row.up = false,
                     Some(_) => {
@@ -244,25 +321,54 @@ impl Scheduler {
                 rows.push(row);
             }
         }
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue.build_queue(&rows);
         debug!(self.log, "host queue rebuilt"; "hosts" => rows.len(), "unavailable" => queue.unavailable().len());
-        Ok(())
+        Ok(QueueSummary {
+            queues: queue
+                .queue_names()
+                .map(|name| (name.to_string(), queue.get_host_queue(name).len()))
+                .collect(),
+            unavailable: queue
+                .unavailable()
+                .iter()
+                .map(|(host, why)| (host.clone(), why.reason.to_string()))
+                .collect(),
+        })
     }
 
-    async fn dispatch(&self, request: Incoming) {
+    async fn rebuild_or_warn(&self, why: &str) {
+        match self.build_queue().await {
+            Ok(summary) if why != "periodic" => {
+                info!(self.log, "host queue rebuilt"; "trigger" => why, "hosts" => summary.queues.values().sum::<usize>())
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(self.log, "host queue rebuild failed; keeping the previous queue"; "error" => %e)
+            }
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>, request: Incoming) {
         let log = for_request(&self.log, request.context());
         match request.method() {
             ScheduleRunInstance::NAME => match request.args::<ScheduleRunInstance>() {
                 Ok(args) => {
                     let context = request.context().clone();
                     request.reply::<ScheduleRunInstance>(Ok(()));
-                    self.new_run_instance(&log, &context, args.spec).await;
+                    self.schedule(log, context, args).await;
                 }
                 Err(e) => {
                     warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e)
                 }
             },
+            RebuildQueue::NAME => {
+                let summary = self.build_queue().await.map_err(|e| proto::RemoteError {
+                    kind: "RebuildFailed".into(),
+                    message: e.to_string(),
+                });
+                info!(log, "host queue rebuilt on request");
+                request.reply::<RebuildQueue>(summary);
+            }
             Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
             other => {
                 warn!(log, "unknown method"; "method" => other);
@@ -271,96 +377,288 @@ impl Scheduler {
         }
     }
 
-    /// Places one instance: select a host, charge it, cast to it; a host that does not take the
-    /// cast is given back and avoided, up to `max_attempts` hosts in all.
-    async fn new_run_instance(
+    /// Places a batch, then sends each placed instance to its compute (concurrently: a
+    /// compute that does not answer holds up only its own instances).
+    async fn schedule(
+        self: Arc<Self>,
+        log: Logger,
+        context: RequestContext,
+        args: ScheduleRunInstance,
+    ) {
+        let placed = self.place(&log, &context, args).await;
+        let mut sends = tokio::task::JoinSet::new();
+        for (spec, placement) in placed {
+            let (scheduler, log, context) = (self.clone(), log.clone(), context.clone());
+            sends.spawn(async move { scheduler.send(&log, &context, spec, placement).await });
+        }
+        while sends.join_next().await.is_some() {}
+    }
+
+    /// Casts one placed instance to its compute. A compute that does not take it is marked
+    /// unavailable and the instance is placed again (its allocation moves with it), up to
+    /// `max_attempts` hosts in all.
+    async fn send(
         &self,
         log: &Logger,
         context: &RequestContext,
         mut spec: RequestSpec,
+        mut placement: Placement,
     ) {
-        let mut placement_request = match self.placement_request(&spec).await {
-            Ok(request) => request,
-            Err(reason) => return self.no_valid_host(log, &spec.instance_uuid, &reason).await,
-        };
         loop {
-            let selected = {
-                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                queue.select(&placement_request)
-            };
-            let placement = match selected {
-                Ok(placement) => placement,
-                Err(NoValidHost { reason }) => {
-                    return self.no_valid_host(log, &spec.instance_uuid, &reason).await
-                }
-            };
-            spec.retry.num_attempts += 1;
-            spec.retry.hosts.push(placement.hostname.clone());
             let args = ComputeRunInstance {
                 spec: spec.clone(),
                 node: placement.hostname.clone(),
-                limits: Limits {
-                    vcpu: placement.limits.vcpu,
-                    memory_mb: placement.limits.memory_mb,
-                    disk_gb: placement.limits.disk_gb,
-                },
+                limits: limits_of(&placement),
             };
-            match self.rpc.cast(&placement.rpc_endpoint, context, &args).await {
+            let error = match self.rpc.cast(&placement.rpc_endpoint, context, &args).await {
                 Ok(()) => {
                     info!(log, "instance placed"; "instance" => &spec.instance_uuid, "host" => &placement.hostname);
                     return;
                 }
-                Err(e) => {
-                    warn!(log, "compute did not take the instance; trying another host";
-                        "instance" => &spec.instance_uuid, "host" => &placement.hostname, "error" => %e);
-                    self.queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .release_host(&placement.hostname, &placement_request.resources);
-                    placement_request
-                        .avoid_hosts
-                        .push(placement.hostname.clone());
-                    self.unreachable
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(placement.hostname.clone(), chrono::Utc::now().naive_utc());
-                    if spec.retry.num_attempts >= self.config.max_attempts {
-                        let reason = format!(
-                            "Exceeded maximum number of attempts ({}); hosts tried: {}",
-                            self.config.max_attempts,
-                            spec.retry.hosts.join(", ")
-                        );
-                        return self.no_valid_host(log, &spec.instance_uuid, &reason).await;
-                    }
+                Err(e) => e,
+            };
+            warn!(log, "compute did not take the instance; trying another host";
+                "instance" => &spec.instance_uuid, "host" => &placement.hostname, "error" => %error);
+            self.unreachable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(placement.hostname.clone(), chrono::Utc::now().naive_utc());
+            self.queue
+                .lock()
+                .await
+                .mark_unavailable(&placement.hostname, UnavailableReason::NotAnswering);
+            spec.retry.last_error = Some(format!(
+                "{} did not take the instance: {error}",
+                placement.hostname
+            ));
+            let retry = ScheduleRunInstance {
+                specs: vec![spec],
+                min_count: 1,
+            };
+            match self.place(log, context, retry).await.pop() {
+                Some((next_spec, next_placement)) => {
+                    spec = next_spec;
+                    placement = next_placement;
                 }
+                None => return, // `place` recorded why
             }
         }
     }
 
-    async fn placement_request(&self, spec: &RequestSpec) -> Result<PlacementRequest, String> {
+    /// Finds and claims hosts for a batch; instances that get none go to ERROR here. Returns
+    /// each placed instance's spec (its retry now counting this host) and placement.
+    async fn place(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        args: ScheduleRunInstance,
+    ) -> Vec<(RequestSpec, Placement)> {
+        let ScheduleRunInstance { specs, min_count } = args;
+        let mut pending = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if spec.retry.num_attempts >= self.config.max_attempts.max(1) {
+                let mut reason = format!(
+                    "Exceeded maximum number of attempts ({}); hosts tried: {}.",
+                    self.config.max_attempts,
+                    spec.retry.hosts.join(", ")
+                );
+                if let Some(last) = &spec.retry.last_error {
+                    reason.push_str(&format!(" Last failure: {last}"));
+                }
+                self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+            } else {
+                pending.push(spec);
+            }
+        }
+        let Some(first) = pending.first() else {
+            return Vec::new();
+        };
+        let request = match self.placement_request(context, first).await {
+            Ok(request) => request,
+            Err(reason) => {
+                for spec in &pending {
+                    self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+                }
+                return Vec::new();
+            }
+        };
+        let min_count = (min_count.max(1) as usize).min(pending.len());
+
+        let mut queue = self.queue.lock().await;
+        let batch = match queue.select_many(&request, pending.len(), min_count) {
+            Ok(batch) => batch,
+            Err(NoValidHost { reason, .. }) => {
+                drop(queue);
+                for spec in &pending {
+                    self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+                }
+                return Vec::new();
+            }
+        };
+        let mut shortfall = batch.shortfall.map(|e| e.reason);
+        let mut claimed: Vec<(RequestSpec, Placement)> = Vec::with_capacity(pending.len());
+        let mut unplaced: Vec<(RequestSpec, String)> = Vec::new();
+        let mut specs = pending.into_iter();
+        for (spec, placement) in specs.by_ref().zip(batch.placements) {
+            match self
+                .claim(log, &mut queue, &request, &spec, placement)
+                .await
+            {
+                Ok(Some(placement)) => claimed.push((spec, placement)),
+                Ok(None) => {} // deleted meanwhile: nothing to build, nothing to record
+                Err(reason) => unplaced.push((spec, reason)),
+            }
+        }
+        let leftover: Vec<RequestSpec> = specs.collect();
+        if claimed.len() < min_count {
+            // All or nothing: give back what this batch took.
+            let placed = claimed.len();
+            let why = unplaced
+                .iter()
+                .map(|(_, reason)| reason.clone())
+                .next()
+                .or(shortfall.take())
+                .unwrap_or_default();
+            for (spec, placement) in claimed.drain(..) {
+                queue.release_host(&placement.hostname, &request.resources);
+                let db = self.db.clone();
+                let uuid = spec.instance_uuid.clone();
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || db.allocation_release(&uuid)).await
+                {
+                    warn!(log, "could not give back an allocation"; "instance" => &spec.instance_uuid, "error" => %e);
+                }
+                unplaced.push((spec, String::new()));
+            }
+            drop(queue);
+            let reason = format!(
+                "Only {placed} of the {min_count} instances required could be placed. {why}"
+            );
+            for spec in unplaced.into_iter().map(|(spec, _)| spec).chain(leftover) {
+                self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+            }
+            return Vec::new();
+        }
+        drop(queue);
+        for (spec, reason) in unplaced {
+            self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+        }
+        let reason = shortfall.unwrap_or_default();
+        for spec in leftover {
+            self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+        }
+        claimed
+            .into_iter()
+            .map(|(mut spec, placement)| {
+                spec.retry.num_attempts += 1;
+                spec.retry.hosts.push(placement.hostname.clone());
+                (spec, placement)
+            })
+            .collect()
+    }
+
+    /// Commits one placement to the database. A lost race (another scheduler took the room)
+    /// updates the queue with what the database says and walks on to the next host; a
+    /// refusal is `Err(reason)`; `Ok(None)` means the instance is gone.
+    async fn claim(
+        &self,
+        log: &Logger,
+        queue: &mut HostQueue,
+        request: &PlacementRequest,
+        spec: &RequestSpec,
+        mut placement: Placement,
+    ) -> Result<Option<Placement>, String> {
+        let usage = db::Placed {
+            vcpus: request.resources.requested_vcpus,
+            memory_mb: request.resources.requested_ram,
+            disk_mb: request.resources.requested_disk,
+        };
+        let forced = request.scheduler_host.is_some();
+        let unlimited = forced && request.skip_forced_host_resource_check;
+        // Every lost race makes one host look full, so this ends within a lap of the queue.
+        for _ in 0..=queue.len() + 1 {
+            let claim = AllocationClaim {
+                instance_uuid: spec.instance_uuid.clone(),
+                node_id: placement.node_id,
+                usage,
+                limits: claim_limits(&limits_of(&placement), unlimited),
+            };
+            let db = self.db.clone();
+            let outcome = tokio::task::spawn_blocking(move || db.allocation_claim(&claim))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match outcome {
+                Ok(ClaimOutcome::Claimed) => return Ok(Some(placement)),
+                Ok(ClaimOutcome::InstanceGone) => {
+                    queue.release_host(&placement.hostname, &request.resources);
+                    info!(log, "instance gone before it was placed"; "instance" => &spec.instance_uuid);
+                    return Ok(None);
+                }
+                Ok(ClaimOutcome::NoRoom(placed)) => {
+                    debug!(log, "lost a race for a host; walking on"; "instance" => &spec.instance_uuid, "host" => &placement.hostname);
+                    queue.release_host(&placement.hostname, &request.resources);
+                    queue.observe_placed(
+                        &placement.hostname,
+                        Placed {
+                            vcpus: placed.vcpus,
+                            memory_mb: placed.memory_mb,
+                            disk_mb: placed.disk_mb,
+                        },
+                    );
+                    if forced {
+                        return Err(format!(
+                            "Host {} has no room left for the request (taken since the host \
+                             queue was built)",
+                            placement.hostname
+                        ));
+                    }
+                }
+                Ok(ClaimOutcome::NodeGone) => {
+                    queue.release_host(&placement.hostname, &request.resources);
+                    queue.mark_unavailable(&placement.hostname, UnavailableReason::Down);
+                    if forced {
+                        return Err(format!("Host {} is gone", placement.hostname));
+                    }
+                }
+                Err(e) => {
+                    queue.release_host(&placement.hostname, &request.resources);
+                    warn!(log, "could not record the placement"; "instance" => &spec.instance_uuid, "error" => &e);
+                    return Err(format!("The placement could not be recorded: {e}"));
+                }
+            }
+            placement = queue.select(request).map_err(|e| e.reason)?;
+        }
+        queue.release_host(&placement.hostname, &request.resources);
+        Err("Every host with room was taken by other schedulers meanwhile".to_string())
+    }
+
+    /// The placement request for a spec: its resources, queue and hints, with the instance
+    /// hints resolved to host names.
+    async fn placement_request(
+        &self,
+        context: &RequestContext,
+        spec: &RequestSpec,
+    ) -> Result<PlacementRequest, String> {
         let hints = &spec.hints;
+        if hints.scheduler_host.is_some() && !context.is_admin() {
+            return Err("Only administrators may force a host with scheduler_host".to_string());
+        }
         let scheduler_host_match = match &hints.scheduler_host_match {
             Some(pattern) => Some(HostMatch::new(pattern).map_err(|e| e.to_string())?),
             None => None,
         };
-        let mut avoid_hosts = spec.retry.hosts.clone();
-        avoid_hosts.extend(
-            self.unreachable
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .cloned(),
-        );
-        if !hints.different_host.is_empty() {
-            let db = self.db.clone();
-            let uuids = hints.different_host.clone();
-            let others = tokio::task::spawn_blocking(move || db.instances_by_uuids(&uuids))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            avoid_hosts.extend(others.into_iter().filter_map(|i| i.host));
-        }
+        let different_host = self.instance_hosts(&hints.different_host).await?;
+        let same_host = if hints.same_host.is_empty() {
+            None
+        } else {
+            Some(self.instance_hosts(&hints.same_host).await?)
+        };
         let flavor = &spec.flavor;
+        let queue_name = hints
+            .queue_name
+            .clone()
+            .or_else(|| flavor.extra_specs.get("queue_name").cloned());
         Ok(PlacementRequest {
             resources: ResourceRequest::from_flavor(
                 flavor.vcpus,
@@ -369,12 +667,32 @@ impl Scheduler {
                 flavor.ephemeral_gb,
                 flavor.swap_mb,
             ),
-            queue_name: None,
+            queue_name,
             scheduler_host: hints.scheduler_host.clone(),
             scheduler_host_match,
-            avoid_hosts,
-            check_forced_host_resources: self.config.check_forced_host_resources,
+            same_host,
+            different_host,
+            tried_hosts: spec.retry.hosts.iter().cloned().collect(),
+            skip_forced_host_resource_check: self.config.force_hosts_skip_resource_check,
+            direction: if hints.sign == Some(-1) {
+                Direction::Backward
+            } else {
+                Direction::Forward
+            },
+            boundary_host: hints.boundary_host.clone(),
         })
+    }
+
+    async fn instance_hosts(&self, uuids: &[String]) -> Result<BTreeSet<String>, String> {
+        if uuids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let db = self.db.clone();
+        let uuids = uuids.to_vec();
+        tokio::task::spawn_blocking(move || db.instance_hosts(&uuids))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     async fn no_valid_host(&self, log: &Logger, uuid: &str, reason: &str) {
@@ -397,7 +715,7 @@ impl Scheduler {
         })
         .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) | Ok(Err(DbError::NotFound { .. })) => {}
             Ok(Err(e)) => {
                 warn!(log, "could not record the fault"; "instance" => uuid, "error" => %e)
             }
@@ -434,6 +752,9 @@ mod tests {
             created_at: seen,
             updated_at: Some(seen),
             deleted: 0,
+            placed_vcpus: 3,
+            placed_memory_mb: 256,
+            placed_disk_mb: 2048,
         };
         let service = db::Service {
             id: 1,
@@ -452,10 +773,41 @@ mod tests {
     }
 
     #[test]
+    fn claim_limits_round_down_and_a_skipped_check_has_none() {
+        let limits = Limits {
+            vcpu: 16.5,
+            memory_mb: 4095.9,
+            disk_gb: 1.5,
+        };
+        assert_eq!(
+            claim_limits(&limits, false),
+            db::Placed {
+                vcpus: 16,
+                memory_mb: 4095,
+                disk_mb: 1536
+            }
+        );
+        assert_eq!(claim_limits(&limits, true).vcpus, i64::MAX);
+        let nonsense = Limits {
+            vcpu: f64::NAN,
+            memory_mb: f64::INFINITY,
+            disk_gb: -1.0,
+        };
+        assert_eq!(
+            claim_limits(&nonsense, false),
+            db::Placed {
+                vcpus: 0,
+                memory_mb: i64::MAX,
+                disk_mb: -1024
+            }
+        );
+    }
+
+    #[test]
     fn a_row_carries_the_ratios_and_the_endpoint() {
-        let extra = r#"{"queue_name":"gpu","cpu_allocation_ratio":16.0,"ram_allocation_ratio":1.5,"disk_allocation_ratio":1.0}"#;
+        let extra = r#"{"queue_name":"gpu","cpu_allocation_ratio":16.0,"ram_allocation_ratio":1.5,"disk_allocation_ratio":1.0,"reserved_host_memory_mb":512}"#;
         let (node, service, now) = rows(5, extra);
-        let row = compute_node_row(&node, &service, now, 60);
+        let row = compute_node_row(&node, &service, now, &SchedulerConfig::default());
         assert!(row.up);
         assert_eq!(row.queue_name.as_deref(), Some("gpu"));
         assert_eq!(
@@ -467,21 +819,50 @@ mod tests {
             (row.vcpus_used, row.free_ram_mb, row.free_disk_gb),
             (1, 3584, 39)
         );
+        assert_eq!(
+            (row.node_id, row.placed, row.reserved_host_memory_mb),
+            (
+                1,
+                Placed {
+                    vcpus: 3,
+                    memory_mb: 256,
+                    disk_mb: 2048
+                },
+                512
+            )
+        );
     }
 
     #[test]
     fn a_silent_service_is_down_and_bad_extra_resources_fall_back_to_the_defaults() {
         let (node, service, now) = rows(61, "not json");
-        let row = compute_node_row(&node, &service, now, 60);
+        let row = compute_node_row(&node, &service, now, &SchedulerConfig::default());
         assert!(!row.up);
         assert_eq!(row.queue_name, None);
+        // Nova's initial_*_allocation_ratio defaults.
         assert_eq!(
             (
                 row.cpu_allocation_ratio,
                 row.ram_allocation_ratio,
                 row.disk_allocation_ratio
             ),
-            (1.0, 1.0, 1.0)
+            (4.0, 1.0, 1.0)
+        );
+        // A compute that sets only some ratios gets the defaults for the others.
+        let (node, service, now) = rows(0, r#"{"ram_allocation_ratio":1.5}"#);
+        let config = SchedulerConfig {
+            initial_cpu_allocation_ratio: 8.0,
+            ..Default::default()
+        };
+        let row = compute_node_row(&node, &service, now, &config);
+        assert!(row.up);
+        assert_eq!(
+            (
+                row.cpu_allocation_ratio,
+                row.ram_allocation_ratio,
+                row.disk_allocation_ratio
+            ),
+            (8.0, 1.5, 1.0)
         );
     }
 }
