@@ -321,11 +321,13 @@ impl HostQueue {
             self.release_host(&placement.hostname, &req.resources);
         }
         let mut err = shortfall.unwrap_or_else(|| no_valid_host(String::new()));
-        err.reason = format!(
-            "Only {} of the {min_count} instances required fit. {}",
-            placements.len(),
-            err.reason
-        );
+        if count > 1 {
+            err.reason = format!(
+                "Only {} of the {min_count} instances required fit. {}",
+                placements.len(),
+                err.reason
+            );
+        }
         Err(err)
     }
 

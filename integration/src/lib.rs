@@ -12,6 +12,28 @@ use serde_json::Value;
 
 use proto::service::ServiceHandle;
 
+/// The cirros image every fresh database has.
+pub const IMAGE: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
+
+/// For tests: quiet unless ZOVA_TEST_LOG is set, then every service logs to stderr.
+pub fn test_log() -> slog::Logger {
+    match std::env::var_os("ZOVA_TEST_LOG") {
+        Some(_) => proto::service::root_logger(
+            &proto::service::LogConfig {
+                debug: true,
+                ..Default::default()
+            },
+            "test",
+        ),
+        None => slog::Logger::root(slog::Discard, slog::o!()),
+    }
+}
+
+/// A create-server body.
+pub fn server_body(name: &str, flavor: &str) -> Value {
+    serde_json::json!({"server": {"name": name, "flavorRef": flavor, "imageRef": IMAGE}})
+}
+
 /// The size of one pretend compute host.
 #[derive(Debug, Clone)]
 pub struct HostSpec {
@@ -20,6 +42,8 @@ pub struct HostSpec {
     pub memory_mb: i64,
     pub local_gb: i64,
     pub cpu_allocation_ratio: f64,
+    /// The host queue (`kvm` when unset).
+    pub queue_name: Option<String>,
 }
 
 impl HostSpec {
@@ -30,6 +54,26 @@ impl HostSpec {
             memory_mb,
             local_gb,
             cpu_allocation_ratio: 16.0,
+            queue_name: None,
+        }
+    }
+}
+
+/// How a fabric is set up beyond its hosts.
+#[derive(Debug, Clone)]
+pub struct FabricOptions {
+    /// Scheduler services (each with its own sockets, database connections and host queue)
+    /// the conductor spreads work over.
+    pub schedulers: usize,
+    /// Their settings; `build_queue_period` is the fabric's own (0.3 s).
+    pub scheduler: scheduler::SchedulerConfig,
+}
+
+impl Default for FabricOptions {
+    fn default() -> Self {
+        FabricOptions {
+            schedulers: 1,
+            scheduler: scheduler::SchedulerConfig::default(),
         }
     }
 }
@@ -104,6 +148,7 @@ async fn start_compute(
                 memory_mb: Some(host.memory_mb),
                 local_gb: Some(host.local_gb),
                 cpu_allocation_ratio: Some(host.cpu_allocation_ratio),
+                queue_name: host.queue_name.clone().unwrap_or_else(|| "kvm".into()),
                 // Tests reason about whole host sizes.
                 reserved_host_memory_mb: 0,
                 report_interval: 1.0,
@@ -121,14 +166,13 @@ impl Fabric {
     /// Starts every service on ephemeral loopback ports and waits until the scheduler's host queue
     /// has seen every host.
     pub async fn start(hosts: &[HostSpec], log: slog::Logger) -> Result<Fabric, FabricError> {
-        Fabric::start_with_schedulers(hosts, 1, log).await
+        Fabric::start_with(hosts, FabricOptions::default(), log).await
     }
 
-    /// As [`Fabric::start`], with `schedulers` scheduler services (each with its own sockets,
-    /// database connections and host queue) that the conductor spreads work over.
-    pub async fn start_with_schedulers(
+    /// As [`Fabric::start`], with `options`.
+    pub async fn start_with(
         hosts: &[HostSpec],
-        schedulers: usize,
+        options: FabricOptions,
         log: slog::Logger,
     ) -> Result<Fabric, FabricError> {
         let state = tempfile::tempdir()?;
@@ -140,14 +184,14 @@ impl Fabric {
         let mut services = Vec::new();
 
         let mut scheduler_endpoints = Vec::new();
-        for n in 1..=schedulers.max(1) {
+        for n in 1..=options.schedulers.max(1) {
             let scheduler = scheduler::start(
                 scheduler::Config {
                     database: database.clone(),
                     rpc: rpc_config("", &[any.to_string()]),
                     scheduler: scheduler::SchedulerConfig {
                         build_queue_period: build_queue_period.as_secs_f64(),
-                        ..Default::default()
+                        ..options.scheduler.clone()
                     },
                     ..Default::default()
                 },
@@ -222,6 +266,11 @@ impl Fabric {
             .await?;
         fabric.wait_for_queue_rebuild().await;
         Ok(fabric)
+    }
+
+    /// The RPC endpoints of the services: `conductor`, `scheduler` and `schedulers`.
+    pub fn rpc(&self) -> &proto::service::RpcConfig {
+        &self.rpc
     }
 
     /// Sleeps long enough for the scheduler to rebuild its host queue at least once.

@@ -8,27 +8,16 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use integration::{three_hosts, Fabric};
+use integration::{three_hosts, Fabric, IMAGE};
 
-const IMAGE: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
-/// Quiet unless ZOVA_TEST_LOG is set, then every service logs to stderr.
 fn log() -> slog::Logger {
-    match std::env::var_os("ZOVA_TEST_LOG") {
-        Some(_) => proto::service::root_logger(
-            &proto::service::LogConfig {
-                debug: true,
-                ..Default::default()
-            },
-            "test",
-        ),
-        None => slog::Logger::root(slog::Discard, slog::o!()),
-    }
+    integration::test_log()
 }
 
 fn server(name: &str, flavor: &str) -> Value {
-    json!({"server": {"name": name, "flavorRef": flavor, "imageRef": IMAGE}})
+    integration::server_body(name, flavor)
 }
 
 fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {

@@ -457,15 +457,12 @@ impl Scheduler {
         let mut pending = Vec::with_capacity(specs.len());
         for spec in specs {
             if spec.retry.num_attempts >= self.config.max_attempts.max(1) {
-                let mut reason = format!(
+                let reason = format!(
                     "Exceeded maximum number of attempts ({}); hosts tried: {}.",
                     self.config.max_attempts,
                     spec.retry.hosts.join(", ")
                 );
-                if let Some(last) = &spec.retry.last_error {
-                    reason.push_str(&format!(" Last failure: {last}"));
-                }
-                self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+                self.no_valid_host(log, &spec, &reason).await;
             } else {
                 pending.push(spec);
             }
@@ -477,7 +474,7 @@ impl Scheduler {
             Ok(request) => request,
             Err(reason) => {
                 for spec in &pending {
-                    self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+                    self.no_valid_host(log, spec, &reason).await;
                 }
                 return Vec::new();
             }
@@ -490,7 +487,7 @@ impl Scheduler {
             Err(NoValidHost { reason, .. }) => {
                 drop(queue);
                 for spec in &pending {
-                    self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+                    self.no_valid_host(log, spec, &reason).await;
                 }
                 return Vec::new();
             }
@@ -499,7 +496,12 @@ impl Scheduler {
         let mut claimed: Vec<(RequestSpec, Placement)> = Vec::with_capacity(pending.len());
         let mut unplaced: Vec<(RequestSpec, String)> = Vec::new();
         let mut specs = pending.into_iter();
-        for (spec, placement) in specs.by_ref().zip(batch.placements) {
+        // Not `zip`: it would take one spec too many from `specs` when the placements run out.
+        for placement in batch.placements {
+            let Some(spec) = specs.next() else {
+                queue.release_host(&placement.hostname, &request.resources);
+                continue;
+            };
             match self
                 .claim(log, &mut queue, &request, &spec, placement)
                 .await
@@ -531,21 +533,25 @@ impl Scheduler {
                 unplaced.push((spec, String::new()));
             }
             drop(queue);
-            let reason = format!(
-                "Only {placed} of the {min_count} instances required could be placed. {why}"
-            );
+            let reason = if unplaced.len() + leftover.len() > 1 {
+                format!(
+                    "Only {placed} of the {min_count} instances required could be placed. {why}"
+                )
+            } else {
+                why
+            };
             for spec in unplaced.into_iter().map(|(spec, _)| spec).chain(leftover) {
-                self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+                self.no_valid_host(log, &spec, &reason).await;
             }
             return Vec::new();
         }
         drop(queue);
         for (spec, reason) in unplaced {
-            self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+            self.no_valid_host(log, &spec, &reason).await;
         }
         let reason = shortfall.unwrap_or_default();
         for spec in leftover {
-            self.no_valid_host(log, &spec.instance_uuid, &reason).await;
+            self.no_valid_host(log, &spec, &reason).await;
         }
         claimed
             .into_iter()
@@ -695,12 +701,21 @@ impl Scheduler {
             .map_err(|e| e.to_string())
     }
 
-    async fn no_valid_host(&self, log: &Logger, uuid: &str, reason: &str) {
-        let message = if reason.starts_with("No valid host was found") {
+    /// Puts the instance into ERROR with a "No valid host was found" fault; for a reschedule
+    /// the fault also says why the last host did not take it.
+    async fn no_valid_host(&self, log: &Logger, spec: &RequestSpec, reason: &str) {
+        let uuid = spec.instance_uuid.as_str();
+        let mut message = if reason.starts_with("No valid host was found") {
             reason.to_string()
         } else {
             format!("No valid host was found. {reason}")
         };
+        if let Some(last) = &spec.retry.last_error {
+            if !message.ends_with('.') {
+                message.push('.');
+            }
+            message.push_str(&format!(" Last failure: {last}"));
+        }
         warn!(log, "no valid host"; "instance" => uuid, "reason" => &message);
         let fault = NewFault {
             instance_uuid: uuid.to_string(),

@@ -1,0 +1,549 @@
+//! The scheduler under pressure and with every hint: several scheduler services racing over one
+//! SQLite file, bursts of creates, multi-create, reschedules, queues and instance hints. Every
+//! service is real (loopback ZeroMQ and HTTP, libvirt's test hypervisor).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use integration::{server_body, test_log, three_hosts, Fabric, FabricOptions, HostSpec, IMAGE};
+use proto::{
+    FlavorSpec, ImageSpec, QueueSummary, RebuildQueue, RequestContext, RequestSpec,
+    RescheduleInstance, RetrySpec, Rpc, RpcOptions,
+};
+
+const BUILD_LIMIT: Duration = Duration::from_secs(30);
+
+fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {
+    let mut body = server_body(name, flavor);
+    body["os:scheduler_hints"] = hints;
+    body
+}
+
+async fn boot(fabric: &Fabric, body: &Value) -> Value {
+    let id = fabric.create_server(body).await.expect("accepted");
+    fabric
+        .wait_until_built(&id, BUILD_LIMIT)
+        .await
+        .expect("left BUILD")
+}
+
+fn host_of(server: &Value) -> String {
+    server["OS-EXT-SRV-ATTR:host"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no host: {server}"))
+        .to_string()
+}
+
+/// `n` identical small hosts with no overcommit: each takes exactly two m1.tiny.
+fn small_hosts(n: usize) -> Vec<HostSpec> {
+    (1..=n)
+        .map(|i| HostSpec {
+            cpu_allocation_ratio: 1.0,
+            ..HostSpec::new(&format!("small-{i:02}"), 2, 2048, 20)
+        })
+        .collect()
+}
+
+/// Waits until none of `uuids` is building any more.
+async fn wait_until_settled(fabric: &Fabric, uuids: &[String], limit: Duration) {
+    fabric
+        .wait_for("every instance to leave building", limit, || {
+            Ok(fabric
+                .db
+                .instances_by_uuids(uuids)?
+                .iter()
+                .all(|i| i.vm_state != "building"))
+        })
+        .await
+        .expect("settled");
+}
+
+/// Checks the database's books: each node's placed totals equal the sum of its allocations and
+/// stay within its size; returns the placed vCPUs by host.
+fn check_placed_within_capacity(fabric: &Fabric) -> BTreeMap<String, i64> {
+    let sums = fabric.db.allocation_sums().expect("sums");
+    let mut by_host = BTreeMap::new();
+    for node in fabric.db.compute_nodes().expect("nodes") {
+        let summed = sums.get(&node.id).copied().unwrap_or_default();
+        assert_eq!(
+            (summed.vcpus, summed.memory_mb, summed.disk_mb),
+            (
+                node.placed_vcpus,
+                node.placed_memory_mb,
+                node.placed_disk_mb
+            ),
+            "running totals of {} match its allocations",
+            node.hypervisor_hostname
+        );
+        assert!(node.placed_vcpus <= node.vcpus, "{node:?}");
+        assert!(node.placed_memory_mb <= node.memory_mb, "{node:?}");
+        assert!(node.placed_disk_mb <= node.local_gb * 1024, "{node:?}");
+        by_host.insert(node.hypervisor_hostname.clone(), node.placed_vcpus);
+    }
+    by_host
+}
+
+fn client(log: &slog::Logger) -> Rpc {
+    let (rpc, _) = Rpc::start(log.clone(), None, RpcOptions::default()).expect("client socket");
+    rpc
+}
+
+fn admin() -> RequestContext {
+    RequestContext {
+        request_id: proto::new_request_id(),
+        user_id: "test".into(),
+        project_id: "default".into(),
+        roles: vec!["admin".into()],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_and_a_burst_of_500_creates_never_overcommit_a_host() {
+    let hosts = small_hosts(10);
+    let options = FabricOptions {
+        schedulers: 2,
+        ..Default::default()
+    };
+    let fabric = Arc::new(
+        Fabric::start_with(&hosts, options, test_log())
+            .await
+            .expect("fabric starts"),
+    );
+    let creates = 500;
+    let concurrency = 50;
+    let (next, ids) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (fabric, next, ids) = (fabric.clone(), next.clone(), ids.clone());
+        clients.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= creates {
+                    return;
+                }
+                let id = fabric
+                    .create_server(&server_body(&format!("burst-{n}"), "1"))
+                    .await
+                    .expect("accepted");
+                ids.lock().expect("ids").push(id);
+            }
+        });
+    }
+    while let Some(joined) = clients.join_next().await {
+        joined.expect("client task");
+    }
+    let uuids = ids.lock().expect("ids").clone();
+    assert_eq!(uuids.len(), creates);
+    wait_until_settled(&fabric, &uuids, Duration::from_secs(120)).await;
+
+    let instances = fabric.db.instances_by_uuids(&uuids).expect("instances");
+    let mut active_per_host: BTreeMap<String, i64> = BTreeMap::new();
+    let mut errors = 0;
+    for instance in &instances {
+        match instance.vm_state.as_str() {
+            "active" => {
+                *active_per_host
+                    .entry(instance.node.clone().expect("a node"))
+                    .or_default() += 1
+            }
+            "error" => {
+                errors += 1;
+                let fault = fabric
+                    .db
+                    .instance_fault_latest(&instance.uuid)
+                    .expect("fault")
+                    .expect("an error has a fault");
+                assert!(
+                    fault
+                        .message
+                        .starts_with("No valid host was found. 0/10 hosts in queue 'kvm'"),
+                    "{}",
+                    fault.message
+                );
+            }
+            other => panic!("instance {} ended {other}", instance.uuid),
+        }
+    }
+    // Ten hosts with room for two each: exactly twenty fit, no host holds more than two.
+    assert_eq!(
+        active_per_host.values().sum::<i64>(),
+        20,
+        "{active_per_host:?}"
+    );
+    assert!(
+        active_per_host.values().all(|&n| n <= 2),
+        "{active_per_host:?}"
+    );
+    assert_eq!(errors, creates - 20);
+    let placed = check_placed_within_capacity(&fabric);
+    assert_eq!(
+        placed, active_per_host,
+        "placed totals are the ACTIVE instances"
+    );
+    match Arc::try_unwrap(fabric) {
+        Ok(fabric) => fabric.stop().await,
+        Err(_) => panic!("fabric still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_all_or_nothing_for_min_count() {
+    // Room for three m1.tiny in all.
+    let hosts = [
+        HostSpec {
+            cpu_allocation_ratio: 1.0,
+            ..HostSpec::new("node-1", 2, 8192, 80)
+        },
+        HostSpec {
+            cpu_allocation_ratio: 1.0,
+            ..HostSpec::new("node-2", 1, 8192, 80)
+        },
+    ];
+    let fabric = Fabric::start(&hosts, test_log())
+        .await
+        .expect("fabric starts");
+    let batch = |name: &str, min: i64| {
+        json!({"server": {"name": name, "flavorRef": "1", "imageRef": IMAGE,
+                          "min_count": min, "max_count": 5}})
+    };
+    let settled = |prefix: &'static str| {
+        let fabric = &fabric;
+        async move {
+            let uuids: Vec<String> = fabric
+                .db
+                .instances_list(None)
+                .expect("list")
+                .into_iter()
+                .filter(|i| i.display_name.starts_with(prefix))
+                .map(|i| i.uuid)
+                .collect();
+            assert_eq!(uuids.len(), 5);
+            wait_until_settled(fabric, &uuids, BUILD_LIMIT).await;
+            fabric.db.instances_by_uuids(&uuids).expect("instances")
+        }
+    };
+
+    fabric
+        .create_server(&batch("all", 4))
+        .await
+        .expect("accepted");
+    let all = settled("all-").await;
+    assert!(all.iter().all(|i| i.vm_state == "error"), "{all:?}");
+    let fault = fabric
+        .db
+        .instance_fault_latest(&all[0].uuid)
+        .expect("fault")
+        .expect("a fault");
+    assert!(
+        fault.message.contains("Only 3 of the 4 instances required"),
+        "{}",
+        fault.message
+    );
+    assert!(check_placed_within_capacity(&fabric)
+        .values()
+        .all(|&v| v == 0));
+
+    fabric
+        .create_server(&batch("some", 2))
+        .await
+        .expect("accepted");
+    let some = settled("some-").await;
+    let active = some.iter().filter(|i| i.vm_state == "active").count();
+    assert_eq!(active, 3, "{some:?}");
+    assert_eq!(some.len() - active, 2);
+    assert_eq!(
+        check_placed_within_capacity(&fabric).values().sum::<i64>(),
+        3
+    );
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flavor_or_the_hint_picks_the_queue() {
+    let mut hosts = three_hosts();
+    hosts[2] = HostSpec {
+        queue_name: Some("gpu".into()),
+        ..HostSpec::new("gpu-1", 8, 8192, 80)
+    };
+    let fabric = Fabric::start(&hosts, test_log())
+        .await
+        .expect("fabric starts");
+    for i in 0..4 {
+        let server = boot(&fabric, &server_body(&format!("plain-{i}"), "1")).await;
+        assert_eq!(server["status"], "ACTIVE", "{server}");
+        assert_ne!(host_of(&server), "gpu-1");
+    }
+    fabric
+        .db
+        .flavor_extra_spec_set("2", "queue_name", "gpu")
+        .expect("extra spec");
+    let gpu = boot(&fabric, &server_body("gpu", "2")).await;
+    assert_eq!(host_of(&gpu), "gpu-1", "{gpu}");
+    // The hint overrides the flavor.
+    let kvm = boot(
+        &fabric,
+        &with_hints("kvm", "2", json!({"queue_name": "kvm"})),
+    )
+    .await;
+    assert_ne!(host_of(&kvm), "gpu-1", "{kvm}");
+    let nowhere = boot(
+        &fabric,
+        &with_hints("x", "1", json!({"queue_name": "nope"})),
+    )
+    .await;
+    assert_eq!(nowhere["status"], "ERROR");
+    assert_eq!(
+        nowhere["fault"]["message"],
+        "No valid host was found. No hosts in queue 'nope'"
+    );
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_host_and_different_host_follow_the_named_server() {
+    let fabric = Fabric::start(&three_hosts(), test_log())
+        .await
+        .expect("fabric starts");
+    let first = boot(&fabric, &server_body("first", "1")).await;
+    let (first_id, first_host) = (first["id"].clone(), host_of(&first));
+    for i in 0..3 {
+        let near = boot(
+            &fabric,
+            &with_hints(&format!("near-{i}"), "1", json!({"same_host": first_id})),
+        )
+        .await;
+        assert_eq!(host_of(&near), first_host, "{near}");
+        let far = boot(
+            &fabric,
+            &with_hints(
+                &format!("far-{i}"),
+                "1",
+                json!({"different_host": [first_id]}),
+            ),
+        )
+        .await;
+        assert_ne!(host_of(&far), first_host, "{far}");
+    }
+    fabric.stop().await;
+}
+
+/// A request spec for an instance row the test inserted itself.
+fn spec_for(uuid: &str, retry: RetrySpec) -> RequestSpec {
+    RequestSpec {
+        instance_uuid: uuid.into(),
+        display_name: uuid.into(),
+        project_id: "default".into(),
+        flavor: FlavorSpec {
+            flavorid: "1".into(),
+            name: "m1.tiny".into(),
+            vcpus: 1,
+            memory_mb: 512,
+            root_gb: 1,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            extra_specs: Default::default(),
+        },
+        image: ImageSpec {
+            id: IMAGE.into(),
+            name: "cirros".into(),
+            disk_format: "qcow2".into(),
+            location: None,
+        },
+        hints: Default::default(),
+        retry,
+    }
+}
+
+fn building_row(uuid: &str) -> db::NewInstance {
+    db::NewInstance {
+        uuid: uuid.into(),
+        display_name: uuid.into(),
+        project_id: "default".into(),
+        user_id: "test".into(),
+        flavorid: "1".into(),
+        image_ref: IMAGE.into(),
+        vcpus: 1,
+        memory_mb: 512,
+        root_gb: 1,
+        ephemeral_gb: 0,
+        swap_mb: 0,
+        vm_state: "building".into(),
+        task_state: Some("spawning".into()),
+        power_state: 0,
+        scheduler_hints: "{}".into(),
+        metadata: "{}".into(),
+        reservation_id: "r-test".into(),
+        launch_index: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_instance_is_rescheduled_elsewhere_until_attempts_run_out() {
+    let fabric = Fabric::start(&three_hosts(), test_log())
+        .await
+        .expect("fabric starts");
+    let log = test_log();
+    let rpc = client(&log);
+    let conductor = fabric.rpc().conductor.clone();
+
+    // node-1 refused it once: it lands on another host.
+    let again = uuid::Uuid::new_v4().to_string();
+    fabric
+        .db
+        .instance_create(&building_row(&again), "req-test")
+        .expect("row");
+    let retry = RetrySpec {
+        num_attempts: 1,
+        hosts: vec!["node-1".into()],
+        last_error: Some("Insufficient compute resources on node-1".into()),
+    };
+    rpc.cast(
+        &conductor,
+        &admin(),
+        &RescheduleInstance {
+            spec: spec_for(&again, retry),
+            host: "node-1".into(),
+            reason: "Insufficient compute resources on node-1".into(),
+        },
+    )
+    .await
+    .expect("conductor takes it");
+    let server = fabric
+        .wait_until_built(&again, BUILD_LIMIT)
+        .await
+        .expect("built");
+    assert_eq!(server["status"], "ACTIVE", "{server}");
+    assert_ne!(host_of(&server), "node-1");
+
+    // Three hosts have refused it: no fourth attempt.
+    let spent = uuid::Uuid::new_v4().to_string();
+    fabric
+        .db
+        .instance_create(&building_row(&spent), "req-test")
+        .expect("row");
+    let retry = RetrySpec {
+        num_attempts: 3,
+        hosts: vec!["node-1".into(), "node-2".into(), "node-3".into()],
+        last_error: Some("node-3 said no".into()),
+    };
+    rpc.cast(
+        &conductor,
+        &admin(),
+        &RescheduleInstance {
+            spec: spec_for(&spent, retry),
+            host: "node-3".into(),
+            reason: "node-3 said no".into(),
+        },
+    )
+    .await
+    .expect("conductor takes it");
+    let server = fabric
+        .wait_until_built(&spent, BUILD_LIMIT)
+        .await
+        .expect("settled");
+    assert_eq!(server["status"], "ERROR", "{server}");
+    assert_eq!(
+        server["fault"]["message"],
+        "No valid host was found. Exceeded maximum number of attempts (3); hosts tried: \
+         node-1, node-2, node-3. Last failure: node-3 said no"
+    );
+    rpc.shutdown();
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_refusing_a_forced_overcommit_sends_it_back_for_a_reschedule() {
+    let options = FabricOptions {
+        scheduler: scheduler::SchedulerConfig {
+            force_hosts_skip_resource_check: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let fabric = Fabric::start_with(&three_hosts(), options, test_log())
+        .await
+        .expect("fabric starts");
+    // m1.xlarge wants 16384 MB; node-1 has 4096. The scheduler skips its check as told, the
+    // database claim has no limit for it, and node-1's own claim refuses it.
+    let server = boot(
+        &fabric,
+        &with_hints("big", "5", json!({"scheduler_host": "node-1"})),
+    )
+    .await;
+    assert_eq!(server["status"], "ERROR", "{server}");
+    let message = server["fault"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with(
+            "No valid host was found. Host node-1 is excluded by the request: already tried."
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("Last failure: Insufficient compute resources on node-1"),
+        "{message}"
+    );
+    assert!(check_placed_within_capacity(&fabric)
+        .values()
+        .all(|&v| v == 0));
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_can_rebuild_the_queue_at_once() {
+    let fabric = Fabric::start(&three_hosts(), test_log())
+        .await
+        .expect("fabric starts");
+    let log = test_log();
+    let rpc = client(&log);
+    let scheduler = fabric.rpc().scheduler.clone();
+    let summary: QueueSummary = rpc
+        .call(&scheduler, &admin(), &RebuildQueue {})
+        .await
+        .expect("rebuilt");
+    assert_eq!(summary.queues, BTreeMap::from([("kvm".to_string(), 3)]));
+    assert!(summary.unavailable.is_empty());
+
+    fabric
+        .db
+        .service_set_disabled("node-3", "zova-compute", true, Some("maintenance"))
+        .expect("disable");
+    let summary: QueueSummary = rpc
+        .call(&scheduler, &admin(), &RebuildQueue {})
+        .await
+        .expect("rebuilt");
+    assert_eq!(summary.queues, BTreeMap::from([("kvm".to_string(), 2)]));
+    assert_eq!(
+        summary.unavailable,
+        BTreeMap::from([("node-3".to_string(), "disabled: maintenance".to_string())])
+    );
+    let mut hosts = BTreeSet::new();
+    for i in 0..6 {
+        hosts.insert(host_of(
+            &boot(&fabric, &server_body(&format!("vm-{i}"), "1")).await,
+        ));
+    }
+    assert!(!hosts.contains("node-3"), "{hosts:?}");
+
+    let refused = fabric
+        .http(
+            Method::POST,
+            "/v2.1/servers",
+            Some(&with_hints(
+                "bad",
+                "1",
+                json!({"scheduler_host_match": "("}),
+            )),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    rpc.shutdown();
+    fabric.stop().await;
+}
