@@ -112,18 +112,26 @@ impl Db {
     }
 
     /// Applies `changes` (and a fresh `updated_at`) to a live instance and returns the result.
+    /// An instance put into `error` gives back what was placed for it, in the same transaction
+    /// (a failed build leaves no domain behind).
     pub fn instance_update(&self, uuid: &str, changes: &InstanceChanges) -> Result<Instance> {
         let mut conn = self.conn()?;
-        diesel::update(
-            instances::table
-                .filter(instances::deleted.eq(0))
-                .filter(instances::uuid.eq(uuid)),
-        )
-        .set((changes, instances::updated_at.eq(now())))
-        .returning(Instance::as_returning())
-        .get_result(&mut conn)
-        .optional()?
-        .ok_or_else(|| instance_not_found(uuid))
+        conn.immediate_transaction(|conn| {
+            let instance = diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid)),
+            )
+            .set((changes, instances::updated_at.eq(now())))
+            .returning(Instance::as_returning())
+            .get_result(conn)
+            .optional()?
+            .ok_or_else(|| instance_not_found(uuid))?;
+            if changes.vm_state.as_deref() == Some("error") {
+                release_allocation(conn, uuid)?;
+            }
+            Ok(instance)
+        })
     }
 
     /// Puts a live instance into `error` and records why, together.

@@ -427,6 +427,22 @@ mod tests {
         .unwrap();
         assert_eq!(placed(&db, node_1), Placed::default());
         assert!(!db.allocation_release("b").unwrap(), "already given back");
+
+        // A compute reporting a failed build (an update to error) gives it back too.
+        db.instance_create(&instance("c"), "req-1").unwrap();
+        assert_eq!(
+            db.allocation_claim(&claim("c", node_1)).unwrap(),
+            ClaimOutcome::Claimed
+        );
+        db.instance_update(
+            "c",
+            &crate::InstanceChanges {
+                vm_state: Some("error".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(placed(&db, node_1), Placed::default());
         assert_eq!(placed(&db, node_1), Placed::default());
         assert!(db.allocation_sums().unwrap().is_empty());
 
