@@ -520,7 +520,7 @@ impl Scheduler {
                 .map(|(_, reason)| reason.clone())
                 .next()
                 .or(shortfall.take())
-                .unwrap_or_default();
+                .unwrap_or_else(|| "The others were deleted meanwhile.".to_string());
             for (spec, placement) in claimed.drain(..) {
                 queue.release_host(&placement.hostname, &request.resources);
                 let db = self.db.clone();
