@@ -291,9 +291,9 @@ impl HostQueue {
         }
     }
 
-    /// Places `count` instances of one request in one pass. If at least `min_count` fit, the
-    /// hosts found are kept (at most `count`) and `shortfall` says why the rest did not;
-    /// otherwise nothing stays charged and the error says why.
+    /// Places `count` instances of one request in one pass. If at least `min_count` fit (capped
+    /// to `count`, at least 1), the hosts found are kept (at most `count`) and `shortfall` says
+    /// why the rest did not; otherwise nothing stays charged and the error says why.
     pub fn select_many(
         &mut self,
         req: &PlacementRequest,
@@ -490,10 +490,19 @@ impl HostQueue {
         };
         let (vcpus, ram_mb, disk_gb) = req.charge();
         let vcpus = give_back(host.free_vcpus, vcpus, host.vcpus);
-        host.free_vcpus += vcpus;
-        host.vcpus_used -= vcpus;
-        host.free_memory_mb += give_back(host.free_memory_mb, ram_mb, host.memory_mb);
-        host.free_local_gb += give_back(host.free_local_gb, disk_gb, host.local_gb);
+        let free_vcpus = capped(host.free_vcpus + vcpus, host.free_vcpus, host.vcpus);
+        host.vcpus_used -= free_vcpus - host.free_vcpus;
+        host.free_vcpus = free_vcpus;
+        host.free_memory_mb = capped(
+            host.free_memory_mb + give_back(host.free_memory_mb, ram_mb, host.memory_mb),
+            host.free_memory_mb,
+            host.memory_mb,
+        );
+        host.free_local_gb = capped(
+            host.free_local_gb + give_back(host.free_local_gb, disk_gb, host.local_gb),
+            host.free_local_gb,
+            host.local_gb,
+        );
     }
 
     /// Records what the database says is placed on a host (a claim there lost a race): see
@@ -572,6 +581,12 @@ fn charge(host: &mut HostState, req: &ResourceRequest) {
     host.vcpus_used += vcpus;
     host.free_memory_mb -= ram_mb;
     host.free_local_gb -= disk_gb;
+}
+
+/// `raised`, but never above `capacity` (nor below `free`, when `free` was already above it):
+/// `free + (capacity - free)` can round past `capacity`.
+fn capped(raised: f64, free: f64, capacity: f64) -> f64 {
+    raised.min(capacity.max(free))
 }
 
 /// How much of `amount` can go back to `free` without rising above `capacity`. Computed as an
