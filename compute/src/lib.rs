@@ -600,7 +600,7 @@ impl Compute {
             }
             Err(ComputeError::Vanished(_)) => {
                 // Deleted while it was being built: clean up, there is no row to report to.
-                info!(log, "instance deleted during its build"; "instance" => &uuid);
+                info!(log, "instance deleted, in error or placed elsewhere during its build; cleaning up"; "instance" => &uuid);
                 self.remove_leftovers(&uuid).await;
                 self.report_resources(context).await;
             }
@@ -700,6 +700,7 @@ impl Compute {
             }),
             host: Some(self.config.host.clone()),
             node: Some(args.node.clone()),
+            expected_vm_state: Some(vm_state::BUILDING.into()),
             ..Default::default()
         };
         self.record(context, &spawning)
@@ -760,6 +761,7 @@ impl Compute {
                 power_state: power_state::RUNNING,
             }),
             launched: true,
+            expected_vm_state: Some(vm_state::BUILDING.into()),
             ..Default::default()
         };
         match self.record(context, &active).await.map_err(vanished_or_rpc) {
@@ -814,9 +816,13 @@ impl Compute {
 }
 
 /// A remote NotFound means the row was deleted while this compute worked on it.
+/// A conductor answer that means "this host must not (or no longer) build it": the row is
+/// gone, went to error, or the instance was placed on another host meanwhile.
 fn vanished_or_rpc(err: proto::ProtoError) -> ComputeError {
     match err {
-        proto::ProtoError::Remote(remote) if remote.kind == "NotFound" => {
+        proto::ProtoError::Remote(remote)
+            if remote.kind == "NotFound" || remote.kind == "Conflict" =>
+        {
             ComputeError::Vanished(remote.message)
         }
         other => ComputeError::Rpc(other),

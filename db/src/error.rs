@@ -15,6 +15,10 @@ pub enum DbError {
     #[error("{kind} {id} could not be found")]
     NotFound { kind: &'static str, id: String },
 
+    /// The row is not in the state the change expects (another actor changed it first).
+    #[error("conflict: {0}")]
+    Conflict(String),
+
     /// A statement failed (constraint violation, locked database, corrupt file, ...).
     #[error("database query failed: {0}")]
     Query(#[from] diesel::result::Error),

@@ -2,7 +2,7 @@
 
 use diesel::prelude::*;
 
-use crate::placement::release_allocation;
+use crate::placement::{allocation_node, release_allocation};
 use crate::schema::{instance_actions, instance_faults, instances};
 use crate::{
     check_json_object, now, Db, DbError, Instance, InstanceAction, InstanceChanges, InstanceFault,
@@ -115,8 +115,44 @@ impl Db {
     /// An instance put into `error` gives back what was placed for it, in the same transaction
     /// (a failed build leaves no domain behind).
     pub fn instance_update(&self, uuid: &str, changes: &InstanceChanges) -> Result<Instance> {
+        self.instance_update_expecting(uuid, changes, None)
+    }
+
+    /// As [`Db::instance_update`], but only while the instance is in `expected_vm_state`, and,
+    /// when the change names a node, only if the instance's resources are placed on that node
+    /// (or nowhere): otherwise [`DbError::Conflict`]. A compute uses it so that it never brings
+    /// back an instance that went to error or was placed elsewhere meanwhile.
+    pub fn instance_update_expecting(
+        &self,
+        uuid: &str,
+        changes: &InstanceChanges,
+        expected_vm_state: Option<&str>,
+    ) -> Result<Instance> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
+            if let Some(expected) = expected_vm_state {
+                let current: String = instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid))
+                    .select(instances::vm_state)
+                    .first(conn)
+                    .optional()?
+                    .ok_or_else(|| instance_not_found(uuid))?;
+                if current != expected {
+                    return Err(DbError::Conflict(format!(
+                        "instance {uuid} is {current}, not {expected}"
+                    )));
+                }
+                if let Some(Some(node)) = &changes.node {
+                    if let Some(placed_on) = allocation_node(conn, uuid)? {
+                        if &placed_on != node {
+                            return Err(DbError::Conflict(format!(
+                                "instance {uuid} is placed on {placed_on}, not {node}"
+                            )));
+                        }
+                    }
+                }
+            }
             let instance = diesel::update(
                 instances::table
                     .filter(instances::deleted.eq(0))

@@ -38,14 +38,18 @@ pub enum ClaimOutcome {
     NoRoom(Placed),
     /// The node row is gone.
     NodeGone,
-    /// The instance was deleted or is no longer building: nothing was taken.
+    /// The instance was deleted, is no longer waiting for a host (a compute already builds
+    /// it, or it is in error): nothing was taken.
     InstanceGone,
 }
 
 impl Db {
-    /// Takes the room for one instance on one node if it still fits (see the module doc).
-    /// A request for zero vCPUs or RAM is not checked against that limit, as the host queue
-    /// does not check it; disk is always checked.
+    /// Takes the room for one instance on one node if it still fits (see the module doc), and
+    /// records the node as the instance's host. Only an instance waiting for a host
+    /// (`building`/`scheduling`) can claim: once a compute has started to build it, a late
+    /// re-placement finds it gone rather than building it twice. A request for zero vCPUs or
+    /// RAM is not checked against that limit, as the host queue does not check it; disk is
+    /// always checked.
     pub fn allocation_claim(&self, claim: &AllocationClaim) -> Result<ClaimOutcome> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
@@ -53,6 +57,7 @@ impl Db {
                 .filter(instances::uuid.eq(&claim.instance_uuid))
                 .filter(instances::deleted.eq(0))
                 .filter(instances::vm_state.eq("building"))
+                .filter(instances::task_state.eq("scheduling"))
                 .count()
                 .get_result(conn)?;
             if building == 0 {
@@ -107,6 +112,17 @@ impl Db {
             }
 
             release_allocation(conn, &claim.instance_uuid)?;
+            let (host, node): (String, String) = compute_nodes::table
+                .find(claim.node_id)
+                .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
+                .first(conn)?;
+            diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
+                .set((
+                    instances::host.eq(host),
+                    instances::node.eq(node),
+                    instances::updated_at.eq(now()),
+                ))
+                .execute(conn)?;
             diesel::insert_into(allocations::table)
                 .values((
                     allocations::instance_uuid.eq(&claim.instance_uuid),
@@ -264,11 +280,24 @@ pub(crate) fn release_allocation(
     Ok(true)
 }
 
+/// The node (hypervisor hostname) an instance's resources are placed on, if any.
+pub(crate) fn allocation_node(
+    conn: &mut SqliteConnection,
+    instance_uuid: &str,
+) -> QueryResult<Option<String>> {
+    allocations::table
+        .inner_join(compute_nodes::table)
+        .filter(allocations::instance_uuid.eq(instance_uuid))
+        .select(compute_nodes::hypervisor_hostname)
+        .first(conn)
+        .optional()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::open_temp;
-    use crate::{ComputeNodeValues, NewFault, NewInstance};
+    use crate::{ComputeNodeValues, DbError, NewFault, NewInstance};
 
     fn instance(uuid: &str) -> NewInstance {
         NewInstance {
@@ -451,6 +480,118 @@ mod tests {
             db.allocation_claim(&claim("b", node_1)).unwrap(),
             ClaimOutcome::InstanceGone
         );
+    }
+
+    #[test]
+    fn the_migration_gives_running_instances_their_allocations() {
+        use diesel::connection::SimpleConnection;
+        use diesel_migrations::MigrationHarness;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zova.sqlite");
+        let path = path.to_str().unwrap();
+        {
+            // A database of the first schema version, with two instances on node-1.
+            let mut conn = SqliteConnection::establish(path).unwrap();
+            conn.run_next_migration(crate::MIGRATIONS).unwrap();
+            conn.batch_execute(
+                "INSERT INTO compute_nodes (host, hypervisor_hostname, hypervisor_type, vcpus,
+                     memory_mb, local_gb, vcpus_used, memory_mb_used, local_gb_used, free_ram_mb,
+                     free_disk_gb, running_vms, created_at)
+                 VALUES ('node-1', 'node-1', 'test', 8, 8192, 100, 3, 1536, 3, 6656, 97, 2,
+                     '2025-01-01 00:00:00');
+                 INSERT INTO instances (uuid, display_name, project_id, user_id, flavorid,
+                     image_ref, vcpus, memory_mb, root_gb, ephemeral_gb, swap_mb, vm_state,
+                     power_state, host, node, reservation_id, launch_index, created_at)
+                 VALUES
+                     ('a', 'a', 'p', 'u', '1', 'img', 1, 512, 1, 0, 0, 'active', 1, 'node-1',
+                      'node-1', 'r', 0, '2025-01-01 00:00:00'),
+                     ('b', 'b', 'p', 'u', '1', 'img', 2, 1024, 2, 1, 512, 'building', 0,
+                      'node-1', 'node-1', 'r', 0, '2025-01-01 00:00:00'),
+                     ('c', 'c', 'p', 'u', '1', 'img', 4, 4096, 4, 0, 0, 'error', 0, 'node-1',
+                      'node-1', 'r', 0, '2025-01-01 00:00:00');",
+            )
+            .unwrap();
+        }
+        let db = Db::open(path).unwrap();
+        let node = db.compute_nodes().unwrap().remove(0);
+        assert_eq!(
+            (
+                node.placed_vcpus,
+                node.placed_memory_mb,
+                node.placed_disk_mb
+            ),
+            (3, 1536, 1024 + 3 * 1024 + 512)
+        );
+        assert_eq!(
+            db.allocation_get("c").unwrap(),
+            None,
+            "an error holds nothing"
+        );
+        assert_eq!(db.allocation_sums().unwrap()[&node.id].vcpus, 3);
+    }
+
+    #[test]
+    fn once_a_compute_builds_it_an_instance_cannot_be_placed_again() {
+        let (_dir, db) = open_temp();
+        let node_1 = node(&db, "node-1", 2);
+        let node_2 = node(&db, "node-2", 2);
+        db.instance_create(&instance("a"), "req-1").unwrap();
+        assert_eq!(
+            db.allocation_claim(&claim("a", node_1)).unwrap(),
+            ClaimOutcome::Claimed
+        );
+        let placed = db.instance_get("a").unwrap().unwrap();
+        assert_eq!(
+            (placed.host.as_deref(), placed.node.as_deref()),
+            (Some("node-1"), Some("node-1")),
+            "the claim records the host"
+        );
+
+        // node-2 (a late copy of the cast) may not start it: it is placed on node-1.
+        let spawning_on = |node: &str| crate::InstanceChanges {
+            task_state: Some(Some("spawning".into())),
+            host: Some(Some(node.into())),
+            node: Some(Some(node.into())),
+            ..Default::default()
+        };
+        assert!(matches!(
+            db.instance_update_expecting("a", &spawning_on("node-2"), Some("building")),
+            Err(DbError::Conflict(_))
+        ));
+        db.instance_update_expecting("a", &spawning_on("node-1"), Some("building"))
+            .unwrap();
+        // Now node-1 builds it: a re-placement finds it gone and takes nothing.
+        assert_eq!(
+            db.allocation_claim(&claim("a", node_2)).unwrap(),
+            ClaimOutcome::InstanceGone
+        );
+        assert_eq!(placed_vcpus(&db, node_2), 0);
+
+        // An instance that went to error meanwhile is not brought back.
+        db.instance_update(
+            "a",
+            &crate::InstanceChanges {
+                vm_state: Some("error".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let active = crate::InstanceChanges {
+            vm_state: Some("active".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            db.instance_update_expecting("a", &active, Some("building")),
+            Err(DbError::Conflict(_))
+        ));
+        assert!(matches!(
+            db.instance_update_expecting("gone", &active, Some("building")),
+            Err(DbError::NotFound { .. })
+        ));
+    }
+
+    fn placed_vcpus(db: &Db, node_id: i64) -> i64 {
+        placed(db, node_id).vcpus
     }
 
     #[test]

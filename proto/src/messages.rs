@@ -92,7 +92,8 @@ pub struct SchedulerHints {
     /// The seed's walk direction: 1 (forward, the default) or -1.
     #[serde(default)]
     pub sign: Option<i8>,
-    /// The seed's `boundary_host`: the walk stops before this host.
+    /// The seed's `boundary_host`: the walk stops when it reaches this host, without checking
+    /// it (a walk that starts on it, or a host not in the queue, makes a full lap).
     #[serde(default)]
     pub boundary_host: Option<String>,
 }
@@ -222,6 +223,10 @@ pub struct InstanceUpdate {
     pub launched: bool,
     #[serde(default)]
     pub fault: Option<Fault>,
+    /// Apply only while the instance is in this vm_state (and, when `node` is set, placed on
+    /// that node); otherwise the conductor answers `Conflict` and changes nothing.
+    #[serde(default)]
+    pub expected_vm_state: Option<String>,
 }
 method!(InstanceUpdate, "instance_update", ());
 

@@ -29,3 +29,20 @@ CREATE TABLE flavor_extra_specs (
     created_at TIMESTAMP NOT NULL,
     CONSTRAINT uniq_flavor_extra_specs_flavor_id_spec_key UNIQUE (flavor_id, spec_key)
 );
+
+-- Instances that already run (or are being built) on a node hold their resources from the start,
+-- so an upgraded database does not look empty to the schedulers.
+INSERT INTO allocations (instance_uuid, compute_node_id, vcpus, memory_mb, disk_mb, created_at)
+SELECT i.uuid, n.id, i.vcpus, i.memory_mb, 1024 * (i.root_gb + i.ephemeral_gb) + i.swap_mb,
+       CURRENT_TIMESTAMP
+FROM instances i
+JOIN compute_nodes n ON n.host = i.host AND n.hypervisor_hostname = i.node AND n.deleted = 0
+WHERE i.deleted = 0 AND i.vm_state NOT IN ('error', 'deleted');
+
+UPDATE compute_nodes SET
+    placed_vcpus = COALESCE(
+        (SELECT SUM(a.vcpus) FROM allocations a WHERE a.compute_node_id = compute_nodes.id), 0),
+    placed_memory_mb = COALESCE(
+        (SELECT SUM(a.memory_mb) FROM allocations a WHERE a.compute_node_id = compute_nodes.id), 0),
+    placed_disk_mb = COALESCE(
+        (SELECT SUM(a.disk_mb) FROM allocations a WHERE a.compute_node_id = compute_nodes.id), 0);
