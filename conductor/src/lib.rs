@@ -135,6 +135,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
 fn remote(err: DbError) -> RemoteError {
     let kind = match err {
         DbError::NotFound { .. } => "NotFound",
+        DbError::Conflict(_) => "Conflict",
         _ => "Database",
     };
     RemoteError {
@@ -282,6 +283,19 @@ impl Conductor {
             return;
         }
         let uuids: Vec<String> = specs.iter().map(|s| s.instance_uuid.clone()).collect();
+        if uuids.len() < args.min_count as usize {
+            // All or nothing for min_count, as the scheduler would decide it.
+            let message = format!(
+                "Only {} of the {} instances required could be scheduled (the others failed \
+                 before placement).",
+                uuids.len(),
+                args.min_count
+            );
+            for uuid in &uuids {
+                self.fail(log, uuid, message.clone()).await;
+            }
+            return;
+        }
         let request = ScheduleRunInstance {
             specs,
             min_count: args.min_count,
@@ -308,15 +322,15 @@ impl Conductor {
         let db = self.db.clone();
         let lookup = uuid.clone();
         let reset = tokio::task::spawn_blocking(move || {
-            db.instance_update(
+            db.instance_update_expecting(
                 &lookup,
                 &InstanceChanges {
-                    vm_state: Some(proto::vm_state::BUILDING.into()),
                     task_state: Some(Some(proto::task_state::SCHEDULING.into())),
                     host: Some(None),
                     node: Some(None),
                     ..Default::default()
                 },
+                Some(proto::vm_state::BUILDING),
             )
         })
         .await;
@@ -324,6 +338,10 @@ impl Conductor {
             Ok(Ok(_)) => {}
             Ok(Err(DbError::NotFound { .. })) => {
                 info!(log, "instance deleted before its reschedule"; "instance" => &uuid);
+                return;
+            }
+            Ok(Err(DbError::Conflict(why))) => {
+                info!(log, "instance no longer building; not rescheduled"; "instance" => &uuid, "why" => why);
                 return;
             }
             Ok(Err(e)) => return self.fail(log, &uuid, e.to_string()).await,
@@ -453,7 +471,7 @@ fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
     if args.launched {
         changes.launched_at = Some(Some(chrono::Utc::now().naive_utc()));
     }
-    db.instance_update(&args.uuid, &changes)?;
+    db.instance_update_expecting(&args.uuid, &changes, args.expected_vm_state.as_deref())?;
     if let Some(fault) = args.fault {
         db.instance_fault_create(&NewFault {
             instance_uuid: args.uuid,

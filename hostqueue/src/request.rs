@@ -94,7 +94,7 @@ pub struct PlacementRequest {
     /// The seed's `sign`.
     pub direction: Direction,
     /// The seed's `boundary_host`: the walk stops when it reaches this host, without
-    /// checking it (if the walk starts on it, it makes a full lap).
+    /// checking it (a walk that starts on it, or a host not in the queue, makes a full lap).
     pub boundary_host: Option<String>,
 }
 

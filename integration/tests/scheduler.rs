@@ -459,7 +459,56 @@ async fn a_refused_instance_is_rescheduled_elsewhere_until_attempts_run_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compute_refusing_a_forced_overcommit_sends_it_back_for_a_reschedule() {
+async fn a_compute_that_refuses_an_instance_sends_it_back_and_it_lands_elsewhere() {
+    let fabric = Fabric::start(&three_hosts(), test_log())
+        .await
+        .expect("fabric starts");
+    let log = test_log();
+    let rpc = client(&log);
+    let node_1 = fabric
+        .db
+        .service_get("node-1", "zova-compute")
+        .expect("service")
+        .expect("node-1 registered")
+        .rpc_endpoint;
+    // What a scheduler with a stale view would send: limits node-1's own ledger cannot meet.
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let mut row = building_row(&uuid);
+    row.task_state = Some("scheduling".into());
+    fabric.db.instance_create(&row, "req-test").expect("row");
+    let retry = RetrySpec {
+        num_attempts: 1,
+        hosts: vec!["node-1".into()],
+        last_error: None,
+    };
+    rpc.cast(
+        &node_1,
+        &admin(),
+        &proto::ComputeRunInstance {
+            spec: spec_for(&uuid, retry),
+            node: "node-1".into(),
+            limits: proto::Limits {
+                vcpu: 0.5,
+                memory_mb: 4096.0,
+                disk_gb: 40.0,
+            },
+        },
+    )
+    .await
+    .expect("node-1 takes the cast");
+    let server = fabric
+        .wait_until_built(&uuid, BUILD_LIMIT)
+        .await
+        .expect("built");
+    assert_eq!(server["status"], "ACTIVE", "{server}");
+    assert_ne!(host_of(&server), "node-1");
+    check_placed_within_capacity(&fabric);
+    rpc.shutdown();
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_may_force_an_overcommit_when_the_check_is_off() {
     let options = FabricOptions {
         scheduler: scheduler::SchedulerConfig {
             force_hosts_skip_resource_check: true,
@@ -470,28 +519,28 @@ async fn a_compute_refusing_a_forced_overcommit_sends_it_back_for_a_reschedule()
     let fabric = Fabric::start_with(&three_hosts(), options, test_log())
         .await
         .expect("fabric starts");
-    // m1.xlarge wants 16384 MB; node-1 has 4096. The scheduler skips its check as told, the
-    // database claim has no limit for it, and node-1's own claim refuses it.
+    // m1.xlarge wants 16384 MB; node-1 has 4096. As with Nova's force_hosts, neither the
+    // scheduler nor the database claim nor the compute's claim stands in the way.
     let server = boot(
         &fabric,
         &with_hints("big", "5", json!({"scheduler_host": "node-1"})),
     )
     .await;
-    assert_eq!(server["status"], "ERROR", "{server}");
-    let message = server["fault"]["message"].as_str().unwrap_or_default();
-    assert!(
-        message.starts_with(
-            "No valid host was found. Host node-1 is excluded by the request: already tried."
-        ),
-        "{message}"
-    );
-    assert!(
-        message.contains("Last failure: Insufficient compute resources on node-1"),
-        "{message}"
-    );
-    assert!(check_placed_within_capacity(&fabric)
-        .values()
-        .all(|&v| v == 0));
+    assert_eq!(server["status"], "ACTIVE", "{server}");
+    assert_eq!(host_of(&server), "node-1");
+    let node_1 = fabric
+        .db
+        .compute_nodes()
+        .expect("nodes")
+        .into_iter()
+        .find(|n| n.hypervisor_hostname == "node-1")
+        .expect("node-1");
+    assert_eq!(node_1.placed_memory_mb, 16384);
+    // Without the hint the over-committed host is not offered again.
+    for i in 0..4 {
+        let other = boot(&fabric, &server_body(&format!("vm-{i}"), "1")).await;
+        assert_ne!(host_of(&other), "node-1", "{other}");
+    }
     fabric.stop().await;
 }
 

@@ -137,6 +137,8 @@ struct Scheduler {
     /// Hosts whose compute did not take a cast, and when: they count as down until they send a
     /// heartbeat after that, so later requests do not each wait for the same timeout.
     unreachable: Mutex<HashMap<String, chrono::NaiveDateTime>>,
+    /// A periodic or SIGHUP rebuild is under way.
+    rebuilding: std::sync::atomic::AtomicBool,
 }
 
 /// Opens the database, builds the host queue, binds `[rpc] scheduler` and serves until stopped.
@@ -161,6 +163,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
         rpc,
         queue: tokio::sync::Mutex::new(HostQueue::new(&config.scheduler.default_queue)),
         unreachable: Mutex::new(HashMap::new()),
+        rebuilding: std::sync::atomic::AtomicBool::new(false),
         config: config.scheduler,
     });
     scheduler.build_queue().await?;
@@ -177,8 +180,8 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
             tokio::select! {
                 _ = stopped(&mut stop_rx) => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                _ = rebuild.tick() => scheduler.rebuild_or_warn("periodic").await,
-                Some(()) = next_hangup(&mut hangup) => scheduler.rebuild_or_warn("SIGHUP").await,
+                _ = rebuild.tick() => scheduler.spawn_rebuild(&mut tasks, "periodic"),
+                Some(()) = next_hangup(&mut hangup) => scheduler.spawn_rebuild(&mut tasks, "SIGHUP"),
                 request = incoming.recv() => match request {
                     Some(request) => {
                         tasks.spawn(scheduler.clone().dispatch(request));
@@ -270,16 +273,9 @@ pub fn compute_node_row(
     }
 }
 
-/// What the database claim may take on a placement's node: the queue's limits in whole units,
-/// or no limit at all for a forced host whose check the operator turned off.
-fn claim_limits(limits: &Limits, unlimited: bool) -> db::Placed {
-    if unlimited {
-        return db::Placed {
-            vcpus: i64::MAX,
-            memory_mb: i64::MAX,
-            disk_mb: i64::MAX,
-        };
-    }
+/// What the database claim may take on a placement's node: the queue's limits in whole units.
+/// An infinite limit (a forced host whose check the operator turned off) is no limit.
+fn claim_limits(limits: &Limits) -> db::Placed {
     // `as` saturates and maps NaN to 0: a nonsense limit admits nothing.
     db::Placed {
         vcpus: limits.vcpu.floor() as i64,
@@ -334,6 +330,24 @@ impl Scheduler {
                 .map(|(host, why)| (host.clone(), why.reason.to_string()))
                 .collect(),
         })
+    }
+
+    /// Rebuilds in a task of its own, so the main loop keeps taking requests while the rebuild
+    /// waits for the queue lock; a rebuild already under way makes this one unnecessary.
+    fn spawn_rebuild(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>, why: &'static str) {
+        if self
+            .rebuilding
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let scheduler = self.clone();
+        tasks.spawn(async move {
+            scheduler.rebuild_or_warn(why).await;
+            scheduler
+                .rebuilding
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     async fn rebuild_or_warn(&self, why: &str) {
@@ -479,7 +493,17 @@ impl Scheduler {
                 return Vec::new();
             }
         };
-        let min_count = (min_count.max(1) as usize).min(pending.len());
+        let min_count = min_count.max(1) as usize;
+        if pending.len() < min_count {
+            let reason = format!(
+                "Only {} of the {min_count} instances required could be scheduled.",
+                pending.len()
+            );
+            for spec in &pending {
+                self.no_valid_host(log, spec, &reason).await;
+            }
+            return Vec::new();
+        }
 
         let mut queue = self.queue.lock().await;
         let batch = match queue.select_many(&request, pending.len(), min_count) {
@@ -580,14 +604,21 @@ impl Scheduler {
             disk_mb: request.resources.requested_disk,
         };
         let forced = request.scheduler_host.is_some();
-        let unlimited = forced && request.skip_forced_host_resource_check;
+        if forced && request.skip_forced_host_resource_check {
+            // As Nova's force_hosts: no limits for the database claim nor the compute's claim.
+            placement.limits = hostqueue::Limits {
+                vcpu: f64::INFINITY,
+                memory_mb: f64::INFINITY,
+                disk_gb: f64::INFINITY,
+            };
+        }
         // Every lost race makes one host look full, so this ends within a lap of the queue.
         for _ in 0..=queue.len() + 1 {
             let claim = AllocationClaim {
                 instance_uuid: spec.instance_uuid.clone(),
                 node_id: placement.node_id,
                 usage,
-                limits: claim_limits(&limits_of(&placement), unlimited),
+                limits: claim_limits(&limits_of(&placement)),
             };
             let db = self.db.clone();
             let outcome = tokio::task::spawn_blocking(move || db.allocation_claim(&claim))
@@ -788,28 +819,40 @@ mod tests {
     }
 
     #[test]
-    fn claim_limits_round_down_and_a_skipped_check_has_none() {
+    fn claim_limits_round_down_and_infinity_is_no_limit() {
         let limits = Limits {
             vcpu: 16.5,
             memory_mb: 4095.9,
             disk_gb: 1.5,
         };
         assert_eq!(
-            claim_limits(&limits, false),
+            claim_limits(&limits),
             db::Placed {
                 vcpus: 16,
                 memory_mb: 4095,
                 disk_mb: 1536
             }
         );
-        assert_eq!(claim_limits(&limits, true).vcpus, i64::MAX);
+        let unlimited = Limits {
+            vcpu: f64::INFINITY,
+            memory_mb: f64::INFINITY,
+            disk_gb: f64::INFINITY,
+        };
+        assert_eq!(
+            claim_limits(&unlimited),
+            db::Placed {
+                vcpus: i64::MAX,
+                memory_mb: i64::MAX,
+                disk_mb: i64::MAX
+            }
+        );
         let nonsense = Limits {
             vcpu: f64::NAN,
             memory_mb: f64::INFINITY,
             disk_gb: -1.0,
         };
         assert_eq!(
-            claim_limits(&nonsense, false),
+            claim_limits(&nonsense),
             db::Placed {
                 vcpus: 0,
                 memory_mb: i64::MAX,
