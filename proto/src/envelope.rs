@@ -23,7 +23,7 @@ pub enum Kind {
 }
 
 /// Who asked, carried from the HTTP request through every service so each log line shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestContext {
     /// `req-<uuid>`, the id returned in `x-openstack-request-id`.
     pub request_id: String,
@@ -33,6 +33,13 @@ pub struct RequestContext {
     pub project_id: String,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// When the sender stops waiting for this message, in milliseconds since the Unix epoch.
+    /// `Rpc` sets it on every cast and call from its timeouts unless the caller set an earlier
+    /// one. A service receiving a call past its deadline answers `DeadlineExceeded` instead of
+    /// doing work nobody waits for; the calls a handler makes inherit the deadline. A cast's
+    /// deadline ends with its ack, so the receiver sees none.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 impl RequestContext {
@@ -43,11 +50,49 @@ impl RequestContext {
             user_id: String::new(),
             project_id: project_id.to_string(),
             roles: vec!["admin".to_string()],
+            deadline_ms: None,
         }
     }
 
     pub fn is_admin(&self) -> bool {
         self.roles.iter().any(|r| r == "admin")
+    }
+
+    /// This context with a deadline `timeout` from now, or its own if that is earlier.
+    pub fn with_deadline_in(&self, timeout: std::time::Duration) -> Self {
+        let deadline = now_ms().saturating_add(timeout.as_millis().min(u64::MAX as u128) as u64);
+        RequestContext {
+            deadline_ms: Some(self.deadline_ms.map_or(deadline, |own| own.min(deadline))),
+            ..self.clone()
+        }
+    }
+
+    /// Whether the deadline has passed (a context without one never expires).
+    pub fn expired(&self) -> bool {
+        self.deadline_ms.is_some_and(|deadline| now_ms() > deadline)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
+        .unwrap_or(0)
+}
+
+/// The part of an envelope every version shares: enough to answer a frame this peer cannot
+/// otherwise read (another major version) with an error rather than silence.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Header {
+    pub version: (u16, u16),
+    pub msg_id: Uuid,
+    pub kind: Kind,
+}
+
+impl Header {
+    pub fn peek(bytes: &[u8]) -> Option<Header> {
+        decode(bytes).ok()
     }
 }
 
@@ -99,6 +144,32 @@ impl Envelope {
             method: method.to_string(),
             context: context.clone(),
             payload: encode(args)?,
+        })
+    }
+
+    /// The acknowledgement of a request: only its id matters to the sender, so it carries
+    /// neither method nor context (acks are the most frequent frame).
+    pub fn ack(msg_id: Uuid) -> Self {
+        Envelope {
+            version: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
+            msg_id,
+            kind: Kind::Ack,
+            method: String::new(),
+            context: RequestContext::default(),
+            payload: Vec::new(),
+        }
+    }
+
+    /// A refusal of a frame this peer cannot read (another major version): a reply carrying
+    /// the error, which the sender reports whether it cast or called.
+    pub fn refusal(header: &Header, error: RemoteError) -> Result<Self, ProtoError> {
+        Ok(Envelope {
+            version: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
+            msg_id: header.msg_id,
+            kind: Kind::Reply,
+            method: String::new(),
+            context: RequestContext::default(),
+            payload: encode(&ReplyBody::Err(error))?,
         })
     }
 
@@ -158,12 +229,54 @@ mod tests {
         color: Option<String>,
     }
 
+    #[test]
+    fn deadlines_only_move_earlier_and_expire() {
+        let open = ctx();
+        assert!(!open.expired());
+        let soon = open.with_deadline_in(std::time::Duration::from_secs(60));
+        let later = soon.with_deadline_in(std::time::Duration::from_secs(3600));
+        assert_eq!(
+            later.deadline_ms, soon.deadline_ms,
+            "a later deadline does not extend"
+        );
+        assert!(!soon.expired());
+        let past = RequestContext {
+            deadline_ms: Some(now_ms() - 1),
+            ..ctx()
+        };
+        assert!(past.expired());
+    }
+
+    #[test]
+    fn a_newer_major_version_can_still_be_answered() {
+        let mut env =
+            Envelope::request(Kind::Cast, "m", &ctx(), &ArgsV1 { name: "x".into() }).unwrap();
+        env.version = (PROTOCOL_MAJOR + 1, 0);
+        let bytes = env.to_bytes().unwrap();
+        assert!(Envelope::from_bytes(&bytes).is_err());
+        let header = Header::peek(&bytes).expect("the shared header");
+        assert_eq!((header.msg_id, header.kind), (env.msg_id, Kind::Cast));
+        let refusal = Envelope::refusal(
+            &header,
+            RemoteError {
+                kind: "VersionMismatch".into(),
+                message: "speaks 2".into(),
+            },
+        )
+        .unwrap();
+        let back = Envelope::from_bytes(&refusal.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.kind, Kind::Reply);
+        assert_eq!(back.msg_id, env.msg_id);
+        assert!(Header::peek(b"\x93garbage").is_none());
+    }
+
     fn ctx() -> RequestContext {
         RequestContext {
             request_id: "req-1".into(),
             user_id: "u".into(),
             project_id: "p".into(),
             roles: vec!["member".into()],
+            deadline_ms: None,
         }
     }
 

@@ -20,6 +20,48 @@ macro_rules! method {
     };
 }
 
+/// Declares one service's RPC surface: an enum with a variant per method it serves, decoded
+/// from a request in one place, so a service's dispatch is one exhaustive `match`.
+macro_rules! rpc_surface {
+    ($(#[$doc:meta])* $surface:ident { $($method:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        // Decoded once per request and moved into its handler; boxing the large variants
+        // would only add an allocation.
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum $surface {
+            $($method($method)),+
+        }
+
+        impl $surface {
+            /// The wire names of the methods this service serves.
+            pub const METHODS: &'static [&'static str] = &[$(<$method as Method>::NAME),+];
+
+            /// The typed request, `Ok(None)` for a method this service does not serve (a newer
+            /// peer's, or a stray frame), or the decoding error for malformed arguments.
+            pub fn decode(
+                method: &str,
+                payload: &[u8],
+            ) -> Result<Option<Self>, crate::ProtoError> {
+                $(
+                    if method == <$method as Method>::NAME {
+                        return crate::envelope::decode::<$method>(payload)
+                            .map(|args| Some($surface::$method(args)));
+                    }
+                )+
+                Ok(None)
+            }
+
+            /// The wire name of this request's method.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $($surface::$method(_) => <$method as Method>::NAME),+
+                }
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------- shared data
 
 /// Nova's vm_state values used on the create path.
@@ -250,6 +292,9 @@ pub struct ServiceRegister {
     pub host: String,
     pub binary: String,
     pub rpc_endpoint: String,
+    /// The CURVE public key (Z85) of that endpoint, when the service uses CURVE.
+    #[serde(default)]
+    pub rpc_public_key: Option<String>,
 }
 method!(ServiceRegister, "service_register", ());
 
@@ -326,3 +371,300 @@ method!(TerminateInstance, "terminate_instance", ());
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {}
 method!(Ping, "ping", String);
+
+// ---------------------------------------------------------------- service surfaces
+
+rpc_surface!(
+    /// What `zova-conductor` serves: scheduling requests from the API and computes, and the
+    /// compute nodes' database door.
+    ConductorApi {
+        BuildInstances,
+        RescheduleInstance,
+        InstanceUpdate,
+        InstanceDestroy,
+        InstancesOnHost,
+        ServiceRegister,
+        ServiceHeartbeat,
+        ComputeNodeUpdate,
+        Ping,
+    }
+);
+
+rpc_surface!(
+    /// What `zova-scheduler` serves.
+    SchedulerApi {
+        ScheduleRunInstance,
+        RebuildQueue,
+        Ping,
+    }
+);
+
+rpc_surface!(
+    /// What `zova-compute` serves.
+    ComputeApi {
+        ComputeRunInstance,
+        TerminateInstance,
+        Ping,
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> crate::RequestContext {
+        crate::RequestContext {
+            request_id: "req-1".into(),
+            user_id: "u".into(),
+            project_id: "p".into(),
+            roles: vec!["admin".into()],
+            deadline_ms: None,
+        }
+    }
+
+    /// Every method's arguments survive the envelope, and each surface decodes its own.
+    #[test]
+    fn every_message_type_round_trips_through_its_surface() {
+        let spec = RequestSpec {
+            instance_uuid: "i-1".into(),
+            display_name: "vm".into(),
+            project_id: "p".into(),
+            flavor: FlavorSpec {
+                flavorid: "1".into(),
+                name: "m1.tiny".into(),
+                vcpus: 1,
+                memory_mb: 512,
+                root_gb: 1,
+                ephemeral_gb: 0,
+                swap_mb: 0,
+                extra_specs: [("queue_name".to_string(), "gpu".to_string())].into(),
+            },
+            image: ImageSpec {
+                id: "img".into(),
+                name: "cirros".into(),
+                disk_format: "qcow2".into(),
+                location: Some("/images/cirros.qcow2".into()),
+            },
+            hints: SchedulerHints {
+                scheduler_host: Some("node-1".into()),
+                scheduler_host_match: Some("^node".into()),
+                different_host: vec!["a".into()],
+                same_host: vec!["b".into()],
+                queue_name: Some("gpu".into()),
+                sign: Some(-1),
+                boundary_host: Some("node-3".into()),
+            },
+            retry: RetrySpec {
+                num_attempts: 1,
+                hosts: vec!["node-2".into()],
+                last_error: Some("full".into()),
+            },
+        };
+        let limits = Limits {
+            vcpu: 16.0,
+            memory_mb: 4096.0,
+            disk_gb: 40.0,
+        };
+        fn through<M: Method + Clone>(args: &M) -> (String, Vec<u8>) {
+            let envelope =
+                crate::Envelope::request(crate::Kind::Call, M::NAME, &context(), args).unwrap();
+            let bytes = envelope.to_bytes().unwrap();
+            let back = crate::Envelope::from_bytes(&bytes).unwrap();
+            (back.method, back.payload)
+        }
+        macro_rules! check {
+            ($surface:ident, $variant:ident, $value:expr) => {{
+                let value = $value;
+                let (method, payload) = through(&value);
+                assert_eq!(
+                    $surface::decode(&method, &payload).unwrap(),
+                    Some($surface::$variant(value.clone())),
+                    "{}",
+                    stringify!($variant)
+                );
+            }};
+        }
+        check!(
+            ConductorApi,
+            BuildInstances,
+            BuildInstances {
+                instance_uuids: vec!["i-1".into(), "i-2".into()],
+                hints: spec.hints.clone(),
+                min_count: 2,
+            }
+        );
+        check!(
+            ConductorApi,
+            RescheduleInstance,
+            RescheduleInstance {
+                spec: spec.clone(),
+                host: "node-1".into(),
+                reason: "full".into(),
+            }
+        );
+        check!(
+            ConductorApi,
+            InstanceUpdate,
+            InstanceUpdate {
+                uuid: "i-1".into(),
+                state: Some(InstanceState {
+                    vm_state: vm_state::BUILDING.into(),
+                    task_state: Some(task_state::SPAWNING.into()),
+                    power_state: power_state::NOSTATE,
+                }),
+                host: Some("node-1".into()),
+                node: Some("node-1".into()),
+                launched: true,
+                fault: Some(Fault {
+                    code: 500,
+                    message: "boom".into(),
+                    details: "trace".into(),
+                }),
+                expected_vm_state: Some(vm_state::BUILDING.into()),
+            }
+        );
+        check!(
+            ConductorApi,
+            InstanceDestroy,
+            InstanceDestroy { uuid: "i-1".into() }
+        );
+        check!(
+            ConductorApi,
+            InstancesOnHost,
+            InstancesOnHost {
+                host: "node-1".into()
+            }
+        );
+        check!(
+            ConductorApi,
+            ServiceRegister,
+            ServiceRegister {
+                host: "node-1".into(),
+                binary: "zova-compute".into(),
+                rpc_endpoint: "tcp://127.0.0.1:5571".into(),
+                rpc_public_key: Some("rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7".into()),
+            }
+        );
+        check!(
+            ConductorApi,
+            ServiceHeartbeat,
+            ServiceHeartbeat {
+                host: "node-1".into(),
+                binary: "zova-compute".into(),
+            }
+        );
+        check!(
+            ConductorApi,
+            ComputeNodeUpdate,
+            ComputeNodeUpdate {
+                host: "node-1".into(),
+                hypervisor_hostname: "node-1".into(),
+                hypervisor_type: "QEMU".into(),
+                vcpus: 8,
+                memory_mb: 16384,
+                local_gb: 100,
+                vcpus_used: 1,
+                memory_mb_used: 512,
+                local_gb_used: 1,
+                running_vms: 1,
+                extra_resources: ExtraResources {
+                    queue_name: Some("kvm".into()),
+                    cpu_allocation_ratio: Some(16.0),
+                    ram_allocation_ratio: None,
+                    disk_allocation_ratio: Some(1.0),
+                    reserved_host_memory_mb: 512,
+                    reserved_host_disk_mb: 0,
+                },
+            }
+        );
+        check!(ConductorApi, Ping, Ping {});
+        check!(
+            SchedulerApi,
+            ScheduleRunInstance,
+            ScheduleRunInstance {
+                specs: vec![spec.clone()],
+                min_count: 1,
+            }
+        );
+        check!(SchedulerApi, RebuildQueue, RebuildQueue {});
+        check!(
+            ComputeApi,
+            ComputeRunInstance,
+            ComputeRunInstance {
+                spec: spec.clone(),
+                node: "node-1".into(),
+                limits,
+            }
+        );
+        check!(
+            ComputeApi,
+            TerminateInstance,
+            TerminateInstance { uuid: "i-1".into() }
+        );
+
+        // Replies too.
+        let summary = QueueSummary {
+            queues: [("kvm".to_string(), 3)].into(),
+            unavailable: [("node-9".to_string(), "disabled".to_string())].into(),
+        };
+        let bytes = crate::envelope::encode(&summary).unwrap();
+        assert_eq!(
+            crate::envelope::decode::<QueueSummary>(&bytes).unwrap(),
+            summary
+        );
+        let resources = vec![InstanceResources {
+            uuid: "i-1".into(),
+            vcpus: 1,
+            memory_mb: 512,
+            root_gb: 1,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            vm_state: "active".into(),
+        }];
+        let bytes = crate::envelope::encode(&resources).unwrap();
+        assert_eq!(
+            crate::envelope::decode::<Vec<InstanceResources>>(&bytes).unwrap(),
+            resources
+        );
+    }
+
+    #[test]
+    fn a_surface_does_not_serve_other_services_methods() {
+        let payload = crate::envelope::encode(&TerminateInstance { uuid: "i".into() }).unwrap();
+        assert_eq!(
+            SchedulerApi::decode("terminate_instance", &payload).unwrap(),
+            None
+        );
+        assert!(ComputeApi::decode("terminate_instance", b"\xc1").is_err());
+        assert!(SchedulerApi::METHODS.contains(&"build_queue"));
+        assert_eq!(
+            ComputeApi::decode("ping", &crate::envelope::encode(&Ping {}).unwrap())
+                .unwrap()
+                .map(|r| r.name()),
+            Some("ping")
+        );
+    }
+
+    /// A newer peer may add optional fields: an older one still decodes the message.
+    #[test]
+    fn extra_fields_from_a_newer_minor_version_are_ignored() {
+        #[derive(Serialize)]
+        struct NewerTerminate {
+            uuid: String,
+            graceful_timeout_s: u32,
+            reason: Option<String>,
+        }
+        let payload = crate::envelope::encode(&NewerTerminate {
+            uuid: "i-1".into(),
+            graceful_timeout_s: 30,
+            reason: Some("user".into()),
+        })
+        .unwrap();
+        assert_eq!(
+            ComputeApi::decode("terminate_instance", &payload).unwrap(),
+            Some(ComputeApi::TerminateInstance(TerminateInstance {
+                uuid: "i-1".into()
+            }))
+        );
+    }
+}

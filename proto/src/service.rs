@@ -11,7 +11,7 @@ use slog::{o, Drain, Logger};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::RpcOptions;
+use crate::{CurveConfig, RpcOptions};
 
 /// Loads a service's configuration: its defaults, then the TOML file (if given), then
 /// `ZOVA_<SECTION>__<KEY>` environment variables (e.g. `ZOVA_API__LISTEN=0.0.0.0:8774`).
@@ -49,11 +49,16 @@ impl Default for DatabaseConfig {
     }
 }
 
-/// `[rpc]`: where the conductor and the scheduler listen, and how long callers wait.
+/// `[rpc]`: where the conductor and the scheduler listen, how long callers wait, how the sockets
+/// behave, and (`[rpc.curve]`) the keys that encrypt and authenticate them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RpcConfig {
+    /// The conductor's endpoint (and the one a conductor binds by default).
     pub conductor: String,
+    /// Several conductors: the API and the computes spread work over them and move on when one
+    /// does not take a request. Empty: just `conductor`.
+    pub conductors: Vec<String>,
     /// The scheduler's endpoint (and the one a scheduler binds by default).
     pub scheduler: String,
     /// Several schedulers: callers spread work over them and move on when one does not take
@@ -61,21 +66,67 @@ pub struct RpcConfig {
     pub schedulers: Vec<String>,
     pub cast_timeout_ms: u64,
     pub call_timeout_ms: u64,
+    /// How long a closed socket still tries to send what it holds; 0 drops it at once.
+    pub linger_ms: u64,
+    /// Messages queued per connection, each way, before a send is refused.
+    pub sndhwm: u32,
+    pub rcvhwm: u32,
+    /// First and longest wait between attempts to reconnect to a peer that is away.
+    pub reconnect_ivl_ms: u64,
+    pub reconnect_ivl_max_ms: u64,
+    /// ZMTP heartbeats: ping interval, how long without an answer drops the connection, and how
+    /// long the peer waits before dropping it (0 turns heartbeats off).
+    pub heartbeat_ivl_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub heartbeat_ttl_ms: u64,
+    /// The largest message a socket sends or takes.
+    pub max_message_bytes: u64,
+    /// Requests to one peer that may wait for an answer at once; more are refused at once.
+    pub max_in_flight_per_peer: usize,
+    /// `[rpc.curve]`: absent, traffic is plain (tolerable on loopback only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curve: Option<CurveConfig>,
 }
 
 impl Default for RpcConfig {
     fn default() -> Self {
+        let options = RpcOptions::default();
         RpcConfig {
             conductor: "tcp://127.0.0.1:5560".into(),
+            conductors: Vec::new(),
             scheduler: "tcp://127.0.0.1:5561".into(),
             schedulers: Vec::new(),
-            cast_timeout_ms: 2000,
-            call_timeout_ms: 30000,
+            cast_timeout_ms: millis(options.cast_timeout),
+            call_timeout_ms: millis(options.call_timeout),
+            linger_ms: millis(options.linger),
+            sndhwm: options.sndhwm,
+            rcvhwm: options.rcvhwm,
+            reconnect_ivl_ms: millis(options.reconnect_ivl),
+            reconnect_ivl_max_ms: millis(options.reconnect_ivl_max),
+            heartbeat_ivl_ms: millis(options.heartbeat_ivl),
+            heartbeat_timeout_ms: millis(options.heartbeat_timeout),
+            heartbeat_ttl_ms: millis(options.heartbeat_ttl),
+            max_message_bytes: options.max_message_bytes,
+            max_in_flight_per_peer: options.max_in_flight_per_peer,
+            curve: None,
         }
     }
 }
 
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl RpcConfig {
+    /// The conductors to send work to: `conductors`, or else `conductor`.
+    pub fn conductor_endpoints(&self) -> Vec<String> {
+        if self.conductors.is_empty() {
+            vec![self.conductor.clone()]
+        } else {
+            self.conductors.clone()
+        }
+    }
+
     /// The schedulers to send work to: `schedulers`, or else `scheduler`.
     pub fn scheduler_endpoints(&self) -> Vec<String> {
         if self.schedulers.is_empty() {
@@ -85,10 +136,22 @@ impl RpcConfig {
         }
     }
 
+    /// The transport's options; keys are checked when `Rpc::start` takes them.
     pub fn options(&self) -> RpcOptions {
         RpcOptions {
             cast_timeout: Duration::from_millis(self.cast_timeout_ms),
             call_timeout: Duration::from_millis(self.call_timeout_ms),
+            linger: Duration::from_millis(self.linger_ms),
+            sndhwm: self.sndhwm,
+            rcvhwm: self.rcvhwm,
+            reconnect_ivl: Duration::from_millis(self.reconnect_ivl_ms),
+            reconnect_ivl_max: Duration::from_millis(self.reconnect_ivl_max_ms),
+            heartbeat_ivl: Duration::from_millis(self.heartbeat_ivl_ms),
+            heartbeat_timeout: Duration::from_millis(self.heartbeat_timeout_ms),
+            heartbeat_ttl: Duration::from_millis(self.heartbeat_ttl_ms),
+            max_message_bytes: self.max_message_bytes,
+            max_in_flight_per_peer: self.max_in_flight_per_peer,
+            curve: self.curve.clone(),
         }
     }
 }
@@ -284,6 +347,45 @@ mod tests {
         std::fs::write(&file, "[rpc]\ncast_timeout_ms = \"soon\"\n").expect("write");
         let err = load_config::<Sample>(Some(&file)).expect_err("wrong type");
         assert!(err.to_string().contains("cast_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn rpc_defaults_match_the_transport_and_curve_comes_from_its_own_section() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("zova.toml");
+        let (public, secret) = crate::curve::generate_key_pair().expect("pair");
+        std::fs::write(
+            &file,
+            format!(
+                "[rpc]\nsndhwm = 5\n[rpc.curve]\npublic_key = \"{public}\"\n\
+                 secret_key = \"{secret}\"\ntrusted_clients = [\"{public}\"]\n"
+            ),
+        )
+        .expect("write");
+        let sample: Sample = load_config(Some(&file)).expect("loads");
+        let options = sample.rpc.options();
+        assert_eq!(options.sndhwm, 5);
+        assert_eq!(options.rcvhwm, RpcOptions::default().rcvhwm);
+        let curve = options.curve.expect("curve section");
+        assert_eq!(curve.secret_key, secret);
+        assert_eq!(curve.trusted_clients, vec![public]);
+        assert!(curve.server_public_key.is_empty());
+        assert!(!format!("{sample:?}").contains(&secret));
+
+        let plain = RpcConfig::default().options();
+        let defaults = RpcOptions::default();
+        assert!(plain.curve.is_none());
+        assert_eq!(
+            (plain.linger, plain.reconnect_ivl, plain.heartbeat_ttl),
+            (
+                defaults.linger,
+                defaults.reconnect_ivl,
+                defaults.heartbeat_ttl
+            )
+        );
+        assert_eq!(plain.max_message_bytes, 16 * 1024 * 1024);
+        let loaded: Sample = load_config(None).expect("defaults load");
+        assert!(loaded.rpc.curve.is_none());
     }
 
     #[test]

@@ -3,28 +3,60 @@
 //! to that thread through an inproc PUSH/PULL pair and wait on oneshot channels.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use slog::{debug, warn, Logger};
+use slog::{debug, info, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::envelope::{decode, encode, Envelope, Kind, RemoteError, ReplyBody, RequestContext};
+use crate::curve::{self, CurveConfig, CurveKeys, Key};
+use crate::envelope::{
+    decode, encode, Envelope, Header, Kind, RemoteError, ReplyBody, RequestContext, PROTOCOL_MAJOR,
+};
 use crate::messages::Method;
 use crate::ProtoError;
 
-/// Frames larger than this are refused by ZeroMQ before they reach the decoder.
-const MAX_FRAME_BYTES: i64 = 16 * 1024 * 1024;
 const CMD_ENDPOINT: &str = "inproc://zova-rpc-commands";
+/// Where libzmq looks for the ZAP handler of the sockets in a context (RFC 27).
+const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
+/// A client with an untrusted key retries its handshake every reconnect interval; one warning
+/// per this period says so without flooding the log.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy)]
+/// How a service's sockets behave. `RpcConfig::options()` builds it from `[rpc]`; every socket
+/// option applies to the ROUTER and to each DEALER alike.
+#[derive(Debug, Clone)]
 pub struct RpcOptions {
     /// How long a cast waits for the peer's ack before it fails (the peer is down or unreachable).
     pub cast_timeout: Duration,
     /// How long a call waits for the reply.
     pub call_timeout: Duration,
+    /// How long a closed socket keeps trying to send what it still holds (ZMQ_LINGER). Zero:
+    /// a caller that gave up on a request must not have it delivered later.
+    pub linger: Duration,
+    /// Messages queued per connection before a send is refused (ZMQ_SNDHWM, ZMQ_RCVHWM).
+    pub sndhwm: u32,
+    pub rcvhwm: u32,
+    /// The first wait before reconnecting to a peer, doubled up to the maximum while it stays
+    /// away (ZMQ_RECONNECT_IVL, ZMQ_RECONNECT_IVL_MAX).
+    pub reconnect_ivl: Duration,
+    pub reconnect_ivl_max: Duration,
+    /// ZMTP heartbeats: a ping this often, the connection dropped when nothing comes back within
+    /// the timeout, and the peer told to drop it after the TTL (ZMQ_HEARTBEAT_*). They find a peer
+    /// whose host vanished without closing its TCP connections.
+    pub heartbeat_ivl: Duration,
+    pub heartbeat_timeout: Duration,
+    pub heartbeat_ttl: Duration,
+    /// The largest frame a socket takes (ZMQ_MAXMSGSIZE); a larger one drops the connection, so
+    /// this side refuses to send one.
+    pub max_message_bytes: u64,
+    /// Requests to one peer that may wait for their ack or reply at once; one more is refused at
+    /// once, so a dead peer cannot make the waiting requests grow without bound.
+    pub max_in_flight_per_peer: usize,
+    /// CURVE keys: with them every socket is encrypted and authenticated. None: plain ZMTP.
+    pub curve: Option<CurveConfig>,
 }
 
 impl Default for RpcOptions {
@@ -32,8 +64,54 @@ impl Default for RpcOptions {
         RpcOptions {
             cast_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(30),
+            linger: Duration::ZERO,
+            sndhwm: 10_000,
+            rcvhwm: 10_000,
+            reconnect_ivl: Duration::from_millis(100),
+            reconnect_ivl_max: Duration::from_secs(5),
+            heartbeat_ivl: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(6),
+            heartbeat_ttl: Duration::from_secs(6),
+            max_message_bytes: 16 * 1024 * 1024,
+            max_in_flight_per_peer: 10_000,
+            curve: None,
         }
     }
+}
+
+impl RpcOptions {
+    fn check(&self) -> Result<(), ProtoError> {
+        if self.max_in_flight_per_peer == 0 {
+            return Err(ProtoError::Config(
+                "rpc.max_in_flight_per_peer must be at least 1".into(),
+            ));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(ProtoError::Config(
+                "rpc.max_message_bytes must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// ZeroMQ takes milliseconds and counts as C ints; anything larger is as good as forever.
+fn c_int(value: u128) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn apply_options(socket: &zmq::Socket, options: &RpcOptions) -> Result<(), zmq::Error> {
+    socket.set_linger(c_int(options.linger.as_millis()))?;
+    socket.set_sndhwm(c_int(options.sndhwm.into()))?;
+    socket.set_rcvhwm(c_int(options.rcvhwm.into()))?;
+    socket.set_reconnect_ivl(c_int(options.reconnect_ivl.as_millis()))?;
+    socket.set_reconnect_ivl_max(c_int(options.reconnect_ivl_max.as_millis()))?;
+    socket.set_heartbeat_ivl(c_int(options.heartbeat_ivl.as_millis()))?;
+    socket.set_heartbeat_timeout(c_int(options.heartbeat_timeout.as_millis()))?;
+    // The TTL travels in tenths of a second in 16 bits.
+    socket.set_heartbeat_ttl(c_int(options.heartbeat_ttl.as_millis()).min(6_553_500))?;
+    socket.set_maxmsgsize(i64::try_from(options.max_message_bytes).unwrap_or(i64::MAX))?;
+    Ok(())
 }
 
 enum Waiter {
@@ -41,17 +119,74 @@ enum Waiter {
     Reply(oneshot::Sender<Result<ReplyBody, ProtoError>>),
 }
 
-/// A request waiting for its ack or reply, and the peer it went to.
+/// A request waiting for its ack or reply, the peer it goes to, and the connection (DEALER) it
+/// went out on once the I/O thread has sent it.
 struct Pending {
     endpoint: String,
     waiter: Waiter,
+    connection: Option<u64>,
 }
 
-type PendingMap = Arc<Mutex<HashMap<Uuid, Pending>>>;
+/// The requests waiting for an answer, and how many wait on each peer.
+#[derive(Default)]
+struct PendingTable {
+    requests: HashMap<Uuid, Pending>,
+    per_peer: HashMap<String, usize>,
+}
 
-fn lock(pending: &PendingMap) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
-    // A poisoned map only means another thread panicked mid-insert; the map itself is intact.
-    pending.lock().unwrap_or_else(|p| p.into_inner())
+impl PendingTable {
+    fn waiting_on(&self, endpoint: &str) -> usize {
+        self.per_peer.get(endpoint).copied().unwrap_or(0)
+    }
+
+    fn insert(&mut self, msg_id: Uuid, pending: Pending) {
+        *self.per_peer.entry(pending.endpoint.clone()).or_default() += 1;
+        if let Some(replaced) = self.requests.insert(msg_id, pending) {
+            self.uncount(&replaced.endpoint);
+        }
+    }
+
+    fn remove(&mut self, msg_id: &Uuid) -> Option<Pending> {
+        let pending = self.requests.remove(msg_id)?;
+        self.uncount(&pending.endpoint);
+        Some(pending)
+    }
+
+    /// Takes out the requests sent on one connection; those still queued for the I/O thread will
+    /// go out on the next one.
+    fn remove_sent_on(&mut self, connection: u64) -> Vec<Pending> {
+        let ids: Vec<Uuid> = self
+            .requests
+            .iter()
+            .filter(|(_, p)| p.connection == Some(connection))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    fn clear(&mut self) {
+        self.requests.clear();
+        self.per_peer.clear();
+    }
+
+    fn uncount(&mut self, endpoint: &str) {
+        if let Some(count) = self.per_peer.get_mut(endpoint) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_peer.remove(endpoint);
+            }
+        }
+    }
+}
+
+type PendingMap = Arc<Mutex<PendingTable>>;
+/// Server keys registered with `set_peer_key`, read by the I/O thread when it opens a DEALER.
+type PeerKeys = Arc<Mutex<HashMap<String, Key>>>;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update; the maps stay consistent
+    // because every update is a single insert or remove.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Removes a request's entry when its caller stops waiting for any reason, a dropped future
@@ -73,6 +208,7 @@ pub struct Incoming {
     pub envelope: Envelope,
     identity: Vec<u8>,
     commands: CommandSocket,
+    max_message_bytes: u64,
     replied: bool,
 }
 
@@ -112,21 +248,49 @@ impl Incoming {
         }));
     }
 
+    /// Answers a request whose arguments this service cannot decode.
+    pub fn reply_invalid_args(mut self, err: &ProtoError) {
+        let message = format!("{}: {err}", self.envelope.method);
+        self.send_reply(ReplyBody::Err(RemoteError {
+            kind: "InvalidArgs".into(),
+            message,
+        }));
+    }
+
     fn send_reply(&mut self, body: ReplyBody) {
         if self.replied || self.envelope.kind != Kind::Call {
             self.replied = true;
             return;
         }
         self.replied = true;
-        let Ok(payload) = encode(&body) else { return };
-        let Ok(bytes) = self.envelope.answer(Kind::Reply, payload).to_bytes() else {
+        let Ok(mut bytes) = self.reply_bytes(body) else {
             return;
         };
+        if bytes.len() as u64 > self.max_message_bytes {
+            // The caller's socket would drop the connection on a frame over the limit, and every
+            // other request on it with the connection; tell it why instead.
+            let too_large = ReplyBody::Err(RemoteError {
+                kind: "TooLarge".into(),
+                message: ProtoError::TooLarge {
+                    bytes: bytes.len(),
+                    limit: self.max_message_bytes,
+                }
+                .to_string(),
+            });
+            let Ok(short) = self.reply_bytes(too_large) else {
+                return;
+            };
+            bytes = short;
+        }
         if let Ok(socket) = self.commands.lock() {
             // The I/O thread is gone only at shutdown, when nobody waits for the reply any more;
             // DONTWAIT because a PUSH without its peer would block forever.
             let _ = socket.send_multipart([&b"reply"[..], &self.identity, &bytes], zmq::DONTWAIT);
         }
+    }
+
+    fn reply_bytes(&self, body: ReplyBody) -> Result<Vec<u8>, ProtoError> {
+        self.envelope.answer(Kind::Reply, encode(&body)?).to_bytes()
     }
 }
 
@@ -148,6 +312,7 @@ pub struct Rpc {
     options: RpcOptions,
     commands: CommandSocket,
     pending: PendingMap,
+    peer_keys: PeerKeys,
     endpoint: Option<String>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -155,12 +320,18 @@ pub struct Rpc {
 impl Rpc {
     /// Starts the I/O thread. With `bind`, the service also serves requests: they arrive on the
     /// returned receiver (already acknowledged to their senders). `tcp://127.0.0.1:*` binds an
-    /// ephemeral port; `endpoint()` says which.
+    /// ephemeral port; `endpoint()` says which. Invalid options or keys are an error here.
     pub fn start(
         log: Logger,
         bind: Option<&str>,
         options: RpcOptions,
     ) -> Result<(Rpc, Option<mpsc::UnboundedReceiver<Incoming>>), ProtoError> {
+        options.check()?;
+        let curve = options
+            .curve
+            .as_ref()
+            .map(CurveKeys::from_config)
+            .transpose()?;
         let context = zmq::Context::new();
         let command_pull = context.socket(zmq::PULL)?;
         command_pull.bind(CMD_ENDPOINT)?;
@@ -170,12 +341,27 @@ impl Rpc {
         command_push.connect(CMD_ENDPOINT)?;
         let commands: CommandSocket = Arc::new(Mutex::new(command_push));
 
+        // Bound before the ROUTER: a CURVE server with no ZAP handler lets every client in.
+        let zap = match (&curve, bind) {
+            (Some(_), Some(_)) => {
+                let zap = context.socket(zmq::REP)?;
+                zap.set_linger(0)?;
+                zap.bind(ZAP_ENDPOINT)?;
+                Some(zap)
+            }
+            _ => None,
+        };
+
         let (router, endpoint, incoming) = match bind {
             Some(address) => {
                 let router = context.socket(zmq::ROUTER)?;
-                router.set_linger(0)?;
-                router.set_maxmsgsize(MAX_FRAME_BYTES)?;
+                apply_options(&router, &options)?;
                 router.set_router_mandatory(true)?;
+                if let Some(keys) = &curve {
+                    router.set_curve_server(true)?;
+                    router.set_curve_publickey(&keys.public)?;
+                    router.set_curve_secretkey(&keys.secret)?;
+                }
                 router.bind(address).map_err(|source| ProtoError::Bind {
                     endpoint: address.to_string(),
                     source,
@@ -192,17 +378,33 @@ impl Rpc {
             Some((tx, rx)) => (Some(tx), Some(rx)),
             None => (None, None),
         };
+        log_security(&log, bind, curve.as_ref());
 
-        let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
+        let pending: PendingMap = Arc::default();
+        let peer_keys: PeerKeys = Arc::default();
+        if let Some(config) = &options.curve {
+            for (endpoint, key) in &config.peer_keys {
+                let key = curve::decode_key(key).map_err(|reason| {
+                    ProtoError::Config(format!("rpc.curve.peer_keys[{endpoint}] {reason}"))
+                })?;
+                lock(&peer_keys).insert(endpoint.clone(), key);
+            }
+        }
         let io = IoThread {
             log: log.clone(),
-            context,
+            options: options.clone(),
             router,
+            zap,
             command_pull,
             dealers: HashMap::new(),
+            connections_opened: 0,
+            curve,
+            peer_keys: peer_keys.clone(),
+            refusals: RefusalLog::default(),
             incoming: incoming_tx,
             pending: pending.clone(),
             commands: commands.clone(),
+            context,
         };
         let thread = std::thread::Builder::new()
             .name("zova-rpc-io".into())
@@ -213,6 +415,7 @@ impl Rpc {
             options,
             commands,
             pending,
+            peer_keys,
             endpoint,
             thread: Mutex::new(Some(thread)),
         };
@@ -224,6 +427,20 @@ impl Rpc {
         self.endpoint.as_deref()
     }
 
+    /// Registers the CURVE server key (Z85) of the service at `endpoint`, used for it instead of
+    /// `rpc.curve.server_public_key`. A changed key replaces the connection to it; requests still
+    /// waiting on the old one fail as `Refused`. Plain mode keeps the key and does not use it.
+    pub fn set_peer_key(&self, endpoint: &str, server_public_key: &str) -> Result<(), ProtoError> {
+        let key = curve::decode_key(server_public_key).map_err(|reason| {
+            ProtoError::Config(format!("the server key for {endpoint} {reason}"))
+        })?;
+        let previous = lock(&self.peer_keys).insert(endpoint.to_string(), key);
+        if previous != Some(key) {
+            self.command(&[b"rekey", endpoint.as_bytes()]);
+        }
+        Ok(())
+    }
+
     /// Sends a one-way request and returns once the peer has acknowledged it.
     pub async fn cast<M: Method>(
         &self,
@@ -231,16 +448,25 @@ impl Rpc {
         context: &RequestContext,
         args: &M,
     ) -> Result<(), ProtoError> {
-        let envelope = Envelope::request(Kind::Cast, M::NAME, context, args)?;
-        let (tx, rx) = oneshot::channel();
+        let context = context.with_deadline_in(self.options.cast_timeout);
+        let envelope = Envelope::request(Kind::Cast, M::NAME, &context, args)?;
+        let (tx, mut rx) = oneshot::channel();
         let _guard = self.send(endpoint, &envelope, Waiter::Ack(tx))?;
-        match tokio::time::timeout(self.options.cast_timeout, rx).await {
+        match tokio::time::timeout(self.options.cast_timeout, &mut rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProtoError::Closed),
             Err(_) => {
-                // Drop the DEALER so the unacknowledged frame is not delivered later, after the
-                // caller has already given up on it and maybe sent the work elsewhere.
-                self.command(&[b"reset", endpoint.as_bytes()]);
+                // Taking the entry out first means the I/O thread will not send it if it has not.
+                let Some(entry) = lock(&self.pending).remove(&envelope.msg_id) else {
+                    // The I/O thread finished it as the deadline passed: its answer is final.
+                    return rx.try_recv().unwrap_or(Err(ProtoError::Closed));
+                };
+                // Drop the DEALER it went out on so the unacknowledged frame is not delivered
+                // later, after the caller has given up on it and maybe sent the work elsewhere.
+                if let Some(connection) = entry.connection {
+                    let connection = connection.to_be_bytes();
+                    self.command(&[b"reset", endpoint.as_bytes(), &connection]);
+                }
                 Err(ProtoError::Timeout {
                     method: M::NAME.to_string(),
                     endpoint: endpoint.to_string(),
@@ -257,7 +483,8 @@ impl Rpc {
         context: &RequestContext,
         args: &M,
     ) -> Result<M::Reply, ProtoError> {
-        let envelope = Envelope::request(Kind::Call, M::NAME, context, args)?;
+        let context = context.with_deadline_in(self.options.call_timeout);
+        let envelope = Envelope::request(Kind::Call, M::NAME, &context, args)?;
         let (tx, rx) = oneshot::channel();
         let _guard = self.send(endpoint, &envelope, Waiter::Reply(tx))?;
         let body = match tokio::time::timeout(self.options.call_timeout, rx).await {
@@ -284,11 +511,32 @@ impl Rpc {
         waiter: Waiter,
     ) -> Result<PendingGuard<'_>, ProtoError> {
         let bytes = envelope.to_bytes()?;
-        let pending = Pending {
-            endpoint: endpoint.to_string(),
-            waiter,
-        };
-        lock(&self.pending).insert(envelope.msg_id, pending);
+        let limit = self.options.max_message_bytes;
+        if bytes.len() as u64 > limit {
+            return Err(ProtoError::TooLarge {
+                bytes: bytes.len(),
+                limit,
+            });
+        }
+        {
+            let mut pending = lock(&self.pending);
+            let waiting = pending.waiting_on(endpoint);
+            if waiting >= self.options.max_in_flight_per_peer {
+                return Err(ProtoError::Refused {
+                    endpoint: endpoint.to_string(),
+                    reason: format!(
+                        "{waiting} requests to it are already waiting for an answer \
+                         (rpc.max_in_flight_per_peer)"
+                    ),
+                });
+            }
+            let entry = Pending {
+                endpoint: endpoint.to_string(),
+                waiter,
+                connection: None,
+            };
+            pending.insert(envelope.msg_id, entry);
+        }
         let guard = PendingGuard {
             pending: &self.pending,
             msg_id: envelope.msg_id,
@@ -304,7 +552,8 @@ impl Rpc {
                 ],
                 zmq::DONTWAIT,
             )
-            // The queue to the I/O thread is unbounded: it refuses only once it is gone.
+            // The queue to the I/O thread is unbounded (the in-flight limit bounds it per peer):
+            // it refuses only once it is gone.
             .map_err(|_| ProtoError::Closed)?;
         Ok(guard)
     }
@@ -342,20 +591,63 @@ impl Drop for Rpc {
     }
 }
 
+/// Says once, at start, how this service's traffic is protected.
+fn log_security(log: &Logger, bind: Option<&str>, curve: Option<&CurveKeys>) {
+    match (curve, bind) {
+        (Some(keys), _) => {
+            info!(log, "RPC connections are encrypted and authenticated with CURVE";
+                "public_key" => curve::key_prefix(&keys.public),
+                "trusted_clients" => keys.trusted.len());
+            if bind.is_some() && keys.trusted.is_empty() {
+                warn!(log, "rpc.curve.trusted_clients is empty: every request to this service will be refused");
+            }
+        }
+        (None, Some(address)) if !curve::is_local_endpoint(address) => {
+            warn!(log, "RPC traffic on this endpoint is UNAUTHENTICATED and UNENCRYPTED: anyone who \
+                can reach it can send requests and read replies; set [rpc.curve] keys (zova-keygen)";
+                "endpoint" => address);
+        }
+        (None, _) => {}
+    }
+}
+
+/// Counts refused CURVE clients between warnings.
+#[derive(Default)]
+struct RefusalLog {
+    last_warning: Option<Instant>,
+    unreported: u64,
+}
+
+/// A DEALER to one peer, the server key it was opened with (None in plain mode), and a number no
+/// other DEALER of this `Rpc` has, so a late reset cannot close its successor.
+struct Dealer {
+    socket: zmq::Socket,
+    server_key: Option<Key>,
+    connection: u64,
+}
+
 struct IoThread {
     log: Logger,
-    context: zmq::Context,
+    options: RpcOptions,
+    // Declared (so dropped) before `zap`, so no handshake is let in unchecked while closing.
     router: Option<zmq::Socket>,
+    zap: Option<zmq::Socket>,
     command_pull: zmq::Socket,
-    dealers: HashMap<String, zmq::Socket>,
+    dealers: HashMap<String, Dealer>,
+    connections_opened: u64,
+    curve: Option<CurveKeys>,
+    peer_keys: PeerKeys,
+    refusals: RefusalLog,
     incoming: Option<mpsc::UnboundedSender<Incoming>>,
     pending: PendingMap,
     commands: CommandSocket,
+    context: zmq::Context,
 }
 
 enum Source {
     Commands,
     Router,
+    Zap,
     Dealer(String),
 }
 
@@ -377,6 +669,10 @@ impl IoThread {
                         self.drain_router();
                         true
                     }
+                    Source::Zap => {
+                        self.answer_zap();
+                        true
+                    }
                     Source::Dealer(endpoint) => {
                         self.drain_dealer(&endpoint);
                         true
@@ -396,9 +692,13 @@ impl IoThread {
             sources.push(Source::Router);
             items.push(router.as_poll_item(zmq::POLLIN));
         }
+        if let Some(zap) = &self.zap {
+            sources.push(Source::Zap);
+            items.push(zap.as_poll_item(zmq::POLLIN));
+        }
         for (endpoint, dealer) in &self.dealers {
             sources.push(Source::Dealer(endpoint.clone()));
-            items.push(dealer.as_poll_item(zmq::POLLIN));
+            items.push(dealer.socket.as_poll_item(zmq::POLLIN));
         }
         zmq::poll(&mut items, -1)?;
         let flags: Vec<bool> = items.iter().map(|item| item.is_readable()).collect();
@@ -425,20 +725,43 @@ impl IoThread {
                 }
                 Some(b"reply") if frames.len() == 3 => {
                     if let Some(router) = &self.router {
-                        if let Err(e) =
-                            router.send_multipart([&frames[1], &frames[2]], zmq::DONTWAIT)
-                        {
+                        match router.send_multipart([&frames[1], &frames[2]], zmq::DONTWAIT) {
+                            Ok(()) => {}
                             // The caller went away (ROUTER_MANDATORY says so); it has timed out.
-                            debug!(self.log, "reply not delivered"; "error" => %e);
+                            Err(zmq::Error::EHOSTUNREACH) => {
+                                debug!(self.log, "reply not delivered: the caller is gone");
+                            }
+                            // Its queue is full (rpc.sndhwm): the caller will time out.
+                            Err(e) => warn!(self.log, "reply not delivered"; "error" => %e),
                         }
                     }
                 }
-                Some(b"reset") if frames.len() == 2 => {
+                Some(b"reset") if frames.len() == 3 => {
                     let endpoint = String::from_utf8_lossy(&frames[1]).into_owned();
-                    self.dealers.remove(&endpoint);
-                    // Whatever else was in flight on that DEALER can no longer be answered:
-                    // tell those callers now rather than at their own timeouts.
-                    self.fail_all_to(&endpoint);
+                    let connection = frames[2].as_slice().try_into().map(u64::from_be_bytes);
+                    if let Ok(connection) = connection {
+                        self.reset(
+                            &endpoint,
+                            connection,
+                            "the connection was reset after another request to it timed out",
+                        );
+                    }
+                }
+                Some(b"rekey") if frames.len() == 2 => {
+                    let endpoint = String::from_utf8_lossy(&frames[1]).into_owned();
+                    let key = self.server_key_for(&endpoint);
+                    let stale = self
+                        .dealers
+                        .get(&endpoint)
+                        .filter(|d| d.server_key != key)
+                        .map(|d| d.connection);
+                    if let Some(connection) = stale {
+                        self.reset(
+                            &endpoint,
+                            connection,
+                            "its CURVE server key changed, so its connection was replaced",
+                        );
+                    }
                 }
                 _ => warn!(self.log, "malformed rpc command dropped"),
             }
@@ -448,28 +771,133 @@ impl IoThread {
 
     fn send_to_peer(&mut self, endpoint: &[u8], msg_id: &[u8], bytes: &[u8]) {
         let endpoint = String::from_utf8_lossy(endpoint).into_owned();
-        let msg_id = Uuid::from_slice(msg_id).unwrap_or_default();
-        let result = self
-            .dealer(&endpoint)
-            .and_then(|d| d.send(bytes, zmq::DONTWAIT));
-        if let Err(e) = result {
-            let err = ProtoError::SendFailed {
-                endpoint,
-                reason: e.to_string(),
-            };
-            self.complete(msg_id, Err(err));
+        let Ok(msg_id) = Uuid::from_slice(msg_id) else {
+            warn!(self.log, "rpc send command without a message id dropped");
+            return;
+        };
+        if let Err(reason) = self.try_send(&endpoint, msg_id, bytes) {
+            self.complete(msg_id, Err(ProtoError::Refused { endpoint, reason }));
         }
     }
 
-    fn dealer(&mut self, endpoint: &str) -> Result<&zmq::Socket, zmq::Error> {
+    fn try_send(&mut self, endpoint: &str, msg_id: Uuid, bytes: &[u8]) -> Result<(), String> {
         if !self.dealers.contains_key(endpoint) {
-            let dealer = self.context.socket(zmq::DEALER)?;
-            dealer.set_linger(0)?;
-            dealer.set_maxmsgsize(MAX_FRAME_BYTES)?;
-            dealer.connect(endpoint)?;
+            let dealer = self.open_dealer(endpoint)?;
             self.dealers.insert(endpoint.to_string(), dealer);
         }
-        self.dealers.get(endpoint).ok_or(zmq::Error::EINVAL)
+        let dealer = self.dealers.get(endpoint).ok_or("its connection is gone")?;
+        // Under the lock, so a caller that times out either finds its request sent (and on
+        // which connection) or takes it out before it goes.
+        let mut pending = lock(&self.pending);
+        let Some(entry) = pending.requests.get_mut(&msg_id) else {
+            // Its caller already gave up: sending it now would deliver work it may have sent
+            // elsewhere.
+            return Ok(());
+        };
+        match dealer.socket.send(bytes, zmq::DONTWAIT) {
+            Ok(()) => {
+                entry.connection = Some(dealer.connection);
+                Ok(())
+            }
+            Err(zmq::Error::EAGAIN) => Err(format!(
+                "its send queue is full ({} messages, rpc.sndhwm)",
+                self.options.sndhwm
+            )),
+            Err(e) => Err(format!("the socket did not take the message: {e}")),
+        }
+    }
+
+    /// Closes the DEALER to `endpoint` if it is still `connection`, dropping what it holds, and
+    /// fails the requests sent on it: they can no longer be answered, so their callers learn it
+    /// now rather than at their own timeouts.
+    fn reset(&mut self, endpoint: &str, connection: u64, reason: &str) {
+        if self
+            .dealers
+            .get(endpoint)
+            .is_some_and(|d| d.connection == connection)
+        {
+            self.dealers.remove(endpoint);
+        }
+        let failed = lock(&self.pending).remove_sent_on(connection);
+        for entry in failed {
+            let err = ProtoError::Refused {
+                endpoint: endpoint.to_string(),
+                reason: reason.to_string(),
+            };
+            finish(entry.waiter, Err(err));
+        }
+    }
+
+    fn open_dealer(&mut self, endpoint: &str) -> Result<Dealer, String> {
+        let server_key = self.server_key_for(endpoint);
+        if self.curve.is_some() && server_key.is_none() {
+            return Err(
+                "no CURVE server key is known for it: set rpc.curve.server_public_key \
+                        or register one with set_peer_key"
+                    .into(),
+            );
+        }
+        let open = || -> Result<zmq::Socket, zmq::Error> {
+            let socket = self.context.socket(zmq::DEALER)?;
+            apply_options(&socket, &self.options)?;
+            if let (Some(keys), Some(server_key)) = (&self.curve, &server_key) {
+                socket.set_curve_serverkey(server_key)?;
+                socket.set_curve_publickey(&keys.public)?;
+                socket.set_curve_secretkey(&keys.secret)?;
+            }
+            socket.connect(endpoint)?;
+            Ok(socket)
+        };
+        let socket = open().map_err(|e| format!("cannot connect to it: {e}"))?;
+        self.connections_opened += 1;
+        Ok(Dealer {
+            socket,
+            server_key,
+            connection: self.connections_opened,
+        })
+    }
+
+    /// The key a DEALER to `endpoint` authenticates the server with; None in plain mode.
+    fn server_key_for(&self, endpoint: &str) -> Option<Key> {
+        let keys = self.curve.as_ref()?;
+        lock(&self.peer_keys)
+            .get(endpoint)
+            .copied()
+            .or(keys.default_server)
+    }
+
+    /// Answers libzmq's questions about CURVE clients connecting to the ROUTER.
+    fn answer_zap(&mut self) {
+        let (Some(zap), Some(keys)) = (&self.zap, &self.curve) else {
+            return;
+        };
+        while let Ok(request) = zap.recv_multipart(zmq::DONTWAIT) {
+            let answer = curve::answer_zap(&request, &keys.trusted);
+            if answer.accepted {
+                debug!(self.log, "CURVE client accepted";
+                    "client_key" => &answer.client, "address" => &answer.address);
+            } else {
+                let refusals = &mut self.refusals;
+                let due = match refusals.last_warning {
+                    None => true,
+                    Some(at) => at.elapsed() >= REFUSAL_WARN_EVERY,
+                };
+                if due {
+                    warn!(self.log, "CURVE client refused: its key is not in rpc.curve.trusted_clients";
+                        "client_key" => &answer.client, "address" => &answer.address,
+                        "refused_since_last_warning" => refusals.unreported);
+                    refusals.last_warning = Some(Instant::now());
+                    refusals.unreported = 0;
+                } else {
+                    refusals.unreported += 1;
+                    debug!(self.log, "CURVE client refused";
+                        "client_key" => &answer.client, "address" => &answer.address);
+                }
+            }
+            if let Err(e) = zap.send_multipart(answer.reply, zmq::DONTWAIT) {
+                warn!(self.log, "ZAP answer not delivered"; "error" => %e);
+            }
+        }
     }
 
     fn drain_router(&mut self) {
@@ -481,6 +909,25 @@ impl IoThread {
             };
             let envelope = match Envelope::from_bytes(payload) {
                 Ok(envelope) => envelope,
+                Err(ProtoError::Version(major)) => {
+                    // Another major version: say so, so the sender fails at once and clearly.
+                    if let Some(header) = Header::peek(payload) {
+                        let error = RemoteError {
+                            kind: "VersionMismatch".into(),
+                            message: format!(
+                                "this service speaks protocol {PROTOCOL_MAJOR}.x, not {major}.x"
+                            ),
+                        };
+                        if let Ok(bytes) =
+                            Envelope::refusal(&header, error).and_then(|e| e.to_bytes())
+                        {
+                            let _ =
+                                router.send_multipart([identity.as_slice(), &bytes], zmq::DONTWAIT);
+                        }
+                    }
+                    warn!(self.log, "frame of another protocol major version refused"; "major" => major);
+                    continue;
+                }
                 Err(e) => {
                     warn!(self.log, "malformed rpc frame dropped"; "error" => %e, "bytes" => payload.len());
                     continue;
@@ -493,7 +940,29 @@ impl IoThread {
             let Some(incoming) = &self.incoming else {
                 continue;
             };
-            if let Ok(ack) = envelope.answer(Kind::Ack, Vec::new()).to_bytes() {
+            if envelope.kind == Kind::Call && envelope.context.expired() {
+                // The caller has given up: answer, but do not hand over work nobody waits for.
+                let error = RemoteError {
+                    kind: "DeadlineExceeded".into(),
+                    message: format!("{} arrived after its deadline", envelope.method),
+                };
+                let header = Header {
+                    version: envelope.version,
+                    msg_id: envelope.msg_id,
+                    kind: envelope.kind,
+                };
+                if let Ok(bytes) = Envelope::refusal(&header, error).and_then(|e| e.to_bytes()) {
+                    let _ = router.send_multipart([identity.as_slice(), &bytes], zmq::DONTWAIT);
+                }
+                continue;
+            }
+            let mut envelope = envelope;
+            if envelope.kind == Kind::Cast {
+                // A cast's deadline is for its delivery, which the ack now ends: the work it
+                // starts here (and the requests that work sends) has its own timeouts.
+                envelope.context.deadline_ms = None;
+            }
+            if let Ok(ack) = Envelope::ack(envelope.msg_id).to_bytes() {
                 // Never block the I/O thread on a peer that does not read: it will time out.
                 if let Err(e) = router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT) {
                     debug!(self.log, "ack not delivered"; "error" => %e);
@@ -503,6 +972,7 @@ impl IoThread {
                 envelope,
                 identity: identity.clone(),
                 commands: self.commands.clone(),
+                max_message_bytes: self.options.max_message_bytes,
                 replied: false,
             };
             if let Err(mpsc::error::SendError(mut request)) = incoming.send(request) {
@@ -518,7 +988,7 @@ impl IoThread {
             return;
         };
         let mut answers = Vec::new();
-        while let Ok(bytes) = dealer.recv_bytes(zmq::DONTWAIT) {
+        while let Ok(bytes) = dealer.socket.recv_bytes(zmq::DONTWAIT) {
             match Envelope::from_bytes(&bytes) {
                 Ok(envelope) => answers.push(envelope),
                 Err(e) => {
@@ -543,13 +1013,11 @@ impl IoThread {
     fn complete_ack(&self, msg_id: Uuid) {
         let mut pending = lock(&self.pending);
         // A call's ack only says the peer is there; the caller keeps waiting for the reply.
-        if matches!(
-            pending.get(&msg_id),
-            Some(Pending {
-                waiter: Waiter::Ack(_),
-                ..
-            })
-        ) {
+        if let Some(Pending {
+            waiter: Waiter::Ack(_),
+            ..
+        }) = pending.requests.get(&msg_id)
+        {
             if let Some(Pending {
                 waiter: Waiter::Ack(tx),
                 ..
@@ -566,25 +1034,6 @@ impl IoThread {
             finish(entry.waiter, result);
         }
     }
-
-    fn fail_all_to(&self, endpoint: &str) {
-        let failed: Vec<Pending> = {
-            let mut pending = lock(&self.pending);
-            let ids: Vec<Uuid> = pending
-                .iter()
-                .filter(|(_, p)| p.endpoint == endpoint)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter().filter_map(|id| pending.remove(id)).collect()
-        };
-        for entry in failed {
-            let err = ProtoError::SendFailed {
-                endpoint: endpoint.to_string(),
-                reason: "the connection was reset after another request to it timed out".into(),
-            };
-            finish(entry.waiter, Err(err));
-        }
-    }
 }
 
 fn finish(waiter: Waiter, result: Result<ReplyBody, ProtoError>) {
@@ -593,7 +1042,12 @@ fn finish(waiter: Waiter, result: Result<ReplyBody, ProtoError>) {
             let _ = tx.send(result);
         }
         Waiter::Ack(tx) => {
-            let _ = tx.send(result.map(|_| ()));
+            // A cast is answered by a reply only when the peer refuses it (another protocol
+            // version): that is an error, not an ack.
+            let _ = tx.send(match result {
+                Ok(ReplyBody::Err(err)) => Err(ProtoError::Remote(err)),
+                other => other.map(|_| ()),
+            });
         }
     }
 }

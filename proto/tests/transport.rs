@@ -1,6 +1,7 @@
 //! The transport over real TCP loopback sockets.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use proto::{Ping, ProtoError, RequestContext, Rpc, RpcOptions, ServiceHeartbeat};
 
@@ -12,7 +13,25 @@ fn fast() -> RpcOptions {
     RpcOptions {
         cast_timeout: Duration::from_millis(300),
         call_timeout: Duration::from_secs(5),
+        ..RpcOptions::default()
     }
+}
+
+fn beat(host: &str) -> ServiceHeartbeat {
+    ServiceHeartbeat {
+        host: host.into(),
+        binary: "zova-compute".into(),
+    }
+}
+
+/// An endpoint nothing listens on: a port bound and given back.
+fn dead_endpoint() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    format!("tcp://127.0.0.1:{port}")
 }
 
 /// Serves `ping` (answering with the caller's request id) and counts heartbeats.
@@ -205,4 +224,226 @@ async fn an_unknown_method_is_answered_with_no_such_method() {
         }
         other => panic!("expected a remote error, got {other}"),
     }
+}
+
+#[tokio::test]
+async fn every_socket_option_is_taken() {
+    // Values at the edges: an option ZeroMQ refused would fail the bind or the first send.
+    let options = RpcOptions {
+        linger: Duration::from_millis(10),
+        sndhwm: 16,
+        rcvhwm: u32::MAX,
+        reconnect_ivl: Duration::from_millis(50),
+        reconnect_ivl_max: Duration::from_secs(3600),
+        heartbeat_ivl: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_millis(1000),
+        heartbeat_ttl: Duration::from_secs(24 * 3600),
+        max_message_bytes: u64::MAX,
+        ..fast()
+    };
+    let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), options.clone()).expect("bind");
+    let _seen = serve(rx.expect("server receiver"));
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(log(), None, options).expect("client");
+    let ctx = RequestContext::internal("p");
+    let answer = client
+        .call(&endpoint, &ctx, &Ping {})
+        .await
+        .expect("answered");
+    assert_eq!(answer, ctx.request_id);
+    // Several heartbeat intervals: the pings flow and the idle connection stays up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answer = client
+        .call(&endpoint, &ctx, &Ping {})
+        .await
+        .expect("answered");
+    assert_eq!(answer, ctx.request_id);
+
+    let zero = RpcOptions {
+        max_in_flight_per_peer: 0,
+        ..fast()
+    };
+    let err = Rpc::start(log(), None, zero).err().expect("refused");
+    assert!(matches!(err, ProtoError::Config(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_cast_to_a_stopped_peer_times_out_within_its_deadline() {
+    let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), fast()).expect("bind");
+    let _seen = serve(rx.expect("server receiver"));
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+    let ctx = RequestContext::internal("p");
+    client
+        .cast(&endpoint, &ctx, &beat("up"))
+        .await
+        .expect("acked");
+    drop(server);
+
+    let started = Instant::now();
+    let err = client
+        .cast(&endpoint, &ctx, &beat("down"))
+        .await
+        .expect_err("nobody takes it");
+    let waited = started.elapsed();
+    assert!(err.is_timeout() && !err.is_refused(), "{err}");
+    assert!(
+        waited >= fast().cast_timeout && waited < fast().cast_timeout + Duration::from_millis(250),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_in_flight_limit_refuses_at_once_and_frees_up() {
+    let options = RpcOptions {
+        max_in_flight_per_peer: 2,
+        ..fast()
+    };
+    let (client, _) = Rpc::start(log(), None, options).expect("client");
+    let ctx = RequestContext::internal("p");
+    let endpoint = dead_endpoint();
+    let beats = [beat("1"), beat("2"), beat("3")];
+    let third = async {
+        let started = Instant::now();
+        let result = client.cast(&endpoint, &ctx, &beats[2]).await;
+        (result, started.elapsed())
+    };
+    // join! polls in order, so the first two are waiting when the third is sent.
+    let (first, second, (third, waited)) = tokio::join!(
+        client.cast(&endpoint, &ctx, &beats[0]),
+        client.cast(&endpoint, &ctx, &beats[1]),
+        third
+    );
+    let err = third.expect_err("over the limit");
+    assert!(err.is_refused(), "{err}");
+    assert!(err.to_string().contains("max_in_flight_per_peer"), "{err}");
+    assert!(waited < Duration::from_millis(100), "{waited:?}");
+    for result in [first, second] {
+        let err = result.expect_err("nobody is there");
+        // The first to time out resets the connection, which fails the other as refused.
+        assert!(err.is_timeout() || err.is_refused(), "{err}");
+    }
+
+    // Nothing waits any more: the next cast is sent, and times out.
+    let err = client
+        .cast(&endpoint, &ctx, &beat("4"))
+        .await
+        .expect_err("nobody is there");
+    assert!(err.is_timeout(), "{err}");
+}
+
+#[tokio::test]
+async fn a_full_send_queue_is_refused_not_grown() {
+    let options = RpcOptions {
+        sndhwm: 1,
+        rcvhwm: 1,
+        ..fast()
+    };
+    let (client, _) = Rpc::start(log(), None, options).expect("client");
+    let client = Arc::new(client);
+    let endpoint = dead_endpoint();
+    let mut casts = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let client = client.clone();
+        let endpoint = endpoint.clone();
+        casts.spawn(async move {
+            let ctx = RequestContext::internal("p");
+            client.cast(&endpoint, &ctx, &beat(&i.to_string())).await
+        });
+    }
+    let mut full = 0;
+    while let Some(result) = casts.join_next().await {
+        let err = result.expect("task").expect_err("nobody is there");
+        assert!(err.is_timeout() || err.is_refused(), "{err}");
+        if err.to_string().contains("send queue is full") {
+            full += 1;
+        }
+    }
+    assert!(full > 0, "some casts found the queue full");
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_is_refused_before_it_is_sent() {
+    let options = RpcOptions {
+        max_message_bytes: 64,
+        ..fast()
+    };
+    let (client, _) = Rpc::start(log(), None, options).expect("client");
+    let err = client
+        .call(&dead_endpoint(), &RequestContext::internal("p"), &Ping {})
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(err, ProtoError::TooLarge { limit: 64, .. }),
+        "{err}"
+    );
+}
+
+/// Binds `endpoint` again, waiting for the previous owner's listener to close.
+async fn rebind(
+    endpoint: &str,
+    options: RpcOptions,
+) -> (Rpc, tokio::sync::mpsc::UnboundedReceiver<proto::Incoming>) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match Rpc::start(log(), Some(endpoint), options.clone()) {
+            Ok((rpc, rx)) => return (rpc, rx.expect("server receiver")),
+            Err(ProtoError::Bind { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot bind {endpoint} again: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_client_keeps_working_when_its_peer_restarts_on_the_same_port() {
+    let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), fast()).expect("bind");
+    let _seen = serve(rx.expect("server receiver"));
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+    let ctx = RequestContext::internal("p");
+    client
+        .cast(&endpoint, &ctx, &beat("first life"))
+        .await
+        .expect("acked");
+    drop(server);
+
+    let err = client
+        .cast(&endpoint, &ctx, &beat("given up"))
+        .await
+        .expect_err("down");
+    assert!(err.is_timeout(), "{err}");
+
+    let (server, rx) = rebind(&endpoint, fast()).await;
+    let mut seen = serve(rx);
+    client
+        .cast(&endpoint, &ctx, &beat("second life"))
+        .await
+        .expect("the same client reaches the restarted peer");
+    // The cast its caller gave up on is not delivered late to the new peer.
+    assert_eq!(seen.recv().await.as_deref(), Some("second life"));
+    let answer = client
+        .call(&endpoint, &ctx, &Ping {})
+        .await
+        .expect("answered");
+    assert_eq!(answer, ctx.request_id);
+
+    // Down again, and back while a cast waits: the connection comes back by itself.
+    drop(server);
+    let patient = RpcOptions {
+        cast_timeout: Duration::from_secs(3),
+        ..fast()
+    };
+    let (client, _) = Rpc::start(log(), None, patient).expect("client");
+    let waited = beat("waited");
+    let waiting = client.cast(&endpoint, &ctx, &waited);
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rebind(&endpoint, fast()).await
+    };
+    let (result, (_server, rx)) = tokio::join!(waiting, restart);
+    result.expect("taken once the peer is back");
+    let mut seen = serve(rx);
+    assert_eq!(seen.recv().await.as_deref(), Some("waited"));
 }

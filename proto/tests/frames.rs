@@ -1,0 +1,193 @@
+//! Whatever arrives on a service's socket, the service keeps serving: random bytes, truncated
+//! and oversized frames, other protocol versions and late calls are answered or dropped, never
+//! a crash and never work nobody asked for.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use proto::envelope::{decode, Envelope, Kind, ReplyBody, PROTOCOL_MAJOR};
+use proto::{Ping, RequestContext, Rpc, RpcOptions};
+
+fn log() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+fn options() -> RpcOptions {
+    RpcOptions {
+        cast_timeout: Duration::from_millis(500),
+        call_timeout: Duration::from_secs(5),
+        max_message_bytes: 64 * 1024,
+        ..RpcOptions::default()
+    }
+}
+
+/// A server that answers `ping` and counts everything else it is handed.
+struct Server {
+    rpc: Rpc,
+    endpoint: String,
+    handed: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+fn server() -> Server {
+    let (rpc, incoming) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), options()).expect("bind");
+    let mut incoming = incoming.expect("receiver");
+    let endpoint = rpc.endpoint().expect("endpoint").to_string();
+    let (handed_tx, handed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(request) = incoming.recv().await {
+            let _ = handed_tx.send(request.method().to_string());
+            if request.method() == "ping" {
+                request.reply::<Ping>(Ok("pong".into()));
+            }
+        }
+    });
+    Server {
+        rpc,
+        endpoint,
+        handed,
+    }
+}
+
+fn raw_dealer(endpoint: &str) -> (zmq::Context, zmq::Socket) {
+    let context = zmq::Context::new();
+    let dealer = context.socket(zmq::DEALER).expect("dealer");
+    dealer.set_linger(0).expect("linger");
+    dealer.set_rcvtimeo(3000).expect("rcvtimeo");
+    dealer.connect(endpoint).expect("connect");
+    (context, dealer)
+}
+
+async fn still_serving(endpoint: &str) {
+    let (client, _) = Rpc::start(log(), None, options()).expect("client");
+    let answer = client
+        .call(endpoint, &RequestContext::internal("p"), &Ping {})
+        .await
+        .expect("still serving");
+    assert_eq!(answer, "pong");
+    client.shutdown();
+}
+
+fn call_envelope(context: RequestContext) -> Envelope {
+    Envelope::request(Kind::Call, "ping", &context, &Ping {}).expect("envelope")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_major_version_is_answered_with_an_error_not_silence() {
+    let server = server();
+    let (_context, dealer) = raw_dealer(&server.endpoint);
+    let mut envelope = call_envelope(RequestContext::internal("p"));
+    envelope.version = (PROTOCOL_MAJOR + 1, 0);
+    dealer
+        .send(envelope.to_bytes().expect("bytes"), 0)
+        .expect("send");
+    let answer = tokio::task::spawn_blocking(move || dealer.recv_bytes(0))
+        .await
+        .expect("join")
+        .expect("an answer");
+    let answer = Envelope::from_bytes(&answer).expect("a readable answer");
+    assert_eq!((answer.kind, answer.msg_id), (Kind::Reply, envelope.msg_id));
+    match decode::<ReplyBody>(&answer.payload).expect("a reply body") {
+        ReplyBody::Err(err) => assert_eq!(err.kind, "VersionMismatch", "{err}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    still_serving(&server.endpoint).await;
+    let mut handed = server.handed;
+    assert_eq!(
+        handed.recv().await.as_deref(),
+        Some("ping"),
+        "only the real ping"
+    );
+    assert!(handed.try_recv().is_err());
+    server.rpc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_is_refused_and_not_handed_over() {
+    let mut server = server();
+    let (_context, dealer) = raw_dealer(&server.endpoint);
+    let late = RequestContext {
+        deadline_ms: Some(proto::envelope::now_ms() - 1000),
+        ..RequestContext::internal("p")
+    };
+    dealer
+        .send(call_envelope(late).to_bytes().expect("bytes"), 0)
+        .expect("send");
+    let answer = tokio::task::spawn_blocking(move || dealer.recv_bytes(0))
+        .await
+        .expect("join")
+        .expect("an answer");
+    let answer = Envelope::from_bytes(&answer).expect("readable");
+    match decode::<ReplyBody>(&answer.payload).expect("a reply body") {
+        ReplyBody::Err(err) => assert_eq!(err.kind, "DeadlineExceeded", "{err}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        server.handed.try_recv().is_err(),
+        "the late call was not handed over"
+    );
+    server.rpc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cast_reaches_its_handler_without_its_delivery_deadline() {
+    let (rpc, incoming) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), options()).expect("bind");
+    let mut incoming = incoming.expect("receiver");
+    let endpoint = rpc.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(log(), None, options()).expect("client");
+    client
+        .cast(&endpoint, &RequestContext::internal("p"), &Ping {})
+        .await
+        .expect("acked");
+    let request = incoming.recv().await.expect("handed over");
+    assert_eq!(request.context().deadline_ms, None);
+    client.shutdown();
+    rpc.shutdown();
+}
+
+/// Frames built to look almost right: a valid envelope cut short or with flipped bytes.
+fn mangled_envelope() -> impl Strategy<Value = Vec<u8>> {
+    let valid = call_envelope(RequestContext::internal("p"))
+        .to_bytes()
+        .expect("bytes");
+    let len = valid.len();
+    (0..len, any::<u8>(), 0..len).prop_map(move |(flip_at, flip_to, cut_at)| {
+        let mut bytes = valid.clone();
+        bytes[flip_at] = flip_to;
+        bytes.truncate(cut_at.max(1));
+        bytes
+    })
+}
+
+fn frame() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    let part = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..256),
+        mangled_envelope(),
+        // Over the 64 KiB limit: ZeroMQ drops the connection rather than deliver it.
+        Just(vec![0x92; 70 * 1024]),
+    ];
+    proptest::collection::vec(part, 1..4)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_frames_never_stop_the_service(frames in proptest::collection::vec(frame(), 1..8)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let server = server();
+            let (_context, dealer) = raw_dealer(&server.endpoint);
+            for parts in &frames {
+                let _ = dealer.send_multipart(parts, zmq::DONTWAIT);
+            }
+            still_serving(&server.endpoint).await;
+            server.rpc.shutdown();
+        });
+    }
+}
