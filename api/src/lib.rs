@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use db::{Db, DbError, Instance, NewFault, NewInstance};
 use proto::service::{for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
 use proto::{
-    new_request_id, power_state, task_state, vm_state, BuildInstances, RequestContext, Rpc,
+    new_request_id, power_state, task_state, vm_state, BuildInstances, Peers, RequestContext, Rpc,
     TerminateInstance,
 };
 
@@ -190,7 +190,7 @@ struct Api {
     log: Logger,
     db: Db,
     rpc: Rpc,
-    conductor: String,
+    conductors: Peers,
     config: ApiConfig,
 }
 
@@ -213,12 +213,13 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
             address: config.api.listen.clone(),
             source,
         })?;
-    info!(log, "api listening"; "address" => %address, "conductor" => &config.rpc.conductor);
+    let conductors = config.rpc.conductor_endpoints();
+    info!(log, "api listening"; "address" => %address, "conductors" => conductors.join(","));
     let api = Arc::new(Api {
         log,
         db,
         rpc,
-        conductor: config.rpc.conductor,
+        conductors: Peers::new(conductors),
         config: config.api,
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -262,6 +263,7 @@ impl Api {
             // Without authentication every caller is trusted as an admin of the default project;
             // the identity issue narrows this to the token's roles.
             roles: vec!["admin".into(), "member".into()],
+            deadline_ms: None,
         };
         let log = for_request(&self.log, &context);
         let method = request.method().clone();
@@ -519,7 +521,7 @@ impl Api {
             hints,
             min_count,
         };
-        if let Err(e) = self.rpc.cast(&self.conductor, context, &build).await {
+        if let Err(e) = self.conductors.cast(&self.rpc, context, &build).await {
             warn!(log, "conductor did not take build_instances"; "error" => %e);
             let message = format!("The conductor did not take the build request: {e}");
             for uuid in uuids.clone() {
@@ -628,13 +630,18 @@ impl Api {
                 self.db(move |db| {
                     Ok(db
                         .service_get(&host, "zova-compute")?
-                        .map(|s| s.rpc_endpoint))
+                        .map(|s| (s.rpc_endpoint, s.rpc_public_key)))
                 })
                 .await?
             }
             None => None,
         };
-        if let Some(endpoint) = endpoint {
+        if let Some((endpoint, key)) = endpoint {
+            if let Some(key) = key {
+                if let Err(e) = self.rpc.set_peer_key(&endpoint, &key) {
+                    warn!(log, "the compute registered an unusable key"; "endpoint" => &endpoint, "error" => %e);
+                }
+            }
             let changes = db::InstanceChanges {
                 task_state: Some(Some(task_state::DELETING.into())),
                 ..Default::default()

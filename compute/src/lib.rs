@@ -19,10 +19,10 @@ use tokio::sync::watch;
 
 use proto::service::{finish_in_flight, for_request, stopped, LogConfig, RpcConfig, ServiceHandle};
 use proto::{
-    power_state, task_state, vm_state, ComputeNodeUpdate, ComputeRunInstance, ExtraResources,
-    Fault, Incoming, InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate,
-    InstancesOnHost, Method, Ping, RequestContext, RequestSpec, RescheduleInstance, Rpc,
-    ServiceHeartbeat, ServiceRegister, TerminateInstance,
+    power_state, task_state, vm_state, ComputeApi, ComputeNodeUpdate, ComputeRunInstance,
+    ExtraResources, Fault, Incoming, InstanceDestroy, InstanceResources, InstanceState,
+    InstanceUpdate, InstancesOnHost, Peers, Ping, RequestContext, RequestSpec, RescheduleInstance,
+    Rpc, ServiceHeartbeat, ServiceRegister, TerminateInstance,
 };
 
 use domain_xml::{domain_xml, instance_name, DomainSpec};
@@ -201,7 +201,10 @@ struct Capacity {
 struct Compute {
     log: Logger,
     config: ComputeConfig,
-    conductor: String,
+    /// The conductors, tried in turn (every call to them is safe to repeat).
+    conductors: Peers,
+    /// This service's CURVE public key, registered with its endpoint (plain mode: none).
+    public_key: Option<String>,
     rpc: Rpc,
     driver: Arc<LibvirtDriver>,
     capacity: Capacity,
@@ -260,7 +263,8 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
     let log = log.new(slog::o!("host" => config.compute.host.clone()));
     let compute = Arc::new(Compute {
         log: log.clone(),
-        conductor: config.rpc.conductor.clone(),
+        conductors: Peers::new(config.rpc.conductor_endpoints()),
+        public_key: config.rpc.curve.as_ref().map(|c| c.public_key.clone()),
         config: config.compute,
         rpc,
         driver,
@@ -378,16 +382,17 @@ impl Compute {
             host: self.config.host.clone(),
             binary: BINARY.into(),
             rpc_endpoint: endpoint.to_string(),
+            rpc_public_key: self.public_key.clone(),
         };
         let mut delay = Duration::from_millis(200);
         loop {
             let context = self.context();
             let result = async {
-                self.rpc.call(&self.conductor, &context, &args).await?;
+                self.conductors.call(&self.rpc, &context, &args).await?;
                 let host = self.config.host.clone();
                 let instances = self
-                    .rpc
-                    .call(&self.conductor, &context, &InstancesOnHost { host })
+                    .conductors
+                    .call(&self.rpc, &context, &InstancesOnHost { host })
                     .await?;
                 self.init_host(&context, instances).await;
                 self.update_available_resource(&context).await
@@ -443,7 +448,7 @@ impl Compute {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            match self.rpc.call(&self.conductor, context, update).await {
+            match self.conductors.call(&self.rpc, context, update).await {
                 Ok(()) => return Ok(()),
                 Err(e @ proto::ProtoError::Remote(_)) => return Err(e),
                 Err(e) if attempt >= RECORD_ATTEMPTS => return Err(e),
@@ -507,7 +512,7 @@ impl Compute {
             host: self.config.host.clone(),
             binary: BINARY.into(),
         };
-        if let Err(e) = self.rpc.call(&self.conductor, &context, &heartbeat).await {
+        if let Err(e) = self.conductors.call(&self.rpc, &context, &heartbeat).await {
             warn!(self.log, "heartbeat not recorded"; "error" => %e);
         }
         self.report_resources(&context).await;
@@ -551,35 +556,29 @@ impl Compute {
                 reserved_host_disk_mb: self.config.reserved_host_disk_mb,
             },
         };
-        self.rpc.call(&self.conductor, context, &update).await
+        self.conductors.call(&self.rpc, context, &update).await
     }
 
     async fn dispatch(&self, request: Incoming) {
         let log = for_request(&self.log, request.context());
         let context = request.context().clone();
-        match request.method() {
-            ComputeRunInstance::NAME => match request.args::<ComputeRunInstance>() {
-                Ok(args) => {
-                    request.reply::<ComputeRunInstance>(Ok(()));
-                    self.new_run_instance(&log, &context, args).await;
-                }
-                Err(e) => {
-                    warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e)
-                }
-            },
-            TerminateInstance::NAME => match request.args::<TerminateInstance>() {
-                Ok(args) => {
-                    request.reply::<TerminateInstance>(Ok(()));
-                    self.terminate_instance(&log, &context, &args.uuid).await;
-                }
-                Err(e) => {
-                    warn!(log, "terminate_instance with malformed arguments dropped"; "error" => %e)
-                }
-            },
-            Ping::NAME => request.reply::<Ping>(Ok(self.config.host.clone())),
-            other => {
-                warn!(log, "unknown method"; "method" => other);
+        match ComputeApi::decode(request.method(), &request.envelope.payload) {
+            Ok(Some(ComputeApi::ComputeRunInstance(args))) => {
+                request.reply::<ComputeRunInstance>(Ok(()));
+                self.new_run_instance(&log, &context, args).await;
+            }
+            Ok(Some(ComputeApi::TerminateInstance(args))) => {
+                request.reply::<TerminateInstance>(Ok(()));
+                self.terminate_instance(&log, &context, &args.uuid).await;
+            }
+            Ok(Some(ComputeApi::Ping(_))) => request.reply::<Ping>(Ok(self.config.host.clone())),
+            Ok(None) => {
+                warn!(log, "unknown method"; "method" => request.method());
                 request.reply_no_such_method(BINARY);
+            }
+            Err(e) => {
+                warn!(log, "request with malformed arguments refused"; "method" => request.method(), "error" => %e);
+                request.reply_invalid_args(&e);
             }
         }
     }
@@ -645,7 +644,7 @@ impl Compute {
             host: self.config.host.clone(),
             reason: reason.clone(),
         };
-        if let Err(e) = self.rpc.cast(&self.conductor, context, &request).await {
+        if let Err(e) = self.conductors.cast(&self.rpc, context, &request).await {
             warn!(log, "the conductor did not take the reschedule"; "instance" => &uuid, "error" => %e);
             if let Err(e) = self
                 .record(context, &self.error_update(&uuid, reason))
@@ -797,9 +796,9 @@ impl Compute {
         }
         self.release_files_and_claim(uuid);
         match self
-            .rpc
+            .conductors
             .call(
-                &self.conductor,
+                &self.rpc,
                 context,
                 &InstanceDestroy {
                     uuid: uuid.to_string(),

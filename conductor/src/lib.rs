@@ -3,7 +3,6 @@
 //! here). It holds no state of its own beyond the database.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -15,10 +14,10 @@ use proto::service::{
     finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle,
 };
 use proto::{
-    BuildInstances, ComputeNodeUpdate, FlavorSpec, ImageSpec, Incoming, InstanceDestroy,
-    InstanceResources, InstanceUpdate, InstancesOnHost, Method, Ping, RemoteError, RequestContext,
-    RequestSpec, RescheduleInstance, RetrySpec, Rpc, ScheduleRunInstance, ServiceHeartbeat,
-    ServiceRegister,
+    BuildInstances, ComputeNodeUpdate, ConductorApi, FlavorSpec, ImageSpec, Incoming,
+    InstanceDestroy, InstanceResources, InstanceUpdate, InstancesOnHost, Method, Peers, Ping,
+    RemoteError, RequestContext, RequestSpec, RescheduleInstance, RetrySpec, Rpc,
+    ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
 };
 
 pub const BINARY: &str = "zova-conductor";
@@ -76,9 +75,7 @@ struct Conductor {
     log: Logger,
     db: Db,
     rpc: Rpc,
-    schedulers: Vec<String>,
-    /// Round robin over `schedulers`.
-    next_scheduler: AtomicUsize,
+    schedulers: Peers,
 }
 
 /// Opens the database, binds `[rpc] conductor` and serves until stopped.
@@ -100,8 +97,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
         log,
         db,
         rpc,
-        schedulers,
-        next_scheduler: AtomicUsize::new(0),
+        schedulers: Peers::new(schedulers),
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -144,47 +140,43 @@ fn remote(err: DbError) -> RemoteError {
     }
 }
 
-fn bad_args(err: proto::ProtoError) -> RemoteError {
-    RemoteError {
-        kind: "InvalidArgs".into(),
-        message: err.to_string(),
-    }
-}
-
 impl Conductor {
     async fn dispatch(self: Arc<Self>, request: Incoming) {
         let log = for_request(&self.log, request.context());
-        match request.method() {
-            BuildInstances::NAME => match request.args::<BuildInstances>() {
-                Ok(args) => {
-                    let context = request.context().clone();
-                    request.reply::<BuildInstances>(Ok(()));
-                    self.build_instances(&log, &context, args).await;
-                }
-                Err(e) => {
-                    warn!(log, "build_instances with malformed arguments dropped"; "error" => %e)
-                }
-            },
-            RescheduleInstance::NAME => match request.args::<RescheduleInstance>() {
-                Ok(args) => {
-                    let context = request.context().clone();
-                    request.reply::<RescheduleInstance>(Ok(()));
-                    self.reschedule_instance(&log, &context, args).await;
-                }
-                Err(e) => {
-                    warn!(log, "reschedule_instance with malformed arguments dropped"; "error" => %e)
-                }
-            },
-            InstanceUpdate::NAME => {
-                self.answer::<InstanceUpdate>(request, instance_update)
+        let decoded = match ConductorApi::decode(request.method(), &request.envelope.payload) {
+            Ok(Some(decoded)) => decoded,
+            Ok(None) => {
+                warn!(log, "unknown method"; "method" => request.method());
+                return request.reply_no_such_method(BINARY);
+            }
+            Err(e) => {
+                warn!(log, "request with malformed arguments refused"; "method" => request.method(), "error" => %e);
+                return request.reply_invalid_args(&e);
+            }
+        };
+        match decoded {
+            ConductorApi::BuildInstances(args) => {
+                let context = request.context().clone();
+                request.reply::<BuildInstances>(Ok(()));
+                self.build_instances(&log, &context, args).await;
+            }
+            ConductorApi::RescheduleInstance(args) => {
+                let context = request.context().clone();
+                request.reply::<RescheduleInstance>(Ok(()));
+                self.reschedule_instance(&log, &context, args).await;
+            }
+            ConductorApi::InstanceUpdate(args) => {
+                self.answer::<InstanceUpdate>(request, args, instance_update)
                     .await
             }
-            InstanceDestroy::NAME => {
-                self.answer::<InstanceDestroy>(request, |db, args| db.instance_destroy(&args.uuid))
-                    .await
+            ConductorApi::InstanceDestroy(args) => {
+                self.answer::<InstanceDestroy>(request, args, |db, args| {
+                    db.instance_destroy(&args.uuid)
+                })
+                .await
             }
-            InstancesOnHost::NAME => {
-                self.answer::<InstancesOnHost>(request, |db, args| {
+            ConductorApi::InstancesOnHost(args) => {
+                self.answer::<InstancesOnHost>(request, args, |db, args| {
                     Ok(db
                         .instances_by_host(&args.host)?
                         .into_iter()
@@ -201,22 +193,28 @@ impl Conductor {
                 })
                 .await
             }
-            ServiceRegister::NAME => {
-                self.answer::<ServiceRegister>(request, |db, args| {
+            ConductorApi::ServiceRegister(args) => {
+                self.answer::<ServiceRegister>(request, args, |db, args| {
                     let topic = format!("compute.{}", args.host);
-                    db.service_upsert(&args.host, &args.binary, &topic, &args.rpc_endpoint)
-                        .map(|_| ())
+                    db.service_upsert(
+                        &args.host,
+                        &args.binary,
+                        &topic,
+                        &args.rpc_endpoint,
+                        args.rpc_public_key.as_deref(),
+                    )
+                    .map(|_| ())
                 })
                 .await
             }
-            ServiceHeartbeat::NAME => {
-                self.answer::<ServiceHeartbeat>(request, |db, args| {
+            ConductorApi::ServiceHeartbeat(args) => {
+                self.answer::<ServiceHeartbeat>(request, args, |db, args| {
                     db.service_heartbeat(&args.host, &args.binary)
                 })
                 .await
             }
-            ComputeNodeUpdate::NAME => {
-                self.answer::<ComputeNodeUpdate>(request, |db, args| {
+            ConductorApi::ComputeNodeUpdate(args) => {
+                self.answer::<ComputeNodeUpdate>(request, args, |db, args| {
                     let extra = serde_json::to_string(&args.extra_resources)
                         .map_err(|e| DbError::Json(e.to_string()))?;
                     db.compute_node_upsert(&ComputeNodeValues {
@@ -235,24 +233,17 @@ impl Conductor {
                 })
                 .await
             }
-            Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
-            other => {
-                warn!(log, "unknown method"; "method" => other);
-                request.reply_no_such_method(BINARY);
-            }
+            ConductorApi::Ping(_) => request.reply::<Ping>(Ok(BINARY.to_string())),
         }
     }
 
-    /// Decodes the arguments, runs `work` on a blocking thread against the database, and answers.
+    /// Runs one database call for a compute off the reactor and answers with its result.
     async fn answer<M: Method>(
         &self,
         request: Incoming,
+        args: M,
         work: impl FnOnce(&Db, M) -> Result<M::Reply, DbError> + Send + 'static,
     ) {
-        let args = match request.args::<M>() {
-            Ok(args) => args,
-            Err(e) => return request.reply::<M>(Err(bad_args(e))),
-        };
         let db = self.db.clone();
         let result = match tokio::task::spawn_blocking(move || work(&db, args)).await {
             Ok(result) => result.map_err(remote),
@@ -357,33 +348,20 @@ impl Conductor {
         }
     }
 
-    /// Casts to the schedulers in turn, starting with the next in round robin, until one takes
-    /// the request.
+    /// Casts to the schedulers in turn until one takes the request.
     async fn cast_to_a_scheduler(
         &self,
         log: &Logger,
         context: &RequestContext,
         request: &ScheduleRunInstance,
     ) -> Result<(), String> {
-        let count = self.schedulers.len().max(1);
-        let first = self.next_scheduler.fetch_add(1, Ordering::Relaxed);
-        let mut errors = Vec::new();
-        for offset in 0..count {
-            let Some(endpoint) = self.schedulers.get((first + offset) % count) else {
-                break;
-            };
-            match self.rpc.cast(endpoint, context, request).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    warn!(log, "scheduler did not take the request"; "scheduler" => endpoint, "error" => %e);
-                    errors.push(format!("{endpoint}: {e}"));
-                }
-            }
-        }
-        Err(format!(
-            "no scheduler took the request ({})",
-            errors.join("; ")
-        ))
+        self.schedulers
+            .cast(&self.rpc, context, request)
+            .await
+            .map_err(|e| {
+                warn!(log, "no scheduler took the request"; "schedulers" => self.schedulers.endpoints().join(","), "error" => %e);
+                format!("no scheduler took the request: {e}")
+            })
     }
 
     /// Puts an instance that cannot be scheduled into ERROR with `message` as its fault.

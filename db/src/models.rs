@@ -24,6 +24,8 @@ pub struct Service {
     pub created_at: NaiveDateTime,
     pub updated_at: Option<NaiveDateTime>,
     pub deleted: i64,
+    /// The CURVE public key (Z85) of the service's RPC endpoint, when it uses CURVE.
+    pub rpc_public_key: Option<String>,
 }
 
 /// A hypervisor's capacity and usage as last reported by its compute service.

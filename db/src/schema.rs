@@ -17,6 +17,7 @@ diesel::table! {
         created_at -> Timestamp,
         updated_at -> Nullable<Timestamp>,
         deleted -> BigInt,
+        rpc_public_key -> Nullable<Text>,
     }
 }
 

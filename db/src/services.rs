@@ -24,6 +24,7 @@ impl Db {
         binary: &str,
         topic: &str,
         rpc_endpoint: &str,
+        rpc_public_key: Option<&str>,
     ) -> Result<Service> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
@@ -38,6 +39,7 @@ impl Db {
                     .set((
                         services::topic.eq(topic),
                         services::rpc_endpoint.eq(rpc_endpoint),
+                        services::rpc_public_key.eq(rpc_public_key),
                         services::updated_at.eq(at),
                     ))
                     .returning(Service::as_returning())
@@ -48,6 +50,7 @@ impl Db {
                         services::binary.eq(binary),
                         services::topic.eq(topic),
                         services::rpc_endpoint.eq(rpc_endpoint),
+                        services::rpc_public_key.eq(rpc_public_key),
                         services::created_at.eq(at),
                     ))
                     .returning(Service::as_returning())
@@ -223,7 +226,13 @@ mod tests {
     fn upsert_refreshes_endpoint_and_keeps_disabled() {
         let (_dir, db) = open_temp();
         let first = db
-            .service_upsert("node-1", "zova-compute", "compute", "tcp://10.0.0.1:5000")
+            .service_upsert(
+                "node-1",
+                "zova-compute",
+                "compute",
+                "tcp://10.0.0.1:5000",
+                None,
+            )
             .unwrap();
         assert!(!first.disabled);
         assert_eq!((first.report_count, first.updated_at), (0, None));
@@ -231,7 +240,13 @@ mod tests {
             .unwrap();
 
         let again = db
-            .service_upsert("node-1", "zova-compute", "compute", "tcp://10.0.0.1:6000")
+            .service_upsert(
+                "node-1",
+                "zova-compute",
+                "compute",
+                "tcp://10.0.0.1:6000",
+                None,
+            )
             .unwrap();
         assert_eq!(again.id, first.id);
         assert_eq!(again.rpc_endpoint, "tcp://10.0.0.1:6000");
@@ -254,7 +269,7 @@ mod tests {
     #[test]
     fn heartbeat_bumps_report_count() {
         let (_dir, db) = open_temp();
-        db.service_upsert("node-1", "zova-compute", "compute", "tcp://a")
+        db.service_upsert("node-1", "zova-compute", "compute", "tcp://a", None)
             .unwrap();
         db.service_heartbeat("node-1", "zova-compute").unwrap();
         db.service_heartbeat("node-1", "zova-compute").unwrap();
@@ -321,12 +336,12 @@ mod tests {
         db.compute_node_upsert(&node("node-1", 0)).unwrap();
         db.compute_node_upsert(&node("node-2", 0)).unwrap();
         db.compute_node_upsert(&node("node-3", 0)).unwrap();
-        db.service_upsert("node-1", "zova-compute", "compute", "tcp://1")
+        db.service_upsert("node-1", "zova-compute", "compute", "tcp://1", None)
             .unwrap();
         // A non-compute service on node-2 does not make node-2 schedulable.
-        db.service_upsert("node-2", "zova-conductor", "conductor", "tcp://2")
+        db.service_upsert("node-2", "zova-conductor", "conductor", "tcp://2", None)
             .unwrap();
-        db.service_upsert("node-3", "zova-compute", "compute", "tcp://3")
+        db.service_upsert("node-3", "zova-compute", "compute", "tcp://3", None)
             .unwrap();
         db.service_set_disabled("node-3", "zova-compute", true, Some("maintenance"))
             .unwrap();

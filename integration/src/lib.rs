@@ -67,6 +67,9 @@ pub struct FabricOptions {
     pub schedulers: usize,
     /// Their settings; `build_queue_period` is the fabric's own (0.3 s).
     pub scheduler: scheduler::SchedulerConfig,
+    /// CURVE on every socket: the conductor and schedulers share one server key pair, each
+    /// compute host and the API have their own, and every service trusts only these keys.
+    pub curve: bool,
 }
 
 impl Default for FabricOptions {
@@ -74,6 +77,7 @@ impl Default for FabricOptions {
         FabricOptions {
             schedulers: 1,
             scheduler: scheduler::SchedulerConfig::default(),
+            curve: false,
         }
     }
 }
@@ -111,6 +115,8 @@ pub struct Fabric {
     /// (name, handle): `scheduler`, `conductor`, the compute host names, `api`.
     services: Vec<(String, ServiceHandle)>,
     rpc: proto::service::RpcConfig,
+    /// With CURVE: each service's key pair, by service name (`control`, `api`, host names).
+    keys: Keys,
     log: slog::Logger,
     // Held for its Drop: the state directory lives as long as the fabric.
     _state: tempfile::TempDir,
@@ -123,6 +129,43 @@ fn rpc_config(conductor: &str, schedulers: &[String]) -> proto::service::RpcConf
         schedulers: schedulers.to_vec(),
         cast_timeout_ms: 2000,
         call_timeout_ms: 10_000,
+        ..Default::default()
+    }
+}
+
+/// CURVE key pairs (public, secret) of a fabric's services, by name; empty in plain mode.
+#[derive(Debug, Clone, Default)]
+struct Keys(std::collections::BTreeMap<String, (String, String)>);
+
+impl Keys {
+    fn generate(names: impl IntoIterator<Item = String>) -> Result<Keys, FabricError> {
+        let mut keys = std::collections::BTreeMap::new();
+        for name in names {
+            let pair = proto::curve::generate_key_pair()
+                .map_err(|e| start_error("keys")(e.to_string()))?;
+            keys.insert(name, pair);
+        }
+        Ok(Keys(keys))
+    }
+
+    /// `rpc` with the CURVE settings of service `name`: its own pair, the control plane's
+    /// server key, and every key of the fabric trusted.
+    fn apply(&self, name: &str, rpc: &proto::service::RpcConfig) -> proto::service::RpcConfig {
+        let (Some((public, secret)), Some((control, _))) =
+            (self.0.get(name), self.0.get("control"))
+        else {
+            return rpc.clone();
+        };
+        proto::service::RpcConfig {
+            curve: Some(proto::CurveConfig {
+                public_key: public.clone(),
+                secret_key: secret.clone(),
+                server_public_key: control.clone(),
+                trusted_clients: self.0.values().map(|(p, _)| p.clone()).collect(),
+                ..Default::default()
+            }),
+            ..rpc.clone()
+        }
     }
 }
 
@@ -180,6 +223,14 @@ impl Fabric {
             url: state.path().join("zova.sqlite").display().to_string(),
         };
         let build_queue_period = Duration::from_millis(300);
+        let keys = if options.curve {
+            let names = ["control".to_string(), "api".to_string()]
+                .into_iter()
+                .chain(hosts.iter().map(|h| h.name.clone()));
+            Keys::generate(names)?
+        } else {
+            Keys::default()
+        };
         let any = "tcp://127.0.0.1:*";
         let mut services = Vec::new();
 
@@ -188,7 +239,7 @@ impl Fabric {
             let scheduler = scheduler::start(
                 scheduler::Config {
                     database: database.clone(),
-                    rpc: rpc_config("", &[any.to_string()]),
+                    rpc: keys.apply("control", &rpc_config("", &[any.to_string()])),
                     scheduler: scheduler::SchedulerConfig {
                         build_queue_period: build_queue_period.as_secs_f64(),
                         ..options.scheduler.clone()
@@ -211,7 +262,7 @@ impl Fabric {
         let conductor = conductor::start(
             conductor::Config {
                 database: database.clone(),
-                rpc: rpc_config(any, &scheduler_endpoints),
+                rpc: keys.apply("control", &rpc_config(any, &scheduler_endpoints)),
                 ..Default::default()
             },
             log.new(slog::o!("service" => "zova-conductor")),
@@ -225,14 +276,14 @@ impl Fabric {
         for host in hosts {
             services.push((
                 host.name.clone(),
-                start_compute(host, &rpc, state.path(), &log).await?,
+                start_compute(host, &keys.apply(&host.name, &rpc), state.path(), &log).await?,
             ));
         }
 
         let api = api::start(
             api::Config {
                 database: database.clone(),
-                rpc: rpc.clone(),
+                rpc: keys.apply("api", &rpc),
                 api: api::ApiConfig {
                     listen: "127.0.0.1:0".into(),
                     ..Default::default()
@@ -253,6 +304,7 @@ impl Fabric {
             build_queue_period,
             services,
             rpc,
+            keys,
             log,
             _state: state,
         };
@@ -356,7 +408,8 @@ impl Fabric {
 
     /// Starts (or restarts, after `kill`) a compute host.
     pub async fn start_compute(&mut self, host: &HostSpec) -> Result<(), FabricError> {
-        let handle = start_compute(host, &self.rpc, self._state.path(), &self.log).await?;
+        let rpc = self.keys.apply(&host.name, &self.rpc);
+        let handle = start_compute(host, &rpc, self._state.path(), &self.log).await?;
         self.services.push((host.name.clone(), handle));
         Ok(())
     }

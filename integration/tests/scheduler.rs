@@ -98,6 +98,7 @@ fn admin() -> RequestContext {
         user_id: "test".into(),
         project_id: "default".into(),
         roles: vec!["admin".into()],
+        deadline_ms: None,
     }
 }
 

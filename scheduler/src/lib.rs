@@ -23,8 +23,8 @@ use proto::service::{
     finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle,
 };
 use proto::{
-    ComputeRunInstance, ExtraResources, Incoming, Limits, Method, Ping, QueueSummary, RebuildQueue,
-    RequestContext, RequestSpec, Rpc, ScheduleRunInstance,
+    ComputeRunInstance, ExtraResources, Incoming, Limits, Ping, QueueSummary, RebuildQueue,
+    RequestContext, RequestSpec, Rpc, ScheduleRunInstance, SchedulerApi,
 };
 
 pub const BINARY: &str = "zova-scheduler";
@@ -306,6 +306,12 @@ impl Scheduler {
         {
             let mut unreachable = self.unreachable.lock().unwrap_or_else(|p| p.into_inner());
             for (node, service) in &nodes {
+                if let Some(key) = &service.rpc_public_key {
+                    // A no-op unless the compute came back with another key.
+                    if let Err(e) = self.rpc.set_peer_key(&service.rpc_endpoint, key) {
+                        warn!(self.log, "a compute registered an unusable key"; "host" => &service.host, "error" => %e);
+                    }
+                }
                 let mut row = compute_node_row(node, service, now, &self.config);
                 match unreachable.get(&row.hypervisor_hostname) {
                     Some(failed_at) if last_seen(service) <= *failed_at => row.up = false,
@@ -364,18 +370,13 @@ impl Scheduler {
 
     async fn dispatch(self: Arc<Self>, request: Incoming) {
         let log = for_request(&self.log, request.context());
-        match request.method() {
-            ScheduleRunInstance::NAME => match request.args::<ScheduleRunInstance>() {
-                Ok(args) => {
-                    let context = request.context().clone();
-                    request.reply::<ScheduleRunInstance>(Ok(()));
-                    self.schedule(log, context, args).await;
-                }
-                Err(e) => {
-                    warn!(log, "new_run_instance with malformed arguments dropped"; "error" => %e)
-                }
-            },
-            RebuildQueue::NAME => {
+        match SchedulerApi::decode(request.method(), &request.envelope.payload) {
+            Ok(Some(SchedulerApi::ScheduleRunInstance(args))) => {
+                let context = request.context().clone();
+                request.reply::<ScheduleRunInstance>(Ok(()));
+                self.schedule(log, context, args).await;
+            }
+            Ok(Some(SchedulerApi::RebuildQueue(_))) => {
                 let summary = self.build_queue().await.map_err(|e| proto::RemoteError {
                     kind: "RebuildFailed".into(),
                     message: e.to_string(),
@@ -383,10 +384,14 @@ impl Scheduler {
                 info!(log, "host queue rebuilt on request");
                 request.reply::<RebuildQueue>(summary);
             }
-            Ping::NAME => request.reply::<Ping>(Ok(BINARY.to_string())),
-            other => {
-                warn!(log, "unknown method"; "method" => other);
+            Ok(Some(SchedulerApi::Ping(_))) => request.reply::<Ping>(Ok(BINARY.to_string())),
+            Ok(None) => {
+                warn!(log, "unknown method"; "method" => request.method());
                 request.reply_no_such_method(BINARY);
+            }
+            Err(e) => {
+                warn!(log, "request with malformed arguments refused"; "method" => request.method(), "error" => %e);
+                request.reply_invalid_args(&e);
             }
         }
     }
@@ -814,6 +819,7 @@ mod tests {
             created_at: seen,
             updated_at: Some(seen),
             deleted: 0,
+            rpc_public_key: None,
         };
         (node, service, now)
     }

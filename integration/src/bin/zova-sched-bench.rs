@@ -59,7 +59,7 @@ fn micros(d: Duration) -> f64 {
 fn populate(db: &Db, hosts: u32, rng: &mut StdRng) -> Result<(), db::DbError> {
     for i in 1..=hosts {
         let name = format!("node-{i:06}");
-        db.service_upsert(&name, "zova-compute", "compute", "tcp://127.0.0.1:1")?;
+        db.service_upsert(&name, "zova-compute", "compute", "tcp://127.0.0.1:1", None)?;
         let (vcpus, memory_mb, local_gb) = SIZES[rng.gen_range(0..SIZES.len())];
         let used = if rng.gen_ratio(1, 10) {
             1.0

@@ -1,0 +1,150 @@
+//! Measures the messaging layer on loopback: one client `Rpc`, one server `Rpc`, small messages.
+//! Acknowledged casts per second with many in flight (pipelined), then call round trips one at a
+//! time (p50/p99). The last line is one JSON object for scripts.
+//!
+//!     cargo run --release -p integration --bin zova-rpc-bench -- --seconds 5
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use proto::{Method, Ping, RequestContext, Rpc, RpcOptions};
+
+#[derive(Debug, Parser)]
+#[command(about = "Time Zova's acknowledged casts and call round trips over loopback ZeroMQ")]
+struct Args {
+    /// Seconds for each of the two measurements.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Casts in flight at once.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    in_flight: u32,
+}
+
+fn context() -> RequestContext {
+    RequestContext {
+        request_id: proto::new_request_id(),
+        user_id: "bench".into(),
+        project_id: "bench".into(),
+        roles: vec!["member".into()],
+        deadline_ms: None,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn micros(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e7).round() / 10.0
+}
+
+async fn run(args: Args) -> Result<serde_json::Value, String> {
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let (server, incoming) = Rpc::start(
+        log.clone(),
+        Some("tcp://127.0.0.1:*"),
+        RpcOptions::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut incoming = incoming.ok_or("the server has no receiver")?;
+    let endpoint = server.endpoint().unwrap_or_default().to_string();
+    let served = Arc::new(AtomicU64::new(0));
+    let counter = served.clone();
+    let serving = tokio::spawn(async move {
+        while let Some(request) = incoming.recv().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            if request.method() == Ping::NAME {
+                request.reply::<Ping>(Ok(String::new()));
+            }
+        }
+    });
+    let (client, _) = Rpc::start(log, None, RpcOptions::default()).map_err(|e| e.to_string())?;
+    let client = Arc::new(client);
+    let duration = Duration::from_secs_f64(args.seconds.max(0.1));
+
+    // Warm up the connection.
+    client
+        .call(&endpoint, &context(), &Ping {})
+        .await
+        .map_err(|e| e.to_string())?;
+
+    // Pipelined casts.
+    let acked = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut casters = tokio::task::JoinSet::new();
+    for _ in 0..args.in_flight {
+        let (client, endpoint, acked, failed, stop) = (
+            client.clone(),
+            endpoint.clone(),
+            acked.clone(),
+            failed.clone(),
+            stop.clone(),
+        );
+        casters.spawn(async move {
+            let context = context();
+            while !stop.load(Ordering::Relaxed) {
+                match client.cast(&endpoint, &context, &Ping {}).await {
+                    Ok(()) => acked.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked_in_time = acked.load(Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    while casters.join_next().await.is_some() {}
+
+    // Calls, one at a time.
+    let mut latencies = Vec::new();
+    let context = context();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let sent = Instant::now();
+        client
+            .call(&endpoint, &context, &Ping {})
+            .await
+            .map_err(|e| e.to_string())?;
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+
+    client.shutdown();
+    server.shutdown();
+    let _ = serving.await;
+    Ok(serde_json::json!({
+        "curve": false,
+        "in_flight": args.in_flight,
+        "acked_casts_per_s": (acked_in_time as f64 / elapsed.as_secs_f64()).round(),
+        "casts_failed": failed.load(Ordering::Relaxed),
+        "calls": latencies.len(),
+        "call_p50_us": micros(percentile(&latencies, 0.5)),
+        "call_p99_us": micros(percentile(&latencies, 0.99)),
+        "call_max_us": micros(percentile(&latencies, 1.0)),
+        "served": served.load(Ordering::Relaxed),
+    }))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(figures) => {
+            println!("{figures}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zova-rpc-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
