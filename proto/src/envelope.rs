@@ -96,6 +96,17 @@ impl Header {
     }
 }
 
+/// A message id unique within this process (a random prefix drawn once, then a counter) and,
+/// with 64 random bits, across processes in practice. Ids only pair answers with requests, so
+/// they need no per-message randomness, which costs a system call.
+fn next_msg_id() -> Uuid {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| Uuid::new_v4().as_u64_pair().0);
+    Uuid::from_u64_pair(prefix, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
 pub fn new_request_id() -> String {
     format!("req-{}", Uuid::new_v4())
 }
@@ -139,7 +150,7 @@ impl Envelope {
     ) -> Result<Self, ProtoError> {
         Ok(Envelope {
             version: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
-            msg_id: Uuid::new_v4(),
+            msg_id: next_msg_id(),
             kind,
             method: method.to_string(),
             context: context.clone(),

@@ -2,7 +2,7 @@
 //! Acknowledged casts per second with many in flight (pipelined), then call round trips one at a
 //! time (p50/p99). The last line is one JSON object for scripts.
 //!
-//!     cargo run --release -p integration --bin zova-rpc-bench -- --seconds 5
+//!     cargo run --release -p integration --bin zova-rpc-bench -- --seconds 5 [--curve]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use proto::{Method, Ping, RequestContext, Rpc, RpcOptions};
+use proto::{CurveConfig, Method, Ping, RequestContext, Rpc, RpcOptions};
 
 #[derive(Debug, Parser)]
 #[command(about = "Time Zova's acknowledged casts and call round trips over loopback ZeroMQ")]
@@ -18,6 +18,9 @@ struct Args {
     /// Seconds for each of the two measurements.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// CURVE on both sockets (the server trusts only the client's key).
+    #[arg(long)]
+    curve: bool,
     /// Casts in flight at once.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     in_flight: u32,
@@ -47,12 +50,28 @@ fn micros(d: Duration) -> f64 {
 
 async fn run(args: Args) -> Result<serde_json::Value, String> {
     let log = slog::Logger::root(slog::Discard, slog::o!());
-    let (server, incoming) = Rpc::start(
-        log.clone(),
-        Some("tcp://127.0.0.1:*"),
-        RpcOptions::default(),
-    )
-    .map_err(|e| e.to_string())?;
+    let (mut server_options, mut client_options) = (RpcOptions::default(), RpcOptions::default());
+    if args.curve {
+        let (server_public, server_secret) =
+            proto::curve::generate_key_pair().map_err(|e| e.to_string())?;
+        let (client_public, client_secret) =
+            proto::curve::generate_key_pair().map_err(|e| e.to_string())?;
+        server_options.curve = Some(CurveConfig {
+            public_key: server_public.clone(),
+            secret_key: server_secret,
+            trusted_clients: vec![client_public.clone()],
+            ..Default::default()
+        });
+        client_options.curve = Some(CurveConfig {
+            public_key: client_public,
+            secret_key: client_secret,
+            server_public_key: server_public,
+            ..Default::default()
+        });
+    }
+    let curve = args.curve;
+    let (server, incoming) = Rpc::start(log.clone(), Some("tcp://127.0.0.1:*"), server_options)
+        .map_err(|e| e.to_string())?;
     let mut incoming = incoming.ok_or("the server has no receiver")?;
     let endpoint = server.endpoint().unwrap_or_default().to_string();
     let served = Arc::new(AtomicU64::new(0));
@@ -65,7 +84,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             }
         }
     });
-    let (client, _) = Rpc::start(log, None, RpcOptions::default()).map_err(|e| e.to_string())?;
+    let (client, _) = Rpc::start(log, None, client_options).map_err(|e| e.to_string())?;
     let client = Arc::new(client);
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
 
@@ -123,7 +142,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     server.shutdown();
     let _ = serving.await;
     Ok(serde_json::json!({
-        "curve": false,
+        "curve": curve,
         "in_flight": args.in_flight,
         "acked_casts_per_s": (acked_in_time as f64 / elapsed.as_secs_f64()).round(),
         "casts_failed": failed.load(Ordering::Relaxed),
