@@ -171,6 +171,19 @@ impl Envelope {
         }
     }
 
+    /// The acknowledgement of several casts from one sender: the first id in `msg_id`, the
+    /// others as a list in the payload.
+    pub fn acks(ids: &[Uuid]) -> Result<Self, ProtoError> {
+        let Some((first, others)) = ids.split_first() else {
+            return Err(ProtoError::Encode("an ack for no message".into()));
+        };
+        let mut ack = Envelope::ack(*first);
+        if !others.is_empty() {
+            ack.payload = encode(others)?;
+        }
+        Ok(ack)
+    }
+
     /// A refusal of a frame this peer cannot read (another major version): a reply carrying
     /// the error, which the sender reports whether it cast or called.
     pub fn refusal(header: &Header, error: RemoteError) -> Result<Self, ProtoError> {
@@ -238,6 +251,18 @@ mod tests {
         name: String,
         #[serde(default)]
         color: Option<String>,
+    }
+
+    #[test]
+    fn one_ack_answers_many_casts() {
+        let ids: Vec<Uuid> = (0..5).map(|_| next_msg_id()).collect();
+        let ack = Envelope::from_bytes(&Envelope::acks(&ids).unwrap().to_bytes().unwrap()).unwrap();
+        assert_eq!((ack.kind, ack.msg_id), (Kind::Ack, ids[0]));
+        assert_eq!(decode::<Vec<Uuid>>(&ack.payload).unwrap(), ids[1..]);
+        let single = Envelope::acks(&ids[..1]).unwrap();
+        assert!(single.payload.is_empty());
+        assert!(Envelope::acks(&[]).is_err());
+        assert_ne!(next_msg_id(), next_msg_id());
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::envelope::{
 use crate::messages::Method;
 use crate::ProtoError;
 
+/// The most requests taken from the ROUTER before their acks go out.
+const ACK_BATCH: usize = 256;
 const CMD_ENDPOINT: &str = "inproc://zova-rpc-commands";
 /// Where libzmq looks for the ZAP handler of the sockets in a context (RFC 27).
 const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
@@ -902,7 +904,15 @@ impl IoThread {
 
     fn drain_router(&mut self) {
         let Some(router) = &self.router else { return };
-        while let Ok(frames) = router.recv_multipart(zmq::DONTWAIT) {
+        // Casts taken in this pass, by sender, acknowledged together at the end: under load one
+        // ack frame answers many casts.
+        let mut acks: Vec<(Vec<u8>, Vec<Uuid>)> = Vec::new();
+        let mut taken = 0;
+        while taken < ACK_BATCH {
+            let Ok(frames) = router.recv_multipart(zmq::DONTWAIT) else {
+                break;
+            };
+            taken += 1;
             let [identity, payload] = frames.as_slice() else {
                 warn!(self.log, "frame with unexpected parts dropped"; "parts" => frames.len());
                 continue;
@@ -962,12 +972,7 @@ impl IoThread {
                 // starts here (and the requests that work sends) has its own timeouts.
                 envelope.context.deadline_ms = None;
             }
-            if let Ok(ack) = Envelope::ack(envelope.msg_id).to_bytes() {
-                // Never block the I/O thread on a peer that does not read: it will time out.
-                if let Err(e) = router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT) {
-                    debug!(self.log, "ack not delivered"; "error" => %e);
-                }
-            }
+            let (msg_id, is_cast) = (envelope.msg_id, envelope.kind == Kind::Cast);
             let request = Incoming {
                 envelope,
                 identity: identity.clone(),
@@ -975,10 +980,28 @@ impl IoThread {
                 max_message_bytes: self.options.max_message_bytes,
                 replied: false,
             };
-            if let Err(mpsc::error::SendError(mut request)) = incoming.send(request) {
-                // The service loop has stopped; the call's Drop would answer through a socket
-                // owned by this thread, so mark it answered and let the caller time out.
-                request.replied = true;
+            match incoming.send(request) {
+                // A cast is acknowledged once the service's receiver has it; a call's answer
+                // is its reply.
+                Ok(()) if is_cast => match acks.iter_mut().find(|(to, _)| to == identity) {
+                    Some((_, ids)) => ids.push(msg_id),
+                    None => acks.push((identity.clone(), vec![msg_id])),
+                },
+                Ok(()) => {}
+                Err(mpsc::error::SendError(mut request)) => {
+                    // The service loop has stopped; the call's Drop would answer through a
+                    // socket owned by this thread, so mark it answered and let the caller time
+                    // out.
+                    request.replied = true;
+                }
+            }
+        }
+        for (identity, ids) in acks {
+            if let Ok(ack) = Envelope::acks(&ids).and_then(|e| e.to_bytes()) {
+                // Never block the I/O thread on a peer that does not read: it will time out.
+                if let Err(e) = router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT) {
+                    debug!(self.log, "ack not delivered"; "error" => %e);
+                }
             }
         }
     }
@@ -998,7 +1021,17 @@ impl IoThread {
         }
         for envelope in answers {
             match envelope.kind {
-                Kind::Ack => self.complete_ack(envelope.msg_id),
+                Kind::Ack => {
+                    self.complete_ack(envelope.msg_id);
+                    if !envelope.payload.is_empty() {
+                        match decode::<Vec<Uuid>>(&envelope.payload) {
+                            Ok(more) => more.into_iter().for_each(|id| self.complete_ack(id)),
+                            Err(e) => {
+                                warn!(self.log, "malformed ack dropped"; "peer" => endpoint, "error" => %e)
+                            }
+                        }
+                    }
+                }
                 Kind::Reply => match decode::<ReplyBody>(&envelope.payload) {
                     Ok(body) => self.complete(envelope.msg_id, Ok(body)),
                     Err(e) => self.complete(envelope.msg_id, Err(e)),

@@ -447,3 +447,37 @@ async fn the_client_keeps_working_when_its_peer_restarts_on_the_same_port() {
     let mut seen = serve(rx);
     assert_eq!(seen.recv().await.as_deref(), Some("waited"));
 }
+
+/// Many casts in flight at once are acknowledged in batches: every one of them, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_pipelined_casts_are_each_acknowledged_and_delivered() {
+    let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), fast()).expect("bind");
+    let mut seen = serve(rx.expect("server receiver"));
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+    let client = Arc::new(client);
+    let mut casts = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (client, endpoint) = (client.clone(), endpoint.clone());
+        casts.spawn(async move {
+            client
+                .cast(
+                    &endpoint,
+                    &RequestContext::internal("p"),
+                    &beat(&format!("h-{i}")),
+                )
+                .await
+        });
+    }
+    while let Some(result) = casts.join_next().await {
+        result.expect("joined").expect("acknowledged");
+    }
+    let mut hosts = std::collections::BTreeSet::new();
+    while hosts.len() < 1000 {
+        let host = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("delivered in time")
+            .expect("served");
+        assert!(hosts.insert(host), "delivered once");
+    }
+}
