@@ -1,6 +1,7 @@
 //! The ZeroMQ transport: one I/O thread per `Rpc` owns every socket (the service's ROUTER and one
 //! DEALER per peer), because ZeroMQ sockets must not be shared between threads. Async callers talk
-//! to that thread through an inproc PUSH/PULL pair and wait on oneshot channels.
+//! to that thread through a command queue (woken by an eventfd only when the thread sleeps) and
+//! wait on oneshot channels.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,7 +21,6 @@ use crate::ProtoError;
 
 /// The most requests taken from the ROUTER before their acks go out.
 const ACK_BATCH: usize = 256;
-const CMD_ENDPOINT: &str = "inproc://zova-rpc-commands";
 /// Where libzmq looks for the ZAP handler of the sockets in a context (RFC 27).
 const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 /// A client with an untrusted key retries its handshake every reconnect interval; one warning
@@ -203,7 +203,115 @@ impl Drop for PendingGuard<'_> {
         lock(self.pending).remove(&self.msg_id);
     }
 }
-type CommandSocket = Arc<Mutex<zmq::Socket>>;
+/// What callers ask of the I/O thread.
+enum Command {
+    Send {
+        endpoint: String,
+        msg_id: Uuid,
+        bytes: Vec<u8>,
+    },
+    Reply {
+        identity: Vec<u8>,
+        bytes: Vec<u8>,
+    },
+    Reset {
+        endpoint: String,
+        connection: u64,
+    },
+    Rekey {
+        endpoint: String,
+    },
+    Close,
+    Stop,
+}
+
+/// The queue from callers to the I/O thread. Pushing is a short lock; the thread is woken
+/// through an eventfd only when it sleeps in `poll`, so a burst of requests costs one wake-up.
+struct CommandQueue {
+    queue: Mutex<Vec<Command>>,
+    /// The I/O thread is (about to be) asleep in `poll`.
+    sleeping: std::sync::atomic::AtomicBool,
+    /// Cleared when the I/O thread has stopped: nothing would take a command any more.
+    open: std::sync::atomic::AtomicBool,
+    wake: std::os::fd::OwnedFd,
+}
+
+type CommandSocket = Arc<CommandQueue>;
+
+impl CommandQueue {
+    fn new() -> Result<Self, ProtoError> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd returns a new descriptor (or -1), which OwnedFd then owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(ProtoError::Thread(format!(
+                "cannot create the I/O thread's wake-up: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(CommandQueue {
+            queue: Mutex::new(Vec::new()),
+            sleeping: std::sync::atomic::AtomicBool::new(false),
+            open: std::sync::atomic::AtomicBool::new(true),
+            // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
+            wake: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn push(&self, command: Command) -> Result<(), ProtoError> {
+        use std::sync::atomic::Ordering;
+        if !self.open.load(Ordering::SeqCst) {
+            return Err(ProtoError::Closed);
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(command);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.ring();
+        }
+        Ok(())
+    }
+
+    fn ring(&self) {
+        use std::os::fd::AsRawFd;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd; a full counter (EAGAIN)
+        // still leaves the thread woken.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// Empties the eventfd after a wake-up.
+    fn reset_wake(&self) {
+        use std::os::fd::AsRawFd;
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our own non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.wake.as_raw_fd(),
+                (&mut count as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    fn take(&self) -> Vec<Command> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+}
 
 /// A request that reached this service's ROUTER; a `call` must be answered with `reply`.
 pub struct Incoming {
@@ -284,11 +392,11 @@ impl Incoming {
             };
             bytes = short;
         }
-        if let Ok(socket) = self.commands.lock() {
-            // The I/O thread is gone only at shutdown, when nobody waits for the reply any more;
-            // DONTWAIT because a PUSH without its peer would block forever.
-            let _ = socket.send_multipart([&b"reply"[..], &self.identity, &bytes], zmq::DONTWAIT);
-        }
+        // The I/O thread is gone only at shutdown, when nobody waits for the reply any more.
+        let _ = self.commands.push(Command::Reply {
+            identity: std::mem::take(&mut self.identity),
+            bytes,
+        });
     }
 
     fn reply_bytes(&self, body: ReplyBody) -> Result<Vec<u8>, ProtoError> {
@@ -335,13 +443,7 @@ impl Rpc {
             .map(CurveKeys::from_config)
             .transpose()?;
         let context = zmq::Context::new();
-        let command_pull = context.socket(zmq::PULL)?;
-        command_pull.bind(CMD_ENDPOINT)?;
-        let command_push = context.socket(zmq::PUSH)?;
-        command_push.set_linger(0)?;
-        command_push.set_sndhwm(0)?;
-        command_push.connect(CMD_ENDPOINT)?;
-        let commands: CommandSocket = Arc::new(Mutex::new(command_push));
+        let commands: CommandSocket = Arc::new(CommandQueue::new()?);
 
         // Bound before the ROUTER: a CURVE server with no ZAP handler lets every client in.
         let zap = match (&curve, bind) {
@@ -397,7 +499,6 @@ impl Rpc {
             options: options.clone(),
             router,
             zap,
-            command_pull,
             dealers: HashMap::new(),
             connections_opened: 0,
             curve,
@@ -438,7 +539,9 @@ impl Rpc {
         })?;
         let previous = lock(&self.peer_keys).insert(endpoint.to_string(), key);
         if previous != Some(key) {
-            self.command(&[b"rekey", endpoint.as_bytes()]);
+            self.command(Command::Rekey {
+                endpoint: endpoint.to_string(),
+            });
         }
         Ok(())
     }
@@ -466,8 +569,10 @@ impl Rpc {
                 // Drop the DEALER it went out on so the unacknowledged frame is not delivered
                 // later, after the caller has given up on it and maybe sent the work elsewhere.
                 if let Some(connection) = entry.connection {
-                    let connection = connection.to_be_bytes();
-                    self.command(&[b"reset", endpoint.as_bytes(), &connection]);
+                    self.command(Command::Reset {
+                        endpoint: endpoint.to_string(),
+                        connection,
+                    });
                 }
                 Err(ProtoError::Timeout {
                     method: M::NAME.to_string(),
@@ -543,28 +648,19 @@ impl Rpc {
             pending: &self.pending,
             msg_id: envelope.msg_id,
         };
-        let socket = self.commands.lock().map_err(|_| ProtoError::Closed)?;
-        socket
-            .send_multipart(
-                [
-                    &b"send"[..],
-                    endpoint.as_bytes(),
-                    envelope.msg_id.as_bytes(),
-                    &bytes,
-                ],
-                zmq::DONTWAIT,
-            )
-            // The queue to the I/O thread is unbounded (the in-flight limit bounds it per peer):
-            // it refuses only once it is gone.
-            .map_err(|_| ProtoError::Closed)?;
+        // The queue to the I/O thread is unbounded (the in-flight limit bounds it per peer): it
+        // refuses only once the thread is gone.
+        self.commands.push(Command::Send {
+            endpoint: endpoint.to_string(),
+            msg_id: envelope.msg_id,
+            bytes,
+        })?;
         Ok(guard)
     }
 
-    fn command(&self, frames: &[&[u8]]) {
-        if let Ok(socket) = self.commands.lock() {
-            if let Err(e) = socket.send_multipart(frames, zmq::DONTWAIT) {
-                warn!(self.log, "rpc command not delivered to the I/O thread"; "error" => %e);
-            }
+    fn command(&self, command: Command) {
+        if let Err(e) = self.commands.push(command) {
+            warn!(self.log, "rpc command not delivered to the I/O thread"; "error" => %e);
         }
     }
 
@@ -572,7 +668,7 @@ impl Rpc {
     /// already acknowledged, and later requests go unacknowledged (to their senders this service
     /// is down). Replies to calls still go out until `shutdown`.
     pub fn stop_serving(&self) {
-        self.command(&[b"close"]);
+        self.command(Command::Close);
     }
 
     /// Stops the I/O thread and closes every socket; pending requests fail with `Closed`.
@@ -580,7 +676,7 @@ impl Rpc {
     pub fn shutdown(&self) {
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
-            self.command(&[b"stop"]);
+            self.command(Command::Stop);
             let _ = handle.join();
         }
         lock(&self.pending).clear();
@@ -634,7 +730,6 @@ struct IoThread {
     // Declared (so dropped) before `zap`, so no handshake is let in unchecked while closing.
     router: Option<zmq::Socket>,
     zap: Option<zmq::Socket>,
-    command_pull: zmq::Socket,
     dealers: HashMap<String, Dealer>,
     connections_opened: u64,
     curve: Option<CurveKeys>,
@@ -656,6 +751,9 @@ enum Source {
 impl IoThread {
     fn run(mut self) {
         loop {
+            if !self.drain_commands() {
+                break;
+            }
             let readable = match self.poll() {
                 Ok(readable) => readable,
                 Err(e) => {
@@ -665,31 +763,31 @@ impl IoThread {
                 }
             };
             for source in readable {
-                let keep_going = match source {
-                    Source::Commands => self.drain_commands(),
-                    Source::Router => {
-                        self.drain_router();
-                        true
-                    }
-                    Source::Zap => {
-                        self.answer_zap();
-                        true
-                    }
-                    Source::Dealer(endpoint) => {
-                        self.drain_dealer(&endpoint);
-                        true
-                    }
-                };
-                if !keep_going {
-                    return;
+                match source {
+                    Source::Commands => {}
+                    Source::Router => self.drain_router(),
+                    Source::Zap => self.answer_zap(),
+                    Source::Dealer(endpoint) => self.drain_dealer(&endpoint),
                 }
             }
         }
+        self.commands
+            .open
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn poll(&self) -> Result<Vec<Source>, zmq::Error> {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering;
+        // Say we are going to sleep, then look once more: a command pushed after this look
+        // rings the eventfd, one pushed before it is seen here.
+        self.commands.sleeping.store(true, Ordering::SeqCst);
+        let timeout = if self.commands.is_empty() { -1 } else { 0 };
         let mut sources = vec![Source::Commands];
-        let mut items = vec![self.command_pull.as_poll_item(zmq::POLLIN)];
+        let mut items = vec![zmq::PollItem::from_fd(
+            self.commands.wake.as_raw_fd(),
+            zmq::POLLIN,
+        )];
         if let Some(router) = &self.router {
             sources.push(Source::Router);
             items.push(router.as_poll_item(zmq::POLLIN));
@@ -702,8 +800,13 @@ impl IoThread {
             sources.push(Source::Dealer(endpoint.clone()));
             items.push(dealer.socket.as_poll_item(zmq::POLLIN));
         }
-        zmq::poll(&mut items, -1)?;
+        let polled = zmq::poll(&mut items, timeout);
+        self.commands.sleeping.store(false, Ordering::SeqCst);
+        polled?;
         let flags: Vec<bool> = items.iter().map(|item| item.is_readable()).collect();
+        if flags.first() == Some(&true) {
+            self.commands.reset_wake();
+        }
         Ok(sources
             .into_iter()
             .zip(flags)
@@ -712,22 +815,24 @@ impl IoThread {
             .collect())
     }
 
-    /// Returns false when asked to stop.
+    /// Carries out every queued command; returns false when asked to stop.
     fn drain_commands(&mut self) -> bool {
-        while let Ok(frames) = self.command_pull.recv_multipart(zmq::DONTWAIT) {
-            match frames.first().map(Vec::as_slice) {
-                Some(b"stop") => return false,
-                Some(b"close") => {
+        for command in self.commands.take() {
+            match command {
+                Command::Stop => return false,
+                Command::Close => {
                     // Frames that arrive from now on are neither acknowledged nor taken, so their
                     // senders see a service that is gone; answers to taken calls still go out.
                     self.incoming = None;
                 }
-                Some(b"send") if frames.len() == 4 => {
-                    self.send_to_peer(&frames[1], &frames[2], &frames[3]);
-                }
-                Some(b"reply") if frames.len() == 3 => {
+                Command::Send {
+                    endpoint,
+                    msg_id,
+                    bytes,
+                } => self.send_to_peer(endpoint, msg_id, &bytes),
+                Command::Reply { identity, bytes } => {
                     if let Some(router) = &self.router {
-                        match router.send_multipart([&frames[1], &frames[2]], zmq::DONTWAIT) {
+                        match router.send_multipart([&identity, &bytes], zmq::DONTWAIT) {
                             Ok(()) => {}
                             // The caller went away (ROUTER_MANDATORY says so); it has timed out.
                             Err(zmq::Error::EHOSTUNREACH) => {
@@ -738,19 +843,15 @@ impl IoThread {
                         }
                     }
                 }
-                Some(b"reset") if frames.len() == 3 => {
-                    let endpoint = String::from_utf8_lossy(&frames[1]).into_owned();
-                    let connection = frames[2].as_slice().try_into().map(u64::from_be_bytes);
-                    if let Ok(connection) = connection {
-                        self.reset(
-                            &endpoint,
-                            connection,
-                            "the connection was reset after another request to it timed out",
-                        );
-                    }
-                }
-                Some(b"rekey") if frames.len() == 2 => {
-                    let endpoint = String::from_utf8_lossy(&frames[1]).into_owned();
+                Command::Reset {
+                    endpoint,
+                    connection,
+                } => self.reset(
+                    &endpoint,
+                    connection,
+                    "the connection was reset after another request to it timed out",
+                ),
+                Command::Rekey { endpoint } => {
                     let key = self.server_key_for(&endpoint);
                     let stale = self
                         .dealers
@@ -765,18 +866,12 @@ impl IoThread {
                         );
                     }
                 }
-                _ => warn!(self.log, "malformed rpc command dropped"),
             }
         }
         true
     }
 
-    fn send_to_peer(&mut self, endpoint: &[u8], msg_id: &[u8], bytes: &[u8]) {
-        let endpoint = String::from_utf8_lossy(endpoint).into_owned();
-        let Ok(msg_id) = Uuid::from_slice(msg_id) else {
-            warn!(self.log, "rpc send command without a message id dropped");
-            return;
-        };
+    fn send_to_peer(&mut self, endpoint: String, msg_id: Uuid, bytes: &[u8]) {
         if let Err(reason) = self.try_send(&endpoint, msg_id, bytes) {
             self.complete(msg_id, Err(ProtoError::Refused { endpoint, reason }));
         }
