@@ -69,7 +69,8 @@ impl RequestContext {
 
     /// Whether the deadline has passed (a context without one never expires).
     pub fn expired(&self) -> bool {
-        self.deadline_ms.is_some_and(|deadline| now_ms() > deadline)
+        self.deadline_ms
+            .is_some_and(|deadline| now_ms() >= deadline)
     }
 }
 
@@ -139,6 +140,11 @@ pub struct Envelope {
     /// named fields, decoded only by the code that knows the method.
     #[serde(with = "serde_bytes", default)]
     pub payload: Vec<u8>,
+    /// Milliseconds left until the context's deadline when the message was sent. The receiver
+    /// rebuilds the deadline from its own clock, so hosts whose clocks differ agree on how
+    /// long a request may take.
+    #[serde(default)]
+    pub budget_ms: Option<u64>,
 }
 
 impl Envelope {
@@ -155,6 +161,9 @@ impl Envelope {
             method: method.to_string(),
             context: context.clone(),
             payload: encode(args)?,
+            budget_ms: context
+                .deadline_ms
+                .map(|deadline| deadline.saturating_sub(now_ms())),
         })
     }
 
@@ -168,6 +177,7 @@ impl Envelope {
             method: String::new(),
             context: RequestContext::default(),
             payload: Vec::new(),
+            budget_ms: None,
         }
     }
 
@@ -194,6 +204,7 @@ impl Envelope {
             method: String::new(),
             context: RequestContext::default(),
             payload: encode(&ReplyBody::Err(error))?,
+            budget_ms: None,
         })
     }
 
@@ -206,6 +217,7 @@ impl Envelope {
             method: self.method.clone(),
             context: self.context.clone(),
             payload,
+            budget_ms: None,
         }
     }
 
@@ -216,9 +228,12 @@ impl Envelope {
     /// Parses a frame from the network; anything malformed or of another major version is an error,
     /// never a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtoError> {
-        let envelope: Envelope = decode(bytes)?;
+        let mut envelope: Envelope = decode(bytes)?;
         if envelope.version.0 != PROTOCOL_MAJOR {
             return Err(ProtoError::Version(envelope.version.0));
+        }
+        if let Some(budget) = envelope.budget_ms {
+            envelope.context.deadline_ms = Some(now_ms().saturating_add(budget));
         }
         Ok(envelope)
     }
@@ -263,6 +278,19 @@ mod tests {
         assert!(single.payload.is_empty());
         assert!(Envelope::acks(&[]).is_err());
         assert_ne!(next_msg_id(), next_msg_id());
+    }
+
+    #[test]
+    fn a_deadline_travels_as_time_left_not_as_a_clock_reading() {
+        let sender = ctx().with_deadline_in(std::time::Duration::from_secs(10));
+        let mut env =
+            Envelope::request(Kind::Call, "m", &sender, &ArgsV1 { name: "x".into() }).unwrap();
+        // A sender whose clock runs an hour behind: its absolute reading means nothing here.
+        env.context.deadline_ms = Some(1);
+        let back = Envelope::from_bytes(&env.to_bytes().unwrap()).unwrap();
+        let left = back.context.deadline_ms.unwrap().saturating_sub(now_ms());
+        assert!((9_000..=10_000).contains(&left), "{left} ms left");
+        assert!(!back.context.expired());
     }
 
     #[test]

@@ -19,6 +19,11 @@ use crate::envelope::{
 use crate::messages::Method;
 use crate::ProtoError;
 
+/// The answer of a service that is stopping and took nothing.
+const UNAVAILABLE: &str = "Unavailable";
+/// Answers that mean the peer did not take the message at all.
+const REFUSALS: [&str; 2] = [UNAVAILABLE, "VersionMismatch"];
+
 /// The most requests taken from the ROUTER before their acks go out.
 const ACK_BATCH: usize = 256;
 /// Where libzmq looks for the ZAP handler of the sockets in a context (RFC 27).
@@ -564,7 +569,8 @@ impl Rpc {
                 // Taking the entry out first means the I/O thread will not send it if it has not.
                 let Some(entry) = lock(&self.pending).remove(&envelope.msg_id) else {
                     // The I/O thread finished it as the deadline passed: its answer is final.
-                    return rx.try_recv().unwrap_or(Err(ProtoError::Closed));
+                    // Its sender is about to send (or dropped, at shutdown).
+                    return rx.await.unwrap_or(Err(ProtoError::Closed));
                 };
                 // Drop the DEALER it went out on so the unacknowledged frame is not delivered
                 // later, after the caller has given up on it and maybe sent the work elsewhere.
@@ -1043,6 +1049,20 @@ impl IoThread {
                 continue;
             }
             let Some(incoming) = &self.incoming else {
+                // Stopping: say so, so the sender moves on to another peer at once instead of
+                // waiting out its timeout.
+                let error = RemoteError {
+                    kind: UNAVAILABLE.into(),
+                    message: "the service is stopping".into(),
+                };
+                let header = Header {
+                    version: envelope.version,
+                    msg_id: envelope.msg_id,
+                    kind: envelope.kind,
+                };
+                if let Ok(bytes) = Envelope::refusal(&header, error).and_then(|e| e.to_bytes()) {
+                    let _ = router.send_multipart([identity.as_slice(), &bytes], zmq::DONTWAIT);
+                }
                 continue;
             };
             if envelope.kind == Kind::Call && envelope.context.expired() {
@@ -1106,13 +1126,29 @@ impl IoThread {
             return;
         };
         let mut answers = Vec::new();
+        let mut refused = Vec::new();
         while let Ok(bytes) = dealer.socket.recv_bytes(zmq::DONTWAIT) {
             match Envelope::from_bytes(&bytes) {
                 Ok(envelope) => answers.push(envelope),
+                // A peer of another major version refusing what we sent: its header is the
+                // one part every version shares, so the request can end now.
+                Err(ProtoError::Version(major)) => match Header::peek(&bytes) {
+                    Some(header) if header.kind == Kind::Reply => refused.push((header, major)),
+                    _ => {
+                        warn!(self.log, "answer of another protocol version dropped"; "peer" => endpoint, "major" => major)
+                    }
+                },
                 Err(e) => {
                     warn!(self.log, "malformed answer dropped"; "peer" => endpoint, "error" => %e)
                 }
             }
+        }
+        for (header, major) in refused {
+            let err = ProtoError::Refused {
+                endpoint: endpoint.to_string(),
+                reason: format!("it speaks protocol {major}.x, this service {PROTOCOL_MAJOR}.x"),
+            };
+            self.complete(header.msg_id, Err(err));
         }
         for envelope in answers {
             match envelope.kind {
@@ -1159,6 +1195,17 @@ impl IoThread {
     fn complete(&self, msg_id: Uuid, result: Result<ReplyBody, ProtoError>) {
         let entry = lock(&self.pending).remove(&msg_id);
         if let Some(entry) = entry {
+            // A peer that refused the message without taking it (stopping, another protocol
+            // version) is a refused delivery: the caller may try another peer.
+            let result = match result {
+                Ok(ReplyBody::Err(err)) if REFUSALS.contains(&err.kind.as_str()) => {
+                    Err(ProtoError::Refused {
+                        endpoint: entry.endpoint.clone(),
+                        reason: err.to_string(),
+                    })
+                }
+                other => other,
+            };
             finish(entry.waiter, result);
         }
     }

@@ -191,3 +191,46 @@ proptest! {
         });
     }
 }
+
+/// A peer of a newer major version refuses what an older one sends: the older caller learns it
+/// at once (as a refused delivery, so it can try another peer) instead of waiting its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_from_a_newer_peer_ends_the_request_at_once() {
+    let context = zmq::Context::new();
+    let router = context.socket(zmq::ROUTER).expect("router");
+    router.bind("tcp://127.0.0.1:*").expect("bind");
+    let endpoint = router
+        .get_last_endpoint()
+        .expect("endpoint")
+        .expect("utf-8");
+    let newer = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let frames = router.recv_multipart(0).expect("a request");
+            let header = proto::envelope::Header::peek(&frames[1]).expect("a header");
+            let mut refusal = Envelope::refusal(
+                &header,
+                proto::RemoteError {
+                    kind: "VersionMismatch".into(),
+                    message: "this service speaks 2.x".into(),
+                },
+            )
+            .expect("refusal");
+            refusal.version = (PROTOCOL_MAJOR + 1, 0);
+            let bytes = refusal.to_bytes().expect("bytes");
+            router
+                .send_multipart([frames[0].as_slice(), &bytes], 0)
+                .expect("answer");
+        }
+    });
+    let (client, _) = Rpc::start(log(), None, options()).expect("client");
+    let call = client
+        .call(&endpoint, &RequestContext::internal("p"), &Ping {})
+        .await;
+    assert!(matches!(&call, Err(e) if e.is_refused()), "{call:?}");
+    let cast = client
+        .cast(&endpoint, &RequestContext::internal("p"), &Ping {})
+        .await;
+    assert!(matches!(&cast, Err(e) if e.is_refused()), "{cast:?}");
+    newer.join().expect("the newer peer answered");
+    client.shutdown();
+}
