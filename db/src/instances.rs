@@ -312,30 +312,7 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::open_temp;
-
-    fn new_instance(uuid: &str, project_id: &str) -> NewInstance {
-        NewInstance {
-            uuid: uuid.to_string(),
-            display_name: format!("vm-{uuid}"),
-            project_id: project_id.to_string(),
-            user_id: "alice".to_string(),
-            flavorid: "1".to_string(),
-            image_ref: "155d900f-4e14-4e4c-a73d-069cbf4541e6".to_string(),
-            vcpus: 1,
-            memory_mb: 512,
-            root_gb: 1,
-            ephemeral_gb: 0,
-            swap_mb: 0,
-            vm_state: "building".to_string(),
-            task_state: Some("scheduling".to_string()),
-            power_state: 0,
-            scheduler_hints: "{}".to_string(),
-            metadata: r#"{"role": "web"}"#.to_string(),
-            reservation_id: "r-1".to_string(),
-            launch_index: 0,
-        }
-    }
+    use crate::testing::{new_instance, open_temp};
 
     fn fault(uuid: &str) -> NewFault {
         NewFault {

@@ -300,26 +300,7 @@ mod tests {
     use crate::{ComputeNodeValues, DbError, NewFault, NewInstance};
 
     fn instance(uuid: &str) -> NewInstance {
-        NewInstance {
-            uuid: uuid.to_string(),
-            display_name: uuid.to_string(),
-            project_id: "p".to_string(),
-            user_id: "u".to_string(),
-            flavorid: "1".to_string(),
-            image_ref: "155d900f-4e14-4e4c-a73d-069cbf4541e6".to_string(),
-            vcpus: 1,
-            memory_mb: 512,
-            root_gb: 1,
-            ephemeral_gb: 0,
-            swap_mb: 0,
-            vm_state: "building".to_string(),
-            task_state: Some("scheduling".to_string()),
-            power_state: 0,
-            scheduler_hints: "{}".to_string(),
-            metadata: "{}".to_string(),
-            reservation_id: "r-1".to_string(),
-            launch_index: 0,
-        }
+        crate::testing::new_instance(uuid, "p")
     }
 
     /// A node reporting `vcpus` vCPUs and 8 GB / 100 GB, nothing used; returns its id.

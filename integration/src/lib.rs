@@ -34,6 +34,27 @@ pub fn server_body(name: &str, flavor: &str) -> Value {
     serde_json::json!({"server": {"name": name, "flavorRef": flavor, "imageRef": IMAGE}})
 }
 
+/// A create-server body with scheduler hints.
+pub fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {
+    let mut body = server_body(name, flavor);
+    body["os:scheduler_hints"] = hints;
+    body
+}
+
+/// The value at fraction `p` (0.0–1.0) of sorted latencies; zero when there are none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Microseconds to one decimal, for the benchmarks' JSON lines.
+pub fn micros(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e7).round() / 10.0
+}
+
 /// The size of one pretend compute host.
 #[derive(Debug, Clone)]
 pub struct HostSpec {
@@ -375,6 +396,12 @@ impl Fabric {
     pub async fn show_server(&self, id: &str) -> Result<HttpResponse, FabricError> {
         self.http(Method::GET, &format!("/v2.1/servers/{id}"), None)
             .await
+    }
+
+    /// Creates a server and waits until it has left BUILD; returns its final body.
+    pub async fn boot(&self, body: &Value, limit: Duration) -> Result<Value, FabricError> {
+        let id = self.create_server(body).await?;
+        self.wait_until_built(&id, limit).await
     }
 
     /// Waits until the server leaves BUILD and returns its final body.

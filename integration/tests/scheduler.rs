@@ -9,7 +9,9 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use integration::{server_body, test_log, three_hosts, Fabric, FabricOptions, HostSpec, IMAGE};
+use integration::{
+    server_body, test_log, three_hosts, with_hints, Fabric, FabricOptions, HostSpec, IMAGE,
+};
 use proto::{
     FlavorSpec, ImageSpec, QueueSummary, RebuildQueue, RequestContext, RequestSpec,
     RescheduleInstance, RetrySpec, Rpc, RpcOptions,
@@ -17,18 +19,9 @@ use proto::{
 
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
-fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {
-    let mut body = server_body(name, flavor);
-    body["os:scheduler_hints"] = hints;
-    body
-}
-
+/// Creates a server and waits until it has left BUILD; returns its final JSON.
 async fn boot(fabric: &Fabric, body: &Value) -> Value {
-    let id = fabric.create_server(body).await.expect("accepted");
-    fabric
-        .wait_until_built(&id, BUILD_LIMIT)
-        .await
-        .expect("left BUILD")
+    fabric.boot(body, BUILD_LIMIT).await.expect("left BUILD")
 }
 
 fn host_of(server: &Value) -> String {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use integration::{three_hosts, Fabric, IMAGE};
+use integration::{three_hosts, with_hints, Fabric, IMAGE};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
@@ -20,19 +20,9 @@ fn server(name: &str, flavor: &str) -> Value {
     integration::server_body(name, flavor)
 }
 
-fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {
-    let mut body = server(name, flavor);
-    body["os:scheduler_hints"] = hints;
-    body
-}
-
 /// Creates a server and waits until it has left BUILD; returns its final JSON.
 async fn boot(fabric: &Fabric, body: &Value) -> Value {
-    let id = fabric.create_server(body).await.expect("accepted");
-    fabric
-        .wait_until_built(&id, BUILD_LIMIT)
-        .await
-        .expect("left BUILD")
+    fabric.boot(body, BUILD_LIMIT).await.expect("left BUILD")
 }
 
 async fn fabric() -> Fabric {

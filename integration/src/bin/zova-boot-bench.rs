@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::json;
 
-use integration::{Fabric, HostSpec};
+use integration::{percentile, Fabric, HostSpec};
 
 #[derive(Debug, Parser)]
 #[command(about = "Boot servers through an in-process Zova fabric and print boots/s and latency")]
@@ -45,11 +45,6 @@ async fn boot_one(fabric: &Fabric, index: u32) -> Result<Duration, String> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 #[tokio::main]

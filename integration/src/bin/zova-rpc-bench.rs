@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+use integration::{micros, percentile};
 use proto::{CurveConfig, Method, Ping, RequestContext, Rpc, RpcOptions};
 
 #[derive(Debug, Parser)]
@@ -34,18 +35,6 @@ fn context() -> RequestContext {
         roles: vec!["member".into()],
         deadline_ms: None,
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn micros(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e7).round() / 10.0
 }
 
 async fn run(args: Args) -> Result<serde_json::Value, String> {

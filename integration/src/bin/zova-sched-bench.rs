@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use db::{AllocationClaim, ClaimOutcome, ComputeNodeValues, Db, NewInstance};
 use hostqueue::{ComputeNodeRow, HostQueue, PlacementRequest, ResourceRequest};
+use integration::{micros, percentile};
 
 #[derive(Debug, Parser)]
 #[command(about = "Time Zova's host-queue rebuild and placement decisions on N hosts")]
@@ -42,18 +43,6 @@ const SIZES: [(i64, i64, i64); 3] = [
     (32, 131_072, 1_000),
     (64, 262_144, 2_000),
 ];
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn micros(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e7).round() / 10.0
-}
 
 /// Registers `hosts` compute services and nodes, each 0–90 % used, a tenth of them full.
 fn populate(db: &Db, hosts: u32, rng: &mut StdRng) -> Result<(), db::DbError> {
