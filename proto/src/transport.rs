@@ -756,12 +756,25 @@ enum Source {
 
 impl IoThread {
     fn run(mut self) {
+        // However the thread ends (asked to stop, or a panic), callers must see `Closed` from
+        // then on rather than wait for answers nobody will deliver.
+        struct CloseOnExit(CommandSocket);
+        impl Drop for CloseOnExit {
+            fn drop(&mut self) {
+                self.0
+                    .open
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _close_on_exit = CloseOnExit(self.commands.clone());
         loop {
             if !self.drain_commands() {
                 break;
             }
             let readable = match self.poll() {
                 Ok(readable) => readable,
+                // A signal woke the poll: nothing is wrong.
+                Err(zmq::Error::EINTR) => continue,
                 Err(e) => {
                     warn!(self.log, "zmq poll failed"; "error" => %e);
                     std::thread::sleep(Duration::from_millis(10));
@@ -777,9 +790,6 @@ impl IoThread {
                 }
             }
         }
-        self.commands
-            .open
-            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn poll(&self) -> Result<Vec<Source>, zmq::Error> {

@@ -475,3 +475,15 @@ async fn a_thousand_pipelined_casts_are_each_acknowledged_and_delivered() {
         assert!(hosts.insert(host), "delivered once");
     }
 }
+
+/// Once its I/O thread has stopped, an `Rpc` refuses at once: nobody would deliver an answer.
+#[tokio::test]
+async fn after_shutdown_every_request_fails_closed() {
+    let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+    client.shutdown();
+    let err = client
+        .cast(&dead_endpoint(), &RequestContext::internal("p"), &beat("x"))
+        .await
+        .expect_err("shut down");
+    assert!(matches!(err, ProtoError::Closed), "{err}");
+}
