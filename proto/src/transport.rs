@@ -1033,18 +1033,15 @@ impl IoThread {
                 Err(ProtoError::Version(major)) => {
                     // Another major version: say so, so the sender fails at once and clearly.
                     if let Some(header) = Header::peek(payload) {
-                        let error = RemoteError {
-                            kind: "VersionMismatch".into(),
-                            message: format!(
+                        refuse(
+                            router,
+                            identity,
+                            &header,
+                            "VersionMismatch",
+                            format!(
                                 "this service speaks protocol {PROTOCOL_MAJOR}.x, not {major}.x"
                             ),
-                        };
-                        if let Ok(bytes) =
-                            Envelope::refusal(&header, error).and_then(|e| e.to_bytes())
-                        {
-                            let _ =
-                                router.send_multipart([identity.as_slice(), &bytes], zmq::DONTWAIT);
-                        }
+                        );
                     }
                     warn!(self.log, "frame of another protocol major version refused"; "major" => major);
                     continue;
@@ -1058,37 +1055,27 @@ impl IoThread {
                 warn!(self.log, "unexpected frame kind on the service socket dropped"; "kind" => ?envelope.kind);
                 continue;
             }
+            let header = Header {
+                version: envelope.version,
+                msg_id: envelope.msg_id,
+                kind: envelope.kind,
+            };
             let Some(incoming) = &self.incoming else {
                 // Stopping: say so, so the sender moves on to another peer at once instead of
                 // waiting out its timeout.
-                let error = RemoteError {
-                    kind: UNAVAILABLE.into(),
-                    message: "the service is stopping".into(),
-                };
-                let header = Header {
-                    version: envelope.version,
-                    msg_id: envelope.msg_id,
-                    kind: envelope.kind,
-                };
-                if let Ok(bytes) = Envelope::refusal(&header, error).and_then(|e| e.to_bytes()) {
-                    let _ = router.send_multipart([identity.as_slice(), &bytes], zmq::DONTWAIT);
-                }
+                refuse(
+                    router,
+                    identity,
+                    &header,
+                    UNAVAILABLE,
+                    "the service is stopping".into(),
+                );
                 continue;
             };
             if envelope.kind == Kind::Call && envelope.context.expired() {
                 // The caller has given up: answer, but do not hand over work nobody waits for.
-                let error = RemoteError {
-                    kind: "DeadlineExceeded".into(),
-                    message: format!("{} arrived after its deadline", envelope.method),
-                };
-                let header = Header {
-                    version: envelope.version,
-                    msg_id: envelope.msg_id,
-                    kind: envelope.kind,
-                };
-                if let Ok(bytes) = Envelope::refusal(&header, error).and_then(|e| e.to_bytes()) {
-                    let _ = router.send_multipart([identity.as_slice(), &bytes], zmq::DONTWAIT);
-                }
+                let message = format!("{} arrived after its deadline", envelope.method);
+                refuse(router, identity, &header, "DeadlineExceeded", message);
                 continue;
             }
             let mut envelope = envelope;
@@ -1218,6 +1205,18 @@ impl IoThread {
             };
             finish(entry.waiter, result);
         }
+    }
+}
+
+/// Answers the request `header` names with an error reply instead of taking it. Best effort,
+/// never blocking: a sender that does not read will time out instead.
+fn refuse(router: &zmq::Socket, identity: &[u8], header: &Header, kind: &str, message: String) {
+    let error = RemoteError {
+        kind: kind.into(),
+        message,
+    };
+    if let Ok(bytes) = Envelope::refusal(header, error).and_then(|e| e.to_bytes()) {
+        let _ = router.send_multipart([identity, &bytes], zmq::DONTWAIT);
     }
 }
 
