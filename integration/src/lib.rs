@@ -55,6 +55,31 @@ pub fn micros(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e7).round() / 10.0
 }
 
+/// An m1.tiny instance row a compute is building (`building`/`spawning`), for tests that
+/// insert the state a crash or a stale scheduler would leave.
+pub fn building_row(uuid: &str) -> db::NewInstance {
+    db::NewInstance {
+        uuid: uuid.into(),
+        display_name: uuid.into(),
+        project_id: "default".into(),
+        user_id: "test".into(),
+        flavorid: "1".into(),
+        image_ref: IMAGE.into(),
+        vcpus: 1,
+        memory_mb: 512,
+        root_gb: 1,
+        ephemeral_gb: 0,
+        swap_mb: 0,
+        vm_state: "building".into(),
+        task_state: Some("spawning".into()),
+        power_state: 0,
+        scheduler_hints: "{}".into(),
+        metadata: "{}".into(),
+        reservation_id: "r-test".into(),
+        launch_index: 0,
+    }
+}
+
 /// The size of one pretend compute host.
 #[derive(Debug, Clone)]
 pub struct HostSpec {

@@ -20,12 +20,8 @@ async fn work_fails_over_to_the_live_scheduler_when_one_stops() {
     // The conductor's next cast to the stopped scheduler goes unacknowledged; it moves the
     // request to the live one and keeps the stopped one last from then on.
     for i in 0..6 {
-        let id = fabric
-            .create_server(&server_body(&format!("vm-{i}"), "1"))
-            .await
-            .expect("accepted");
         let server = fabric
-            .wait_until_built(&id, BUILD_LIMIT)
+            .boot(&server_body(&format!("vm-{i}"), "1"), BUILD_LIMIT)
             .await
             .expect("built");
         assert_eq!(server["status"], "ACTIVE", "{server}");
@@ -45,12 +41,8 @@ async fn a_whole_fabric_runs_on_curve_and_keys_reach_the_services_table() {
     let mut hosts = std::collections::BTreeSet::new();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let id = fabric
-            .create_server(&server_body(&format!("vm-{i}"), "1"))
-            .await
-            .expect("accepted");
         let server = fabric
-            .wait_until_built(&id, BUILD_LIMIT)
+            .boot(&server_body(&format!("vm-{i}"), "1"), BUILD_LIMIT)
             .await
             .expect("built");
         assert_eq!(server["status"], "ACTIVE", "{server}");
@@ -60,7 +52,7 @@ async fn a_whole_fabric_runs_on_curve_and_keys_reach_the_services_table() {
                 .unwrap_or_default()
                 .to_string(),
         );
-        ids.push(id);
+        ids.push(server["id"].as_str().unwrap_or_default().to_string());
     }
     assert_eq!(
         hosts.len(),

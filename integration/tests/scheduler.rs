@@ -10,7 +10,8 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use integration::{
-    server_body, test_log, three_hosts, with_hints, Fabric, FabricOptions, HostSpec, IMAGE,
+    building_row, server_body, test_log, three_hosts, with_hints, Fabric, FabricOptions, HostSpec,
+    IMAGE,
 };
 use proto::{
     FlavorSpec, ImageSpec, QueueSummary, RebuildQueue, RequestContext, RequestSpec,
@@ -352,29 +353,6 @@ fn spec_for(uuid: &str, retry: RetrySpec) -> RequestSpec {
         },
         hints: Default::default(),
         retry,
-    }
-}
-
-fn building_row(uuid: &str) -> db::NewInstance {
-    db::NewInstance {
-        uuid: uuid.into(),
-        display_name: uuid.into(),
-        project_id: "default".into(),
-        user_id: "test".into(),
-        flavorid: "1".into(),
-        image_ref: IMAGE.into(),
-        vcpus: 1,
-        memory_mb: 512,
-        root_gb: 1,
-        ephemeral_gb: 0,
-        swap_mb: 0,
-        vm_state: "building".into(),
-        task_state: Some("spawning".into()),
-        power_state: 0,
-        scheduler_hints: "{}".into(),
-        metadata: "{}".into(),
-        reservation_id: "r-test".into(),
-        launch_index: 0,
     }
 }
 

@@ -384,24 +384,9 @@ async fn a_build_interrupted_by_a_compute_restart_ends_in_error() {
     // A row that node-3's previous process was still building when it stopped.
     let stuck = uuid::Uuid::new_v4().to_string();
     let row = db::NewInstance {
-        uuid: stuck.clone(),
         display_name: "stuck".into(),
-        project_id: "default".into(),
         user_id: "admin".into(),
-        flavorid: "1".into(),
-        image_ref: IMAGE.into(),
-        vcpus: 1,
-        memory_mb: 512,
-        root_gb: 1,
-        ephemeral_gb: 0,
-        swap_mb: 0,
-        vm_state: "building".into(),
-        task_state: Some("spawning".into()),
-        power_state: 0,
-        scheduler_hints: "{}".into(),
-        metadata: "{}".into(),
-        reservation_id: "r-test".into(),
-        launch_index: 0,
+        ..integration::building_row(&stuck)
     };
     fabric.db.instance_create(&row, "req-test").expect("row");
     let on_node_3 = db::InstanceChanges {
