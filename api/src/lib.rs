@@ -462,6 +462,7 @@ impl Api {
                 metadata: metadata.clone(),
                 reservation_id: reservation_id.clone(),
                 launch_index: index as i32,
+                description: request.description.clone(),
             })
             .collect();
         // Detached, so a client that hangs up cannot leave rows written but never cast.

@@ -2,8 +2,21 @@
 
 use diesel::prelude::*;
 
-use crate::schema::{flavors, images};
-use crate::{Db, Flavor, Image, Result};
+use crate::schema::{flavor_extra_specs, flavors, images};
+use crate::{now, Db, DbError, Flavor, Image, Result};
+
+/// A flavor to create (`os-flavor-manage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFlavor {
+    pub flavorid: String,
+    pub name: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub root_gb: i64,
+    pub ephemeral_gb: i64,
+    pub swap_mb: i64,
+    pub is_public: bool,
+}
 
 /// The row id of the live flavor with this flavorid.
 pub(crate) fn flavor_row_id(conn: &mut SqliteConnection, flavorid: &str) -> Result<i64> {
@@ -52,6 +65,77 @@ impl Db {
             .select(Flavor::as_select())
             .first(&mut conn)
             .optional()?)
+    }
+
+    /// Creates a flavor; [`DbError::Conflict`] if its id or name is taken.
+    pub fn flavor_create(&self, new: &NewFlavor) -> Result<Flavor> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let taken: i64 = flavors::table
+                .filter(flavors::deleted.eq(0))
+                .filter(
+                    flavors::flavorid
+                        .eq(&new.flavorid)
+                        .or(flavors::name.eq(&new.name)),
+                )
+                .count()
+                .get_result(conn)?;
+            if taken > 0 {
+                return Err(DbError::Conflict(format!(
+                    "Flavor with ID {} or name {} already exists.",
+                    new.flavorid, new.name
+                )));
+            }
+            Ok(diesel::insert_into(flavors::table)
+                .values((
+                    flavors::flavorid.eq(&new.flavorid),
+                    flavors::name.eq(&new.name),
+                    flavors::vcpus.eq(new.vcpus),
+                    flavors::memory_mb.eq(new.memory_mb),
+                    flavors::root_gb.eq(new.root_gb),
+                    flavors::ephemeral_gb.eq(new.ephemeral_gb),
+                    flavors::swap_mb.eq(new.swap_mb),
+                    flavors::is_public.eq(new.is_public),
+                    flavors::disabled.eq(false),
+                    flavors::created_at.eq(now()),
+                ))
+                .returning(Flavor::as_returning())
+                .get_result(conn)?)
+        })
+    }
+
+    /// Deletes a flavor and its extra specs for good (as Nova's API database does), so its id
+    /// can be used again; servers keep their own copy of what they were built with.
+    pub fn flavor_delete(&self, flavorid: &str) -> Result<()> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let id = flavor_row_id(conn, flavorid)?;
+            diesel::delete(flavor_extra_specs::table.filter(flavor_extra_specs::flavor_id.eq(id)))
+                .execute(conn)?;
+            diesel::delete(flavors::table.filter(flavors::id.eq(id))).execute(conn)?;
+            Ok(())
+        })
+    }
+
+    /// Removes one extra spec of a flavor; NotFound if the flavor or the key does not exist.
+    pub fn flavor_extra_spec_delete(&self, flavorid: &str, key: &str) -> Result<()> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let id = flavor_row_id(conn, flavorid)?;
+            let removed = diesel::delete(
+                flavor_extra_specs::table
+                    .filter(flavor_extra_specs::flavor_id.eq(id))
+                    .filter(flavor_extra_specs::spec_key.eq(key)),
+            )
+            .execute(conn)?;
+            if removed == 0 {
+                return Err(DbError::NotFound {
+                    kind: "flavor extra spec",
+                    id: format!("{key} of flavor {flavorid}"),
+                });
+            }
+            Ok(())
+        })
     }
 
     /// The live images, by name.

@@ -23,6 +23,35 @@ fn insert_fault(conn: &mut SqliteConnection, fault: &NewFault) -> QueryResult<In
         .get_result(conn)
 }
 
+/// Inserts instances and their `create` actions inside the caller's transaction.
+pub(crate) fn insert_with_actions(
+    conn: &mut SqliteConnection,
+    new: &[NewInstance],
+    request_id: &str,
+) -> QueryResult<Vec<Instance>> {
+        let created_at = now();
+        let mut created = Vec::with_capacity(new.len());
+        for instance in new {
+            created.push(
+                diesel::insert_into(instances::table)
+                    .values((instance, instances::created_at.eq(created_at)))
+                    .returning(Instance::as_returning())
+                    .get_result(conn)?,
+            );
+            diesel::insert_into(instance_actions::table)
+                .values((
+                    instance_actions::action.eq("create"),
+                    instance_actions::instance_uuid.eq(&instance.uuid),
+                    instance_actions::request_id.eq(request_id),
+                    instance_actions::user_id.eq(&instance.user_id),
+                    instance_actions::project_id.eq(&instance.project_id),
+                    instance_actions::start_time.eq(created_at),
+                ))
+                .execute(conn)?;
+        }
+    Ok(created)
+}
+
 impl Db {
     /// Creates an instance together with its `create` action, so no instance exists without
     /// the record of the request that made it.
@@ -39,29 +68,7 @@ impl Db {
             check_json_object("metadata", &instance.metadata)?;
         }
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
-            let created_at = now();
-            let mut created = Vec::with_capacity(new.len());
-            for instance in new {
-                created.push(
-                    diesel::insert_into(instances::table)
-                        .values((instance, instances::created_at.eq(created_at)))
-                        .returning(Instance::as_returning())
-                        .get_result(conn)?,
-                );
-                diesel::insert_into(instance_actions::table)
-                    .values((
-                        instance_actions::action.eq("create"),
-                        instance_actions::instance_uuid.eq(&instance.uuid),
-                        instance_actions::request_id.eq(request_id),
-                        instance_actions::user_id.eq(&instance.user_id),
-                        instance_actions::project_id.eq(&instance.project_id),
-                        instance_actions::start_time.eq(created_at),
-                    ))
-                    .execute(conn)?;
-            }
-            Ok(created)
-        })
+        conn.immediate_transaction(|conn| Ok(insert_with_actions(conn, new, request_id)?))
     }
 
     /// The live instance with this uuid.

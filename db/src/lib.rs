@@ -8,9 +8,11 @@
 mod catalog;
 mod error;
 mod instances;
+mod keypairs;
 mod models;
 mod placement;
 pub mod schema;
+mod servers;
 mod services;
 
 use std::path::Path;
@@ -27,7 +29,10 @@ pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,
     InstanceFault, NewFault, NewInstance, Service,
 };
+pub use catalog::NewFlavor;
+pub use keypairs::{KeyPair, NewKeyPair};
 pub use placement::{AllocationClaim, ClaimOutcome, Placed};
+pub use servers::{instances_that_fit, InstanceFilter, QuotaExceeded, QuotaLimits, QuotaUsage};
 
 /// The schema, compiled into the binary so a fresh host needs nothing but the database path.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -235,6 +240,8 @@ pub(crate) mod testing {
             metadata: r#"{"role": "web"}"#.to_string(),
             reservation_id: "r-1".to_string(),
             launch_index: 0,
+            description: None,
+            flavor_snapshot: "{}".into(),
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Service {
     pub deleted: i64,
     /// The CURVE public key (Z85) of the service's RPC endpoint, when it uses CURVE.
     pub rpc_public_key: Option<String>,
+    /// Set by an operator (os-services force-down): down whatever the heartbeat says.
+    pub forced_down: bool,
 }
 
 /// A hypervisor's capacity and usage as last reported by its compute service.
@@ -126,6 +128,10 @@ pub struct Instance {
     pub updated_at: Option<NaiveDateTime>,
     pub deleted_at: Option<NaiveDateTime>,
     pub deleted: i64,
+    /// The user's description (microversion 2.19).
+    pub description: Option<String>,
+    /// A JSON object: the flavor's `name` and `extra_specs` when the server was created.
+    pub flavor_snapshot: String,
 }
 
 /// One user-visible operation on an instance (`create`, `delete`, `reboot`, ...).
@@ -182,6 +188,9 @@ pub struct NewInstance {
     pub metadata: String,
     pub reservation_id: String,
     pub launch_index: i32,
+    pub description: Option<String>,
+    /// A JSON object (`"{}"` when unknown): the flavor's `name` and `extra_specs`.
+    pub flavor_snapshot: String,
 }
 
 /// A new fault row; the method adds `created_at`.
@@ -224,4 +233,6 @@ pub struct InstanceChanges {
     pub host: Option<Option<String>>,
     pub node: Option<Option<String>>,
     pub launched_at: Option<Option<NaiveDateTime>>,
+    pub display_name: Option<String>,
+    pub description: Option<Option<String>>,
 }

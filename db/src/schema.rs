@@ -18,6 +18,7 @@ diesel::table! {
         updated_at -> Nullable<Timestamp>,
         deleted -> BigInt,
         rpc_public_key -> Nullable<Text>,
+        forced_down -> Bool,
     }
 }
 
@@ -131,6 +132,8 @@ diesel::table! {
         updated_at -> Nullable<Timestamp>,
         deleted_at -> Nullable<Timestamp>,
         deleted -> BigInt,
+        description -> Nullable<Text>,
+        flavor_snapshot -> Text,
     }
 }
 
@@ -162,6 +165,30 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    key_pairs (id) {
+        id -> BigInt,
+        name -> Text,
+        user_id -> Text,
+        fingerprint -> Text,
+        public_key -> Text,
+        key_type -> Text,
+        created_at -> Timestamp,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    quotas (id) {
+        id -> BigInt,
+        project_id -> Text,
+        resource -> Text,
+        hard_limit -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Nullable<Timestamp>,
+    }
+}
+
 diesel::joinable!(allocations -> compute_nodes (compute_node_id));
 
 // Compute nodes are joined to their service by host name, not by a foreign key (as in Nova, a
@@ -176,4 +203,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     instances,
     instance_actions,
     instance_faults,
+    key_pairs,
+    quotas,
 );

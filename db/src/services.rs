@@ -129,6 +129,29 @@ impl Db {
         .ok_or_else(|| service_not_found(host, binary))
     }
 
+    /// Marks a service forced down (or clears the mark): the scheduler then treats its host as
+    /// down whatever its heartbeat says.
+    pub fn service_set_forced_down(
+        &self,
+        host: &str,
+        binary: &str,
+        forced_down: bool,
+    ) -> Result<Service> {
+        let mut conn = self.conn()?;
+        diesel::update(
+            services::table
+                .filter(services::deleted.eq(0))
+                .filter(services::host.eq(host))
+                .filter(services::binary.eq(binary)),
+        )
+        // updated_at is the heartbeat; an operator's change must not make a dead host look alive.
+        .set(services::forced_down.eq(forced_down))
+        .returning(Service::as_returning())
+        .get_result(&mut conn)
+        .optional()?
+        .ok_or_else(|| service_not_found(host, binary))
+    }
+
     /// Stores a compute service's report on one hypervisor, creating its row the first time.
     /// Free RAM and disk are derived here so every reader sees the same arithmetic.
     pub fn compute_node_upsert(&self, values: &ComputeNodeValues) -> Result<()> {

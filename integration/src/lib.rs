@@ -77,6 +77,8 @@ pub fn building_row(uuid: &str) -> db::NewInstance {
         metadata: "{}".into(),
         reservation_id: "r-test".into(),
         launch_index: 0,
+        description: None,
+        flavor_snapshot: "{}".into(),
     }
 }
 

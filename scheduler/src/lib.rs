@@ -269,7 +269,7 @@ pub fn compute_node_row(
             .unwrap_or(config.initial_disk_allocation_ratio),
         disabled: service.disabled,
         disabled_reason: service.disabled_reason.clone(),
-        up: (now - last_seen).num_seconds() <= config.service_down_time,
+        up: !service.forced_down && (now - last_seen).num_seconds() <= config.service_down_time,
     }
 }
 
@@ -820,6 +820,7 @@ mod tests {
             updated_at: Some(seen),
             deleted: 0,
             rpc_public_key: None,
+            forced_down: false,
         };
         (node, service, now)
     }

@@ -113,6 +113,8 @@ fn instance(uuid: &str) -> NewInstance {
         metadata: "{}".into(),
         reservation_id: "r-bench".into(),
         launch_index: 0,
+        description: None,
+        flavor_snapshot: "{}".into(),
     }
 }
 

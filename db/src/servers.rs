@@ -1,0 +1,478 @@
+//! What the compute API asks of instances beyond the spine: filtered and paged lists, quota-
+//! checked creation, and the start of a user action (stop, start, reboot) as one guarded step.
+
+use diesel::prelude::*;
+
+use crate::schema::{instance_actions, instances, quotas};
+use crate::{now, Db, DbError, Instance, NewInstance, Result};
+
+/// Which instances a list shows. Every field narrows; `None` leaves it open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceFilter {
+    pub project_id: Option<String>,
+    pub host: Option<String>,
+    /// Any of these vm_states.
+    pub vm_states: Option<Vec<String>>,
+    pub task_state: Option<Option<String>>,
+}
+
+/// The limits a project's servers must fit in (Nova's `instances`, `cores` and `ram` quotas);
+/// `-1` is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaLimits {
+    pub instances: i64,
+    pub cores: i64,
+    pub ram: i64,
+}
+
+/// What a project's live servers hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub instances: i64,
+    pub cores: i64,
+    pub ram: i64,
+}
+
+/// The quota a create went over, in the terms of Nova's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaExceeded {
+    pub resource: &'static str,
+    pub requested: i64,
+    pub used: i64,
+    pub limit: i64,
+}
+
+impl std::fmt::Display for QuotaExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Quota exceeded for {}: Requested {}, but already used {} of {} {}",
+            self.resource, self.requested, self.used, self.limit, self.resource
+        )
+    }
+}
+
+/// How many of the instances asked for fit: the largest `n` with `min <= n <= max` whose
+/// instances, cores and RAM stay within `limits`, or the first quota even `min` goes over.
+pub fn instances_that_fit(
+    limits: &QuotaLimits,
+    usage: &QuotaUsage,
+    per_instance: (i64, i64),
+    min: i64,
+    max: i64,
+) -> std::result::Result<i64, QuotaExceeded> {
+    let (vcpus, memory_mb) = per_instance;
+    let room = |limit: i64, used: i64, each: i64| -> i64 {
+        if limit < 0 || each <= 0 {
+            i64::MAX
+        } else {
+            (limit - used).max(0) / each
+        }
+    };
+    let fits = room(limits.instances, usage.instances, 1)
+        .min(room(limits.cores, usage.cores, vcpus))
+        .min(room(limits.ram, usage.ram, memory_mb));
+    if fits >= min {
+        return Ok(fits.min(max));
+    }
+    // Name the first resource that even `min` goes over, as Nova does.
+    let checks = [
+        ("instances", limits.instances, usage.instances, min),
+        ("cores", limits.cores, usage.cores, min * vcpus),
+        ("ram", limits.ram, usage.ram, min * memory_mb),
+    ];
+    let (resource, limit, used, requested) = checks
+        .into_iter()
+        .find(|(_, limit, used, requested)| *limit >= 0 && used + requested > *limit)
+        .unwrap_or(checks[0]);
+    Err(QuotaExceeded {
+        resource,
+        requested,
+        used,
+        limit,
+    })
+}
+
+fn usage_of(conn: &mut SqliteConnection, project_id: &str) -> QueryResult<QuotaUsage> {
+    // A project holds at most its quota of rows, so summing here is cheap and exact.
+    let held: Vec<(i64, i64)> = instances::table
+        .filter(instances::deleted.eq(0))
+        .filter(instances::project_id.eq(project_id))
+        .select((instances::vcpus, instances::memory_mb))
+        .load(conn)?;
+    Ok(QuotaUsage {
+        instances: held.len() as i64,
+        cores: held.iter().map(|(v, _)| v).sum(),
+        ram: held.iter().map(|(_, m)| m).sum(),
+    })
+}
+
+fn limits_of(
+    conn: &mut SqliteConnection,
+    project_id: &str,
+    defaults: &QuotaLimits,
+) -> QueryResult<QuotaLimits> {
+    let overrides: Vec<(String, i64)> = quotas::table
+        .filter(quotas::project_id.eq(project_id))
+        .select((quotas::resource, quotas::hard_limit))
+        .load(conn)?;
+    let mut limits = *defaults;
+    for (resource, limit) in overrides {
+        match resource.as_str() {
+            "instances" => limits.instances = limit,
+            "cores" => limits.cores = limit,
+            "ram" => limits.ram = limit,
+            _ => {}
+        }
+    }
+    Ok(limits)
+}
+
+impl Db {
+    /// Instances matching `filter`, newest first (Nova's default sort: created_at, then id).
+    pub fn instances_query(&self, filter: &InstanceFilter) -> Result<Vec<Instance>> {
+        let mut conn = self.conn()?;
+        let mut query = instances::table
+            .filter(instances::deleted.eq(0))
+            .order((instances::created_at.desc(), instances::id.desc()))
+            .select(Instance::as_select())
+            .into_boxed();
+        if let Some(project_id) = &filter.project_id {
+            query = query.filter(instances::project_id.eq(project_id.clone()));
+        }
+        if let Some(host) = &filter.host {
+            query = query.filter(instances::host.eq(host.clone()));
+        }
+        if let Some(states) = &filter.vm_states {
+            query = query.filter(instances::vm_state.eq_any(states.clone()));
+        }
+        match &filter.task_state {
+            Some(Some(task)) => query = query.filter(instances::task_state.eq(task.clone())),
+            Some(None) => query = query.filter(instances::task_state.is_null()),
+            None => {}
+        }
+        Ok(query.load(&mut conn)?)
+    }
+
+    /// The instance with this uuid, live or deleted (its action history outlives it).
+    pub fn instance_get_with_deleted(&self, uuid: &str) -> Result<Option<Instance>> {
+        let mut conn = self.conn()?;
+        Ok(instances::table
+            .filter(instances::uuid.eq(uuid))
+            .select(Instance::as_select())
+            .first(&mut conn)
+            .optional()?)
+    }
+
+    /// The project's quota limits: `defaults` with the project's own overrides applied.
+    pub fn quota_limits(&self, project_id: &str, defaults: &QuotaLimits) -> Result<QuotaLimits> {
+        let mut conn = self.conn()?;
+        Ok(limits_of(&mut conn, project_id, defaults)?)
+    }
+
+    /// What the project's live instances hold.
+    pub fn quota_usage(&self, project_id: &str) -> Result<QuotaUsage> {
+        let mut conn = self.conn()?;
+        Ok(usage_of(&mut conn, project_id)?)
+    }
+
+    /// Sets (or, with `None`, removes) a project's own limit for `instances`, `cores` or `ram`.
+    pub fn quota_set(&self, project_id: &str, resource: &str, limit: Option<i64>) -> Result<()> {
+        if !matches!(resource, "instances" | "cores" | "ram") {
+            return Err(DbError::NotFound {
+                kind: "quota resource",
+                id: resource.to_string(),
+            });
+        }
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            diesel::delete(
+                quotas::table
+                    .filter(quotas::project_id.eq(project_id))
+                    .filter(quotas::resource.eq(resource)),
+            )
+            .execute(conn)?;
+            if let Some(limit) = limit {
+                diesel::insert_into(quotas::table)
+                    .values((
+                        quotas::project_id.eq(project_id),
+                        quotas::resource.eq(resource),
+                        quotas::hard_limit.eq(limit),
+                        quotas::created_at.eq(now()),
+                    ))
+                    .execute(conn)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Creates as many of `new` (all of one project and flavor) as the project's quota allows,
+    /// at least `min_count`, with their `create` actions, in one transaction: the check and the
+    /// insert cannot be split by a concurrent create. `Ok(Err(..))` when even `min_count` does
+    /// not fit; nothing is written then.
+    pub fn instances_create_within_quota(
+        &self,
+        new: &[NewInstance],
+        min_count: usize,
+        request_id: &str,
+        defaults: &QuotaLimits,
+    ) -> Result<std::result::Result<Vec<Instance>, QuotaExceeded>> {
+        for instance in new {
+            crate::check_json_object("scheduler_hints", &instance.scheduler_hints)?;
+            crate::check_json_object("metadata", &instance.metadata)?;
+            crate::check_json_object("flavor_snapshot", &instance.flavor_snapshot)?;
+        }
+        let Some(first) = new.first() else {
+            return Ok(Ok(Vec::new()));
+        };
+        let project_id = first.project_id.clone();
+        let mut conn = self.conn()?;
+        let allowed = conn.immediate_transaction(|conn| {
+            let limits = limits_of(conn, &project_id, defaults)?;
+            let usage = usage_of(conn, &project_id)?;
+            Ok::<_, DbError>(instances_that_fit(
+                &limits,
+                &usage,
+                (first.vcpus, first.memory_mb),
+                min_count as i64,
+                new.len() as i64,
+            ))
+        })?;
+        let allowed = match allowed {
+            Ok(n) => n as usize,
+            Err(exceeded) => return Ok(Err(exceeded)),
+        };
+        // The count is checked again inside the insert's own transaction.
+        let created = conn.immediate_transaction(|conn| {
+            let limits = limits_of(conn, &project_id, defaults)?;
+            let usage = usage_of(conn, &project_id)?;
+            if let Err(exceeded) = instances_that_fit(
+                &limits,
+                &usage,
+                (first.vcpus, first.memory_mb),
+                allowed as i64,
+                allowed as i64,
+            ) {
+                return Ok(Err(exceeded));
+            }
+            crate::instances::insert_with_actions(conn, &new[..allowed], request_id).map(Ok)
+        })?;
+        Ok(created)
+    }
+
+    /// Starts a user action on an instance: only when its vm_state is one of `allowed_vm_states`
+    /// and no other task runs on it, sets `task_state` and records the action, together.
+    /// [`DbError::Conflict`] says why not.
+    #[allow(clippy::too_many_arguments)]
+    pub fn instance_begin_task(
+        &self,
+        uuid: &str,
+        allowed_vm_states: &[&str],
+        task_state: &str,
+        action: &str,
+        request_id: &str,
+        user_id: &str,
+        project_id: &str,
+    ) -> Result<Instance> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let current: Option<(String, Option<String>)> = instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid))
+                .select((instances::vm_state, instances::task_state))
+                .first(conn)
+                .optional()?;
+            let Some((vm_state, running)) = current else {
+                return Err(DbError::NotFound {
+                    kind: "instance",
+                    id: uuid.to_string(),
+                });
+            };
+            if let Some(running) = running {
+                return Err(DbError::Conflict(format!(
+                    "Cannot '{action}' instance {uuid} while it is in task_state {running}"
+                )));
+            }
+            if !allowed_vm_states.contains(&vm_state.as_str()) {
+                return Err(DbError::Conflict(format!(
+                    "Cannot '{action}' instance {uuid} while it is in vm_state {vm_state}"
+                )));
+            }
+            let instance = diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid)),
+            )
+            .set((
+                instances::task_state.eq(task_state),
+                instances::updated_at.eq(now()),
+            ))
+            .returning(Instance::as_returning())
+            .get_result(conn)?;
+            diesel::insert_into(instance_actions::table)
+                .values((
+                    instance_actions::action.eq(action),
+                    instance_actions::instance_uuid.eq(uuid),
+                    instance_actions::request_id.eq(request_id),
+                    instance_actions::user_id.eq(user_id),
+                    instance_actions::project_id.eq(project_id),
+                    instance_actions::start_time.eq(now()),
+                ))
+                .execute(conn)?;
+            Ok(instance)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{new_instance, open_temp};
+
+    const LIMITS: QuotaLimits = QuotaLimits {
+        instances: 10,
+        cores: 20,
+        ram: 51200,
+    };
+
+    #[test]
+    fn the_first_quota_min_count_goes_over_is_named() {
+        let used = QuotaUsage {
+            instances: 9,
+            cores: 9,
+            ram: 9 * 512,
+        };
+        assert_eq!(instances_that_fit(&LIMITS, &used, (1, 512), 1, 5), Ok(1));
+        let err = instances_that_fit(&LIMITS, &used, (1, 512), 2, 5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Quota exceeded for instances: Requested 2, but already used 9 of 10 instances"
+        );
+        let err = instances_that_fit(&LIMITS, &QuotaUsage::default(), (8, 512), 3, 3).unwrap_err();
+        assert_eq!((err.resource, err.requested, err.used), ("cores", 24, 0));
+        let unlimited = QuotaLimits {
+            instances: -1,
+            cores: -1,
+            ram: -1,
+        };
+        assert_eq!(
+            instances_that_fit(&unlimited, &used, (64, 1 << 20), 1, 100),
+            Ok(100)
+        );
+    }
+
+    #[test]
+    fn a_create_takes_what_fits_and_writes_nothing_when_min_does_not() {
+        let (_dir, db) = open_temp();
+        let limits = QuotaLimits {
+            instances: 3,
+            cores: 20,
+            ram: 51200,
+        };
+        let rows: Vec<_> = (0..5)
+            .map(|i| new_instance(&format!("u-{i}"), "p"))
+            .collect();
+        let made = db
+            .instances_create_within_quota(&rows, 1, "req-1", &limits)
+            .unwrap()
+            .unwrap();
+        assert_eq!(made.len(), 3);
+        let more: Vec<_> = (5..7)
+            .map(|i| new_instance(&format!("u-{i}"), "p"))
+            .collect();
+        let refused = db
+            .instances_create_within_quota(&more, 1, "req-2", &limits)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.resource, "instances");
+        assert_eq!(db.quota_usage("p").unwrap().instances, 3);
+        // Another project has its own count; an override raises this one's.
+        db.quota_set("p", "instances", Some(4)).unwrap();
+        assert_eq!(db.quota_limits("p", &limits).unwrap().instances, 4);
+        let made = db
+            .instances_create_within_quota(&more, 1, "req-3", &limits)
+            .unwrap()
+            .unwrap();
+        assert_eq!(made.len(), 1);
+        assert!(db.quota_set("p", "floating_ips", Some(1)).is_err());
+    }
+
+    #[test]
+    fn a_task_begins_only_from_an_allowed_state_and_records_its_action() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("u-1", "p"), "req-0")
+            .unwrap();
+        let refused = db
+            .instance_begin_task(
+                "u-1",
+                &["active"],
+                "powering-off",
+                "stop",
+                "req-1",
+                "u",
+                "p",
+            )
+            .unwrap_err();
+        assert!(matches!(refused, DbError::Conflict(_)), "{refused}");
+        db.instance_update(
+            "u-1",
+            &crate::InstanceChanges {
+                vm_state: Some("active".into()),
+                task_state: Some(None),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let begun = db
+            .instance_begin_task(
+                "u-1",
+                &["active"],
+                "powering-off",
+                "stop",
+                "req-1",
+                "u",
+                "p",
+            )
+            .unwrap();
+        assert_eq!(begun.task_state.as_deref(), Some("powering-off"));
+        // A second action while the first runs is a conflict.
+        assert!(matches!(
+            db.instance_begin_task("u-1", &["active"], "rebooting", "reboot", "req-2", "u", "p"),
+            Err(DbError::Conflict(_))
+        ));
+        let actions = db.instance_actions("u-1").unwrap();
+        assert_eq!(
+            actions.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(),
+            ["create", "stop"]
+        );
+        assert!(matches!(
+            db.instance_begin_task("nope", &["active"], "x", "stop", "r", "u", "p"),
+            Err(DbError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn filters_narrow_and_deleted_instances_stay_readable_by_uuid() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("a", "p"), "r").unwrap();
+        db.instance_create(&new_instance("b", "q"), "r").unwrap();
+        let only_p = db
+            .instances_query(&InstanceFilter {
+                project_id: Some("p".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(only_p.len(), 1);
+        let building = db
+            .instances_query(&InstanceFilter {
+                vm_states: Some(vec!["building".into()]),
+                task_state: Some(Some("scheduling".into())),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(building.len(), 2);
+        db.instance_destroy("a").unwrap();
+        assert!(db.instance_get("a").unwrap().is_none());
+        assert!(db.instance_get_with_deleted("a").unwrap().is_some());
+    }
+}
