@@ -1,8 +1,20 @@
-//! The compute API (`zova-api`): Nova's HTTP interface over hyper. It validates a request, writes
-//! the instance rows and the `create` action, and casts `build_instances` to a conductor; reads are
-//! answered from the database. Errors leave in Nova's JSON error format, from one place
-//! (`ApiError::into_response`).
+//! The compute API (`zova-api`): Nova's HTTP interface over hyper, with the Keystone v3 subset
+//! (`/v3`) and the small image API (`/image`) the OpenStack clients need, on one port.
+//!
+//! Every compute request is authenticated by its token, checked against the route's policy and
+//! its microversion, validated, and only then written. Creates write the instance rows and the
+//! `create` action and cast `build_instances` to a conductor; actions cast to the instance's
+//! compute; reads are answered from the database. Errors leave in Nova's JSON error format,
+//! from one place (`ApiError::into_response`).
 
+mod admin;
+mod flavors;
+pub mod identity;
+mod images;
+mod keypairs;
+pub mod microversion;
+mod policy;
+mod servers;
 pub mod validate;
 pub mod views;
 
@@ -17,19 +29,17 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rand::distributions::{Alphanumeric, DistString};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use slog::{info, warn, Logger};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use db::{Db, DbError, Instance, NewFault, NewInstance};
-use proto::service::{for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
-use proto::{
-    new_request_id, power_state, task_state, vm_state, BuildInstances, Peers, RequestContext, Rpc,
-    TerminateInstance,
-};
+use db::{Db, DbError};
+use proto::service::{stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
+use proto::{new_request_id, Peers, RequestContext, Rpc};
+
+use microversion::Version;
 
 pub const BINARY: &str = "zova-api";
 
@@ -41,8 +51,10 @@ pub struct ApiConfig {
     pub listen: String,
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
-    /// The project of requests that carry no token (authentication comes later).
-    pub default_project: String,
+    /// The most items a list returns at once (Nova's `max_limit`); a `limit` above it is cut.
+    pub max_limit: usize,
+    /// A service whose last heartbeat is older than this many seconds is shown down.
+    pub service_down_time: i64,
 }
 
 impl Default for ApiConfig {
@@ -50,7 +62,42 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: "127.0.0.1:8774".into(),
             max_body_bytes: 1024 * 1024,
-            default_project: "default".into(),
+            max_limit: 1000,
+            service_down_time: 60,
+        }
+    }
+}
+
+/// `[quota]`: what each project may hold unless an operator set its own limit (`-1`: no limit).
+/// Nova's defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuotaConfig {
+    pub instances: i64,
+    pub cores: i64,
+    pub ram: i64,
+    pub key_pairs: i64,
+    pub metadata_items: i64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            instances: 10,
+            cores: 20,
+            ram: 51200,
+            key_pairs: 100,
+            metadata_items: 128,
+        }
+    }
+}
+
+impl QuotaConfig {
+    fn limits(&self) -> db::QuotaLimits {
+        db::QuotaLimits {
+            instances: self.instances,
+            cores: self.cores,
+            ram: self.ram,
         }
     }
 }
@@ -62,6 +109,8 @@ pub struct Config {
     pub rpc: RpcConfig,
     pub log: LogConfig,
     pub api: ApiConfig,
+    pub quota: QuotaConfig,
+    pub identity: identity::IdentityConfig,
 }
 
 #[derive(Debug, clap::Parser)]
@@ -125,6 +174,10 @@ pub enum ApiError {
     #[error("{0}")]
     NotAcceptable(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -132,6 +185,7 @@ impl From<DbError> for ApiError {
     fn from(err: DbError) -> Self {
         match err {
             DbError::NotFound { .. } => ApiError::NotFound(err.to_string()),
+            DbError::Conflict(message) => ApiError::Conflict(message),
             other => ApiError::Internal(format!("Database error: {other}")),
         }
     }
@@ -146,6 +200,8 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -158,6 +214,8 @@ impl ApiError {
             ApiError::NotFound(_) => "itemNotFound",
             ApiError::MethodNotAllowed(_) => "badMethod",
             ApiError::TooLarge(_) => "overLimit",
+            ApiError::Conflict(_) => "conflictingRequest",
+            ApiError::UnsupportedMediaType(_) => "mediaTypeNotSupported",
             // Nova has no name of its own for 406 either.
             ApiError::NotAcceptable(_) | ApiError::Internal(_) => "computeFault",
         }
@@ -191,7 +249,9 @@ struct Api {
     db: Db,
     rpc: Rpc,
     conductors: Peers,
+    identity: identity::Identity,
     config: ApiConfig,
+    quota: QuotaConfig,
 }
 
 /// Opens the database, listens on `[api] listen` and serves until stopped.
@@ -216,11 +276,13 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
     let conductors = config.rpc.conductor_endpoints();
     info!(log, "api listening"; "address" => %address, "conductors" => conductors.join(","));
     let api = Arc::new(Api {
-        log,
-        db,
+        log: log.clone(),
+        db: db.clone(),
         rpc,
         conductors: Peers::new(conductors),
+        identity: identity::Identity::new(db.clone(), config.identity, log.clone()),
         config: config.api,
+        quota: config.quota,
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -253,19 +315,88 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
     Ok(ServiceHandle::new(address.to_string(), stop_tx, task))
 }
 
+/// What every compute handler needs to know about the request it serves.
+pub(crate) struct Call {
+    pub log: Logger,
+    pub context: RequestContext,
+    /// `http://host:port` as the client addressed the API, for links.
+    pub base: String,
+    pub version: Version,
+    /// The query string's parameters, in order (a key may repeat).
+    pub query: Vec<(String, String)>,
+}
+
+impl Call {
+    /// The last value of a query parameter.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.context.is_admin()
+    }
+}
+
+/// Splits a query string into decoded pairs; `+` is a space as in HTML forms.
+fn parse_query(query: Option<&str>) -> Vec<(String, String)> {
+    let Some(query) = query else {
+        return Vec::new();
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(key), percent_decode(value))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The collections under `/v2.1`; any other first segment followed by more is a project id
+/// (the `/v2.1/{project_id}/...` form of the older catalogs).
+const COMPUTE_COLLECTIONS: &[&str] = &[
+    "servers",
+    "flavors",
+    "os-services",
+    "os-hypervisors",
+    "os-availability-zone",
+    "limits",
+    "os-keypairs",
+    "os-quota-sets",
+];
+
 impl Api {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
-        let context = RequestContext {
-            request_id: new_request_id(),
-            user_id: "admin".into(),
-            project_id: self.config.default_project.clone(),
-            // Without authentication every caller is trusted as an admin of the default project;
-            // the identity issue narrows this to the token's roles.
-            roles: vec!["admin".into(), "member".into()],
-            deadline_ms: None,
-        };
-        let log = for_request(&self.log, &context);
+        let request_id = new_request_id();
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let base = match request
@@ -276,86 +407,280 @@ impl Api {
             Some(host) => format!("http://{host}"),
             None => format!("http://{}", self.config.listen),
         };
-        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
-        let version = validate::check_microversion(
-            header("openstack-api-version"),
-            header("x-openstack-nova-api-version"),
-        )
-        .map_err(ApiError::NotAcceptable);
-        let routed = match version {
-            Ok(()) => self.route(&log, &context, &base, request).await,
-            Err(err) => Err(err),
-        };
-        let mut response = match routed {
-            Ok(response) => response,
-            Err(err) => {
-                if matches!(err, ApiError::Internal(_)) {
-                    warn!(log, "request failed"; "error" => %err);
+        let log = self.log.new(slog::o!("request_id" => request_id.clone()));
+        let segments: Vec<String> = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        let (mut response, version) = match segments.first().map(String::as_str) {
+            Some("v3") => (self.identity_request(request, &segments, &base).await, None),
+            Some("image") => (
+                self.image_request(&log, request, &segments, &base)
+                    .await
+                    .unwrap_or_else(ApiError::into_response),
+                None,
+            ),
+            _ => {
+                let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+                // The legacy v2 API has no microversions.
+                let version = if segments.first().map(String::as_str) == Some("v2") {
+                    Ok(microversion::MIN)
+                } else {
+                    microversion::requested(
+                        header("openstack-api-version"),
+                        header("x-openstack-nova-api-version"),
+                    )
+                };
+                match version {
+                    Ok(version) => {
+                        let response = self
+                            .compute_request(&log, &request_id, version, request, &segments, &base)
+                            .await
+                            .unwrap_or_else(|err| {
+                                if matches!(err, ApiError::Internal(_)) {
+                                    warn!(log, "request failed"; "error" => %err);
+                                }
+                                err.into_response()
+                            });
+                        (response, Some(version))
+                    }
+                    Err(err @ microversion::VersionError::Malformed(_)) => (
+                        ApiError::BadRequest(err.to_string()).into_response(),
+                        Some(microversion::MIN),
+                    ),
+                    Err(err) => (
+                        ApiError::NotAcceptable(err.to_string()).into_response(),
+                        Some(microversion::MIN),
+                    ),
                 }
-                err.into_response()
             }
         };
-        if let Ok(id) = HeaderValue::from_str(&context.request_id) {
-            response
-                .headers_mut()
-                .insert("x-openstack-request-id", id.clone());
-            response.headers_mut().insert("x-compute-request-id", id);
-        }
         let headers = response.headers_mut();
-        headers.insert(
-            "openstack-api-version",
-            HeaderValue::from_static("compute 2.1"),
-        );
-        headers.insert(
-            "x-openstack-nova-api-version",
-            HeaderValue::from_static("2.1"),
-        );
-        headers.insert(
-            "vary",
-            HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
-        );
+        if let Ok(id) = HeaderValue::from_str(&request_id) {
+            headers.insert("x-openstack-request-id", id.clone());
+            headers.insert("x-compute-request-id", id);
+        }
+        if let Some(version) = version {
+            if let (Ok(new), Ok(old)) = (
+                HeaderValue::from_str(&format!("compute {version}")),
+                HeaderValue::from_str(&version.to_string()),
+            ) {
+                headers.insert("openstack-api-version", new);
+                headers.insert("x-openstack-nova-api-version", old);
+            }
+            headers.insert(
+                "vary",
+                HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
+            );
+        }
         info!(log, "request"; "method" => %method, "path" => &path, "status" => response.status().as_u16(),
             "ms" => started.elapsed().as_millis() as u64);
         response
     }
 
-    async fn route(
+    async fn identity_request(
+        &self,
+        request: Request<Incoming>,
+        segments: &[String],
+        base: &str,
+    ) -> Response<Full<Bytes>> {
+        let method = request.method().clone();
+        let query = request.uri().query().map(str::to_string);
+        let headers = request.headers().clone();
+        let body = match self.read_body(request).await {
+            Ok(body) => body,
+            Err(err) => return err.into_response(),
+        };
+        let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
+        self.identity
+            .handle(&method, &rest, query.as_deref(), &headers, body, base)
+            .await
+    }
+
+    /// The caller named by the request's token, as the context every later step carries.
+    async fn authenticate(
+        &self,
+        request: &Request<Incoming>,
+        request_id: &str,
+        base: &str,
+    ) -> Result<RequestContext, Response<Full<Bytes>>> {
+        let token = request
+            .headers()
+            .get("x-auth-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let caller = match token {
+            "" => Err(None),
+            token => self.identity.authenticate(token).await.map_err(Some),
+        };
+        match caller {
+            Ok(caller) => Ok(RequestContext {
+                request_id: request_id.to_string(),
+                user_id: caller.user_id,
+                project_id: caller.project_id,
+                roles: caller.roles,
+                deadline_ms: None,
+            }),
+            Err(err) => {
+                let status = err
+                    .as_ref()
+                    .map(|e| e.status())
+                    .unwrap_or(StatusCode::UNAUTHORIZED);
+                if status != StatusCode::UNAUTHORIZED {
+                    if let Some(err) = err {
+                        warn!(self.log, "token check failed"; "request_id" => request_id, "error" => %err);
+                    }
+                    return Err(ApiError::Internal("The token could not be checked.".into())
+                        .into_response());
+                }
+                // keystonemiddleware's answer, so clients re-authenticate.
+                let mut response = json_response(
+                    StatusCode::UNAUTHORIZED,
+                    &json!({"error": {"code": 401, "title": "Unauthorized",
+                        "message": "The request you have made requires authentication."}}),
+                );
+                if let Ok(value) = HeaderValue::from_str(&format!("Keystone uri=\"{base}/v3\"")) {
+                    response.headers_mut().insert("www-authenticate", value);
+                }
+                Err(response)
+            }
+        }
+    }
+
+    async fn compute_request(
         self: &Arc<Self>,
         log: &Logger,
-        context: &RequestContext,
-        base: &str,
+        request_id: &str,
+        version: Version,
         request: Request<Incoming>,
+        segments: &[String],
+        base: &str,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let method = request.method().clone();
-        let path = request.uri().path().trim_end_matches('/').to_string();
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        match (method.clone(), segments.as_slice()) {
-            (Method::GET, []) => Ok(json_response(
-                StatusCode::MULTIPLE_CHOICES,
-                &json!({"versions": [views::version(base)]}),
-            )),
-            (Method::GET, ["v2.1"]) => Ok(json_response(
-                StatusCode::OK,
-                &json!({"version": views::version(base)}),
-            )),
-            (Method::POST, ["v2.1", "servers"]) => {
-                let body = self.read_body(request).await?;
-                self.create_server(log, context, base, &body).await
+        let mut segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        // Version documents need no token: clients read them first.
+        match (&method, segments.as_slice()) {
+            (&Method::GET, []) => {
+                return Ok(json_response(
+                    StatusCode::MULTIPLE_CHOICES,
+                    &json!({"versions": [views::version_v2(base), views::version(base)]}),
+                ))
             }
-            (Method::GET, ["v2.1", "servers"]) => self.list_servers(context, base, false).await,
-            (Method::GET, ["v2.1", "servers", "detail"]) => {
-                self.list_servers(context, base, true).await
+            (&Method::GET, ["v2.1"]) => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"version": views::version(base)}),
+                ))
             }
-            (Method::GET, ["v2.1", "servers", id]) => self.show_server(context, base, id).await,
-            (Method::DELETE, ["v2.1", "servers", id]) => self.delete_server(log, context, id).await,
-            (Method::GET, ["v2.1", "flavors"]) => self.list_flavors(base, false).await,
-            (Method::GET, ["v2.1", "flavors", "detail"]) => self.list_flavors(base, true).await,
-            (Method::GET, ["v2.1", "flavors", id]) => self.show_flavor(base, id).await,
-            (_, ["v2.1", "servers", ..] | ["v2.1", "flavors", ..] | ["v2.1"] | []) => {
+            (&Method::GET, ["v2"]) => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"version": views::version_v2(base)}),
+                ))
+            }
+            (_, [] | ["v2.1"] | ["v2"]) => {
+                return Err(ApiError::MethodNotAllowed(method.to_string()))
+            }
+            (_, [first, ..]) if *first != "v2.1" && *first != "v2" => {
+                return Err(ApiError::NotFound(format!(
+                    "The resource {} could not be found.",
+                    request.uri().path()
+                )))
+            }
+            _ => {}
+        }
+        let context = match self.authenticate(&request, request_id, base).await {
+            Ok(context) => context,
+            Err(response) => return Ok(response),
+        };
+        if segments.len() > 2 && !COMPUTE_COLLECTIONS.contains(&segments[1]) {
+            if segments[1] != context.project_id {
+                return Err(ApiError::BadRequest(format!(
+                    "Malformed request URL: URL's project_id '{}' doesn't match Context's project_id '{}'",
+                    segments[1], context.project_id
+                )));
+            }
+            segments.remove(1);
+        }
+        let call = Call {
+            log: log.new(slog::o!("user" => context.user_id.clone(), "project" => context.project_id.clone())),
+            context,
+            base: base.to_string(),
+            version,
+            query: parse_query(request.uri().query()),
+        };
+        let body = if matches!(method, Method::POST | Method::PUT) {
+            check_json_content_type(&request)?;
+            self.read_body(request).await?
+        } else {
+            Bytes::new()
+        };
+        self.route(&call, &method, &segments[1..], &body).await
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        call: &Call,
+        method: &Method,
+        path: &[&str],
+        body: &[u8],
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        use Method as M;
+        match (method, path) {
+            (&M::POST, ["servers"]) => self.create_server(call, body).await,
+            (&M::GET, ["servers"]) => self.list_servers(call, false).await,
+            (&M::GET, ["servers", "detail"]) => self.list_servers(call, true).await,
+            (&M::GET, ["servers", id]) => self.show_server(call, id).await,
+            (&M::PUT, ["servers", id]) => self.update_server(call, id, body).await,
+            (&M::DELETE, ["servers", id]) => self.delete_server(call, id).await,
+            (&M::POST, ["servers", id, "action"]) => self.server_action(call, id, body).await,
+            (&M::GET, ["servers", id, "os-instance-actions"]) => {
+                self.instance_actions(call, id, None).await
+            }
+            (&M::GET, ["servers", id, "os-instance-actions", request_id]) => {
+                self.instance_actions(call, id, Some(request_id)).await
+            }
+            (&M::GET, ["flavors"]) => self.list_flavors(call, false).await,
+            (&M::GET, ["flavors", "detail"]) => self.list_flavors(call, true).await,
+            (&M::POST, ["flavors"]) => self.create_flavor(call, body).await,
+            (&M::GET, ["flavors", id]) => self.show_flavor(call, id).await,
+            (&M::DELETE, ["flavors", id]) => self.delete_flavor(call, id).await,
+            (&M::GET, ["flavors", id, "os-extra_specs"]) => self.extra_specs(call, id).await,
+            (&M::POST, ["flavors", id, "os-extra_specs"]) => {
+                self.set_extra_specs(call, id, body).await
+            }
+            (&M::GET, ["flavors", id, "os-extra_specs", key]) => {
+                self.extra_spec(call, id, key).await
+            }
+            (&M::PUT, ["flavors", id, "os-extra_specs", key]) => {
+                self.put_extra_spec(call, id, key, body).await
+            }
+            (&M::DELETE, ["flavors", id, "os-extra_specs", key]) => {
+                self.delete_extra_spec(call, id, key).await
+            }
+            (&M::GET, ["os-services"]) => self.list_services(call).await,
+            (&M::PUT, ["os-services", action]) => self.update_service(call, action, body).await,
+            (&M::GET, ["os-hypervisors"]) => self.list_hypervisors(call, false).await,
+            (&M::GET, ["os-hypervisors", "detail"]) => self.list_hypervisors(call, true).await,
+            (&M::GET, ["os-hypervisors", id]) => self.show_hypervisor(call, id).await,
+            (&M::GET, ["os-availability-zone"]) => self.availability_zones(call, false).await,
+            (&M::GET, ["os-availability-zone", "detail"]) => {
+                self.availability_zones(call, true).await
+            }
+            (&M::GET, ["limits"]) => self.limits(call).await,
+            (&M::GET, ["os-keypairs"]) => self.list_keypairs(call).await,
+            (&M::POST, ["os-keypairs"]) => self.create_keypair(call, body).await,
+            (&M::GET, ["os-keypairs", name]) => self.show_keypair(call, name).await,
+            (&M::DELETE, ["os-keypairs", name]) => self.delete_keypair(call, name).await,
+            (_, [collection, ..])
+                if COMPUTE_COLLECTIONS.contains(collection) && known_path(path) =>
+            {
                 Err(ApiError::MethodNotAllowed(method.to_string()))
             }
             _ => Err(ApiError::NotFound(format!(
-                "The resource {path} could not be found."
+                "The resource /v2.1/{} could not be found.",
+                path.join("/")
             ))),
         }
     }
@@ -382,324 +707,70 @@ impl Api {
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(ApiError::from)
     }
+}
 
-    /// The live instance `id` if the caller's project may see it.
-    async fn visible_instance(
-        &self,
-        context: &RequestContext,
-        id: &str,
-    ) -> Result<Instance, ApiError> {
-        let lookup = id.to_string();
-        let instance = self.db(move |db| db.instance_get(&lookup)).await?;
-        match instance {
-            Some(instance) if context.is_admin() || instance.project_id == context.project_id => {
-                Ok(instance)
-            }
-            _ => Err(ApiError::NotFound(format!(
-                "Instance {id} could not be found."
-            ))),
-        }
+/// Paths that exist for some method, so another method is a 405 rather than a 404.
+fn known_path(path: &[&str]) -> bool {
+    matches!(
+        path,
+        [_] | ["servers", _]
+            | ["servers", _, "action"]
+            | ["flavors", _]
+            | ["flavors", _, "os-extra_specs"]
+            | ["flavors", _, "os-extra_specs", _]
+            | ["os-hypervisors", _]
+            | ["os-services", _]
+            | ["os-keypairs", _]
+    )
+}
+
+/// A body the API reads must be JSON; no Content-Type at all is taken as JSON, as Nova does.
+fn check_json_content_type(request: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(value) = request.headers().get(CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let media = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if media == "application/json" || media.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "The media type {media} is not supported, use application/json."
+        )))
     }
+}
 
-    async fn create_server(
-        self: &Arc<Self>,
-        log: &Logger,
-        context: &RequestContext,
-        base: &str,
-        body: &[u8],
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let request = validate::parse_create_server(body).map_err(ApiError::BadRequest)?;
-        if request.hints.scheduler_host.is_some() && !context.is_admin() {
-            return Err(ApiError::Forbidden(
-                "Only administrators may force a host with scheduler_host.".into(),
-            ));
-        }
-        let (flavor_ref, image_ref) = (request.flavor_ref.clone(), request.image_ref.clone());
-        let (flavor, image) = self
-            .db(move |db| Ok((db.flavor_get(&flavor_ref)?, db.image_get(&image_ref)?)))
-            .await?;
-        let flavor = flavor.ok_or_else(|| {
-            ApiError::BadRequest(format!("Flavor {} could not be found.", request.flavor_ref))
-        })?;
-        let image = image.ok_or_else(|| {
-            ApiError::BadRequest(format!("Image {} could not be found.", request.image_ref))
-        })?;
-        if image.status != "active" {
-            return Err(ApiError::BadRequest(format!(
-                "Image {} is not active.",
-                image.uuid
-            )));
-        }
+/// Parses a JSON request body; an empty or malformed one is Nova's 400.
+pub(crate) fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|_| ApiError::BadRequest("Malformed request body".into()))
+}
 
-        let reservation_id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let metadata = serde_json::to_string(&request.metadata)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let hints_json =
-            serde_json::to_string(&request.hints).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let count = request.max_count;
-        let rows: Vec<NewInstance> = (0..count)
-            .map(|index| NewInstance {
-                uuid: uuid::Uuid::new_v4().to_string(),
-                // Nova's multi_instance_display_name_template: "%(name)s-%(count)d".
-                display_name: if count > 1 {
-                    format!("{}-{}", request.name, index + 1)
-                } else {
-                    request.name.clone()
-                },
-                project_id: context.project_id.clone(),
-                user_id: context.user_id.clone(),
-                flavorid: flavor.flavorid.clone(),
-                image_ref: image.uuid.clone(),
-                vcpus: flavor.vcpus,
-                memory_mb: flavor.memory_mb,
-                root_gb: flavor.root_gb,
-                ephemeral_gb: flavor.ephemeral_gb,
-                swap_mb: flavor.swap_mb,
-                vm_state: vm_state::BUILDING.into(),
-                task_state: Some(task_state::SCHEDULING.into()),
-                power_state: power_state::NOSTATE,
-                scheduler_hints: hints_json.clone(),
-                metadata: metadata.clone(),
-                reservation_id: reservation_id.clone(),
-                launch_index: index as i32,
-                description: request.description.clone(),
-            })
-            .collect();
-        // Detached, so a client that hangs up cannot leave rows written but never cast.
-        let api = self.clone();
-        let (task_log, task_context, hints) = (log.clone(), context.clone(), request.hints.clone());
-        let min_count = u32::try_from(request.min_count).unwrap_or(1);
-        let uuids = tokio::spawn(async move {
-            api.insert_and_build(&task_log, &task_context, rows, hints, min_count)
-                .await
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-        info!(log, "servers accepted"; "count" => count, "first" => &uuids[0], "flavor" => &flavor.name);
-        if request.return_reservation_id {
-            return Ok(json_response(
-                StatusCode::ACCEPTED,
-                &json!({"reservation_id": reservation_id}),
-            ));
-        }
-        let id = &uuids[0];
-        let admin_pass = Alphanumeric.sample_string(&mut rand::thread_rng(), 12);
-        let body = json!({"server": {
-            "id": id,
-            "links": [
-                {"rel": "self", "href": format!("{base}/v2.1/servers/{id}")},
-                {"rel": "bookmark", "href": format!("{base}/servers/{id}")},
-            ],
-            "adminPass": admin_pass,
-            "OS-DCF:diskConfig": "MANUAL",
-            "security_groups": [{"name": "default"}],
-        }});
-        let mut response = json_response(StatusCode::ACCEPTED, &body);
-        if let Ok(location) = HeaderValue::from_str(&format!("{base}/v2.1/servers/{id}")) {
-            response
-                .headers_mut()
-                .insert(hyper::header::LOCATION, location);
-        }
-        Ok(response)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Writes the rows (all or none) and casts `build_instances`; if the conductor does not take
-    /// it, the rows go to ERROR with the reason rather than wait in BUILD forever.
-    async fn insert_and_build(
-        &self,
-        log: &Logger,
-        context: &RequestContext,
-        rows: Vec<NewInstance>,
-        hints: proto::SchedulerHints,
-        min_count: u32,
-    ) -> Result<Vec<String>, ApiError> {
-        let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
-        let request_id = context.request_id.clone();
-        self.db(move |db| db.instances_create(&rows, &request_id))
-            .await?;
-        let build = BuildInstances {
-            instance_uuids: uuids.clone(),
-            hints,
-            min_count,
-        };
-        if let Err(e) = self.conductors.cast(&self.rpc, context, &build).await {
-            warn!(log, "conductor did not take build_instances"; "error" => %e);
-            let message = format!("The conductor did not take the build request: {e}");
-            for uuid in uuids.clone() {
-                let fault = NewFault {
-                    instance_uuid: uuid.clone(),
-                    code: 500,
-                    message: message.clone(),
-                    details: String::new(),
-                    host: None,
-                };
-                if let Err(e) = self
-                    .db(move |db| db.instance_set_error(&uuid, &fault))
-                    .await
-                {
-                    warn!(log, "could not record the fault"; "error" => %e);
-                }
-            }
-        }
-        Ok(uuids)
-    }
-
-    async fn list_servers(
-        &self,
-        context: &RequestContext,
-        base: &str,
-        detail: bool,
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let project = context.project_id.clone();
-        let servers = self
-            .db(move |db| {
-                let instances = db.instances_list(Some(&project))?;
-                let mut out = Vec::with_capacity(instances.len());
-                for instance in instances {
-                    let fault = if detail && instance.vm_state == vm_state::ERROR {
-                        db.instance_fault_latest(&instance.uuid)?
-                    } else {
-                        None
-                    };
-                    out.push((instance, fault));
-                }
-                Ok(out)
-            })
-            .await?;
-        let servers: Vec<Value> = servers
-            .iter()
-            .map(|(i, f)| {
-                if detail {
-                    views::server_detail(base, i, f.as_ref())
-                } else {
-                    views::server_summary(base, i)
-                }
-            })
-            .collect();
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({ "servers": servers }),
-        ))
-    }
-
-    async fn show_server(
-        &self,
-        context: &RequestContext,
-        base: &str,
-        id: &str,
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let instance = self.visible_instance(context, id).await?;
-        let uuid = instance.uuid.clone();
-        let fault = if instance.vm_state == vm_state::ERROR {
-            self.db(move |db| db.instance_fault_latest(&uuid)).await?
-        } else {
-            None
-        };
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({"server": views::server_detail(base, &instance, fault.as_ref())}),
-        ))
-    }
-
-    async fn delete_server(
-        self: &Arc<Self>,
-        log: &Logger,
-        context: &RequestContext,
-        id: &str,
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let instance = self.visible_instance(context, id).await?;
-        // Detached, so a client that hangs up cannot leave the server marked `deleting` for ever.
-        let api = self.clone();
-        let (task_log, task_context) = (log.clone(), context.clone());
-        tokio::spawn(async move { api.terminate(&task_log, &task_context, instance).await })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-        Ok(empty_response(StatusCode::NO_CONTENT))
-    }
-
-    /// Casts the delete to the instance's compute; with no host, or a compute that does not take
-    /// the cast, deletes the row here (Nova's "local delete").
-    async fn terminate(
-        &self,
-        log: &Logger,
-        context: &RequestContext,
-        instance: Instance,
-    ) -> Result<(), ApiError> {
-        let uuid = instance.uuid.clone();
-        let endpoint = match instance.host {
-            Some(host) => {
-                self.db(move |db| {
-                    Ok(db
-                        .service_get(&host, "zova-compute")?
-                        .map(|s| (s.rpc_endpoint, s.rpc_public_key)))
-                })
-                .await?
-            }
-            None => None,
-        };
-        if let Some((endpoint, key)) = endpoint {
-            if let Some(key) = key {
-                if let Err(e) = self.rpc.set_peer_key(&endpoint, &key) {
-                    warn!(log, "the compute registered an unusable key"; "endpoint" => &endpoint, "error" => %e);
-                }
-            }
-            let changes = db::InstanceChanges {
-                task_state: Some(Some(task_state::DELETING.into())),
-                ..Default::default()
-            };
-            let lookup = uuid.clone();
-            self.db(move |db| db.instance_update(&lookup, &changes))
-                .await?;
-            match self
-                .rpc
-                .cast(
-                    &endpoint,
-                    context,
-                    &TerminateInstance { uuid: uuid.clone() },
-                )
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    warn!(log, "compute did not take the delete; deleting locally"; "instance" => &uuid, "error" => %e)
-                }
-            }
-        }
-        self.db(move |db| db.instance_destroy(&uuid)).await
-    }
-
-    async fn list_flavors(
-        &self,
-        base: &str,
-        detail: bool,
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let flavors = self.db(|db| db.flavors()).await?;
-        let flavors: Vec<Value> = flavors
-            .iter()
-            .map(|f| {
-                if detail {
-                    views::flavor(base, f)
-                } else {
-                    views::flavor_summary(base, f)
-                }
-            })
-            .collect();
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({ "flavors": flavors }),
-        ))
-    }
-
-    async fn show_flavor(&self, base: &str, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
-        let lookup = id.to_string();
-        match self.db(move |db| db.flavor_get(&lookup)).await? {
-            Some(flavor) => Ok(json_response(
-                StatusCode::OK,
-                &json!({"flavor": views::flavor(base, &flavor)}),
-            )),
-            None => Err(ApiError::NotFound(format!(
-                "Flavor {id} could not be found."
-            ))),
-        }
+    #[test]
+    fn query_strings_decode_as_clients_encode_them() {
+        let pairs = parse_query(Some(
+            "name=web%2D1&status=ACTIVE&name=a+b&flag&bad=%zz&end=%4",
+        ));
+        assert_eq!(
+            pairs,
+            vec![
+                ("name".to_string(), "web-1".to_string()),
+                ("status".to_string(), "ACTIVE".to_string()),
+                ("name".to_string(), "a b".to_string()),
+                ("flag".to_string(), String::new()),
+                ("bad".to_string(), "%zz".to_string()),
+                ("end".to_string(), "%4".to_string()),
+            ]
+        );
+        assert!(parse_query(None).is_empty());
     }
 }

@@ -7,6 +7,8 @@ use serde_json::{Map, Value};
 
 use proto::SchedulerHints;
 
+use crate::microversion::Version;
+
 pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_METADATA_ITEMS: usize = 128;
 /// The most instances one request may create (Nova bounds it by quota; this bounds it first).
@@ -24,18 +26,18 @@ pub struct CreateServer {
     pub hints: SchedulerHints,
     /// Answer with the reservation id instead of the first server.
     pub return_reservation_id: bool,
+    /// Microversion 2.19.
+    pub description: Option<String>,
+    pub key_name: Option<String>,
 }
 
 /// Server fields Nova accepts that this version takes and ignores (networks, keys, ...), so the
 /// standard clients' requests are not refused.
 const ACCEPTED_UNUSED_SERVER_FIELDS: &[&str] = &[
-    "networks",
     "security_groups",
-    "key_name",
     "availability_zone",
     "user_data",
     "config_drive",
-    "description",
     "block_device_mapping",
     "block_device_mapping_v2",
     "adminPass",
@@ -44,10 +46,6 @@ const ACCEPTED_UNUSED_SERVER_FIELDS: &[&str] = &[
     "personality",
     "OS-DCF:diskConfig",
     "tags",
-    "trusted_image_certificates",
-    "host",
-    "hypervisor_hostname",
-    "hostname",
 ];
 
 const HINT_KEYS: [&str; 2] = ["os:scheduler_hints", "OS-SCH-HNT:scheduler_hints"];
@@ -56,8 +54,8 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> String {
     format!("Invalid input for field/attribute {field}. {why}")
 }
 
-/// Parses and checks the body of `POST /servers`.
-pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
+/// Parses and checks the body of `POST /servers` at microversion `version`.
+pub fn parse_create_server(body: &[u8], version: Version) -> Result<CreateServer, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|_| "Malformed request body".to_string())?;
     let Value::Object(top) = value else {
@@ -76,9 +74,9 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
         Some(_) => return Err(invalid("server", "Value must be an object.")),
         None => return Err("'server' is a required property".into()),
     };
-    if let Some(extra) = server.keys().find(|k| {
-        !matches!(
-            k.as_str(),
+    let known = |k: &str| {
+        matches!(
+            k,
             "name"
                 | "flavorRef"
                 | "imageRef"
@@ -86,8 +84,12 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
                 | "max_count"
                 | "metadata"
                 | "return_reservation_id"
-        ) && !ACCEPTED_UNUSED_SERVER_FIELDS.contains(&k.as_str())
-    }) {
+                | "networks"
+                | "key_name"
+        ) || ACCEPTED_UNUSED_SERVER_FIELDS.contains(&k)
+            || (k == "description" && version.at_least(19))
+    };
+    if let Some(extra) = server.keys().find(|k| !known(k)) {
         return Err(format!(
             "Additional properties are not allowed ('{extra}' was unexpected)"
         ));
@@ -109,6 +111,18 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
         ));
     }
     let metadata = parse_metadata(server.get("metadata"))?;
+    check_networks(server.get("networks"), version)?;
+    let description = parse_description(server.get("description"))?;
+    let key_name = match server.get("key_name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) if !name.is_empty() && name.len() <= 255 => Some(name.clone()),
+        Some(_) => {
+            return Err(invalid(
+                "key_name",
+                "Value must be a string of 1 to 255 characters.",
+            ))
+        }
+    };
     let return_reservation_id = match server.get("return_reservation_id") {
         None => false,
         Some(Value::Bool(b)) => *b,
@@ -133,7 +147,66 @@ pub fn parse_create_server(body: &[u8]) -> Result<CreateServer, String> {
         metadata,
         hints,
         return_reservation_id,
+        description,
+        key_name,
     })
+}
+
+/// A server description (2.19): a string of at most 255 printable characters, or null.
+pub fn parse_description(value: Option<&Value>) -> Result<Option<String>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) if text.chars().count() > 255 => Err(invalid(
+            "description",
+            "The description is longer than 255 characters.",
+        )),
+        Some(Value::String(text)) if text.chars().any(|c| c.is_control()) => Err(invalid(
+            "description",
+            "The description must not contain control characters.",
+        )),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(invalid("description", "Value must be a string or null.")),
+    }
+}
+
+/// `networks`: from 2.37 required, either "auto", "none" or a list of requests; before, an
+/// optional list. Zova gives every server the same networking, so the requests are checked for
+/// shape only.
+fn check_networks(value: Option<&Value>, version: Version) -> Result<(), String> {
+    match value {
+        None if version.at_least(37) => Err("'networks' is a required property".into()),
+        None => Ok(()),
+        Some(Value::String(word)) if version.at_least(37) && (word == "auto" || word == "none") => {
+            Ok(())
+        }
+        Some(Value::Array(items)) => {
+            for item in items {
+                let Value::Object(request) = item else {
+                    return Err(invalid("networks", "Each network must be an object."));
+                };
+                if let Some(extra) = request
+                    .keys()
+                    .find(|k| !matches!(k.as_str(), "uuid" | "port" | "fixed_ip" | "tag"))
+                {
+                    return Err(format!(
+                        "Additional properties are not allowed ('{extra}' was unexpected)"
+                    ));
+                }
+                if let Some(uuid) = request.get("uuid") {
+                    match uuid.as_str().map(uuid::Uuid::parse_str) {
+                        Some(Ok(_)) => {}
+                        _ => return Err(invalid("networks/uuid", "Value must be a UUID.")),
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some(_) if version.at_least(37) => Err(invalid(
+            "networks",
+            "Value must be 'auto', 'none' or a list of networks.",
+        )),
+        Some(_) => Err(invalid("networks", "Value must be a list of networks.")),
+    }
 }
 
 fn parse_name(value: Option<&Value>) -> Result<String, String> {
@@ -329,33 +402,92 @@ fn server_ids(name: &str, hints: &Map<String, Value>) -> Result<Vec<String>, Str
     Ok(uuids)
 }
 
-/// The one compute API microversion served so far.
-pub const MICROVERSION: &str = "2.1";
+/// A server action Zova performs (`POST /servers/{id}/action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerAction {
+    Stop,
+    Start,
+    Reboot { hard: bool },
+}
 
-/// Checks the microversion a client asks for (`OpenStack-API-Version: compute X` or
-/// `X-OpenStack-Nova-API-Version: X`); only 2.1 (or `latest`, which is 2.1) is served.
-pub fn check_microversion(openstack: Option<&str>, nova: Option<&str>) -> Result<(), String> {
-    let asked = match (openstack, nova) {
-        (Some(header), _) => {
-            let mut words = header.split_whitespace();
-            match (words.next(), words.next()) {
-                (Some(service), Some(version)) if service.eq_ignore_ascii_case("compute") => {
-                    Some(version)
+fn object(body: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err("Malformed request body: the body must be a JSON object".into()),
+        Err(_) => Err("Malformed request body".into()),
+    }
+}
+
+/// Parses the body of `POST /servers/{id}/action`: exactly one action.
+pub fn parse_server_action(body: &[u8]) -> Result<ServerAction, String> {
+    let map = object(body)?;
+    let mut actions = map.iter();
+    let (Some((name, args)), None) = (actions.next(), actions.next()) else {
+        return Err("The body must name exactly one action".into());
+    };
+    match name.as_str() {
+        "os-stop" | "os-start" => {
+            if !args.is_null() && args.as_object().is_none_or(|a| !a.is_empty()) {
+                return Err(invalid(name, "Value must be null."));
+            }
+            Ok(if name == "os-stop" {
+                ServerAction::Stop
+            } else {
+                ServerAction::Start
+            })
+        }
+        "reboot" => {
+            let Value::Object(reboot) = args else {
+                return Err(invalid("reboot", "Value must be an object."));
+            };
+            if let Some(extra) = reboot.keys().find(|k| *k != "type") {
+                return Err(format!(
+                    "Additional properties are not allowed ('{extra}' was unexpected)"
+                ));
+            }
+            match reboot.get("type").and_then(Value::as_str) {
+                Some(t) if t.eq_ignore_ascii_case("SOFT") => {
+                    Ok(ServerAction::Reboot { hard: false })
                 }
-                // A header for another service says nothing about the compute API.
-                (Some(_), Some(_)) => None,
-                _ => return Err(format!("Invalid OpenStack-API-Version header: {header:?}")),
+                Some(t) if t.eq_ignore_ascii_case("HARD") => {
+                    Ok(ServerAction::Reboot { hard: true })
+                }
+                Some(_) => Err(invalid("reboot/type", "Value must be SOFT or HARD.")),
+                None => Err("'type' is a required property".into()),
             }
         }
-        (None, Some(version)) => Some(version.trim()),
-        (None, None) => None,
-    };
-    match asked {
-        None | Some("latest") | Some(MICROVERSION) => Ok(()),
-        Some(version) => Err(format!(
-            "Version {version} is not supported by the API. Minimum is {MICROVERSION} and maximum is {MICROVERSION}."
-        )),
+        other => Err(format!("There is no such action: {other}")),
     }
+}
+
+/// Parses the body of `PUT /servers/{id}`: a new name, and from 2.19 a description.
+pub fn parse_update_server(body: &[u8], version: Version) -> Result<db::InstanceChanges, String> {
+    let top = object(body)?;
+    if let Some(extra) = top.keys().find(|k| *k != "server") {
+        return Err(format!(
+            "Additional properties are not allowed ('{extra}' was unexpected)"
+        ));
+    }
+    let Some(Value::Object(server)) = top.get("server") else {
+        return Err("'server' is a required property and must be an object".into());
+    };
+    let mut changes = db::InstanceChanges::default();
+    for (key, value) in server {
+        match key.as_str() {
+            "name" => changes.display_name = Some(parse_name(Some(value))?),
+            "description" if version.at_least(19) => {
+                changes.description = Some(parse_description(Some(value))?)
+            }
+            // Accepted as Nova does; Zova has no access IPs or disk config to change.
+            "accessIPv4" | "accessIPv6" | "OS-DCF:diskConfig" => {}
+            other => {
+                return Err(format!(
+                    "Additional properties are not allowed ('{other}' was unexpected)"
+                ))
+            }
+        }
+    }
+    Ok(changes)
 }
 
 #[cfg(test)]
@@ -363,6 +495,39 @@ mod tests {
     use super::*;
 
     const IMAGE: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
+
+    fn parse_create_server_21(body: &[u8]) -> Result<CreateServer, String> {
+        parse_create_server(body, crate::microversion::MIN)
+    }
+
+    #[test]
+    fn newer_microversions_take_description_and_require_networks() {
+        let v219 = Version::new(2, 19);
+        let v237 = Version::new(2, 37);
+        let mut server = minimal();
+        server["description"] = Value::String("web tier".into());
+        assert!(parse_create_server_21(&body(server.clone())).is_err());
+        assert_eq!(
+            parse_create_server(&body(server.clone()), v219)
+                .unwrap()
+                .description
+                .as_deref(),
+            Some("web tier")
+        );
+        assert_eq!(
+            parse_create_server(&body(server.clone()), v237).unwrap_err(),
+            "'networks' is a required property"
+        );
+        server["networks"] = Value::String("auto".into());
+        assert!(parse_create_server(&body(server.clone()), v237).is_ok());
+        assert!(parse_create_server(&body(server.clone()), v219).is_err());
+        server["networks"] = serde_json::json!([{"uuid": "not-a-uuid"}]);
+        assert!(parse_create_server(&body(server.clone()), v237).is_err());
+        server["networks"] = serde_json::json!([{"uuid": IMAGE, "tag": "x"}]);
+        assert!(parse_create_server(&body(server.clone()), v237).is_ok());
+        server["description"] = Value::String("a\u{7}b".into());
+        assert!(parse_create_server(&body(server), v237).is_err());
+    }
 
     fn body(server: Value) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({ "server": server })).expect("json")
@@ -374,7 +539,7 @@ mod tests {
 
     #[test]
     fn minimal_request_gets_the_defaults() {
-        let req = parse_create_server(&body(minimal())).expect("valid");
+        let req = parse_create_server_21(&body(minimal())).expect("valid");
         assert_eq!(req.name, "vm-1");
         assert_eq!(req.flavor_ref, "1");
         assert_eq!(req.image_ref, IMAGE);
@@ -387,13 +552,13 @@ mod tests {
         let mut server = minimal();
         server["flavorRef"] = serde_json::json!(3);
         server["imageRef"] = Value::String(format!("http://glance:9292/v2/images/{IMAGE}"));
-        let req = parse_create_server(&body(server)).expect("valid");
+        let req = parse_create_server_21(&body(server)).expect("valid");
         assert_eq!(req.flavor_ref, "3");
         assert_eq!(req.image_ref, IMAGE);
         let mut server = minimal();
         server["flavorRef"] = Value::String("http://zova:8774/v2.1/flavors/2".into());
         assert_eq!(
-            parse_create_server(&body(server))
+            parse_create_server_21(&body(server))
                 .expect("valid")
                 .flavor_ref,
             "2"
@@ -405,7 +570,8 @@ mod tests {
         for key in HINT_KEYS {
             let mut top = serde_json::json!({ "server": minimal() });
             top[key] = serde_json::json!({"scheduler_host": "node-2", "scheduler_host_match": "^node-[12]$", "different_host": [IMAGE], "unknown_hint": 1});
-            let req = parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("valid");
+            let req =
+                parse_create_server_21(&serde_json::to_vec(&top).expect("json")).expect("valid");
             assert_eq!(req.hints.scheduler_host.as_deref(), Some("node-2"));
             assert_eq!(
                 req.hints.scheduler_host_match.as_deref(),
@@ -416,8 +582,8 @@ mod tests {
         }
         let mut top = serde_json::json!({ "server": minimal() });
         top["os:scheduler_hints"] = serde_json::json!({"scheduler_host": ["node-1"]});
-        let req =
-            parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("a one-item list");
+        let req = parse_create_server_21(&serde_json::to_vec(&top).expect("json"))
+            .expect("a one-item list");
         assert_eq!(req.hints.scheduler_host.as_deref(), Some("node-1"));
     }
 
@@ -430,7 +596,7 @@ mod tests {
             "sign": "-1",
             "boundary_host": "node-3",
         });
-        let req = parse_create_server(&serde_json::to_vec(&top).expect("json")).expect("valid");
+        let req = parse_create_server_21(&serde_json::to_vec(&top).expect("json")).expect("valid");
         assert_eq!(
             req.hints.same_host,
             vec![IMAGE.to_string(), IMAGE.to_string()]
@@ -529,7 +695,7 @@ mod tests {
             ),
         ];
         for (input, expected) in cases {
-            let err = parse_create_server(&input).expect_err(&String::from_utf8_lossy(&input));
+            let err = parse_create_server_21(&input).expect_err(&String::from_utf8_lossy(&input));
             assert!(
                 err.contains(expected),
                 "{err:?} should mention {expected:?}"
@@ -541,7 +707,7 @@ mod tests {
     fn bad_hints_are_refused() {
         let with_hints = |hints: Value| {
             let top = serde_json::json!({"server": minimal(), "os:scheduler_hints": hints});
-            parse_create_server(&serde_json::to_vec(&top).expect("json"))
+            parse_create_server_21(&serde_json::to_vec(&top).expect("json"))
         };
         assert!(with_hints(serde_json::json!({"scheduler_host_match": "["})).is_err());
         assert!(with_hints(serde_json::json!({"scheduler_host": ""})).is_err());
@@ -554,14 +720,14 @@ mod tests {
         assert!(with_hints(serde_json::json!({"boundary_host": 7})).is_err());
         assert!(with_hints(serde_json::json!("scheduler_host")).is_err());
         let top = serde_json::json!({"server": minimal(), "os:scheduler_hints": {}, "OS-SCH-HNT:scheduler_hints": {}});
-        assert!(parse_create_server(&serde_json::to_vec(&top).expect("json")).is_err());
+        assert!(parse_create_server_21(&serde_json::to_vec(&top).expect("json")).is_err());
     }
 
     #[test]
     fn counts_accept_digit_strings_and_default_max_to_min() {
         let mut server = minimal();
         server["min_count"] = Value::String("3".into());
-        let req = parse_create_server(&body(server)).expect("valid");
+        let req = parse_create_server_21(&body(server)).expect("valid");
         assert_eq!((req.min_count, req.max_count), (3, 3));
     }
 
@@ -570,26 +736,64 @@ mod tests {
         let mut server = minimal();
         server["return_reservation_id"] = Value::Bool(true);
         assert!(
-            parse_create_server(&body(server.clone()))
+            parse_create_server_21(&body(server.clone()))
                 .expect("valid")
                 .return_reservation_id
         );
         server["return_reservation_id"] = Value::String("yes".into());
-        assert!(parse_create_server(&body(server)).is_err());
+        assert!(parse_create_server_21(&body(server)).is_err());
     }
 
     #[test]
-    fn only_microversion_2_1_is_served() {
-        assert_eq!(check_microversion(None, None), Ok(()));
-        assert_eq!(check_microversion(Some("compute 2.1"), None), Ok(()));
-        assert_eq!(check_microversion(Some("compute latest"), None), Ok(()));
-        assert_eq!(check_microversion(Some("volume 3.60"), None), Ok(()));
-        assert_eq!(check_microversion(None, Some("2.1")), Ok(()));
-        assert!(check_microversion(Some("compute 2.79"), None)
-            .expect_err("2.79")
-            .contains("2.79"));
-        assert!(check_microversion(None, Some("2.60")).is_err());
-        assert!(check_microversion(Some("compute"), None).is_err());
+    fn actions_are_one_of_stop_start_reboot() {
+        let parse = |v: Value| parse_server_action(v.to_string().as_bytes());
+        assert_eq!(
+            parse(serde_json::json!({"os-stop": null})),
+            Ok(ServerAction::Stop)
+        );
+        assert_eq!(
+            parse(serde_json::json!({"os-start": null})),
+            Ok(ServerAction::Start)
+        );
+        assert_eq!(
+            parse(serde_json::json!({"reboot": {"type": "HARD"}})),
+            Ok(ServerAction::Reboot { hard: true })
+        );
+        assert_eq!(
+            parse(serde_json::json!({"reboot": {"type": "soft"}})),
+            Ok(ServerAction::Reboot { hard: false })
+        );
+        assert!(parse(serde_json::json!({"reboot": {}})).is_err());
+        assert!(parse(serde_json::json!({"reboot": {"type": "WARM"}})).is_err());
+        assert_eq!(
+            parse(serde_json::json!({"pause": null})).unwrap_err(),
+            "There is no such action: pause"
+        );
+        assert!(parse(serde_json::json!({"os-stop": null, "os-start": null})).is_err());
+        assert!(parse(serde_json::json!({"os-stop": 1})).is_err());
+        assert!(parse_server_action(b"{").is_err());
+    }
+
+    #[test]
+    fn updates_take_a_name_and_from_2_19_a_description() {
+        let v219 = Version::new(2, 19);
+        let changes = parse_update_server(
+            br#"{"server": {"name": "web-2"}}"#,
+            crate::microversion::MIN,
+        )
+        .unwrap();
+        assert_eq!(changes.display_name.as_deref(), Some("web-2"));
+        assert!(parse_update_server(
+            br#"{"server": {"description": "x"}}"#,
+            crate::microversion::MIN
+        )
+        .is_err());
+        let changes = parse_update_server(br#"{"server": {"description": null}}"#, v219).unwrap();
+        assert_eq!(changes.description, Some(None));
+        assert!(parse_update_server(br#"{"server": {"name": ""}}"#, v219).is_err());
+        assert!(parse_update_server(br#"{"server": {"host": "x"}}"#, v219).is_err());
+        assert!(parse_update_server(br#"{"server": 1}"#, v219).is_err());
+        assert!(parse_update_server(br#"[]"#, v219).is_err());
     }
 
     #[test]
@@ -599,12 +803,12 @@ mod tests {
             serde_json::json!({"name": "vm", "flavorRef": "1", "imageRef": IMAGE, "metadata": {"a": "b"}}),
         );
         for end in 0..valid.len() {
-            let _ = parse_create_server(&valid[..end]);
+            let _ = parse_create_server_21(&valid[..end]);
         }
         for i in 0..valid.len() {
             let mut flipped = valid.clone();
             flipped[i] ^= 0x20;
-            let _ = parse_create_server(&flipped);
+            let _ = parse_create_server_21(&flipped);
         }
     }
 }

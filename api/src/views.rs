@@ -4,6 +4,17 @@ use serde_json::{json, Value};
 
 use db::{Flavor, Instance, InstanceFault};
 
+use crate::microversion::Version;
+
+/// How one server is shown: the microversion and what the caller may see.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerView<'a> {
+    pub base: &'a str,
+    pub version: Version,
+    /// Admins see the host and the extended attributes.
+    pub admin: bool,
+}
+
 /// Nova's server status from vm_state (and task_state where it matters).
 pub fn server_status(instance: &Instance) -> &'static str {
     match instance.vm_state.as_str() {
@@ -34,8 +45,31 @@ pub fn server_summary(base: &str, instance: &Instance) -> Value {
     json!({"id": instance.uuid, "name": instance.display_name, "links": links(base, "servers", &instance.uuid)})
 }
 
-pub fn server_detail(base: &str, instance: &Instance, fault: Option<&InstanceFault>) -> Value {
+/// The full server, as `GET /servers/{id}` and `/servers/detail` show it at `view.version`.
+/// `host_status` is the state of the server's compute service (2.16, admins only).
+pub fn server_detail(
+    view: ServerView<'_>,
+    instance: &Instance,
+    fault: Option<&InstanceFault>,
+    host_status: Option<&str>,
+) -> Value {
+    let base = view.base;
     let metadata: Value = serde_json::from_str(&instance.metadata).unwrap_or_else(|_| json!({}));
+    let flavor = if view.version.at_least(47) {
+        let snapshot: Value =
+            serde_json::from_str(&instance.flavor_snapshot).unwrap_or_else(|_| json!({}));
+        json!({
+            "vcpus": instance.vcpus,
+            "ram": instance.memory_mb,
+            "disk": instance.root_gb,
+            "ephemeral": instance.ephemeral_gb,
+            "swap": instance.swap_mb,
+            "original_name": snapshot.get("name").cloned().unwrap_or_else(|| json!(instance.flavorid)),
+            "extra_specs": snapshot.get("extra_specs").cloned().unwrap_or_else(|| json!({})),
+        })
+    } else {
+        json!({"id": instance.flavorid, "links": [{"rel": "bookmark", "href": format!("{base}/flavors/{}", instance.flavorid)}]})
+    };
     let mut server = json!({
         "id": instance.uuid,
         "name": instance.display_name,
@@ -45,7 +79,7 @@ pub fn server_detail(base: &str, instance: &Instance, fault: Option<&InstanceFau
         "metadata": metadata,
         "hostId": host_id(instance),
         "image": {"id": instance.image_ref, "links": [{"rel": "bookmark", "href": format!("{base}/images/{}", instance.image_ref)}]},
-        "flavor": {"id": instance.flavorid, "links": [{"rel": "bookmark", "href": format!("{base}/flavors/{}", instance.flavorid)}]},
+        "flavor": flavor,
         "created": time(instance.created_at),
         "updated": time(instance.updated_at.unwrap_or(instance.created_at)),
         "addresses": {},
@@ -60,21 +94,86 @@ pub fn server_detail(base: &str, instance: &Instance, fault: Option<&InstanceFau
         "OS-EXT-STS:vm_state": instance.vm_state,
         "OS-EXT-STS:task_state": instance.task_state,
         "OS-EXT-STS:power_state": instance.power_state,
-        "OS-EXT-SRV-ATTR:host": instance.host,
-        "OS-EXT-SRV-ATTR:hypervisor_hostname": instance.node,
-        "OS-EXT-SRV-ATTR:instance_name": format!("instance-{}", instance.uuid),
         "OS-SRV-USG:launched_at": instance.launched_at.map(time),
         "OS-SRV-USG:terminated_at": instance.terminated_at.map(time),
         "os-extended-volumes:volumes_attached": [],
         "security_groups": [{"name": "default"}],
     });
-    if let (Some(fault), Some(map)) = (fault, server.as_object_mut()) {
+    let Some(map) = server.as_object_mut() else {
+        return server;
+    };
+    if view.admin {
+        map.insert("OS-EXT-SRV-ATTR:host".into(), json!(instance.host));
+        map.insert(
+            "OS-EXT-SRV-ATTR:hypervisor_hostname".into(),
+            json!(instance.node),
+        );
+        map.insert(
+            "OS-EXT-SRV-ATTR:instance_name".into(),
+            json!(format!("instance-{}", instance.uuid)),
+        );
+        if view.version.at_least(3) {
+            map.insert(
+                "OS-EXT-SRV-ATTR:reservation_id".into(),
+                json!(instance.reservation_id),
+            );
+            map.insert(
+                "OS-EXT-SRV-ATTR:launch_index".into(),
+                json!(instance.launch_index),
+            );
+            map.insert(
+                "OS-EXT-SRV-ATTR:hostname".into(),
+                json!(hostname(&instance.display_name)),
+            );
+            map.insert("OS-EXT-SRV-ATTR:kernel_id".into(), json!(""));
+            map.insert("OS-EXT-SRV-ATTR:ramdisk_id".into(), json!(""));
+            map.insert("OS-EXT-SRV-ATTR:root_device_name".into(), json!("/dev/vda"));
+            map.insert("OS-EXT-SRV-ATTR:user_data".into(), Value::Null);
+        }
+        if view.version.at_least(16) {
+            map.insert("host_status".into(), json!(host_status.unwrap_or("")));
+        }
+    }
+    if view.version.at_least(9) {
+        // Zova has no lock action, so no server is ever locked.
+        map.insert("locked".into(), json!(false));
+    }
+    if view.version.at_least(19) {
+        map.insert("description".into(), json!(instance.description));
+    }
+    if view.version.at_least(26) {
+        // Tags cannot be set below 2.52 other than through routes Zova does not serve.
+        map.insert("tags".into(), json!([]));
+    }
+    if let Some(fault) = fault {
         map.insert(
             "fault".into(),
             json!({"code": fault.code, "message": fault.message, "details": fault.details, "created": time(fault.created_at)}),
         );
     }
     server
+}
+
+/// Nova's hostname from a display name: lower case, letters, digits and hyphens.
+fn hostname(display_name: &str) -> String {
+    let mut name: String = display_name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.truncate(63);
+    let trimmed = name.trim_matches('-');
+    if trimmed.is_empty() {
+        "server".into()
+    } else {
+        trimmed.to_string()
+    }
 }
 
 /// Nova's opaque per-project host id: stable for a (project, host) pair, empty without a host.
@@ -115,10 +214,35 @@ pub fn version(base: &str) -> Value {
     json!({
         "id": "v2.1",
         "status": "CURRENT",
-        "version": "2.1",
-        "min_version": "2.1",
+        "version": crate::microversion::MAX.to_string(),
+        "min_version": crate::microversion::MIN.to_string(),
         "updated": "2013-07-23T11:33:21Z",
         "links": [{"rel": "self", "href": format!("{base}/v2.1/")}],
         "media-types": [{"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2.1"}],
     })
+}
+
+/// The legacy v2.0 entry that `GET /` lists beside v2.1 (clients expect both).
+pub fn version_v2(base: &str) -> Value {
+    json!({
+        "id": "v2.0",
+        "status": "SUPPORTED",
+        "version": "",
+        "min_version": "",
+        "updated": "2011-01-21T11:33:21Z",
+        "links": [{"rel": "self", "href": format!("{base}/v2/")}],
+        "media-types": [{"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2"}],
+    })
+}
+
+/// `GMT` time as Nova prints it in lists of services and hypervisors.
+pub fn time_or_null(t: Option<chrono::NaiveDateTime>) -> Value {
+    match t {
+        Some(t) => json!(t.format("%Y-%m-%dT%H:%M:%S.000000").to_string()),
+        None => Value::Null,
+    }
+}
+
+pub fn iso_time(t: chrono::NaiveDateTime) -> String {
+    time(t)
 }

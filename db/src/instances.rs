@@ -29,26 +29,26 @@ pub(crate) fn insert_with_actions(
     new: &[NewInstance],
     request_id: &str,
 ) -> QueryResult<Vec<Instance>> {
-        let created_at = now();
-        let mut created = Vec::with_capacity(new.len());
-        for instance in new {
-            created.push(
-                diesel::insert_into(instances::table)
-                    .values((instance, instances::created_at.eq(created_at)))
-                    .returning(Instance::as_returning())
-                    .get_result(conn)?,
-            );
-            diesel::insert_into(instance_actions::table)
-                .values((
-                    instance_actions::action.eq("create"),
-                    instance_actions::instance_uuid.eq(&instance.uuid),
-                    instance_actions::request_id.eq(request_id),
-                    instance_actions::user_id.eq(&instance.user_id),
-                    instance_actions::project_id.eq(&instance.project_id),
-                    instance_actions::start_time.eq(created_at),
-                ))
-                .execute(conn)?;
-        }
+    let created_at = now();
+    let mut created = Vec::with_capacity(new.len());
+    for instance in new {
+        created.push(
+            diesel::insert_into(instances::table)
+                .values((instance, instances::created_at.eq(created_at)))
+                .returning(Instance::as_returning())
+                .get_result(conn)?,
+        );
+        diesel::insert_into(instance_actions::table)
+            .values((
+                instance_actions::action.eq("create"),
+                instance_actions::instance_uuid.eq(&instance.uuid),
+                instance_actions::request_id.eq(request_id),
+                instance_actions::user_id.eq(&instance.user_id),
+                instance_actions::project_id.eq(&instance.project_id),
+                instance_actions::start_time.eq(created_at),
+            ))
+            .execute(conn)?;
+    }
     Ok(created)
 }
 

@@ -24,13 +24,13 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+pub use catalog::NewFlavor;
 pub use error::{DbError, Result};
+pub use keypairs::{KeyPair, NewKeyPair};
 pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,
     InstanceFault, NewFault, NewInstance, Service,
 };
-pub use catalog::NewFlavor;
-pub use keypairs::{KeyPair, NewKeyPair};
 pub use placement::{AllocationClaim, ClaimOutcome, Placed};
 pub use servers::{instances_that_fit, InstanceFilter, QuotaExceeded, QuotaLimits, QuotaUsage};
 

@@ -442,7 +442,10 @@ mod tests {
         ));
         let actions = db.instance_actions("u-1").unwrap();
         assert_eq!(
-            actions.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(),
+            actions
+                .iter()
+                .map(|a| a.action.as_str())
+                .collect::<Vec<_>>(),
             ["create", "stop"]
         );
         assert!(matches!(

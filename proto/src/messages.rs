@@ -70,6 +70,7 @@ pub mod vm_state {
     pub const ACTIVE: &str = "active";
     pub const ERROR: &str = "error";
     pub const DELETED: &str = "deleted";
+    pub const STOPPED: &str = "stopped";
 }
 
 /// Nova's task_state values used on the create and delete paths.
@@ -77,6 +78,10 @@ pub mod task_state {
     pub const SCHEDULING: &str = "scheduling";
     pub const SPAWNING: &str = "spawning";
     pub const DELETING: &str = "deleting";
+    pub const POWERING_OFF: &str = "powering-off";
+    pub const POWERING_ON: &str = "powering-on";
+    pub const REBOOTING: &str = "rebooting";
+    pub const REBOOTING_HARD: &str = "rebooting_hard";
 }
 
 /// Nova's power_state codes.
@@ -371,6 +376,24 @@ method!(TerminateInstance, "terminate_instance", ());
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {}
 method!(Ping, "ping", String);
+
+/// TEMPORARY (replaced by the lifecycle branch on merge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopInstance {
+    pub uuid: String,
+}
+method!(StopInstance, "stop_instance", ());
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartInstance {
+    pub uuid: String,
+}
+method!(StartInstance, "start_instance", ());
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootInstance {
+    pub uuid: String,
+    pub hard: bool,
+}
+method!(RebootInstance, "reboot_instance", ());
 
 // ---------------------------------------------------------------- service surfaces
 
