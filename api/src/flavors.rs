@@ -202,12 +202,19 @@ impl Api {
             }
         };
         let (min_ram, min_disk) = (min("minRam")?, min("minDisk")?);
+        // Nova's is_public: public flavors by default; admins may ask for private ones
+        // ("false") or all ("none", which the clients send as the literal None).
+        let wanted: Option<bool> = match call.param("is_public").map(str::to_ascii_lowercase) {
+            Some(v) if call.is_admin() && v == "none" => None,
+            Some(v) if call.is_admin() && matches!(v.as_str(), "false" | "f" | "0" | "no" | "off") => Some(false),
+            _ => Some(true),
+        };
         let flavors: Vec<Flavor> = self
             .db(|db| db.flavors())
             .await?
             .into_iter()
             .filter(|f| f.memory_mb >= min_ram && f.root_gb >= min_disk)
-            .filter(|f| f.is_public || call.is_admin())
+            .filter(|f| wanted.is_none_or(|public| f.is_public == public))
             .collect();
         let (flavors, more) = paginate(flavors, &page, |f| f.flavorid.clone())?;
         let shown: Vec<Value> = flavors

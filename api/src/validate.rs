@@ -169,12 +169,12 @@ pub fn parse_description(value: Option<&Value>) -> Result<Option<String>, String
     }
 }
 
-/// `networks`: from 2.37 required, either "auto", "none" or a list of requests; before, an
-/// optional list. Zova gives every server the same networking, so the requests are checked for
-/// shape only.
+/// `networks`: a list of requests, and from 2.37 also "auto" or "none". Nova requires it from
+/// 2.37; Zova treats a missing one as "auto", because openstacksdk's `create_server` sends none
+/// at any microversion and every Zova server gets the same networking anyway. The requests are
+/// checked for shape only.
 fn check_networks(value: Option<&Value>, version: Version) -> Result<(), String> {
     match value {
-        None if version.at_least(37) => Err("'networks' is a required property".into()),
         None => Ok(()),
         Some(Value::String(word)) if version.at_least(37) && (word == "auto" || word == "none") => {
             Ok(())
@@ -501,7 +501,7 @@ mod tests {
     }
 
     #[test]
-    fn newer_microversions_take_description_and_require_networks() {
+    fn newer_microversions_take_description_and_auto_networks() {
         let v219 = Version::new(2, 19);
         let v237 = Version::new(2, 37);
         let mut server = minimal();
@@ -514,10 +514,7 @@ mod tests {
                 .as_deref(),
             Some("web tier")
         );
-        assert_eq!(
-            parse_create_server(&body(server.clone()), v237).unwrap_err(),
-            "'networks' is a required property"
-        );
+        assert!(parse_create_server(&body(server.clone()), v237).is_ok());
         server["networks"] = Value::String("auto".into());
         assert!(parse_create_server(&body(server.clone()), v237).is_ok());
         assert!(parse_create_server(&body(server.clone()), v219).is_err());

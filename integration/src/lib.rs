@@ -156,8 +156,15 @@ pub enum FabricError {
     Db(#[from] db::DbError),
 }
 
+/// The admin password every test fabric bootstraps.
+pub const ADMIN_PASSWORD: &str = "zova-test-admin";
+
 pub struct Fabric {
     pub api_address: String,
+    /// A project-scoped token of `admin` in project `admin`; [`Fabric::http`] sends it.
+    pub admin_token: String,
+    /// The id of project `admin`.
+    pub admin_project: String,
     pub db: db::Db,
     pub build_queue_period: Duration,
     /// (name, handle): `scheduler`, `conductor`, the compute host names, `api`.
@@ -336,6 +343,14 @@ impl Fabric {
                     listen: "127.0.0.1:0".into(),
                     ..Default::default()
                 },
+                // Tests and load tools boot more than Nova's default 10 servers per project;
+                // quota tests set a project's own limits.
+                quota: api::QuotaConfig {
+                    instances: -1,
+                    cores: -1,
+                    ram: -1,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             log.new(slog::o!("service" => "zova-api")),
@@ -346,8 +361,14 @@ impl Fabric {
         services.push(("api".to_string(), api));
 
         let db = db::Db::open(&database.url)?;
+        let hash = api::identity::hash_password(ADMIN_PASSWORD)
+            .map_err(|e| FabricError::Http(format!("cannot hash the admin password: {e}")))?;
+        let admin_project = db.identity_bootstrap(&hash)?.project.uuid;
+        let admin_token = issue_token(&api_address, "admin", ADMIN_PASSWORD, "admin").await?;
         let fabric = Fabric {
             api_address,
+            admin_token,
+            admin_project,
             db,
             build_queue_period,
             services,
@@ -395,14 +416,53 @@ impl Fabric {
         Ok(())
     }
 
+    /// A request as the fabric's admin.
     pub async fn http(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<HttpResponse, FabricError> {
+        self.http_as(&self.admin_token, method, path, body).await
+    }
+
+    /// A request with `token` (empty: none).
+    pub async fn http_as(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<HttpResponse, FabricError> {
         let raw = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        http_request(&self.api_address, method, path, raw).await
+        let headers: Vec<(&str, &str)> = if token.is_empty() {
+            Vec::new()
+        } else {
+            vec![("x-auth-token", token)]
+        };
+        http_request(&self.api_address, method, path, raw, &headers).await
+    }
+
+    /// Creates `user` (password = its name) with `role` on `project` (created if needed) and
+    /// returns a token scoped to that project, and the project's id.
+    pub async fn user_token(
+        &self,
+        project: &str,
+        user: &str,
+        role: &str,
+    ) -> Result<(String, String), FabricError> {
+        let project_row = match self.db.project_get_by_name(project)? {
+            Some(p) => p,
+            None => self.db.project_create(project, "")?,
+        };
+        let hash = api::identity::hash_password(user)
+            .map_err(|e| FabricError::Http(format!("cannot hash a password: {e}")))?;
+        let user_row = self
+            .db
+            .user_create(user, &hash, Some(&project_row.uuid))?;
+        self.db.role_assign(&user_row.uuid, &project_row.uuid, role)?;
+        let token = issue_token(&self.api_address, user, user, project).await?;
+        Ok((token, project_row.uuid))
     }
 
     /// `POST /v2.1/servers`; returns the new server's id.
@@ -488,23 +548,61 @@ pub struct HttpResponse {
     pub raw: Bytes,
 }
 
-/// One HTTP/1.1 request on a fresh connection.
+/// A password token for `user` scoped to `project` (both by name, domain Default).
+pub async fn issue_token(
+    address: &str,
+    user: &str,
+    password: &str,
+    project: &str,
+) -> Result<String, FabricError> {
+    let body = serde_json::json!({"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"id": "default"}, "password": password}}},
+        "scope": {"project": {"name": project, "domain": {"id": "default"}}},
+    }});
+    let response = http_request(
+        address,
+        Method::POST,
+        "/v3/auth/tokens",
+        body.to_string().into_bytes(),
+        &[],
+    )
+    .await?;
+    response
+        .headers
+        .get("x-subject-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            FabricError::Http(format!(
+                "no token for {user} ({}): {}",
+                response.status, response.body
+            ))
+        })
+}
+
+/// One HTTP/1.1 request on a fresh connection, with extra headers.
 pub async fn http_request(
     address: &str,
     method: Method,
     path: &str,
     body: Vec<u8>,
+    headers: &[(&str, &str)],
 ) -> Result<HttpResponse, FabricError> {
     let stream = tokio::net::TcpStream::connect(address).await?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| FabricError::Http(e.to_string()))?;
     tokio::spawn(connection);
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, address)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| FabricError::Http(e.to_string()))?;
     let response = sender

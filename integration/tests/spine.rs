@@ -239,9 +239,15 @@ async fn bad_requests_get_nova_errors_and_change_nothing() {
     ];
     for (body, expected) in cases {
         let response =
-            integration::http_request(&fabric.api_address, Method::POST, "/v2.1/servers", body)
-                .await
-                .expect("answered");
+            integration::http_request(
+                &fabric.api_address,
+                Method::POST,
+                "/v2.1/servers",
+                body,
+                &[("x-auth-token", &fabric.admin_token)],
+            )
+            .await
+            .expect("answered");
         assert_eq!(
             response.status,
             StatusCode::BAD_REQUEST,
@@ -274,6 +280,7 @@ async fn bad_requests_get_nova_errors_and_change_nothing() {
         Method::POST,
         "/v2.1/servers",
         too_large,
+        &[("x-auth-token", &fabric.admin_token)],
     )
     .await
     .expect("answered");
@@ -462,25 +469,36 @@ async fn one_request_creates_max_count_servers_and_can_answer_with_the_reservati
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_microversion_2_1_is_served() {
+async fn microversions_2_1_to_2_47_are_served_and_echoed() {
     let fabric = fabric().await;
-    let stream = tokio::net::TcpStream::connect(&fabric.api_address)
-        .await
-        .expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let ask = |header: &'static str, value: &'static str| {
+        let token = fabric.admin_token.clone();
+        let address = fabric.api_address.clone();
+        async move {
+            integration::http_request(
+                &address,
+                Method::GET,
+                "/v2.1/flavors",
+                Vec::new(),
+                &[("x-auth-token", &token), (header, value)],
+            )
             .await
-            .expect("handshake");
-    tokio::spawn(connection);
-    let request = hyper::Request::get("/v2.1/flavors")
-        .header("host", &fabric.api_address)
-        .header("OpenStack-API-Version", "compute 2.79")
-        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-        .expect("request");
-    let response = sender.send_request(request).await.expect("answered");
-    assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
-    assert_eq!(response.headers()["openstack-api-version"], "compute 2.1");
-    assert_eq!(response.headers()["x-openstack-nova-api-version"], "2.1");
+            .expect("answered")
+        }
+    };
+    let too_new = ask("OpenStack-API-Version", "compute 2.79").await;
+    assert_eq!(too_new.status, StatusCode::NOT_ACCEPTABLE, "{}", too_new.body);
+    let message = too_new.body["computeFault"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("maximum is 2.47"), "{message}");
+    let malformed = ask("X-OpenStack-Nova-API-Version", "2.x").await;
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
+
+    let newest = ask("OpenStack-API-Version", "compute 2.47").await;
+    assert_eq!(newest.status, StatusCode::OK);
+    assert_eq!(newest.headers["openstack-api-version"], "compute 2.47");
+    assert_eq!(newest.headers["x-openstack-nova-api-version"], "2.47");
+    let latest = ask("X-OpenStack-Nova-API-Version", "latest").await;
+    assert_eq!(latest.headers["x-openstack-nova-api-version"], "2.47");
 
     let plain = fabric
         .http(Method::GET, "/v2.1/flavors", None)
