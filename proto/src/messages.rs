@@ -401,6 +401,34 @@ pub struct TerminateInstance {
 }
 method!(TerminateInstance, "terminate_instance", ());
 
+/// api → compute.<host> (cast): shut the guest down (gracefully, then by force after
+/// `[compute] shutdown_timeout`), keeping its domain; the instance becomes `stopped`. The API has
+/// set task_state `powering-off` and started the `stop` action of the context's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopInstance {
+    pub uuid: String,
+}
+method!(StopInstance, "stop_instance", ());
+
+/// api → compute.<host> (cast): start the stopped instance's domain again; the instance
+/// becomes `active`. The API has set task_state `powering-on` and started the `start` action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartInstance {
+    pub uuid: String,
+}
+method!(StartInstance, "start_instance", ());
+
+/// api → compute.<host> (cast): reboot the guest, by asking it (`hard: false`, falling back to
+/// hard when libvirt cannot) or by powering it off and on (`hard: true`); the instance ends
+/// `active`. The API has set task_state `rebooting` or `rebooting_hard` and started the
+/// `reboot` action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootInstance {
+    pub uuid: String,
+    pub hard: bool,
+}
+method!(RebootInstance, "reboot_instance", ());
+
 /// any → any (call): liveness probe used by tests and operators.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {}
@@ -439,6 +467,9 @@ rpc_surface!(
     ComputeApi {
         ComputeRunInstance,
         TerminateInstance,
+        StopInstance,
+        StartInstance,
+        RebootInstance,
         Ping,
     }
 );
@@ -647,6 +678,24 @@ mod tests {
             ComputeApi,
             TerminateInstance,
             TerminateInstance { uuid: "i-1".into() }
+        );
+        check!(
+            ComputeApi,
+            StopInstance,
+            StopInstance { uuid: "i-1".into() }
+        );
+        check!(
+            ComputeApi,
+            StartInstance,
+            StartInstance { uuid: "i-1".into() }
+        );
+        check!(
+            ComputeApi,
+            RebootInstance,
+            RebootInstance {
+                uuid: "i-1".into(),
+                hard: true,
+            }
         );
 
         // Replies too.
