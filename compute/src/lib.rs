@@ -433,7 +433,8 @@ impl Compute {
 
     /// Nova's `init_host`: instances this host was building when its previous process stopped
     /// can never finish, so they go to ERROR (and their leftovers are removed); instances in
-    /// ERROR hold nothing; the rest are counted against this host.
+    /// ERROR hold nothing; the rest are counted against this host, and those whose stop, start
+    /// or reboot was cut short take the state their domain is in.
     async fn init_host(&self, context: &RequestContext, instances: Vec<InstanceResources>) {
         let (interrupted, rest): (Vec<_>, Vec<_>) = instances
             .into_iter()
@@ -456,6 +457,58 @@ impl Compute {
                 .await
             {
                 warn!(self.log, "could not record the interrupted build"; "instance" => &instance.uuid, "error" => %e);
+            }
+        }
+        for instance in &holding {
+            if power::is_power_task(instance.task_state.as_deref()) {
+                self.settle_interrupted(context, instance).await;
+            }
+        }
+    }
+
+    /// Ends a stop, start or reboot that the previous process of this service left half done:
+    /// the instance takes the state its domain is in, and its task_state is cleared so the user
+    /// can ask again. Its instance action stays unfinished: the request is not known here.
+    async fn settle_interrupted(&self, context: &RequestContext, instance: &InstanceResources) {
+        let uuid = instance.uuid.clone();
+        let task = instance.task_state.clone();
+        let name = instance_name(&uuid);
+        let update = match self.on_domain(&name, LibvirtDriver::power_state).await {
+            Ok(state) => InstanceUpdate {
+                uuid: uuid.clone(),
+                state: Some(power::settled(state)),
+                expected_task_state: task.clone(),
+                ..Default::default()
+            },
+            Err(e) => {
+                let message = format!(
+                    "The {} was interrupted by a restart of {BINARY} on {}: {e}",
+                    task.as_deref().unwrap_or_default(),
+                    self.config.host
+                );
+                InstanceUpdate {
+                    uuid: uuid.clone(),
+                    revert_task_state: true,
+                    power_state: self.observed_power_state(&name).await,
+                    fault: Some(Fault {
+                        code: fault_for(&e).code,
+                        message,
+                        details: String::new(),
+                    }),
+                    expected_task_state: task.clone(),
+                    ..Default::default()
+                }
+            }
+        };
+        warn!(self.log, "power action interrupted by a restart; settling"; "instance" => &uuid,
+            "task_state" => task.as_deref(), "vm_state" => update.state.as_ref().map(|s| s.vm_state.clone()));
+        match self.record(context, &update).await.map_err(vanished_or_rpc) {
+            Ok(()) => {}
+            Err(ComputeError::Vanished(why)) => {
+                info!(self.log, "interrupted power action already taken over"; "instance" => &uuid, "why" => why)
+            }
+            Err(e) => {
+                warn!(self.log, "could not settle the interrupted power action"; "instance" => &uuid, "error" => %e)
             }
         }
     }
@@ -754,6 +807,7 @@ impl Compute {
             ephemeral_gb: spec.flavor.ephemeral_gb,
             swap_mb: spec.flavor.swap_mb,
             vm_state: vm_state::BUILDING.into(),
+            task_state: Some(task_state::SPAWNING.into()),
         };
         self.tracker
             .lock()

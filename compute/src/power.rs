@@ -67,6 +67,34 @@ impl PowerAction {
     }
 }
 
+/// Whether `task_state` is that of a stop, start or reboot under way.
+pub fn is_power_task(task_state: Option<&str>) -> bool {
+    matches!(
+        task_state,
+        Some(
+            task_state::POWERING_OFF
+                | task_state::POWERING_ON
+                | task_state::REBOOTING
+                | task_state::REBOOTING_HARD
+        )
+    )
+}
+
+/// The state of an instance whose stop, start or reboot was cut short (by a restart of the
+/// compute service), going by its domain's `power_state`: how far the action got.
+pub fn settled(power_state: i32) -> InstanceState {
+    let vm_state = if is_down(power_state) {
+        vm_state::STOPPED
+    } else {
+        vm_state::ACTIVE
+    };
+    InstanceState {
+        vm_state: vm_state.into(),
+        task_state: None,
+        power_state,
+    }
+}
+
 /// What a graceful stop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopStep {
@@ -157,6 +185,35 @@ mod tests {
                     power_state: power,
                 },
                 "{action:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_interrupted_action_settles_where_its_domain_is() {
+        for task in ["powering-off", "powering-on", "rebooting", "rebooting_hard"] {
+            assert!(is_power_task(Some(task)), "{task}");
+        }
+        for other in [None, Some("spawning"), Some("deleting"), Some("scheduling")] {
+            assert!(!is_power_task(other), "{other:?}");
+        }
+        let cases = [
+            (power_state::RUNNING, "active"),
+            (power_state::PAUSED, "active"),
+            (power_state::NOSTATE, "active"),
+            (power_state::SHUTDOWN, "stopped"),
+            (power_state::CRASHED, "stopped"),
+            (power_state::SUSPENDED, "stopped"),
+        ];
+        for (power, vm) in cases {
+            assert_eq!(
+                settled(power),
+                InstanceState {
+                    vm_state: vm.into(),
+                    task_state: None,
+                    power_state: power,
+                },
+                "power state {power}"
             );
         }
     }

@@ -141,6 +141,7 @@ mod tests {
             ephemeral_gb: 0,
             swap_mb,
             vm_state: "active".into(),
+            task_state: None,
         }
     }
 

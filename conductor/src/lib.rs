@@ -194,6 +194,7 @@ impl Conductor {
                             ephemeral_gb: i.ephemeral_gb,
                             swap_mb: i.swap_mb,
                             vm_state: i.vm_state,
+                            task_state: i.task_state,
                         })
                         .collect())
                 })

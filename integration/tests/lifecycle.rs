@@ -234,7 +234,17 @@ async fn stop_start_reboot_and_delete_a_server() {
     let second = second["id"].as_str().expect("an id").to_string();
     delete(&fabric, &driver, &second).await;
 
-    // A restarted compute still holds the stopped server, and counts it.
+    // A restarted compute still holds the stopped server, and counts it. It also ends a start
+    // its previous process left half done: the domain is still shut off, so the server is
+    // stopped again, ready for the next request.
+    let interrupted = InstanceChanges {
+        task_state: Some(Some(task_state::POWERING_ON.into())),
+        ..Default::default()
+    };
+    fabric
+        .db
+        .instance_update_expecting(&uuid, &interrupted, Some(vm_state::STOPPED))
+        .expect("start under way");
     let endpoint_of = |fabric: &Fabric| -> Result<Option<String>, db::DbError> {
         Ok(fabric
             .db
@@ -254,7 +264,8 @@ async fn stop_start_reboot_and_delete_a_server() {
         .await
         .expect("registered");
     let endpoint = endpoint_of(&fabric).expect("db").expect("registered");
-    // A compute answers only once it has registered, rebuilt its ledger and reported it.
+    // A compute answers only once it has registered, rebuilt its ledger (settling what its
+    // previous process left half done) and reported it.
     let context = RequestContext::internal("default");
     let host = rpc.call(&endpoint, &context, &Ping {}).await.expect("ping");
     assert_eq!(host, "node-1");
@@ -266,6 +277,11 @@ async fn stop_start_reboot_and_delete_a_server() {
         .find(|n| n.host == "node-1")
         .expect("node-1");
     assert_eq!((node.running_vms, node.memory_mb_used), (1, 512));
+    let row = fabric.db.instance_get(&uuid).expect("db").expect("row");
+    assert_eq!(
+        (row.vm_state.as_str(), row.task_state, row.power_state),
+        (vm_state::STOPPED, None, power_state::SHUTDOWN)
+    );
 
     succeeds(
         &fabric,

@@ -225,6 +225,10 @@ pub struct InstanceResources {
     /// The instance's vm_state, so a restarted compute can tell interrupted builds apart.
     #[serde(default)]
     pub vm_state: String,
+    /// The instance's task_state, so a restarted compute can tell interrupted stops, starts and
+    /// reboots apart.
+    #[serde(default)]
+    pub task_state: Option<String>,
 }
 
 // ---------------------------------------------------------------- conductor
@@ -716,6 +720,7 @@ mod tests {
             ephemeral_gb: 0,
             swap_mb: 0,
             vm_state: "active".into(),
+            task_state: Some(task_state::POWERING_OFF.into()),
         }];
         let bytes = crate::envelope::encode(&resources).unwrap();
         assert_eq!(
