@@ -985,7 +985,7 @@ impl Compute {
         match self.record(context, &update).await.map_err(vanished_or_rpc) {
             Ok(()) => {}
             Err(ComputeError::Vanished(why)) => {
-                info!(log, "instance deleted or being deleted meanwhile; outcome not recorded"; "instance" => uuid, "why" => why)
+                info!(log, "instance deleted, or taken over by another request, meanwhile; outcome not recorded"; "instance" => uuid, "why" => why)
             }
             Err(e) => {
                 warn!(log, "outcome not recorded"; "instance" => uuid, "action" => action.name(), "error" => %e)
