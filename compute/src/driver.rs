@@ -1,5 +1,6 @@
 //! The thin shell around libvirt (`virt` crate): open a connection, define and start a domain,
-//! read its power state, destroy and undefine it, report the node's size.
+//! read its power state, shut it down, power it off and on, reboot it, destroy and undefine it,
+//! report the node's size.
 //!
 //! Every call blocks; the service runs them on `tokio::task::spawn_blocking` with an
 //! `Arc<LibvirtDriver>` (the connection is `Send + Sync`: libvirt connections are thread-safe).
@@ -35,6 +36,14 @@ pub enum DriverError {
     State { name: String, reason: String },
     #[error("Cannot destroy or undefine domain {name}: {reason}")]
     Destroy { name: String, reason: String },
+    #[error("Cannot ask domain {name} to shut down: {reason}")]
+    Shutdown { name: String, reason: String },
+    #[error("Cannot power off domain {name}: {reason}")]
+    PowerOff { name: String, reason: String },
+    #[error("Cannot start domain {name}: {reason}")]
+    PowerOn { name: String, reason: String },
+    #[error("Cannot reboot domain {name}: {reason}")]
+    Reboot { name: String, reason: String },
     #[error("Cannot list the domains of this hypervisor: {0}")]
     List(String),
     #[error("Cannot read this hypervisor's CPU and memory size: {0}")]
@@ -125,9 +134,7 @@ impl LibvirtDriver {
 
     /// The domain's state as a Nova `power_state` code.
     pub fn power_state(&self, name: &str) -> Result<i32, DriverError> {
-        let domain = self.lookup(name)?.ok_or_else(|| DriverError::NotFound {
-            name: name.to_owned(),
-        })?;
+        let domain = self.domain(name)?;
         let (state, _reason) = domain.state().map_err(|e| {
             if is_no_domain(&e) {
                 DriverError::NotFound {
@@ -141,6 +148,76 @@ impl LibvirtDriver {
             }
         })?;
         Ok(state.known().map_or(power_state::NOSTATE, nova_power_state))
+    }
+
+    /// Asks the guest to shut down (the ACPI power button) and returns at once: the caller
+    /// polls [`LibvirtDriver::power_state`]. A domain that is not running is where this leads.
+    pub fn shutdown(&self, name: &str) -> Result<(), DriverError> {
+        let domain = self.domain(name)?;
+        if !is_active(&domain, name)? {
+            return Ok(());
+        }
+        match domain.shutdown() {
+            Ok(()) => Ok(()),
+            // Went down between the check and the call (libvirt's error code for that differs
+            // between drivers).
+            Err(_) if !still_active(&domain) => Ok(()),
+            Err(e) => Err(domain_error(name, &e, |name, reason| {
+                DriverError::Shutdown { name, reason }
+            })),
+        }
+    }
+
+    /// Stops the domain at once (virDomainDestroy, the power cord) and keeps its definition, so
+    /// it can be started again. A domain that is not running is success.
+    pub fn power_off(&self, name: &str) -> Result<(), DriverError> {
+        let domain = self.domain(name)?;
+        if !is_active(&domain, name)? {
+            return Ok(());
+        }
+        match domain.destroy() {
+            Ok(()) => Ok(()),
+            Err(_) if !still_active(&domain) => Ok(()),
+            Err(e) => Err(domain_error(name, &e, |name, reason| {
+                DriverError::PowerOff { name, reason }
+            })),
+        }
+    }
+
+    /// Starts the defined domain (virDomainCreate). A domain that already runs is success.
+    pub fn power_on(&self, name: &str) -> Result<(), DriverError> {
+        let domain = self.domain(name)?;
+        if is_active(&domain, name)? {
+            return Ok(());
+        }
+        match domain.create() {
+            Ok(()) => Ok(()),
+            // Started by someone else between the check and the call.
+            Err(_) if domain.is_active().unwrap_or(false) => Ok(()),
+            Err(e) => Err(domain_error(name, &e, |name, reason| {
+                DriverError::PowerOn { name, reason }
+            })),
+        }
+    }
+
+    /// Asks the guest to reboot, by the hypervisor's default method. Fails when the domain is
+    /// not running or the hypervisor cannot; [`LibvirtDriver::hard_reboot`] then does it.
+    pub fn reboot(&self, name: &str) -> Result<(), DriverError> {
+        let domain = self.domain(name)?;
+        domain
+            .reboot(virt::sys::VIR_DOMAIN_REBOOT_DEFAULT)
+            .map_err(|e| {
+                domain_error(name, &e, |name, reason| DriverError::Reboot {
+                    name,
+                    reason,
+                })
+            })
+    }
+
+    /// Powers the domain off if it runs and starts it again from its definition.
+    pub fn hard_reboot(&self, name: &str) -> Result<(), DriverError> {
+        self.power_off(name)?;
+        self.power_on(name)
     }
 
     /// Stops the domain if it runs and removes its definition. A domain that does not exist
@@ -195,6 +272,13 @@ impl LibvirtDriver {
             .collect()
     }
 
+    /// The domain called `name`, which must exist.
+    fn domain(&self, name: &str) -> Result<Domain, DriverError> {
+        self.lookup(name)?.ok_or_else(|| DriverError::NotFound {
+            name: name.to_owned(),
+        })
+    }
+
     /// The domain called `name`, or `None` if libvirt has no such domain.
     fn lookup(&self, name: &str) -> Result<Option<Domain>, DriverError> {
         match self.conn.lookup_domain_by_name(name) {
@@ -239,6 +323,35 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
 
 fn is_not_running(e: &virt::error::Error) -> bool {
     e.code().is(ErrorNumber::OperationInvalid)
+}
+
+/// Whether `domain` (called `name`) runs.
+fn is_active(domain: &Domain, name: &str) -> Result<bool, DriverError> {
+    domain
+        .is_active()
+        .map_err(|e| domain_error(name, &e, |name, reason| DriverError::State { name, reason }))
+}
+
+/// Whether the domain runs, counting a domain whose state cannot be read as running (so an
+/// error about it is reported rather than taken for "already stopped").
+fn still_active(domain: &Domain) -> bool {
+    domain.is_active().unwrap_or(true)
+}
+
+/// libvirt's failure `e` on domain `name` as `other`, or as `NotFound` if the domain vanished
+/// between the lookup and the call.
+fn domain_error(
+    name: &str,
+    e: &virt::error::Error,
+    other: fn(String, String) -> DriverError,
+) -> DriverError {
+    if is_no_domain(e) {
+        DriverError::NotFound {
+            name: name.to_owned(),
+        }
+    } else {
+        other(name.to_owned(), e.message().to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +466,96 @@ mod tests {
             .unwrap();
         assert_eq!(driver.power_state(&spec.name).unwrap(), power_state::PAUSED);
         driver.destroy_and_undefine(&spec.name).unwrap();
+    }
+
+    /// Defines and starts a fresh domain; returns its name.
+    fn running_domain(driver: &LibvirtDriver) -> String {
+        let spec = fresh_spec();
+        driver
+            .define_and_start(&domain_xml(&spec).unwrap())
+            .unwrap();
+        spec.name
+    }
+
+    fn is_defined(driver: &LibvirtDriver, name: &str) -> bool {
+        driver.domain_names().unwrap().iter().any(|n| n == name)
+    }
+
+    #[test]
+    fn a_shut_down_domain_stays_defined_and_starts_again() {
+        let driver = driver();
+        let name = running_domain(&driver);
+
+        driver.shutdown(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::SHUTDOWN);
+        assert!(is_defined(&driver, &name));
+        // Both are repeated safely on a domain that is already down.
+        driver.shutdown(&name).unwrap();
+        driver.power_off(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::SHUTDOWN);
+
+        driver.power_on(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::RUNNING);
+        driver.power_on(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::RUNNING);
+
+        driver.destroy_and_undefine(&name).unwrap();
+        assert!(!is_defined(&driver, &name));
+    }
+
+    #[test]
+    fn a_powered_off_domain_stays_defined_and_starts_again() {
+        let driver = driver();
+        let name = running_domain(&driver);
+
+        driver.power_off(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::SHUTDOWN);
+        assert!(is_defined(&driver, &name));
+        driver.power_off(&name).unwrap();
+
+        driver.power_on(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::RUNNING);
+        driver.destroy_and_undefine(&name).unwrap();
+    }
+
+    #[test]
+    fn soft_and_hard_reboots_leave_the_domain_running() {
+        let driver = driver();
+        let name = running_domain(&driver);
+
+        driver.reboot(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::RUNNING);
+        driver.hard_reboot(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::RUNNING);
+
+        // A stopped domain cannot be asked to reboot; a hard reboot brings it back.
+        driver.power_off(&name).unwrap();
+        let err = driver.reboot(&name).unwrap_err();
+        assert!(matches!(err, DriverError::Reboot { .. }), "{err}");
+        driver.hard_reboot(&name).unwrap();
+        assert_eq!(driver.power_state(&name).unwrap(), power_state::RUNNING);
+        assert!(is_defined(&driver, &name));
+        driver.destroy_and_undefine(&name).unwrap();
+    }
+
+    #[test]
+    fn power_operations_on_a_missing_domain_are_not_found() {
+        let driver = driver();
+        let name = instance_name(&uuid::Uuid::new_v4().to_string());
+        type Operation = fn(&LibvirtDriver, &str) -> Result<(), DriverError>;
+        let operations: [(&str, Operation); 5] = [
+            ("shutdown", LibvirtDriver::shutdown),
+            ("power_off", LibvirtDriver::power_off),
+            ("power_on", LibvirtDriver::power_on),
+            ("reboot", LibvirtDriver::reboot),
+            ("hard_reboot", LibvirtDriver::hard_reboot),
+        ];
+        for (what, operation) in operations {
+            match operation(&driver, &name) {
+                Err(DriverError::NotFound { name: missing }) => assert_eq!(missing, name),
+                other => panic!("{what} on a missing domain gave {other:?}"),
+            }
+        }
     }
 
     #[test]

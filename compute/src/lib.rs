@@ -1,11 +1,13 @@
 //! The compute service, one per hypervisor host: registers itself through the conductor, reports
 //! its resources and a heartbeat, and on `new_run_instance` claims the resources, writes the
-//! libvirt domain XML, defines and starts the domain and reports ACTIVE. It never opens the
-//! database: every read or write goes to the conductor.
+//! libvirt domain XML, defines and starts the domain and reports ACTIVE. It stops, starts and
+//! reboots the domains it holds when the API asks. It never opens the database: every read or
+//! write goes to the conductor.
 
 pub mod disk;
 pub mod domain_xml;
 pub mod driver;
+pub mod power;
 pub mod tracker;
 
 use std::collections::HashMap;
@@ -20,13 +22,15 @@ use tokio::sync::watch;
 use proto::service::{finish_in_flight, for_request, stopped, LogConfig, RpcConfig, ServiceHandle};
 use proto::{
     power_state, task_state, vm_state, ComputeApi, ComputeNodeUpdate, ComputeRunInstance,
-    ExtraResources, Fault, Incoming, InstanceDestroy, InstanceResources, InstanceState,
-    InstanceUpdate, InstancesOnHost, Peers, Ping, RequestContext, RequestSpec, RescheduleInstance,
-    Rpc, ServiceHeartbeat, ServiceRegister, TerminateInstance,
+    ExtraResources, Fault, Incoming, InstanceActionFinish, InstanceDestroy, InstanceResources,
+    InstanceState, InstanceUpdate, InstancesOnHost, Method, Peers, Ping, RebootInstance,
+    RequestContext, RequestSpec, RescheduleInstance, Rpc, ServiceHeartbeat, ServiceRegister,
+    StartInstance, StopInstance, TerminateInstance,
 };
 
 use domain_xml::{domain_xml, instance_name, DomainSpec};
-use driver::LibvirtDriver;
+use driver::{DriverError, LibvirtDriver};
+use power::{PowerAction, StopStep};
 use tracker::{ResourceTracker, Usage};
 
 pub const BINARY: &str = "zova-compute";
@@ -63,8 +67,12 @@ pub struct ComputeConfig {
     pub queue_name: String,
     /// Seconds between heartbeats and resource reports.
     pub report_interval: f64,
-    /// Seconds a domain may take to reach RUNNING before the build fails.
+    /// Seconds a domain may take to reach RUNNING before the build (or a start or reboot)
+    /// fails.
     pub boot_timeout: f64,
+    /// Seconds a stop waits for the guest to shut down cleanly before it powers the domain off
+    /// (Nova's `shutdown_timeout`); 0 powers off at once.
+    pub shutdown_timeout: f64,
 }
 
 impl Default for ComputeConfig {
@@ -86,6 +94,7 @@ impl Default for ComputeConfig {
             queue_name: "kvm".into(),
             report_interval: 10.0,
             boot_timeout: 300.0,
+            shutdown_timeout: 60.0,
         }
     }
 }
@@ -158,6 +167,7 @@ impl Args {
         ] {
             proto::service::positive_seconds(name, value).map_err(ComputeError::Config)?;
         }
+        shutdown_timeout(c.shutdown_timeout)?;
         Ok(config)
     }
 }
@@ -209,6 +219,7 @@ struct Compute {
     driver: Arc<LibvirtDriver>,
     capacity: Capacity,
     boot_timeout: Duration,
+    shutdown_timeout: Duration,
     tracker: Mutex<ResourceTracker>,
     /// One resource report at a time, each snapshotting the ledger only once the one before has
     /// landed, so an older snapshot can never overwrite a newer one in the database.
@@ -231,6 +242,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         |name, value| proto::service::positive_seconds(name, value).map_err(ComputeError::Config);
     let report_interval = seconds("report_interval", config.compute.report_interval)?;
     let boot_timeout = seconds("boot_timeout", config.compute.boot_timeout)?;
+    let shutdown_timeout = shutdown_timeout(config.compute.shutdown_timeout)?;
     let uri = config.compute.libvirt_uri.clone();
     let driver = Arc::new(blocking(move || LibvirtDriver::open(&uri)).await??);
     let node = {
@@ -270,6 +282,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         driver,
         capacity,
         boot_timeout,
+        shutdown_timeout,
         tracker: Mutex::new(ResourceTracker::default()),
         report_lock: tokio::sync::Mutex::new(()),
         instance_locks: Mutex::new(HashMap::new()),
@@ -321,6 +334,15 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         compute.rpc.shutdown();
     });
     Ok(ServiceHandle::new(handle_endpoint, stop_tx, task))
+}
+
+/// `[compute] shutdown_timeout` as a duration: zero (power off at once) or more seconds.
+fn shutdown_timeout(seconds: f64) -> Result<Duration, ComputeError> {
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        ComputeError::Config(format!(
+            "shutdown_timeout must be zero or a positive number of seconds, not {seconds}"
+        ))
+    })
 }
 
 /// The endpoint to register: `advertise` if set, else the bound one, which must then name one
@@ -411,7 +433,8 @@ impl Compute {
 
     /// Nova's `init_host`: instances this host was building when its previous process stopped
     /// can never finish, so they go to ERROR (and their leftovers are removed); instances in
-    /// ERROR hold nothing; the rest are counted against this host.
+    /// ERROR hold nothing; the rest are counted against this host, and those whose stop, start
+    /// or reboot was cut short take the state their domain is in.
     async fn init_host(&self, context: &RequestContext, instances: Vec<InstanceResources>) {
         let (interrupted, rest): (Vec<_>, Vec<_>) = instances
             .into_iter()
@@ -436,6 +459,58 @@ impl Compute {
                 warn!(self.log, "could not record the interrupted build"; "instance" => &instance.uuid, "error" => %e);
             }
         }
+        for instance in &holding {
+            if power::is_power_task(instance.task_state.as_deref()) {
+                self.settle_interrupted(context, instance).await;
+            }
+        }
+    }
+
+    /// Ends a stop, start or reboot that the previous process of this service left half done:
+    /// the instance takes the state its domain is in, and its task_state is cleared so the user
+    /// can ask again. Its instance action stays unfinished: the request is not known here.
+    async fn settle_interrupted(&self, context: &RequestContext, instance: &InstanceResources) {
+        let uuid = instance.uuid.clone();
+        let task = instance.task_state.clone();
+        let name = instance_name(&uuid);
+        let update = match self.on_domain(&name, LibvirtDriver::power_state).await {
+            Ok(state) => InstanceUpdate {
+                uuid: uuid.clone(),
+                state: Some(power::settled(state)),
+                expected_task_state: task.clone(),
+                ..Default::default()
+            },
+            Err(e) => {
+                let message = format!(
+                    "The {} was interrupted by a restart of {BINARY} on {}: {e}",
+                    task.as_deref().unwrap_or_default(),
+                    self.config.host
+                );
+                InstanceUpdate {
+                    uuid: uuid.clone(),
+                    revert_task_state: true,
+                    power_state: self.observed_power_state(&name).await,
+                    fault: Some(Fault {
+                        code: fault_for(&e).code,
+                        message,
+                        details: String::new(),
+                    }),
+                    expected_task_state: task.clone(),
+                    ..Default::default()
+                }
+            }
+        };
+        warn!(self.log, "power action interrupted by a restart; settling"; "instance" => &uuid,
+            "task_state" => task.as_deref(), "vm_state" => update.state.as_ref().map(|s| s.vm_state.clone()));
+        match self.record(context, &update).await.map_err(vanished_or_rpc) {
+            Ok(()) => {}
+            Err(ComputeError::Vanished(why)) => {
+                info!(self.log, "interrupted power action already taken over"; "instance" => &uuid, "why" => why)
+            }
+            Err(e) => {
+                warn!(self.log, "could not settle the interrupted power action"; "instance" => &uuid, "error" => %e)
+            }
+        }
     }
 
     /// Sends a state change to the conductor, retrying while the conductor does not answer. An
@@ -445,15 +520,25 @@ impl Compute {
         context: &RequestContext,
         update: &InstanceUpdate,
     ) -> Result<(), proto::ProtoError> {
+        self.call_retrying(context, &update.uuid, update).await
+    }
+
+    /// Sends one record about `instance` to the conductor, as [`Compute::record`] does.
+    async fn call_retrying<M: Method<Reply = ()>>(
+        &self,
+        context: &RequestContext,
+        instance: &str,
+        request: &M,
+    ) -> Result<(), proto::ProtoError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            match self.conductors.call(&self.rpc, context, update).await {
+            match self.conductors.call(&self.rpc, context, request).await {
                 Ok(()) => return Ok(()),
                 Err(e @ proto::ProtoError::Remote(_)) => return Err(e),
                 Err(e) if attempt >= RECORD_ATTEMPTS => return Err(e),
                 Err(e) => {
-                    warn!(self.log, "state not recorded yet; retrying"; "instance" => &update.uuid, "error" => %e);
+                    warn!(self.log, "state not recorded yet; retrying"; "instance" => instance, "method" => M::NAME, "error" => %e);
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                     attempt += 1;
@@ -481,9 +566,38 @@ impl Compute {
 
     /// Destroys and undefines the domain of `uuid`; a domain that does not exist is not an error.
     async fn destroy_domain(&self, uuid: &str) -> Result<(), ComputeError> {
-        let name = instance_name(uuid);
+        self.on_domain(&instance_name(uuid), LibvirtDriver::destroy_and_undefine)
+            .await
+    }
+
+    /// Runs one blocking libvirt call on the domain called `name`, off the reactor.
+    async fn on_domain<T: Send + 'static>(
+        &self,
+        name: &str,
+        call: fn(&LibvirtDriver, &str) -> Result<T, DriverError>,
+    ) -> Result<T, ComputeError> {
         let driver = self.driver.clone();
-        Ok(blocking(move || driver.destroy_and_undefine(&name)).await??)
+        let name = name.to_owned();
+        Ok(blocking(move || call(&driver, &name)).await??)
+    }
+
+    /// Polls the domain's power state until it runs, for at most `boot_timeout`.
+    async fn wait_until_running(&self, name: &str) -> Result<(), ComputeError> {
+        let deadline = Instant::now() + self.boot_timeout;
+        loop {
+            let state = self.on_domain(name, LibvirtDriver::power_state).await?;
+            if state == power_state::RUNNING {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ComputeError::BootTimeout {
+                    name: name.to_owned(),
+                    seconds: self.boot_timeout.as_secs_f64(),
+                    state,
+                });
+            }
+            tokio::time::sleep(power::POLL_INTERVAL).await;
+        }
     }
 
     /// Removes the disk of `uuid` and releases its claim (its domain is already gone).
@@ -570,6 +684,21 @@ impl Compute {
             Ok(Some(ComputeApi::TerminateInstance(args))) => {
                 request.reply::<TerminateInstance>(Ok(()));
                 self.terminate_instance(&log, &context, &args.uuid).await;
+            }
+            Ok(Some(ComputeApi::StopInstance(args))) => {
+                request.reply::<StopInstance>(Ok(()));
+                self.power_action(&log, &context, &args.uuid, PowerAction::Stop)
+                    .await;
+            }
+            Ok(Some(ComputeApi::StartInstance(args))) => {
+                request.reply::<StartInstance>(Ok(()));
+                self.power_action(&log, &context, &args.uuid, PowerAction::Start)
+                    .await;
+            }
+            Ok(Some(ComputeApi::RebootInstance(args))) => {
+                request.reply::<RebootInstance>(Ok(()));
+                let action = PowerAction::Reboot { hard: args.hard };
+                self.power_action(&log, &context, &args.uuid, action).await;
             }
             Ok(Some(ComputeApi::Ping(_))) => request.reply::<Ping>(Ok(self.config.host.clone())),
             Ok(None) => {
@@ -678,6 +807,7 @@ impl Compute {
             ephemeral_gb: spec.flavor.ephemeral_gb,
             swap_mb: spec.flavor.swap_mb,
             vm_state: vm_state::BUILDING.into(),
+            task_state: Some(task_state::SPAWNING.into()),
         };
         self.tracker
             .lock()
@@ -734,24 +864,7 @@ impl Compute {
         })?;
         let driver = self.driver.clone();
         blocking(move || driver.define_and_start(&xml)).await??;
-
-        let deadline = Instant::now() + self.boot_timeout;
-        loop {
-            let driver = self.driver.clone();
-            let lookup = name.clone();
-            let state = blocking(move || driver.power_state(&lookup)).await??;
-            if state == power_state::RUNNING {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(ComputeError::BootTimeout {
-                    name,
-                    seconds: self.boot_timeout.as_secs_f64(),
-                    state,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        self.wait_until_running(&name).await?;
         let active = InstanceUpdate {
             uuid: uuid.clone(),
             state: Some(InstanceState {
@@ -812,6 +925,184 @@ impl Compute {
         self.forget_instance_lock(uuid);
         self.report_resources(context).await;
     }
+
+    /// Stops, starts or reboots `uuid`; the API has set its task_state and started the instance
+    /// action of the context's request. Records the outcome and finishes the action; a failure
+    /// becomes the instance's fault and leaves its vm_state as it was. Resources stay claimed
+    /// either way: a stopped instance keeps its place on this host, as in Nova.
+    async fn power_action(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        uuid: &str,
+        action: PowerAction,
+    ) {
+        let lock = self.instance_lock(uuid);
+        // After a build or a delete of the same instance, never during one.
+        let _acting = lock.lock().await;
+        let held = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .holds(uuid);
+        if !held {
+            warn!(log, "asked to {} an instance this host does not hold; ignored", action.name(); "instance" => uuid);
+            return;
+        }
+        let name = instance_name(uuid);
+        let started = Instant::now();
+        let outcome = match action {
+            PowerAction::Stop => self.stop_domain(log, &name).await,
+            PowerAction::Start => self.start_domain(&name).await,
+            PowerAction::Reboot { hard } => self.reboot_domain(log, &name, hard).await,
+        };
+        let expected_vm_state = action.expected_vm_state().map(str::to_string);
+        let expected_task_state = Some(action.task_state().to_string());
+        let failed = outcome.is_err();
+        let update = match outcome {
+            Ok(()) => {
+                info!(log, "{} done", action.name(); "instance" => uuid, "ms" => started.elapsed().as_millis() as u64);
+                InstanceUpdate {
+                    uuid: uuid.to_string(),
+                    state: Some(action.done()),
+                    expected_vm_state,
+                    expected_task_state,
+                    ..Default::default()
+                }
+            }
+            Err(e) => {
+                warn!(log, "{} failed", action.name(); "instance" => uuid, "error" => %e);
+                InstanceUpdate {
+                    uuid: uuid.to_string(),
+                    revert_task_state: true,
+                    power_state: self.observed_power_state(&name).await,
+                    fault: Some(fault_for(&e)),
+                    expected_task_state,
+                    ..Default::default()
+                }
+            }
+        };
+        match self.record(context, &update).await.map_err(vanished_or_rpc) {
+            Ok(()) => {}
+            Err(ComputeError::Vanished(why)) => {
+                info!(log, "instance deleted, or taken over by another request, meanwhile; outcome not recorded"; "instance" => uuid, "why" => why)
+            }
+            Err(e) => {
+                warn!(log, "outcome not recorded"; "instance" => uuid, "action" => action.name(), "error" => %e)
+            }
+        }
+        self.finish_action(log, context, uuid, failed).await;
+    }
+
+    /// Nova's `power_off` with a clean shutdown: asks the guest to shut down (again every
+    /// [`power::SHUTDOWN_RETRY_INTERVAL`]), and powers the domain off once the guest is down
+    /// or `shutdown_timeout` has passed. The domain stays defined.
+    async fn stop_domain(&self, log: &Logger, name: &str) -> Result<(), ComputeError> {
+        let started = Instant::now();
+        let mut asked: Option<Instant> = None;
+        loop {
+            let state = self.on_domain(name, LibvirtDriver::power_state).await?;
+            let since_asked = asked.map(|at| at.elapsed());
+            match power::stop_step(state, started.elapsed(), self.shutdown_timeout, since_asked) {
+                StopStep::Down => break,
+                StopStep::PowerOff => {
+                    info!(log, "the guest is still running after shutdown_timeout; powering it off";
+                        "domain" => name, "shutdown_timeout_s" => self.shutdown_timeout.as_secs_f64());
+                    break;
+                }
+                StopStep::AskToShutDown => {
+                    match self.on_domain(name, LibvirtDriver::shutdown).await {
+                        Ok(()) => asked = Some(Instant::now()),
+                        Err(e @ ComputeError::Driver(DriverError::NotFound { .. })) => {
+                            return Err(e)
+                        }
+                        Err(e) => {
+                            warn!(log, "the guest cannot be asked to shut down; powering it off"; "domain" => name, "error" => %e);
+                            break;
+                        }
+                    }
+                }
+                StopStep::Wait => tokio::time::sleep(power::POLL_INTERVAL).await,
+            }
+        }
+        self.on_domain(name, LibvirtDriver::power_off).await
+    }
+
+    /// Starts the defined domain and waits until it runs.
+    async fn start_domain(&self, name: &str) -> Result<(), ComputeError> {
+        self.on_domain(name, LibvirtDriver::power_on).await?;
+        self.wait_until_running(name).await
+    }
+
+    /// A soft reboot asks the guest; when libvirt cannot (the domain is not running, or the
+    /// hypervisor has no way to ask), it becomes a hard one, as in Nova. Either way it ends
+    /// with the domain running.
+    async fn reboot_domain(
+        &self,
+        log: &Logger,
+        name: &str,
+        hard: bool,
+    ) -> Result<(), ComputeError> {
+        if !hard {
+            match self.on_domain(name, LibvirtDriver::reboot).await {
+                Ok(()) => return self.wait_until_running(name).await,
+                Err(e @ ComputeError::Driver(DriverError::NotFound { .. })) => return Err(e),
+                Err(e) => {
+                    warn!(log, "soft reboot not possible; rebooting hard"; "domain" => name, "error" => %e)
+                }
+            }
+        }
+        self.on_domain(name, LibvirtDriver::hard_reboot).await?;
+        self.wait_until_running(name).await
+    }
+
+    /// What the hypervisor shows for `name` after a failure: NOSTATE for a domain that is gone,
+    /// `None` (record nothing) when it cannot be read.
+    async fn observed_power_state(&self, name: &str) -> Option<i32> {
+        match self.on_domain(name, LibvirtDriver::power_state).await {
+            Ok(state) => Some(state),
+            Err(ComputeError::Driver(DriverError::NotFound { .. })) => Some(power_state::NOSTATE),
+            Err(_) => None,
+        }
+    }
+
+    /// Marks the instance action of the context's request finished, with Nova's "Error" if the
+    /// work failed.
+    async fn finish_action(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        uuid: &str,
+        failed: bool,
+    ) {
+        let finish = InstanceActionFinish {
+            uuid: uuid.to_string(),
+            request_id: context.request_id.clone(),
+            message: failed.then(|| "Error".to_string()),
+        };
+        match self.call_retrying(context, uuid, &finish).await {
+            Ok(()) => {}
+            // An earlier attempt finished it and its answer was lost, or none was started.
+            Err(proto::ProtoError::Remote(remote)) if remote.kind == "NotFound" => {
+                info!(log, "no unfinished instance action for this request"; "instance" => uuid)
+            }
+            Err(e) => warn!(log, "instance action not finished"; "instance" => uuid, "error" => %e),
+        }
+    }
+}
+
+/// The fault recorded for a failed stop, start or reboot; a domain that is gone is Nova's 404
+/// (`InstanceNotFound`), anything else 500.
+fn fault_for(err: &ComputeError) -> Fault {
+    let code = match err {
+        ComputeError::Driver(DriverError::NotFound { .. }) => 404,
+        _ => 500,
+    };
+    Fault {
+        code,
+        message: err.to_string(),
+        details: String::new(),
+    }
 }
 
 /// A remote NotFound means the row was deleted while this compute worked on it.
@@ -830,7 +1121,18 @@ fn vanished_or_rpc(err: proto::ProtoError) -> ComputeError {
 
 #[cfg(test)]
 mod tests {
-    use super::advertised_endpoint;
+    use super::{advertised_endpoint, shutdown_timeout};
+    use std::time::Duration;
+
+    #[test]
+    fn shutdown_timeout_may_be_zero_but_not_negative() {
+        assert_eq!(shutdown_timeout(60.0).ok(), Some(Duration::from_secs(60)));
+        assert_eq!(shutdown_timeout(0.0).ok(), Some(Duration::ZERO));
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let err = shutdown_timeout(bad).expect_err("refused");
+            assert!(err.to_string().contains("shutdown_timeout"), "{err}");
+        }
+    }
 
     #[test]
     fn a_wildcard_bind_needs_an_advertised_endpoint() {

@@ -111,6 +111,12 @@ impl ResourceTracker {
         Ok(())
     }
 
+    /// Whether this host holds `uuid` (built here and not deleted; stopped instances too, whose
+    /// resources stay claimed as in Nova).
+    pub fn holds(&self, uuid: &str) -> bool {
+        self.instances.contains_key(uuid)
+    }
+
     pub fn release(&mut self, uuid: &str) -> bool {
         self.instances.remove(uuid).is_some()
     }
@@ -135,6 +141,7 @@ mod tests {
             ephemeral_gb: 0,
             swap_mb,
             vm_state: "active".into(),
+            task_state: None,
         }
     }
 
@@ -195,8 +202,11 @@ mod tests {
             )
             .expect_err("no vCPU left");
         assert!(err.to_string().contains("vCPUs"), "{err}");
+        assert!(tracker.holds("i0"));
         assert!(tracker.release("i0"));
         assert!(!tracker.release("i0"));
+        assert!(!tracker.holds("i0"));
+        assert!(tracker.holds("i1"));
         tracker
             .claim(
                 "node-1",

@@ -15,9 +15,9 @@ use proto::service::{
 };
 use proto::{
     BuildInstances, ComputeNodeUpdate, ConductorApi, FlavorSpec, ImageSpec, Incoming,
-    InstanceDestroy, InstanceResources, InstanceUpdate, InstancesOnHost, Method, Peers, Ping,
-    RemoteError, RequestContext, RequestSpec, RescheduleInstance, RetrySpec, Rpc,
-    ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
+    InstanceActionFinish, InstanceDestroy, InstanceResources, InstanceUpdate, InstancesOnHost,
+    Method, Peers, Ping, RemoteError, RequestContext, RequestSpec, RescheduleInstance, RetrySpec,
+    Rpc, ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
 };
 
 pub const BINARY: &str = "zova-conductor";
@@ -169,6 +169,12 @@ impl Conductor {
                 self.answer::<InstanceUpdate>(request, args, instance_update)
                     .await
             }
+            ConductorApi::InstanceActionFinish(args) => {
+                self.answer::<InstanceActionFinish>(request, args, |db, args| {
+                    db.instance_action_finish(&args.uuid, &args.request_id, args.message.as_deref())
+                })
+                .await
+            }
             ConductorApi::InstanceDestroy(args) => {
                 self.answer::<InstanceDestroy>(request, args, |db, args| {
                     db.instance_destroy(&args.uuid)
@@ -188,6 +194,7 @@ impl Conductor {
                             ephemeral_gb: i.ephemeral_gb,
                             swap_mb: i.swap_mb,
                             vm_state: i.vm_state,
+                            task_state: i.task_state,
                         })
                         .collect())
                 })
@@ -435,10 +442,18 @@ fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<Req
 
 fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
     let mut changes = InstanceChanges::default();
-    if let Some(state) = &args.state {
-        changes.vm_state = Some(state.vm_state.clone());
-        changes.task_state = Some(state.task_state.clone());
-        changes.power_state = Some(state.power_state);
+    match &args.state {
+        Some(state) => {
+            changes.vm_state = Some(state.vm_state.clone());
+            changes.task_state = Some(state.task_state.clone());
+            changes.power_state = Some(state.power_state);
+        }
+        None => {
+            if args.revert_task_state {
+                changes.task_state = Some(None);
+            }
+            changes.power_state = args.power_state;
+        }
     }
     if let Some(host) = args.host.clone() {
         changes.host = Some(Some(host));
@@ -449,7 +464,12 @@ fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
     if args.launched {
         changes.launched_at = Some(Some(chrono::Utc::now().naive_utc()));
     }
-    db.instance_update_expecting(&args.uuid, &changes, args.expected_vm_state.as_deref())?;
+    db.instance_update_expecting_task_state(
+        &args.uuid,
+        &changes,
+        args.expected_vm_state.as_deref(),
+        args.expected_task_state.as_deref(),
+    )?;
     if let Some(fault) = args.fault {
         db.instance_fault_create(&NewFault {
             instance_uuid: args.uuid,
@@ -460,4 +480,114 @@ fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{power_state, task_state, vm_state, Fault, InstanceState};
+
+    /// A database with one active instance, task_state `powering-off` (a stop under way).
+    fn stopping() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Db::open(&dir.path().join("zova.sqlite").display().to_string()).expect("db");
+        let row = db::NewInstance {
+            uuid: "i-1".into(),
+            display_name: "vm".into(),
+            project_id: "p".into(),
+            user_id: "u".into(),
+            flavorid: "1".into(),
+            image_ref: "155d900f-4e14-4e4c-a73d-069cbf4541e6".into(),
+            vcpus: 1,
+            memory_mb: 512,
+            root_gb: 1,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            vm_state: vm_state::ACTIVE.into(),
+            task_state: Some(task_state::POWERING_OFF.into()),
+            power_state: power_state::RUNNING,
+            scheduler_hints: "{}".into(),
+            metadata: "{}".into(),
+            reservation_id: "r-1".into(),
+            launch_index: 0,
+        };
+        db.instance_create(&row, "req-create").expect("row");
+        (dir, db)
+    }
+
+    fn stopped() -> InstanceUpdate {
+        InstanceUpdate {
+            uuid: "i-1".into(),
+            state: Some(InstanceState {
+                vm_state: vm_state::STOPPED.into(),
+                task_state: None,
+                power_state: power_state::SHUTDOWN,
+            }),
+            expected_vm_state: Some(vm_state::ACTIVE.into()),
+            expected_task_state: Some(task_state::POWERING_OFF.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_finished_stop_applies_while_its_task_state_holds() {
+        let (_dir, db) = stopping();
+        instance_update(&db, stopped()).expect("applied");
+        let row = db.instance_get("i-1").unwrap().expect("row");
+        assert_eq!(
+            (row.vm_state.as_str(), row.task_state, row.power_state),
+            (vm_state::STOPPED, None, power_state::SHUTDOWN)
+        );
+    }
+
+    #[test]
+    fn a_finished_stop_yields_to_a_delete() {
+        let (_dir, db) = stopping();
+        let deleting = InstanceChanges {
+            task_state: Some(Some(task_state::DELETING.into())),
+            ..Default::default()
+        };
+        db.instance_update("i-1", &deleting).unwrap();
+        let err = instance_update(&db, stopped()).unwrap_err();
+        assert!(matches!(err, DbError::Conflict(_)), "{err}");
+        let row = db.instance_get("i-1").unwrap().expect("row");
+        assert_eq!(
+            (row.vm_state.as_str(), row.task_state.as_deref()),
+            (vm_state::ACTIVE, Some(task_state::DELETING))
+        );
+
+        db.instance_destroy("i-1").unwrap();
+        let err = instance_update(&db, stopped()).unwrap_err();
+        assert!(matches!(err, DbError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_failed_stop_reverts_the_task_state_and_keeps_the_vm_state() {
+        let (_dir, db) = stopping();
+        let failed = InstanceUpdate {
+            uuid: "i-1".into(),
+            revert_task_state: true,
+            power_state: Some(power_state::NOSTATE),
+            fault: Some(Fault {
+                code: 404,
+                message: "Domain instance-i-1 does not exist on this hypervisor".into(),
+                details: String::new(),
+            }),
+            expected_task_state: Some(task_state::POWERING_OFF.into()),
+            ..Default::default()
+        };
+        instance_update(&db, failed).expect("applied");
+        let row = db.instance_get("i-1").unwrap().expect("row");
+        assert_eq!(
+            (row.vm_state.as_str(), row.task_state, row.power_state),
+            (vm_state::ACTIVE, None, power_state::NOSTATE)
+        );
+        let fault = db.instance_fault_latest("i-1").unwrap().expect("fault");
+        assert_eq!(fault.code, 404);
+        assert!(
+            fault.message.contains("does not exist"),
+            "{}",
+            fault.message
+        );
+    }
 }

@@ -135,28 +135,50 @@ impl Db {
         changes: &InstanceChanges,
         expected_vm_state: Option<&str>,
     ) -> Result<Instance> {
+        self.instance_update_expecting_task_state(uuid, changes, expected_vm_state, None)
+    }
+
+    /// As [`Db::instance_update_expecting`], and also only while the instance's task_state is
+    /// `expected_task_state` (Nova's `expected_task_state`), otherwise [`DbError::Conflict`]. The
+    /// end of a stop, start or reboot expects the task_state the API set for it, so a delete
+    /// that has set `deleting` meanwhile is left alone.
+    pub fn instance_update_expecting_task_state(
+        &self,
+        uuid: &str,
+        changes: &InstanceChanges,
+        expected_vm_state: Option<&str>,
+        expected_task_state: Option<&str>,
+    ) -> Result<Instance> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
-            if let Some(expected) = expected_vm_state {
-                let current: String = instances::table
+            if expected_vm_state.is_some() || expected_task_state.is_some() {
+                let (vm_state, task_state): (String, Option<String>) = instances::table
                     .filter(instances::deleted.eq(0))
                     .filter(instances::uuid.eq(uuid))
-                    .select(instances::vm_state)
+                    .select((instances::vm_state, instances::task_state))
                     .first(conn)
                     .optional()?
                     .ok_or_else(|| instance_not_found(uuid))?;
-                if current != expected {
+                if let Some(expected) = expected_task_state {
+                    if task_state.as_deref() != Some(expected) {
+                        let current = task_state.as_deref().unwrap_or("none");
+                        return Err(DbError::Conflict(format!(
+                            "instance {uuid} has task_state {current}, not {expected}"
+                        )));
+                    }
+                }
+                if let Some(expected) = expected_vm_state.filter(|e| *e != vm_state) {
                     return Err(DbError::Conflict(format!(
-                        "instance {uuid} is {current}, not {expected}"
+                        "instance {uuid} is {vm_state}, not {expected}"
                     )));
                 }
-                if let Some(Some(node)) = &changes.node {
-                    if let Some(placed_on) = allocation_node(conn, uuid)? {
-                        if &placed_on != node {
-                            return Err(DbError::Conflict(format!(
-                                "instance {uuid} is placed on {placed_on}, not {node}"
-                            )));
-                        }
+            }
+            if let (Some(_), Some(Some(node))) = (expected_vm_state, &changes.node) {
+                if let Some(placed_on) = allocation_node(conn, uuid)? {
+                    if &placed_on != node {
+                        return Err(DbError::Conflict(format!(
+                            "instance {uuid} is placed on {placed_on}, not {node}"
+                        )));
                     }
                 }
             }
@@ -443,6 +465,80 @@ mod tests {
         assert_eq!(again.launched_at, Some(launched));
         assert_eq!(again.node.as_deref(), Some("node-1.example"));
         assert_eq!(db.instance_get("u1").unwrap(), Some(again));
+    }
+
+    #[test]
+    fn an_update_expecting_a_task_state_applies_only_in_it() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        let powering_off = InstanceChanges {
+            vm_state: Some("active".to_string()),
+            task_state: Some(Some("powering-off".to_string())),
+            ..Default::default()
+        };
+        db.instance_update("u1", &powering_off).unwrap();
+        let stopped = InstanceChanges {
+            vm_state: Some("stopped".to_string()),
+            task_state: Some(None),
+            power_state: Some(4),
+            ..Default::default()
+        };
+
+        // A delete took over: the stop's end changes nothing.
+        let deleting = InstanceChanges {
+            task_state: Some(Some("deleting".to_string())),
+            ..Default::default()
+        };
+        db.instance_update("u1", &deleting).unwrap();
+        let err = db
+            .instance_update_expecting_task_state("u1", &stopped, None, Some("powering-off"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, DbError::Conflict(why)
+                if why == "instance u1 has task_state deleting, not powering-off"),
+            "{err}"
+        );
+        let row = db.instance_get("u1").unwrap().unwrap();
+        assert_eq!(
+            (row.vm_state.as_str(), row.task_state.as_deref()),
+            ("active", Some("deleting"))
+        );
+
+        // Both expectations must hold.
+        db.instance_update("u1", &powering_off).unwrap();
+        let err = db
+            .instance_update_expecting_task_state(
+                "u1",
+                &stopped,
+                Some("stopped"),
+                Some("powering-off"),
+            )
+            .unwrap_err();
+        assert!(matches!(err, DbError::Conflict(_)), "{err}");
+        let after = db
+            .instance_update_expecting_task_state(
+                "u1",
+                &stopped,
+                Some("active"),
+                Some("powering-off"),
+            )
+            .unwrap();
+        assert_eq!(
+            (after.vm_state.as_str(), after.task_state, after.power_state),
+            ("stopped", None, 4)
+        );
+
+        // No task_state is not the one expected either; a deleted row is not found.
+        let err = db
+            .instance_update_expecting_task_state("u1", &stopped, None, Some("powering-off"))
+            .unwrap_err();
+        assert!(err.to_string().contains("task_state none"), "{err}");
+        db.instance_destroy("u1").unwrap();
+        let err = db
+            .instance_update_expecting_task_state("u1", &stopped, None, Some("powering-off"))
+            .unwrap_err();
+        assert!(matches!(err, DbError::NotFound { .. }), "{err}");
     }
 
     #[test]

@@ -64,16 +64,17 @@ macro_rules! rpc_surface {
 
 // ---------------------------------------------------------------- shared data
 
-/// Nova's vm_state values used on the create path.
+/// Nova's vm_state values used on the create path and by stop and start.
 pub mod vm_state {
     pub const BUILDING: &str = "building";
     pub const ACTIVE: &str = "active";
+    pub const STOPPED: &str = "stopped";
     pub const ERROR: &str = "error";
     pub const DELETED: &str = "deleted";
     pub const STOPPED: &str = "stopped";
 }
 
-/// Nova's task_state values used on the create and delete paths.
+/// Nova's task_state values used on the create, delete, stop, start and reboot paths.
 pub mod task_state {
     pub const SCHEDULING: &str = "scheduling";
     pub const SPAWNING: &str = "spawning";
@@ -225,6 +226,10 @@ pub struct InstanceResources {
     /// The instance's vm_state, so a restarted compute can tell interrupted builds apart.
     #[serde(default)]
     pub vm_state: String,
+    /// The instance's task_state, so a restarted compute can tell interrupted stops, starts and
+    /// reboots apart.
+    #[serde(default)]
+    pub task_state: Option<String>,
 }
 
 // ---------------------------------------------------------------- conductor
@@ -274,8 +279,37 @@ pub struct InstanceUpdate {
     /// that node); otherwise the conductor answers `Conflict` and changes nothing.
     #[serde(default)]
     pub expected_vm_state: Option<String>,
+    /// Apply only while the instance has this task_state (Nova's `expected_task_state`);
+    /// otherwise `Conflict`. The end of a stop, start or reboot expects the task_state the API
+    /// set for it, so it changes nothing once a delete (`deleting`) has taken over.
+    #[serde(default)]
+    pub expected_task_state: Option<String>,
+    /// Without `state`: put task_state back to None and leave vm_state as it is, as a failed
+    /// stop, start or reboot does (Nova's `reverts_task_state`).
+    #[serde(default)]
+    pub revert_task_state: bool,
+    /// Without `state`: record this power_state alone (what the hypervisor showed after a
+    /// failed stop, start or reboot).
+    #[serde(default)]
+    pub power_state: Option<i32>,
 }
 method!(InstanceUpdate, "instance_update", ());
+
+/// compute → conductor (call): a stop, start or reboot the API recorded as an instance action
+/// has ended; mark the action of `request_id` finished, with `message` (Nova's "Error") if it
+/// failed. `NotFound` when no such action is unfinished (finished already, or never started).
+///
+/// A call of its own rather than a field of `InstanceUpdate`: the action ends even when the
+/// state change is refused because a delete overtook it (actions outlive their instance), and a
+/// conductor that does not know it says so instead of dropping it unnoticed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceActionFinish {
+    pub uuid: String,
+    pub request_id: String,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+method!(InstanceActionFinish, "instance_action_finish", ());
 
 /// compute → conductor (call): the domain is gone; soft-delete the row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,6 +406,34 @@ pub struct TerminateInstance {
 }
 method!(TerminateInstance, "terminate_instance", ());
 
+/// api → compute.<host> (cast): shut the guest down (gracefully, then by force after
+/// `[compute] shutdown_timeout`), keeping its domain; the instance becomes `stopped`. The API has
+/// set task_state `powering-off` and started the `stop` action of the context's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopInstance {
+    pub uuid: String,
+}
+method!(StopInstance, "stop_instance", ());
+
+/// api → compute.<host> (cast): start the stopped instance's domain again; the instance
+/// becomes `active`. The API has set task_state `powering-on` and started the `start` action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartInstance {
+    pub uuid: String,
+}
+method!(StartInstance, "start_instance", ());
+
+/// api → compute.<host> (cast): reboot the guest, by asking it (`hard: false`, falling back to
+/// hard when libvirt cannot) or by powering it off and on (`hard: true`); the instance ends
+/// `active`. The API has set task_state `rebooting` or `rebooting_hard` and started the
+/// `reboot` action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootInstance {
+    pub uuid: String,
+    pub hard: bool,
+}
+method!(RebootInstance, "reboot_instance", ());
+
 /// any → any (call): liveness probe used by tests and operators.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {}
@@ -404,6 +466,7 @@ rpc_surface!(
         BuildInstances,
         RescheduleInstance,
         InstanceUpdate,
+        InstanceActionFinish,
         InstanceDestroy,
         InstancesOnHost,
         ServiceRegister,
@@ -427,6 +490,9 @@ rpc_surface!(
     ComputeApi {
         ComputeRunInstance,
         TerminateInstance,
+        StopInstance,
+        StartInstance,
+        RebootInstance,
         Ping,
     }
 );
@@ -544,6 +610,18 @@ mod tests {
                     details: "trace".into(),
                 }),
                 expected_vm_state: Some(vm_state::BUILDING.into()),
+                expected_task_state: Some(task_state::SPAWNING.into()),
+                revert_task_state: true,
+                power_state: Some(power_state::SHUTDOWN),
+            }
+        );
+        check!(
+            ConductorApi,
+            InstanceActionFinish,
+            InstanceActionFinish {
+                uuid: "i-1".into(),
+                request_id: "req-1".into(),
+                message: Some("Error".into()),
             }
         );
         check!(
@@ -624,6 +702,24 @@ mod tests {
             TerminateInstance,
             TerminateInstance { uuid: "i-1".into() }
         );
+        check!(
+            ComputeApi,
+            StopInstance,
+            StopInstance { uuid: "i-1".into() }
+        );
+        check!(
+            ComputeApi,
+            StartInstance,
+            StartInstance { uuid: "i-1".into() }
+        );
+        check!(
+            ComputeApi,
+            RebootInstance,
+            RebootInstance {
+                uuid: "i-1".into(),
+                hard: true,
+            }
+        );
 
         // Replies too.
         let summary = QueueSummary {
@@ -643,6 +739,7 @@ mod tests {
             ephemeral_gb: 0,
             swap_mb: 0,
             vm_state: "active".into(),
+            task_state: Some(task_state::POWERING_OFF.into()),
         }];
         let bytes = crate::envelope::encode(&resources).unwrap();
         assert_eq!(
@@ -665,6 +762,32 @@ mod tests {
                 .unwrap()
                 .map(|r| r.name()),
             Some("ping")
+        );
+    }
+
+    /// An older compute's `instance_update`, without the power-action fields, still decodes:
+    /// no task_state expectation, nothing reverted.
+    #[test]
+    fn an_instance_update_from_an_older_peer_decodes_with_defaults() {
+        #[derive(Serialize)]
+        struct OlderUpdate {
+            uuid: String,
+            state: Option<InstanceState>,
+            expected_vm_state: Option<String>,
+        }
+        let payload = crate::envelope::encode(&OlderUpdate {
+            uuid: "i-1".into(),
+            state: None,
+            expected_vm_state: Some(vm_state::BUILDING.into()),
+        })
+        .unwrap();
+        assert_eq!(
+            ConductorApi::decode("instance_update", &payload).unwrap(),
+            Some(ConductorApi::InstanceUpdate(InstanceUpdate {
+                uuid: "i-1".into(),
+                expected_vm_state: Some(vm_state::BUILDING.into()),
+                ..Default::default()
+            }))
         );
     }
 
