@@ -206,7 +206,11 @@ impl Api {
         // ("false") or all ("none", which the clients send as the literal None).
         let wanted: Option<bool> = match call.param("is_public").map(str::to_ascii_lowercase) {
             Some(v) if call.is_admin() && v == "none" => None,
-            Some(v) if call.is_admin() && matches!(v.as_str(), "false" | "f" | "0" | "no" | "off") => Some(false),
+            Some(v)
+                if call.is_admin() && matches!(v.as_str(), "false" | "f" | "0" | "no" | "off") =>
+            {
+                Some(false)
+            }
             _ => Some(true),
         };
         let flavors: Vec<Flavor> = self

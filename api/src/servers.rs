@@ -611,9 +611,10 @@ impl Api {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let action = validate::parse_server_action(body).map_err(ApiError::BadRequest)?;
         let (rule, allowed, task, name): (&str, &[&str], &str, &str) = match action {
+            // Not from ERROR, unlike Nova: an instance in error has no domain in Zova.
             validate::ServerAction::Stop => (
                 "os_compute_api:servers:stop",
-                &[vm_state::ACTIVE, vm_state::ERROR],
+                &[vm_state::ACTIVE],
                 task_state::POWERING_OFF,
                 "stop",
             ),
@@ -631,7 +632,7 @@ impl Api {
             ),
             validate::ServerAction::Reboot { hard: true } => (
                 "os_compute_api:servers:reboot",
-                &[vm_state::ACTIVE, vm_state::STOPPED, vm_state::ERROR],
+                &[vm_state::ACTIVE, vm_state::STOPPED],
                 task_state::REBOOTING_HARD,
                 "reboot",
             ),

@@ -17,6 +17,11 @@ pub struct ServerView<'a> {
 
 /// Nova's server status from vm_state (and task_state where it matters).
 pub fn server_status(instance: &Instance) -> &'static str {
+    match instance.task_state.as_deref() {
+        Some("rebooting") => return "REBOOT",
+        Some("rebooting_hard") => return "HARD_REBOOT",
+        _ => {}
+    }
     match instance.vm_state.as_str() {
         "building" => "BUILD",
         "active" => "ACTIVE",

@@ -457,10 +457,9 @@ impl Fabric {
         };
         let hash = api::identity::hash_password(user)
             .map_err(|e| FabricError::Http(format!("cannot hash a password: {e}")))?;
-        let user_row = self
-            .db
-            .user_create(user, &hash, Some(&project_row.uuid))?;
-        self.db.role_assign(&user_row.uuid, &project_row.uuid, role)?;
+        let user_row = self.db.user_create(user, &hash, Some(&project_row.uuid))?;
+        self.db
+            .role_assign(&user_row.uuid, &project_row.uuid, role)?;
         let token = issue_token(&self.api_address, user, user, project).await?;
         Ok((token, project_row.uuid))
     }

@@ -238,16 +238,15 @@ async fn bad_requests_get_nova_errors_and_change_nothing() {
         (with_hints("vm", "1", json!({"scheduler_host_match": "(["})).to_string().into_bytes(), "scheduler_host_match"),
     ];
     for (body, expected) in cases {
-        let response =
-            integration::http_request(
-                &fabric.api_address,
-                Method::POST,
-                "/v2.1/servers",
-                body,
-                &[("x-auth-token", &fabric.admin_token)],
-            )
-            .await
-            .expect("answered");
+        let response = integration::http_request(
+            &fabric.api_address,
+            Method::POST,
+            "/v2.1/servers",
+            body,
+            &[("x-auth-token", &fabric.admin_token)],
+        )
+        .await
+        .expect("answered");
         assert_eq!(
             response.status,
             StatusCode::BAD_REQUEST,
@@ -487,8 +486,15 @@ async fn microversions_2_1_to_2_47_are_served_and_echoed() {
         }
     };
     let too_new = ask("OpenStack-API-Version", "compute 2.79").await;
-    assert_eq!(too_new.status, StatusCode::NOT_ACCEPTABLE, "{}", too_new.body);
-    let message = too_new.body["computeFault"]["message"].as_str().unwrap_or_default();
+    assert_eq!(
+        too_new.status,
+        StatusCode::NOT_ACCEPTABLE,
+        "{}",
+        too_new.body
+    );
+    let message = too_new.body["computeFault"]["message"]
+        .as_str()
+        .unwrap_or_default();
     assert!(message.contains("maximum is 2.47"), "{message}");
     let malformed = ask("X-OpenStack-Nova-API-Version", "2.x").await;
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);

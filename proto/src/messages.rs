@@ -71,7 +71,6 @@ pub mod vm_state {
     pub const STOPPED: &str = "stopped";
     pub const ERROR: &str = "error";
     pub const DELETED: &str = "deleted";
-    pub const STOPPED: &str = "stopped";
 }
 
 /// Nova's task_state values used on the create, delete, stop, start and reboot paths.
@@ -438,24 +437,6 @@ method!(RebootInstance, "reboot_instance", ());
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {}
 method!(Ping, "ping", String);
-
-/// TEMPORARY (replaced by the lifecycle branch on merge).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StopInstance {
-    pub uuid: String,
-}
-method!(StopInstance, "stop_instance", ());
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StartInstance {
-    pub uuid: String,
-}
-method!(StartInstance, "start_instance", ());
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RebootInstance {
-    pub uuid: String,
-    pub hard: bool,
-}
-method!(RebootInstance, "reboot_instance", ());
 
 // ---------------------------------------------------------------- service surfaces
 
