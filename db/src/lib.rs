@@ -7,6 +7,7 @@
 
 mod catalog;
 mod error;
+mod identity;
 mod instances;
 mod models;
 mod placement;
@@ -23,6 +24,10 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnectio
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 pub use error::{DbError, Result};
+pub use identity::{
+    effective_roles, Bootstrap, LiveToken, Project, Role, RoleAssignment, Token, User,
+    BOOTSTRAP_NAME, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME,
+};
 pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,
     InstanceFault, NewFault, NewInstance, Service,
