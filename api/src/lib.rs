@@ -3,6 +3,7 @@
 //! answered from the database. Errors leave in Nova's JSON error format, from one place
 //! (`ApiError::into_response`).
 
+pub mod identity;
 pub mod validate;
 pub mod views;
 
