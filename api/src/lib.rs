@@ -256,6 +256,10 @@ struct Api {
 
 /// Opens the database, listens on `[api] listen` and serves until stopped.
 pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStartError> {
+    config
+        .identity
+        .token_ttl()
+        .map_err(|e| ApiStartError::Config(format!("[identity] {e}")))?;
     let url = config.database.url.clone();
     let db = tokio::task::spawn_blocking(move || Db::open(&url))
         .await

@@ -510,6 +510,8 @@ mod tests {
             metadata: "{}".into(),
             reservation_id: "r-1".into(),
             launch_index: 0,
+            description: None,
+            flavor_snapshot: "{}".into(),
         };
         db.instance_create(&row, "req-create").expect("row");
         (dir, db)

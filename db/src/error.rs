@@ -15,6 +15,10 @@ pub enum DbError {
     #[error("{kind} {id} could not be found")]
     NotFound { kind: &'static str, id: String },
 
+    /// A live row already has this name (names are unique among live rows, as in Keystone).
+    #[error("{kind} {name} already exists")]
+    Duplicate { kind: &'static str, name: String },
+
     /// The row is not in the state the change expects (another actor changed it first).
     #[error("conflict: {0}")]
     Conflict(String),

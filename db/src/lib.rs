@@ -7,6 +7,7 @@
 
 mod catalog;
 mod error;
+mod identity;
 mod instances;
 mod keypairs;
 mod models;
@@ -26,6 +27,10 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 pub use catalog::NewFlavor;
 pub use error::{DbError, Result};
+pub use identity::{
+    effective_roles, Bootstrap, LiveToken, Project, Role, RoleAssignment, Token, User,
+    BOOTSTRAP_NAME, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME,
+};
 pub use keypairs::{KeyPair, NewKeyPair};
 pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,

@@ -205,4 +205,59 @@ diesel::allow_tables_to_appear_in_same_query!(
     instance_faults,
     key_pairs,
     quotas,
+    projects,
+    users,
+    role_assignments,
+    tokens,
 );
+
+// Identity (a Keystone v3 subset); see migrations/2025-04-02-000000_identity.
+
+diesel::table! {
+    projects (id) {
+        id -> BigInt,
+        uuid -> Text,
+        name -> Text,
+        domain_id -> Text,
+        description -> Text,
+        enabled -> Bool,
+        created_at -> Timestamp,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    users (id) {
+        id -> BigInt,
+        uuid -> Text,
+        name -> Text,
+        domain_id -> Text,
+        password_hash -> Text,
+        default_project_uuid -> Nullable<Text>,
+        enabled -> Bool,
+        created_at -> Timestamp,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    role_assignments (id) {
+        id -> BigInt,
+        user_uuid -> Text,
+        project_uuid -> Text,
+        role -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    tokens (id) {
+        id -> BigInt,
+        token_hash -> Text,
+        user_uuid -> Text,
+        project_uuid -> Nullable<Text>,
+        issued_at -> Timestamp,
+        expires_at -> Timestamp,
+        revoked_at -> Nullable<Timestamp>,
+    }
+}

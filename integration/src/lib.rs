@@ -596,8 +596,13 @@ pub async fn http_request(
     let mut request = Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, address)
-        .header(hyper::header::CONTENT_TYPE, "application/json");
+        .header(hyper::header::HOST, address);
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }

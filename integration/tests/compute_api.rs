@@ -134,10 +134,8 @@ async fn servers_are_shaped_by_microversion_filtered_and_paged() {
     assert_eq!(web["status"], "ACTIVE");
     let id = web["id"].as_str().expect("id").to_string();
     for name in ["db-1", "db-2"] {
-        fabric
-            .boot(&server(name), BUILD_LIMIT)
-            .await
-            .expect("built");
+        let elsewhere = with_hints(name, "1", json!({"scheduler_host_match": "^node-[13]$"}));
+        fabric.boot(&elsewhere, BUILD_LIMIT).await.expect("built");
     }
 
     let old = at(
