@@ -65,6 +65,10 @@ pub struct IdentityConfig {
     pub token_ttl_hours: f64,
     /// The region of every catalog endpoint.
     pub region: String,
+    /// How long a checked token is trusted without asking the database again (0: always ask).
+    /// A revocation through this API takes effect at once; one through another API process, a
+    /// role change or a password reset within this time (keystonemiddleware's token cache).
+    pub cache_seconds: f64,
 }
 
 impl Default for IdentityConfig {
@@ -72,9 +76,14 @@ impl Default for IdentityConfig {
         IdentityConfig {
             token_ttl_hours: 12.0,
             region: "RegionOne".into(),
+            cache_seconds: 30.0,
         }
     }
 }
+
+/// The most checked tokens kept; a full cache is emptied (a burst of new tokens only costs
+/// database lookups again).
+const TOKEN_CACHE_ENTRIES: usize = 100_000;
 
 impl IdentityConfig {
     /// The token lifetime: positive and at most ten years, or a message naming the setting.
@@ -580,6 +589,9 @@ pub struct Identity {
     /// Bounds concurrent Argon2 work (each check takes ~19 MiB and a core for tens of ms), so a
     /// burst of sign-ins queues instead of filling the blocking pool.
     password_checks: Arc<Semaphore>,
+    /// Checked tokens by hash, with when they were checked: every compute request carries a
+    /// token, and a database lookup for each would cost more than the request.
+    checked: std::sync::Mutex<std::collections::HashMap<String, (Caller, std::time::Instant)>>,
 }
 
 impl Identity {
@@ -600,6 +612,44 @@ impl Identity {
             token_ttl,
             log,
             password_checks: Arc::new(Semaphore::new(cores)),
+            checked: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn cache_ttl(&self) -> std::time::Duration {
+        let seconds = self.config.cache_seconds;
+        if seconds.is_finite() && seconds > 0.0 {
+            std::time::Duration::from_secs_f64(seconds.min(3600.0))
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
+
+    fn cached(&self, hash: &str) -> Option<Caller> {
+        let ttl = self.cache_ttl();
+        if ttl.is_zero() {
+            return None;
+        }
+        let checked = self.checked.lock().ok()?;
+        let (caller, at) = checked.get(hash)?;
+        (at.elapsed() < ttl && caller.expires_at > Utc::now().naive_utc()).then(|| caller.clone())
+    }
+
+    fn remember(&self, hash: String, caller: &Caller) {
+        if self.cache_ttl().is_zero() {
+            return;
+        }
+        if let Ok(mut checked) = self.checked.lock() {
+            if checked.len() >= TOKEN_CACHE_ENTRIES {
+                checked.clear();
+            }
+            checked.insert(hash, (caller.clone(), std::time::Instant::now()));
+        }
+    }
+
+    fn forget(&self, hash: &str) {
+        if let Ok(mut checked) = self.checked.lock() {
+            checked.remove(hash);
         }
     }
 
@@ -655,18 +705,23 @@ impl Identity {
 
     /// The caller of a compute request from its X-Auth-Token value (must be project-scoped).
     pub async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        if let Some(caller) = self.cached(&token_hash(token)) {
+            return Ok(caller);
+        }
         let live = self.live_token(token).await?;
         let (Some(project), false) = (&live.project, live.roles.is_empty()) else {
             return Err(AuthError::Unscoped);
         };
-        Ok(Caller {
+        let caller = Caller {
             user_id: live.user.uuid.clone(),
             user_name: live.user.name.clone(),
             project_id: project.uuid.clone(),
             project_name: project.name.clone(),
             roles: live.roles.iter().map(|r| r.name().to_string()).collect(),
             expires_at: live.token.expires_at,
-        })
+        };
+        self.remember(live.token.token_hash.clone(), &caller);
+        Ok(caller)
     }
 
     /// The live token (scoped or not) behind a token's text.
@@ -776,6 +831,7 @@ impl Identity {
             }
             SubjectAction::Revoke => {
                 let hash = subject.token.token_hash.clone();
+                self.forget(&hash);
                 let db = self.db.clone();
                 tokio::task::spawn_blocking(move || db.token_revoke(&hash))
                     .await
@@ -1668,6 +1724,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn checked_tokens_are_cached_for_cache_seconds_only() {
+        let f = fixture();
+        let token = admin_token(&f.identity).await;
+        assert!(f.identity.authenticate(&token).await.is_ok());
+        // Revoked behind this process's back: the cache still trusts it ...
+        f.db.token_revoke(&token_hash(&token)).unwrap();
+        assert!(f.identity.authenticate(&token).await.is_ok());
+        // ... while an identity without a cache asks the database every time.
+        let uncached = Identity::new(
+            f.db.clone(),
+            IdentityConfig {
+                cache_seconds: 0.0,
+                ..Default::default()
+            },
+            Logger::root(slog::Discard, slog::o!()),
+        );
+        assert!(matches!(
+            uncached.authenticate(&token).await,
+            Err(AuthError::Invalid)
+        ));
+    }
+
+    #[tokio::test]
     async fn an_expired_token_does_not_authenticate() {
         let f = fixture();
         let issued = Utc::now().naive_utc() - chrono::Duration::hours(13);
@@ -1738,6 +1817,7 @@ mod tests {
         let config = IdentityConfig {
             token_ttl_hours: -3.0,
             region: "Elsewhere".into(),
+            ..Default::default()
         };
         let log = Logger::root(slog::Discard, slog::o!());
         let identity = Identity::new(f.db.clone(), config, log);

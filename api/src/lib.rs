@@ -760,6 +760,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_configuration_reads_into_the_api_config() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/zova.toml");
+        let config: Config = proto::service::load_config(Some(&file)).expect("parses");
+        assert_eq!(config.quota.instances, 10);
+        assert_eq!(config.quota.ram, 51200);
+        assert_eq!(config.api.max_limit, 1000);
+        assert_eq!(config.identity.region, "RegionOne");
+        assert!(config.identity.token_ttl().is_ok());
+    }
+
+    #[test]
     fn query_strings_decode_as_clients_encode_them() {
         let pairs = parse_query(Some(
             "name=web%2D1&status=ACTIVE&name=a+b&flag&bad=%zz&end=%4",
