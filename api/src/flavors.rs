@@ -179,10 +179,13 @@ fn parse_specs(value: Option<&Value>) -> Result<BTreeMap<String, String>, ApiErr
 }
 
 impl Api {
-    async fn visible_flavor(&self, id: &str) -> Result<Flavor, ApiError> {
+    /// A flavor the caller may use: private flavors are for admins (Zova keeps no access
+    /// lists).
+    async fn visible_flavor(&self, call: &Call, id: &str) -> Result<Flavor, ApiError> {
         let lookup = id.to_string();
         self.db(move |db| db.flavor_get(&lookup))
             .await?
+            .filter(|f| f.is_public || call.is_admin())
             .ok_or_else(|| flavor_not_found(id))
     }
 
@@ -247,7 +250,7 @@ impl Api {
         id: &str,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         policy::reader(call, "os_compute_api:flavors:show")?;
-        let flavor = self.visible_flavor(id).await?;
+        let flavor = self.visible_flavor(call, id).await?;
         Ok(crate::json_response(
             StatusCode::OK,
             &json!({"flavor": views::flavor(&call.base, &flavor)}),
@@ -282,7 +285,8 @@ impl Api {
         }
     }
 
-    async fn specs_of(&self, id: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    async fn specs_of(&self, call: &Call, id: &str) -> Result<BTreeMap<String, String>, ApiError> {
+        self.visible_flavor(call, id).await?;
         let lookup = id.to_string();
         match self.db(move |db| db.flavor_extra_specs(&lookup)).await {
             Err(ApiError::NotFound(_)) => Err(flavor_not_found(id)),
@@ -296,7 +300,7 @@ impl Api {
         id: &str,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         policy::reader(call, "os_compute_api:os-flavor-extra-specs:index")?;
-        let specs = self.specs_of(id).await?;
+        let specs = self.specs_of(call, id).await?;
         Ok(crate::json_response(
             StatusCode::OK,
             &json!({"extra_specs": specs}),
@@ -310,7 +314,7 @@ impl Api {
         key: &str,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         policy::reader(call, "os_compute_api:os-flavor-extra-specs:show")?;
-        let specs = self.specs_of(id).await?;
+        let specs = self.specs_of(call, id).await?;
         let value = specs.get(key).ok_or_else(|| {
             ApiError::NotFound(format!("Flavor {id} has no extra specs with key {key}."))
         })?;
@@ -326,7 +330,7 @@ impl Api {
         policy::admin(call, "os_compute_api:os-flavor-extra-specs:create")?;
         let top = body_object(body)?;
         let specs = parse_specs(top.get("extra_specs"))?;
-        self.store_specs(id, specs.clone()).await?;
+        self.store_specs(call, id, specs.clone()).await?;
         Ok(crate::json_response(
             StatusCode::OK,
             &json!({"extra_specs": specs}),
@@ -346,20 +350,25 @@ impl Api {
             return Err(ApiError::BadRequest("Request body and URI mismatch".into()));
         }
         let specs = parse_specs(Some(&Value::Object(top)))?;
-        self.store_specs(id, specs.clone()).await?;
+        self.store_specs(call, id, specs.clone()).await?;
         Ok(crate::json_response(StatusCode::OK, &json!(specs)))
     }
 
-    async fn store_specs(&self, id: &str, specs: BTreeMap<String, String>) -> Result<(), ApiError> {
-        self.visible_flavor(id).await?;
+    async fn store_specs(
+        &self,
+        call: &Call,
+        id: &str,
+        specs: BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        self.visible_flavor(call, id).await?;
         let flavorid = id.to_string();
-        self.db(move |db| {
-            for (key, value) in &specs {
-                db.flavor_extra_spec_set(&flavorid, key, value)?;
-            }
-            Ok(())
-        })
-        .await
+        match self
+            .db(move |db| db.flavor_extra_specs_set(&flavorid, &specs))
+            .await
+        {
+            Err(ApiError::NotFound(_)) => Err(flavor_not_found(id)),
+            other => other,
+        }
     }
 
     pub(crate) async fn delete_extra_spec(
@@ -369,7 +378,7 @@ impl Api {
         key: &str,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         policy::admin(call, "os_compute_api:os-flavor-extra-specs:delete")?;
-        self.visible_flavor(id).await?;
+        self.visible_flavor(call, id).await?;
         let (flavorid, key) = (id.to_string(), key.to_string());
         self.db(move |db| db.flavor_extra_spec_delete(&flavorid, &key))
             .await?;

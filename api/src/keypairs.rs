@@ -199,14 +199,7 @@ impl Api {
             key_type,
         };
         let limit = self.quota.key_pairs;
-        let owner = new.user_id.clone();
-        let count = self.db(move |db| db.key_pairs(&owner)).await?.len() as i64;
-        if limit >= 0 && count >= limit {
-            return Err(ApiError::Forbidden(format!(
-                "Quota exceeded for key_pairs: Requested 1, but already used {count} of {limit} key_pairs"
-            )));
-        }
-        let key = self.db(move |db| db.key_pair_create(&new)).await?;
+        let key = self.db(move |db| db.key_pair_create(&new, limit)).await?;
         let mut shown = self.keypair_view(call, &key, false);
         shown["user_id"] = json!(key.user_id);
         if let Some(private) = private {

@@ -186,6 +186,7 @@ impl From<DbError> for ApiError {
         match err {
             DbError::NotFound { .. } => ApiError::NotFound(err.to_string()),
             DbError::Conflict(message) => ApiError::Conflict(message),
+            DbError::OverQuota(message) => ApiError::Forbidden(message),
             other => ApiError::Internal(format!("Database error: {other}")),
         }
     }
@@ -215,7 +216,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "badMethod",
             ApiError::TooLarge(_) => "overLimit",
             ApiError::Conflict(_) => "conflictingRequest",
-            ApiError::UnsupportedMediaType(_) => "mediaTypeNotSupported",
+            ApiError::UnsupportedMediaType(_) => "badMediaType",
             // Nova has no name of its own for 406 either.
             ApiError::NotAcceptable(_) | ApiError::Internal(_) => "computeFault",
         }
@@ -355,18 +356,19 @@ fn parse_query(query: Option<&str>) -> Vec<(String, String)> {
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(key), percent_decode(value))
+            (percent_decode(key, true), percent_decode(value, true))
         })
         .collect()
 }
 
-fn percent_decode(text: &str) -> String {
+/// Decodes `%XX` escapes (a malformed one stays as it is); `+` is a space in query strings only.
+fn percent_decode(text: &str, plus_is_space: bool) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
                 let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
                 match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
@@ -412,10 +414,11 @@ impl Api {
             None => format!("http://{}", self.config.listen),
         };
         let log = self.log.new(slog::o!("request_id" => request_id.clone()));
+        // Names in paths arrive encoded ("my%20key", "hw%3Acpu_policy").
         let segments: Vec<String> = path
             .split('/')
             .filter(|s| !s.is_empty())
-            .map(str::to_string)
+            .map(|s| percent_decode(s, false))
             .collect();
         let (mut response, version) = match segments.first().map(String::as_str) {
             Some("v3") => (self.identity_request(request, &segments, &base).await, None),
@@ -435,6 +438,22 @@ impl Api {
                         header("openstack-api-version"),
                         header("x-openstack-nova-api-version"),
                     )
+                };
+                // Version documents answer whatever version was asked for: clients read them to
+                // find out which versions there are.
+                let version_document = request.method() == Method::GET
+                    && matches!(
+                        segments
+                            .iter()
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .as_slice(),
+                        [] | ["v2.1"] | ["v2"]
+                    );
+                let version = if version_document {
+                    Ok(version.unwrap_or(microversion::MIN))
+                } else {
+                    version
                 };
                 match version {
                     Ok(version) => {

@@ -157,6 +157,40 @@ impl Api {
         }
     }
 
+    /// `same_host` and `different_host` name servers; a non-admin may name only its project's,
+    /// so a hint cannot tell whether another project's server exists or put a server beside it.
+    async fn check_hinted_servers(
+        &self,
+        call: &Call,
+        hints: &proto::SchedulerHints,
+    ) -> Result<(), ApiError> {
+        if call.is_admin() {
+            return Ok(());
+        }
+        let named: Vec<String> = hints
+            .same_host
+            .iter()
+            .chain(hints.different_host.iter())
+            .cloned()
+            .collect();
+        if named.is_empty() {
+            return Ok(());
+        }
+        let lookup = named.clone();
+        let found = self.db(move |db| db.instances_by_uuids(&lookup)).await?;
+        for uuid in &named {
+            let visible = found
+                .iter()
+                .any(|i| &i.uuid == uuid && i.project_id == call.context.project_id);
+            if !visible {
+                return Err(ApiError::BadRequest(format!(
+                    "Invalid server in scheduler hints: {uuid} could not be found."
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn create_server(
         self: &Arc<Self>,
         call: &Call,
@@ -199,9 +233,12 @@ impl Api {
                 Ok((flavor, db.image_get(&image_ref)?, specs, key_found))
             })
             .await?;
-        let flavor = flavor.ok_or_else(|| {
-            ApiError::BadRequest(format!("Flavor {} could not be found.", request.flavor_ref))
-        })?;
+        // Zova keeps no flavor access lists: a private flavor is for admins only.
+        let flavor = flavor
+            .filter(|f| f.is_public || call.is_admin())
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("Flavor {} could not be found.", request.flavor_ref))
+            })?;
         if flavor.disabled {
             return Err(ApiError::BadRequest(format!(
                 "Flavor {} is disabled.",
@@ -220,6 +257,17 @@ impl Api {
         if !key_found {
             return Err(ApiError::BadRequest("Invalid key_name provided.".into()));
         }
+        if flavor.root_gb > 0 && flavor.root_gb < image.min_disk {
+            return Err(ApiError::BadRequest(
+                "Flavor's disk is too small for requested image.".into(),
+            ));
+        }
+        if flavor.memory_mb < image.min_ram {
+            return Err(ApiError::BadRequest(
+                "Flavor's memory is too small for requested image.".into(),
+            ));
+        }
+        self.check_hinted_servers(call, &request.hints).await?;
 
         let reservation_id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let metadata = serde_json::to_string(&request.metadata)
@@ -254,6 +302,7 @@ impl Api {
                 reservation_id: reservation_id.clone(),
                 launch_index: index as i32,
                 description: request.description.clone(),
+                key_name: request.key_name.clone(),
                 flavor_snapshot: flavor_snapshot.clone(),
             })
             .collect();
@@ -572,6 +621,17 @@ impl Api {
         instance: Instance,
     ) -> Result<(), ApiError> {
         let uuid = instance.uuid.clone();
+        // The delete is part of the server's history, which outlives it (2.21).
+        let (lookup, request_id, user, project) = (
+            uuid.clone(),
+            context.request_id.clone(),
+            context.user_id.clone(),
+            context.project_id.clone(),
+        );
+        self.db(move |db| {
+            db.instance_action_start(&lookup, "delete", &request_id, &user, &project)
+        })
+        .await?;
         let endpoint = match instance.host {
             Some(host) => self.compute_endpoint(log, host).await?,
             None => None,
@@ -593,13 +653,27 @@ impl Api {
                 )
                 .await
             {
-                Ok(()) => return Ok(()),
+                // The compute has taken it: the request is done from the API's side.
+                Ok(()) => return self.finish_delete_action(&uuid, &context.request_id).await,
                 Err(e) => {
                     warn!(log, "compute did not take the delete; deleting locally"; "instance" => &uuid, "error" => %e)
                 }
             }
         }
-        self.db(move |db| db.instance_destroy(&uuid)).await
+        let lookup = uuid.clone();
+        self.db(move |db| db.instance_destroy(&lookup)).await?;
+        self.finish_delete_action(&uuid, &context.request_id).await
+    }
+
+    async fn finish_delete_action(&self, uuid: &str, request_id: &str) -> Result<(), ApiError> {
+        let (uuid, request_id) = (uuid.to_string(), request_id.to_string());
+        self.db(
+            move |db| match db.instance_action_finish(&uuid, &request_id, None) {
+                Ok(()) | Err(db::DbError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+        )
+        .await
     }
 
     /// `POST /servers/{id}/action`: `os-stop`, `os-start` and `reboot`.
@@ -651,9 +725,16 @@ impl Api {
         let allowed_owned: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
         self.db(move |db| {
             let allowed: Vec<&str> = allowed_owned.iter().map(String::as_str).collect();
+            // A hard reboot may take over a soft one that hangs, as in Nova.
+            let replaceable: &[&str] = if task_owned == task_state::REBOOTING_HARD {
+                &[task_state::REBOOTING]
+            } else {
+                &[]
+            };
             db.instance_begin_task(
                 &uuid,
                 &allowed,
+                replaceable,
                 &task_owned,
                 &name_owned,
                 &context.request_id,
@@ -663,6 +744,7 @@ impl Api {
         })
         .await?;
         let uuid = instance.uuid.clone();
+        let task_owned_for_undo = task.to_string();
         // Detached: once the task is set, the cast (or its undoing) must happen.
         let api = self.clone();
         let (log, context) = (call.log.clone(), call.context.clone());
@@ -699,18 +781,30 @@ impl Api {
                 Err(e) => Err(e.to_string()),
             };
             if let Err(reason) = sent {
+                // Undo only what is still this action's: a delete that took over keeps its
+                // `deleting`, and a row already gone is left gone. The action ends either way.
                 warn!(log, "the compute did not take the action; undoing its task state"; "instance" => &uuid, "error" => &reason);
                 let request_id = context.request_id.clone();
+                let task = task_owned_for_undo;
                 let undo = api
                     .db(move |db| {
-                        db.instance_update(
+                        let reverted = db.instance_update_expecting_task_state(
                             &uuid,
                             &db::InstanceChanges {
                                 task_state: Some(None),
                                 ..Default::default()
                             },
-                        )?;
-                        db.instance_action_finish(&uuid, &request_id, Some("Error"))
+                            None,
+                            Some(&task),
+                        );
+                        match reverted {
+                            Ok(_) | Err(db::DbError::Conflict(_) | db::DbError::NotFound { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
+                        match db.instance_action_finish(&uuid, &request_id, Some("Error")) {
+                            Ok(()) | Err(db::DbError::NotFound { .. }) => Ok(()),
+                            Err(e) => Err(e),
+                        }
                     })
                     .await;
                 if let Err(e) = undo {

@@ -92,7 +92,7 @@ pub fn server_detail(
         "accessIPv6": "",
         "links": links(base, "servers", &instance.uuid),
         "progress": 0,
-        "key_name": null,
+        "key_name": instance.key_name,
         "config_drive": "",
         "OS-DCF:diskConfig": "MANUAL",
         "OS-EXT-AZ:availability_zone": "nova",
@@ -151,10 +151,23 @@ pub fn server_detail(
         map.insert("tags".into(), json!([]));
     }
     if let Some(fault) = fault {
-        map.insert(
-            "fault".into(),
-            json!({"code": fault.code, "message": fault.message, "details": fault.details, "created": time(fault.created_at)}),
-        );
+        // As Nova: the details of a 500 are for admins. Zova's messages name hosts after their
+        // first sentence ("No valid host was found. 0/6 hosts ..."), which only admins see.
+        let (message, details) = if view.admin || fault.code != 500 {
+            (fault.message.clone(), Some(fault.details.clone()))
+        } else {
+            let first = match fault.message.find(". ") {
+                Some(end) => fault.message[..=end].to_string(),
+                None => fault.message.clone(),
+            };
+            (first, None)
+        };
+        let mut shown =
+            json!({"code": fault.code, "message": message, "created": time(fault.created_at)});
+        if let Some(details) = details {
+            shown["details"] = json!(details);
+        }
+        map.insert("fault".into(), shown);
     }
     server
 }

@@ -511,6 +511,7 @@ mod tests {
             reservation_id: "r-1".into(),
             launch_index: 0,
             description: None,
+            key_name: None,
             flavor_snapshot: "{}".into(),
         };
         db.instance_create(&row, "req-create").expect("row");

@@ -31,6 +31,10 @@ pub enum DbError {
     #[error("no database connection available: {0}")]
     Pool(String),
 
+    /// The request goes over a limit (a quota); the text is the message for the user.
+    #[error("{0}")]
+    OverQuota(String),
+
     /// A JSON column was given text that is not a JSON object; the text says which column.
     #[error("invalid JSON: {0}")]
     Json(String),

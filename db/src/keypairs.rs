@@ -41,10 +41,22 @@ fn key_pair_not_found(user_id: &str, name: &str) -> DbError {
 }
 
 impl Db {
-    /// Stores a key pair; [`DbError::Conflict`] if the user already has one of that name.
-    pub fn key_pair_create(&self, new: &NewKeyPair) -> Result<KeyPair> {
+    /// Stores a key pair; [`DbError::Conflict`] if the user already has one of that name,
+    /// [`DbError::OverQuota`] if the user already has `limit` (`-1`: no limit), counted in the
+    /// same transaction.
+    pub fn key_pair_create(&self, new: &NewKeyPair, limit: i64) -> Result<KeyPair> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
+            let held: i64 = key_pairs::table
+                .filter(key_pairs::deleted.eq(0))
+                .filter(key_pairs::user_id.eq(&new.user_id))
+                .count()
+                .get_result(conn)?;
+            if limit >= 0 && held >= limit {
+                return Err(DbError::OverQuota(format!(
+                    "Quota exceeded for key_pairs: Requested 1, but already used {held} of {limit} key_pairs"
+                )));
+            }
             let taken: i64 = key_pairs::table
                 .filter(key_pairs::deleted.eq(0))
                 .filter(key_pairs::user_id.eq(&new.user_id))
@@ -123,10 +135,10 @@ mod tests {
     #[test]
     fn names_are_unique_per_user_and_reusable_after_delete() {
         let (_dir, db) = open_temp();
-        db.key_pair_create(&key("k", "alice")).unwrap();
-        db.key_pair_create(&key("k", "bob")).unwrap();
+        db.key_pair_create(&key("k", "alice"), -1).unwrap();
+        db.key_pair_create(&key("k", "bob"), -1).unwrap();
         assert!(matches!(
-            db.key_pair_create(&key("k", "alice")),
+            db.key_pair_create(&key("k", "alice"), -1),
             Err(DbError::Conflict(_))
         ));
         assert_eq!(db.key_pairs("alice").unwrap().len(), 1);
@@ -136,7 +148,11 @@ mod tests {
             db.key_pair_delete("alice", "k"),
             Err(DbError::NotFound { .. })
         ));
-        db.key_pair_create(&key("k", "alice")).unwrap();
+        db.key_pair_create(&key("k", "alice"), -1).unwrap();
         assert!(db.key_pair_get("bob", "k").unwrap().is_some());
+        assert!(matches!(
+            db.key_pair_create(&key("k2", "alice"), 1),
+            Err(DbError::OverQuota(_))
+        ));
     }
 }

@@ -246,6 +246,7 @@ pub(crate) mod testing {
             reservation_id: "r-1".to_string(),
             launch_index: 0,
             description: None,
+            key_name: None,
             flavor_snapshot: "{}".into(),
         }
     }

@@ -130,6 +130,8 @@ pub struct Instance {
     pub deleted: i64,
     /// The user's description (microversion 2.19).
     pub description: Option<String>,
+    /// The key pair named at create.
+    pub key_name: Option<String>,
     /// A JSON object: the flavor's `name` and `extra_specs` when the server was created.
     pub flavor_snapshot: String,
 }
@@ -189,6 +191,7 @@ pub struct NewInstance {
     pub reservation_id: String,
     pub launch_index: i32,
     pub description: Option<String>,
+    pub key_name: Option<String>,
     /// A JSON object (`"{}"` when unknown): the flavor's `name` and `extra_specs`.
     pub flavor_snapshot: String,
 }

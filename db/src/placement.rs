@@ -236,6 +236,36 @@ impl Db {
         })
     }
 
+    /// Sets several extra specs of a flavor together: all of them, or (flavor gone, database
+    /// error) none.
+    pub fn flavor_extra_specs_set(
+        &self,
+        flavorid: &str,
+        specs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let flavor = crate::catalog::flavor_row_id(conn, flavorid)?;
+            for (key, value) in specs {
+                diesel::delete(
+                    flavor_extra_specs::table
+                        .filter(flavor_extra_specs::flavor_id.eq(flavor))
+                        .filter(flavor_extra_specs::spec_key.eq(key)),
+                )
+                .execute(conn)?;
+                diesel::insert_into(flavor_extra_specs::table)
+                    .values((
+                        flavor_extra_specs::flavor_id.eq(flavor),
+                        flavor_extra_specs::spec_key.eq(key),
+                        flavor_extra_specs::spec_value.eq(value),
+                        flavor_extra_specs::created_at.eq(now()),
+                    ))
+                    .execute(conn)?;
+            }
+            Ok(())
+        })
+    }
+
     /// A flavor's extra specs (by flavor id), by key.
     pub fn flavor_extra_specs(
         &self,

@@ -133,6 +133,7 @@ diesel::table! {
         deleted_at -> Nullable<Timestamp>,
         deleted -> BigInt,
         description -> Nullable<Text>,
+        key_name -> Nullable<Text>,
         flavor_snapshot -> Text,
     }
 }

@@ -227,47 +227,37 @@ impl Db {
         };
         let project_id = first.project_id.clone();
         let mut conn = self.conn()?;
-        let allowed = conn.immediate_transaction(|conn| {
+        // One transaction: what fits is counted and written while no other create can write.
+        conn.immediate_transaction(|conn| {
             let limits = limits_of(conn, &project_id, defaults)?;
             let usage = usage_of(conn, &project_id)?;
-            Ok::<_, DbError>(instances_that_fit(
+            match instances_that_fit(
                 &limits,
                 &usage,
                 (first.vcpus, first.memory_mb),
                 min_count as i64,
                 new.len() as i64,
-            ))
-        })?;
-        let allowed = match allowed {
-            Ok(n) => n as usize,
-            Err(exceeded) => return Ok(Err(exceeded)),
-        };
-        // The count is checked again inside the insert's own transaction.
-        let created = conn.immediate_transaction(|conn| {
-            let limits = limits_of(conn, &project_id, defaults)?;
-            let usage = usage_of(conn, &project_id)?;
-            if let Err(exceeded) = instances_that_fit(
-                &limits,
-                &usage,
-                (first.vcpus, first.memory_mb),
-                allowed as i64,
-                allowed as i64,
             ) {
-                return Ok(Err(exceeded));
+                Ok(fits) => {
+                    crate::instances::insert_with_actions(conn, &new[..fits as usize], request_id)
+                        .map(Ok)
+                        .map_err(DbError::from)
+                }
+                Err(exceeded) => Ok(Err(exceeded)),
             }
-            crate::instances::insert_with_actions(conn, &new[..allowed], request_id).map(Ok)
-        })?;
-        Ok(created)
+        })
     }
 
     /// Starts a user action on an instance: only when its vm_state is one of `allowed_vm_states`
-    /// and no other task runs on it, sets `task_state` and records the action, together.
+    /// and no other task runs on it (or one of `replaceable_task_states`, as a hard reboot takes
+    /// over a stuck soft one), sets `task_state` and records the action, together.
     /// [`DbError::Conflict`] says why not.
     #[allow(clippy::too_many_arguments)]
     pub fn instance_begin_task(
         &self,
         uuid: &str,
         allowed_vm_states: &[&str],
+        replaceable_task_states: &[&str],
         task_state: &str,
         action: &str,
         request_id: &str,
@@ -288,7 +278,9 @@ impl Db {
                     id: uuid.to_string(),
                 });
             };
-            if let Some(running) = running {
+            if let Some(running) =
+                running.filter(|t| !replaceable_task_states.contains(&t.as_str()))
+            {
                 return Err(DbError::Conflict(format!(
                     "Cannot '{action}' instance {uuid} while it is in task_state {running}"
                 )));
@@ -406,6 +398,7 @@ mod tests {
             .instance_begin_task(
                 "u-1",
                 &["active"],
+                &[],
                 "powering-off",
                 "stop",
                 "req-1",
@@ -427,6 +420,7 @@ mod tests {
             .instance_begin_task(
                 "u-1",
                 &["active"],
+                &[],
                 "powering-off",
                 "stop",
                 "req-1",
@@ -437,19 +431,42 @@ mod tests {
         assert_eq!(begun.task_state.as_deref(), Some("powering-off"));
         // A second action while the first runs is a conflict.
         assert!(matches!(
-            db.instance_begin_task("u-1", &["active"], "rebooting", "reboot", "req-2", "u", "p"),
+            db.instance_begin_task(
+                "u-1",
+                &["active"],
+                &[],
+                "rebooting",
+                "reboot",
+                "req-2",
+                "u",
+                "p"
+            ),
             Err(DbError::Conflict(_))
         ));
+        // A hard reboot may take over a task it names.
+        let taken = db
+            .instance_begin_task(
+                "u-1",
+                &["active"],
+                &["powering-off"],
+                "rebooting_hard",
+                "reboot",
+                "req-3",
+                "u",
+                "p",
+            )
+            .unwrap();
+        assert_eq!(taken.task_state.as_deref(), Some("rebooting_hard"));
         let actions = db.instance_actions("u-1").unwrap();
         assert_eq!(
             actions
                 .iter()
                 .map(|a| a.action.as_str())
                 .collect::<Vec<_>>(),
-            ["create", "stop"]
+            ["create", "stop", "reboot"]
         );
         assert!(matches!(
-            db.instance_begin_task("nope", &["active"], "x", "stop", "r", "u", "p"),
+            db.instance_begin_task("nope", &["active"], &[], "x", "stop", "r", "u", "p"),
             Err(DbError::NotFound { .. })
         ));
     }

@@ -78,6 +78,7 @@ pub fn building_row(uuid: &str) -> db::NewInstance {
         reservation_id: "r-test".into(),
         launch_index: 0,
         description: None,
+        key_name: None,
         flavor_snapshot: "{}".into(),
     }
 }

@@ -299,6 +299,13 @@ async fn servers_are_shaped_by_microversion_filtered_and_paged() {
     )
     .await;
     assert_eq!(kept.status, StatusCode::OK);
+    let history: Vec<&str> = kept.body["instanceActions"]
+        .as_array()
+        .expect("actions")
+        .iter()
+        .filter_map(|a| a["action"].as_str())
+        .collect();
+    assert_eq!(history, ["delete", "create"]);
     fabric.stop().await;
 }
 
@@ -447,6 +454,90 @@ async fn projects_are_isolated_and_roles_limit_what_callers_do() {
         .await
         .expect("answered");
     assert_eq!(zones.body["availabilityZoneInfo"][0]["zoneName"], "nova");
+
+    // Hints may name only the caller's own servers.
+    let beside = fabric
+        .http_as(
+            &member,
+            Method::POST,
+            "/v2.1/servers",
+            Some(&with_hints("b", "1", json!({"same_host": admins_id}))),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(beside.status, StatusCode::BAD_REQUEST, "{}", beside.body);
+
+    // A private flavor is for admins only.
+    let private = fabric
+        .http(
+            Method::POST,
+            "/v2.1/flavors",
+            Some(
+                &json!({"flavor": {"name": "secret", "ram": 512, "vcpus": 1, "disk": 1, "id": "p1",
+                "os-flavor-access:is_public": false}}),
+            ),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(private.status, StatusCode::OK, "{}", private.body);
+    let unseen = fabric
+        .http_as(&member, Method::GET, "/v2.1/flavors/p1", None)
+        .await
+        .expect("answered");
+    assert_eq!(unseen.status, StatusCode::NOT_FOUND);
+    let unused = fabric
+        .http_as(
+            &member,
+            Method::POST,
+            "/v2.1/servers",
+            Some(&integration::server_body("p", "p1")),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(unused.status, StatusCode::BAD_REQUEST);
+
+    // A build no host can take: the member sees why, but not the hosts.
+    let too_big = fabric
+        .http_as(
+            &member,
+            Method::POST,
+            "/v2.1/servers",
+            Some(&integration::server_body("big", "5")),
+        )
+        .await
+        .expect("answered");
+    let big_id = too_big.body["server"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let deadline = tokio::time::Instant::now() + BUILD_LIMIT;
+    let failed = loop {
+        let shown = fabric
+            .http_as(
+                &member,
+                Method::GET,
+                &format!("/v2.1/servers/{big_id}"),
+                None,
+            )
+            .await
+            .expect("answered");
+        if shown.body["server"]["status"] == "ERROR" {
+            break shown.body["server"].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never failed: {}",
+            shown.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(failed["fault"]["message"], "No valid host was found.");
+    assert!(failed["fault"].get("details").is_none());
+    let as_admin = get(&fabric, &format!("/v2.1/servers/{big_id}")).await;
+    assert!(as_admin.body["server"]["fault"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("node-"));
     fabric.stop().await;
 }
 
@@ -816,6 +907,20 @@ async fn key_pairs_are_imported_or_generated_per_user() {
         StatusCode::BAD_REQUEST
     );
 
+    // Names travel percent-encoded in paths.
+    let spaced = fabric
+        .http(
+            Method::POST,
+            "/v2.1/os-keypairs",
+            Some(&json!({"keypair": {"name": "my key", "public_key": public}})),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(spaced.status, StatusCode::OK, "{}", spaced.body);
+    assert_eq!(
+        get(&fabric, "/v2.1/os-keypairs/my%20key").await.status,
+        StatusCode::OK
+    );
     let deleted = at(
         &fabric,
         "2.2",

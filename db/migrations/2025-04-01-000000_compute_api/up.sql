@@ -25,6 +25,8 @@ CREATE TABLE quotas (
 );
 
 ALTER TABLE instances ADD COLUMN description TEXT;
+-- The key pair the server was created with (its name, as Nova shows it).
+ALTER TABLE instances ADD COLUMN key_name TEXT;
 
 -- An operator's "this host is down" (os-services force-down, microversion 2.11): the scheduler
 -- treats the host as down whatever its heartbeat says, until it is cleared.

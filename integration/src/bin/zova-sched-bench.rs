@@ -114,6 +114,7 @@ fn instance(uuid: &str) -> NewInstance {
         reservation_id: "r-bench".into(),
         launch_index: 0,
         description: None,
+        key_name: None,
         flavor_snapshot: "{}".into(),
     }
 }
