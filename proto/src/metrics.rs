@@ -60,6 +60,37 @@ pub fn seconds_family<S: Clone + std::hash::Hash + Eq>() -> SecondsFamily<S> {
     Family::new_with_constructor(seconds_histogram as fn() -> Histogram)
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// Registers `name` as a counter family by `outcome` and returns one counter per outcome, in
+/// the order given, each present (at zero) from the start.
+pub fn outcome_counters<const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    outcomes: [&'static str; N],
+) -> [Counter; N] {
+    let family = Family::<OutcomeLabel, Counter>::default();
+    registry.register(name, help, family.clone());
+    outcomes.map(|outcome| family.get_or_create_owned(&OutcomeLabel { outcome }))
+}
+
+/// Registers `name` as a [`seconds_histogram`] family by `outcome` and returns one histogram
+/// per outcome, in the order given.
+pub fn outcome_histograms<const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    outcomes: [&'static str; N],
+) -> [Histogram; N] {
+    let family = seconds_family::<OutcomeLabel>();
+    registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+    outcomes.map(|outcome| family.get_or_create_owned(&OutcomeLabel { outcome }))
+}
+
 /// A gauge that holds a fraction (free vCPUs under an allocation ratio, say).
 pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 

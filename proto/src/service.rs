@@ -453,7 +453,14 @@ mod tests {
         assert_eq!((log.format, log.debug), (LogFormat::Terminal, false));
         assert_eq!(metrics.listen, "127.0.0.1");
 
-        let flags = ["zova-x", "--log-format", "json", "--debug", "--metrics-listen", ""];
+        let flags = [
+            "zova-x",
+            "--log-format",
+            "json",
+            "--debug",
+            "--metrics-listen",
+            "",
+        ];
         Binary::parse_from(flags)
             .service
             .apply(&mut log, &mut metrics);
