@@ -485,7 +485,10 @@ impl Api {
             return response;
         }
         let (mut response, version) = match segments.first().map(String::as_str) {
-            Some("v3") => (self.identity_request(request, &segments, &base).await, None),
+            Some("v3") => (
+                self.identity_request(&log, request, &segments, &base).await,
+                None,
+            ),
             Some("image") => (
                 self.image_request(&log, request, &segments, &base)
                     .await
@@ -599,6 +602,7 @@ impl Api {
 
     async fn identity_request(
         &self,
+        log: &Logger,
         request: Request<Incoming>,
         segments: &[String],
         base: &str,
@@ -612,7 +616,7 @@ impl Api {
         };
         let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
         self.identity
-            .handle(&method, &rest, query.as_deref(), &headers, body, base)
+            .handle(log, &method, &rest, query.as_deref(), &headers, body, base)
             .await
     }
 
@@ -882,6 +886,10 @@ mod tests {
         assert_eq!(config.api.max_limit, 1000);
         assert_eq!(config.identity.region, "RegionOne");
         assert!(config.identity.token_ttl().is_ok());
+        assert_eq!(
+            config.metrics.address(default_port::API).as_deref(),
+            Some("127.0.0.1:9774")
+        );
     }
 
     #[test]
