@@ -1076,6 +1076,36 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_walk_counts_once_under_each_reason_that_ruled_hosts_out() {
+        let mut registry = Registry::default();
+        let metrics = SchedulerMetrics::new(&mut registry);
+        metrics.walk_failed(&NoValidHost {
+            reason: "0/5 hosts".into(),
+            eliminated: vec![
+                (Elimination::Down, 2),
+                (Elimination::InsufficientRam, 3),
+                (Elimination::InsufficientDisk, 0),
+            ],
+        });
+        metrics.walk_failed(&NoValidHost {
+            reason: "Host node-9 is unknown".into(),
+            eliminated: Vec::new(),
+        });
+        let text = proto::metrics::render(&registry);
+        for line in [
+            "zova_scheduler_no_valid_host_total{reason=\"down\"} 1",
+            "zova_scheduler_no_valid_host_total{reason=\"insufficient_ram\"} 1",
+            "zova_scheduler_no_valid_host_total{reason=\"insufficient_disk\"} 0",
+            "zova_scheduler_no_valid_host_total{reason=\"other\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // Every elimination has a label of its own.
+        let labels: BTreeSet<&str> = ELIMINATIONS.iter().map(|e| elimination_label(*e)).collect();
+        assert_eq!(labels.len(), ELIMINATIONS.len());
+    }
+
+    #[test]
     fn claim_limits_round_down_and_infinity_is_no_limit() {
         let limits = Limits {
             vcpu: 16.5,
