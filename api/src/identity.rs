@@ -654,6 +654,8 @@ impl Identity {
     /// Everything under /v3. `segments`: the path segments AFTER "v3" (e.g. ["auth","tokens"]);
     /// `base`: "http://host:port" as the client addressed us; `body`: already read and
     /// size-limited; `log`: the request's logger (its lines carry the request id).
+    // The parts of one request, each used; a struct for them would only be unpacked again.
+    #[allow(clippy::too_many_arguments)]
     pub async fn handle(
         &self,
         log: &Logger,
