@@ -585,7 +585,6 @@ pub struct Identity {
     db: Db,
     config: IdentityConfig,
     token_ttl: chrono::Duration,
-    log: Logger,
     /// Bounds concurrent Argon2 work (each check takes ~19 MiB and a core for tens of ms), so a
     /// burst of sign-ins queues instead of filling the blocking pool.
     password_checks: Arc<Semaphore>,
@@ -610,7 +609,6 @@ impl Identity {
             db,
             config,
             token_ttl,
-            log,
             password_checks: Arc::new(Semaphore::new(cores)),
             checked: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -655,9 +653,12 @@ impl Identity {
 
     /// Everything under /v3. `segments`: the path segments AFTER "v3" (e.g. ["auth","tokens"]);
     /// `base`: "http://host:port" as the client addressed us; `body`: already read and
-    /// size-limited.
+    /// size-limited; `log`: the request's logger (its lines carry the request id).
+    // The parts of one request, each used; a struct for them would only be unpacked again.
+    #[allow(clippy::too_many_arguments)]
     pub async fn handle(
         &self,
+        log: &Logger,
         method: &Method,
         segments: &[&str],
         query: Option<&str>,
@@ -670,17 +671,17 @@ impl Identity {
                 StatusCode::OK,
                 &json!({ "version": version(base) }),
             )),
-            (&Method::POST, ["auth", "tokens"]) => self.issue(query, &body, base).await,
+            (&Method::POST, ["auth", "tokens"]) => self.issue(log, query, &body, base).await,
             (&Method::GET, ["auth", "tokens"]) => {
-                self.subject(SubjectAction::Show, query, headers, base)
+                self.subject(log, SubjectAction::Show, query, headers, base)
                     .await
             }
             (&Method::HEAD, ["auth", "tokens"]) => {
-                self.subject(SubjectAction::Check, query, headers, base)
+                self.subject(log, SubjectAction::Check, query, headers, base)
                     .await
             }
             (&Method::DELETE, ["auth", "tokens"]) => {
-                self.subject(SubjectAction::Revoke, query, headers, base)
+                self.subject(log, SubjectAction::Revoke, query, headers, base)
                     .await
             }
             (_, [] | ["auth", "tokens"]) => Err(KeystoneError::MethodNotAllowed(method.clone())),
@@ -692,7 +693,7 @@ impl Identity {
             Ok(response) => response,
             Err(err) => {
                 if let KeystoneError::Internal(detail) = &err {
-                    warn!(self.log, "identity request failed"; "error" => detail);
+                    warn!(log, "identity request failed"; "error" => detail);
                 }
                 let mut response = err.into_response(base);
                 if method == Method::HEAD {
@@ -740,6 +741,7 @@ impl Identity {
 
     async fn issue(
         &self,
+        log: &Logger,
         query: Option<&str>,
         body: &[u8],
         base: &str,
@@ -765,13 +767,13 @@ impl Identity {
             Ok(issued) => issued,
             Err(err) => {
                 if let KeystoneError::Unauthorized(reason) = &err {
-                    info!(self.log, "token refused"; "user" => &user_named, "reason" => reason);
+                    info!(log, "token refused"; "user" => &user_named, "reason" => reason);
                 }
                 return Err(err);
             }
         };
         let audit = audit_id(&live.token.token_hash);
-        info!(self.log, "token issued"; "user" => &live.user.name,
+        info!(log, "token issued"; "user" => &live.user.name,
             "project" => live.project.as_ref().map_or("(unscoped)", |p| p.name.as_str()),
             "audit_id" => &audit);
         let catalog = (!wants_no_catalog(query)).then(|| catalog(base, &self.config.region));
@@ -783,6 +785,7 @@ impl Identity {
     /// one in X-Subject-Token. Only an admin may act on another user's tokens.
     async fn subject(
         &self,
+        log: &Logger,
         action: SubjectAction,
         query: Option<&str>,
         headers: &HeaderMap,
@@ -836,7 +839,7 @@ impl Identity {
                 tokio::task::spawn_blocking(move || db.token_revoke(&hash))
                     .await
                     .map_err(|e| KeystoneError::Internal(e.to_string()))??;
-                info!(self.log, "token revoked"; "user" => &subject.user.name,
+                info!(log, "token revoked"; "user" => &subject.user.name,
                     "by" => &caller.user.name, "audit_id" => audit_id(&subject.token.token_hash));
                 let mut response = Response::new(Full::new(Bytes::new()));
                 *response.status_mut() = StatusCode::NO_CONTENT;
@@ -1025,6 +1028,7 @@ mod tests {
         }
         let response = identity
             .handle(
+                &Logger::root(slog::Discard, slog::o!()),
                 &method,
                 &segments,
                 query,

@@ -12,6 +12,7 @@ mod flavors;
 pub mod identity;
 mod images;
 mod keypairs;
+mod metrics;
 pub mod microversion;
 mod policy;
 mod servers;
@@ -29,15 +30,19 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use slog::{info, warn, Logger};
+use slog::{debug, info, warn, Logger};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use db::{Db, DbError};
-use proto::service::{stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle};
+use proto::metrics::{default_port, MetricsConfig, MetricsError, RpcMetrics};
+use proto::service::{stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceArgs, ServiceHandle};
 use proto::{new_request_id, Peers, RequestContext, Rpc};
+
+use metrics::ApiMetrics;
 
 use microversion::Version;
 
@@ -108,6 +113,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub rpc: RpcConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub api: ApiConfig,
     pub quota: QuotaConfig,
     pub identity: identity::IdentityConfig,
@@ -125,12 +131,15 @@ pub struct Args {
     /// Database URL (default: [database] url).
     #[arg(long)]
     pub database: Option<String>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl Args {
     pub fn into_config(self) -> Result<Config, ApiStartError> {
         let mut config: Config = proto::service::load_config(self.config.as_deref())
             .map_err(|e| ApiStartError::Config(e.to_string()))?;
+        self.service.apply(&mut config.log, &mut config.metrics);
         if let Some(listen) = self.listen {
             config.api.listen = listen;
         }
@@ -156,6 +165,8 @@ pub enum ApiStartError {
     Rpc(#[from] proto::ProtoError),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// An error answered to the client, in Nova's `{"<name>": {"code", "message"}}` form.
@@ -253,6 +264,34 @@ struct Api {
     identity: identity::Identity,
     config: ApiConfig,
     quota: QuotaConfig,
+    metrics: ApiMetrics,
+}
+
+/// How long `GET /healthcheck` waits for the database before it answers 503.
+const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Oslo's healthcheck answers: `OK`, or why not, in plain text (a HEAD gets no body).
+fn healthcheck_response(healthy: bool, head: bool) -> Response<Full<Bytes>> {
+    let (status, text) = if healthy {
+        (StatusCode::OK, "OK")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "FAILED: the database does not answer",
+        )
+    };
+    let body = if head {
+        Bytes::new()
+    } else {
+        Bytes::from(text)
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// Opens the database, listens on `[api] listen` and serves until stopped.
@@ -265,7 +304,14 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
     let db = tokio::task::spawn_blocking(move || Db::open(&url))
         .await
         .map_err(|e| ApiStartError::Task(e.to_string()))??;
-    let (rpc, _) = Rpc::start(log.clone(), None, config.rpc.options())?;
+    let mut registry = Registry::default();
+    let (rpc, _) = Rpc::start_with_metrics(
+        log.clone(),
+        None,
+        config.rpc.options(),
+        RpcMetrics::new(&mut registry),
+    )?;
+    let metrics = ApiMetrics::new(&mut registry);
     let listener = TcpListener::bind(&config.api.listen)
         .await
         .map_err(|source| ApiStartError::Listen {
@@ -278,6 +324,8 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
             address: config.api.listen.clone(),
             source,
         })?;
+    let metrics_server =
+        proto::metrics::serve(&config.metrics, default_port::API, registry, &log).await?;
     let conductors = config.rpc.conductor_endpoints();
     info!(log, "api listening"; "address" => %address, "conductors" => conductors.join(","));
     let api = Arc::new(Api {
@@ -288,6 +336,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
         identity: identity::Identity::new(db.clone(), config.identity, log.clone()),
         config: config.api,
         quota: config.quota,
+        metrics,
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -317,7 +366,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
         }
         api.rpc.shutdown();
     });
-    Ok(ServiceHandle::new(address.to_string(), stop_tx, task))
+    Ok(ServiceHandle::new(address.to_string(), stop_tx, task).with_metrics(metrics_server))
 }
 
 /// What every compute handler needs to know about the request it serves.
@@ -420,8 +469,26 @@ impl Api {
             .filter(|s| !s.is_empty())
             .map(|s| percent_decode(s, false))
             .collect();
+        let route = {
+            let parts: Vec<&str> = segments.iter().map(String::as_str).collect();
+            metrics::route_template(&parts)
+        };
+        if route == metrics::HEALTHCHECK {
+            // Load balancers ask often: counted, but logged only at debug level.
+            let mut response = self.healthcheck(&log, &method).await;
+            if let Ok(id) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert("x-openstack-request-id", id);
+            }
+            self.metrics
+                .observe(&method, route, response.status(), started.elapsed());
+            debug!(log, "request"; "method" => %method, "path" => &path, "status" => response.status().as_u16());
+            return response;
+        }
         let (mut response, version) = match segments.first().map(String::as_str) {
-            Some("v3") => (self.identity_request(request, &segments, &base).await, None),
+            Some("v3") => (
+                self.identity_request(&log, request, &segments, &base).await,
+                None,
+            ),
             Some("image") => (
                 self.image_request(&log, request, &segments, &base)
                     .await
@@ -497,13 +564,45 @@ impl Api {
                 HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
             );
         }
+        let took = started.elapsed();
+        self.metrics
+            .observe(&method, route, response.status(), took);
         info!(log, "request"; "method" => %method, "path" => &path, "status" => response.status().as_u16(),
-            "ms" => started.elapsed().as_millis() as u64);
+            "ms" => took.as_millis() as u64);
         response
+    }
+
+    /// `GET /healthcheck`, as oslo's healthcheck middleware answers it (no token needed): 200
+    /// `OK` when the database answers a trivial query in time, 503 otherwise.
+    async fn healthcheck(&self, log: &Logger, method: &Method) -> Response<Full<Bytes>> {
+        if *method != Method::GET && *method != Method::HEAD {
+            return ApiError::MethodNotAllowed(method.to_string()).into_response();
+        }
+        let db = self.db.clone();
+        // Any indexed read would do: it takes a pooled connection and runs a query.
+        let query = tokio::task::spawn_blocking(move || db.flavor_get("").map(|_| ()));
+        let healthy = match tokio::time::timeout(HEALTHCHECK_TIMEOUT, query).await {
+            Ok(Ok(Ok(()))) => true,
+            Ok(Ok(Err(e))) => {
+                warn!(log, "healthcheck: the database did not answer"; "error" => %e);
+                false
+            }
+            Ok(Err(e)) => {
+                warn!(log, "healthcheck: the database query did not finish"; "error" => %e);
+                false
+            }
+            Err(_) => {
+                warn!(log, "healthcheck: the database did not answer in time";
+                    "waited_ms" => HEALTHCHECK_TIMEOUT.as_millis() as u64);
+                false
+            }
+        };
+        healthcheck_response(healthy, *method == Method::HEAD)
     }
 
     async fn identity_request(
         &self,
+        log: &Logger,
         request: Request<Incoming>,
         segments: &[String],
         base: &str,
@@ -517,7 +616,7 @@ impl Api {
         };
         let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
         self.identity
-            .handle(&method, &rest, query.as_deref(), &headers, body, base)
+            .handle(log, &method, &rest, query.as_deref(), &headers, body, base)
             .await
     }
 
@@ -787,6 +886,24 @@ mod tests {
         assert_eq!(config.api.max_limit, 1000);
         assert_eq!(config.identity.region, "RegionOne");
         assert!(config.identity.token_ttl().is_ok());
+        assert_eq!(
+            config.metrics.address(default_port::API).as_deref(),
+            Some("127.0.0.1:9774")
+        );
+    }
+
+    #[test]
+    fn the_healthcheck_says_ok_or_why_not_in_plain_text() {
+        let ok = healthcheck_response(true, false);
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(
+            ok.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()),
+            Some("text/plain; charset=utf-8")
+        );
+        let failed = healthcheck_response(false, false);
+        assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let head = healthcheck_response(false, true);
+        assert_eq!(head.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]

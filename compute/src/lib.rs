@@ -19,7 +19,18 @@ use serde::{Deserialize, Serialize};
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
-use proto::service::{finish_in_flight, for_request, stopped, LogConfig, RpcConfig, ServiceHandle};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use proto::metrics::{
+    default_port, outcome_counters, outcome_histograms, MetricsConfig, MetricsError, RpcMetrics,
+};
+use proto::service::{
+    finish_in_flight, for_request, stopped, LogConfig, RpcConfig, ServiceArgs, ServiceHandle,
+};
 use proto::{
     power_state, task_state, vm_state, ComputeApi, ComputeNodeUpdate, ComputeRunInstance,
     ExtraResources, Fault, Incoming, InstanceActionFinish, InstanceDestroy, InstanceResources,
@@ -104,6 +115,7 @@ impl Default for ComputeConfig {
 pub struct Config {
     pub rpc: RpcConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub compute: ComputeConfig,
 }
 
@@ -140,12 +152,15 @@ pub struct Args {
     /// Pretend to have this much disk, in GB.
     #[arg(long)]
     pub local_gb: Option<i64>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl Args {
     pub fn into_config(self) -> Result<Config, ComputeError> {
         let mut config: Config = proto::service::load_config(self.config.as_deref())
             .map_err(|e| ComputeError::Config(e.to_string()))?;
+        self.service.apply(&mut config.log, &mut config.metrics);
         let c = &mut config.compute;
         c.host = self.host.unwrap_or(c.host.clone());
         c.bind = self.bind.unwrap_or(c.bind.clone());
@@ -198,6 +213,96 @@ pub enum ComputeError {
     WrongHost { node: String, host: String },
     #[error("the instance was deleted while it was being built: {0}")]
     Vanished(String),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    host: String,
+}
+
+/// How a build ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy)]
+enum BuildOutcome {
+    Active = 0,
+    Error = 1,
+    /// This host's claim refused it; it went back to a scheduler.
+    Rescheduled = 2,
+    /// Deleted (or placed elsewhere, or put in ERROR) while it was being built.
+    Deleted = 3,
+}
+
+const BUILD_OUTCOMES: [&str; 4] = ["active", "error", "rescheduled", "deleted"];
+
+const MB: i64 = 1024 * 1024;
+
+/// What the compute counts beyond the messaging (which `proto` counts). The gauges carry the
+/// host's name, so the computes of one fabric can be told apart after aggregation.
+struct ComputeMetrics {
+    builds: [Counter; 4],
+    build_duration: [Histogram; 4],
+    free_vcpus: Gauge,
+    free_ram_bytes: Gauge,
+    free_disk_bytes: Gauge,
+    instances: Gauge,
+}
+
+impl ComputeMetrics {
+    fn new(registry: &mut Registry, host: &str) -> Self {
+        let builds = outcome_counters(
+            registry,
+            "zova_compute_builds",
+            "Builds (new_run_instance) by how they ended",
+            BUILD_OUTCOMES,
+        );
+        let build_duration = outcome_histograms(
+            registry,
+            "zova_compute_build_duration",
+            "Time from taking a build to its end (ACTIVE recorded, refused, failed), by outcome",
+            BUILD_OUTCOMES,
+        );
+        let host = HostLabel {
+            host: host.to_string(),
+        };
+        let mut gauge = |name: &str, help: &str, unit: Option<Unit>| {
+            let family = Family::<HostLabel, Gauge>::default();
+            match unit {
+                Some(unit) => registry.register_with_unit(name, help, unit, family.clone()),
+                None => registry.register(name, help, family.clone()),
+            }
+            family.get_or_create_owned(&host)
+        };
+        ComputeMetrics {
+            free_vcpus: gauge(
+                "zova_compute_free_vcpus",
+                "vCPUs of this host not held by its instances (before allocation ratios; negative when overcommitted)",
+                None,
+            ),
+            free_ram_bytes: gauge(
+                "zova_compute_free_ram",
+                "RAM of this host not held by its instances nor reserved for the host (before allocation ratios)",
+                Some(Unit::Bytes),
+            ),
+            free_disk_bytes: gauge(
+                "zova_compute_free_disk",
+                "Disk of this host not held by its instances nor reserved for the host (before allocation ratios)",
+                Some(Unit::Bytes),
+            ),
+            instances: gauge(
+                "zova_compute_instances",
+                "Instances holding resources on this host",
+                None,
+            ),
+            builds,
+            build_duration,
+        }
+    }
+
+    fn build_ended(&self, outcome: BuildOutcome, took: Duration) {
+        self.builds[outcome as usize].inc();
+        self.build_duration[outcome as usize].observe(took.as_secs_f64());
+    }
 }
 
 /// Total capacity of this host, before allocation ratios.
@@ -225,6 +330,7 @@ struct Compute {
     /// landed, so an older snapshot can never overwrite a newer one in the database.
     report_lock: tokio::sync::Mutex<()>,
     instance_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: ComputeMetrics,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -263,16 +369,21 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
             .local_gb
             .unwrap_or_else(|| disk_gb_of(&config.compute.instances_path)),
     };
-    let (rpc, incoming) = Rpc::start(
+    let mut registry = Registry::default();
+    let (rpc, incoming) = Rpc::start_with_metrics(
         log.clone(),
         Some(&config.compute.bind),
         config.rpc.options(),
+        RpcMetrics::new(&mut registry),
     )?;
+    let metrics = ComputeMetrics::new(&mut registry, &config.compute.host);
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
     let bound = rpc.endpoint().unwrap_or_default().to_string();
     let endpoint = advertised_endpoint(&bound, config.compute.advertise.as_deref())
         .map_err(ComputeError::Config)?;
     let log = log.new(slog::o!("host" => config.compute.host.clone()));
+    let metrics_server =
+        proto::metrics::serve(&config.metrics, default_port::COMPUTE, registry, &log).await?;
     let compute = Arc::new(Compute {
         log: log.clone(),
         conductors: Peers::new(config.rpc.conductor_endpoints()),
@@ -286,6 +397,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         tracker: Mutex::new(ResourceTracker::default()),
         report_lock: tokio::sync::Mutex::new(()),
         instance_locks: Mutex::new(HashMap::new()),
+        metrics,
     });
 
     let handle_endpoint = endpoint.clone();
@@ -333,7 +445,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         }
         compute.rpc.shutdown();
     });
-    Ok(ServiceHandle::new(handle_endpoint, stop_tx, task))
+    Ok(ServiceHandle::new(handle_endpoint, stop_tx, task).with_metrics(metrics_server))
 }
 
 /// `[compute] shutdown_timeout` as a duration: zero (power off at once) or more seconds.
@@ -447,7 +559,7 @@ impl Compute {
             ResourceTracker::from_instances(&holding);
         for instance in interrupted {
             warn!(self.log, "build interrupted by a restart"; "instance" => &instance.uuid);
-            self.remove_leftovers(&instance.uuid).await;
+            self.remove_leftovers(&self.log, &instance.uuid).await;
             let message = format!(
                 "The build was interrupted by a restart of {BINARY} on {}",
                 self.config.host
@@ -538,7 +650,7 @@ impl Compute {
                 Err(e @ proto::ProtoError::Remote(_)) => return Err(e),
                 Err(e) if attempt >= RECORD_ATTEMPTS => return Err(e),
                 Err(e) => {
-                    warn!(self.log, "state not recorded yet; retrying"; "instance" => instance, "method" => M::NAME, "error" => %e);
+                    warn!(for_request(&self.log, context), "state not recorded yet; retrying"; "instance" => instance, "method" => M::NAME, "error" => %e);
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                     attempt += 1;
@@ -601,10 +713,10 @@ impl Compute {
     }
 
     /// Removes the disk of `uuid` and releases its claim (its domain is already gone).
-    fn release_files_and_claim(&self, uuid: &str) {
+    fn release_files_and_claim(&self, log: &Logger, uuid: &str) {
         if let Err(e) = disk::remove_instance_dir(&self.config.instances_path, &instance_name(uuid))
         {
-            warn!(self.log, "instance files not removed"; "instance" => uuid, "error" => %e);
+            warn!(log, "instance files not removed"; "instance" => uuid, "error" => %e);
         }
         self.tracker
             .lock()
@@ -613,11 +725,11 @@ impl Compute {
     }
 
     /// Destroys the domain and the disk of `uuid` if they exist, and releases its claim.
-    async fn remove_leftovers(&self, uuid: &str) {
+    async fn remove_leftovers(&self, log: &Logger, uuid: &str) {
         if let Err(e) = self.destroy_domain(uuid).await {
-            warn!(self.log, "domain not removed"; "instance" => uuid, "error" => %e);
+            warn!(log, "domain not removed"; "instance" => uuid, "error" => %e);
         }
-        self.release_files_and_claim(uuid);
+        self.release_files_and_claim(log, uuid);
     }
 
     async fn periodic_report(&self) {
@@ -636,7 +748,7 @@ impl Compute {
     /// report carries the same numbers.
     async fn report_resources(&self, context: &RequestContext) {
         if let Err(e) = self.update_available_resource(context).await {
-            warn!(self.log, "resource report not recorded"; "error" => %e);
+            warn!(for_request(&self.log, context), "resource report not recorded"; "error" => %e);
         }
     }
 
@@ -650,6 +762,7 @@ impl Compute {
             let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
             (tracker.used(), tracker.instance_count() as i64)
         };
+        self.observe_free(used, running);
         let update = ComputeNodeUpdate {
             host: self.config.host.clone(),
             hypervisor_hostname: self.config.host.clone(),
@@ -671,6 +784,29 @@ impl Compute {
             },
         };
         self.conductors.call(&self.rpc, context, &update).await
+    }
+
+    /// This host's free resources as its own ledger sees them, for the gauges.
+    fn observe_free(&self, used: Usage, instances: i64) {
+        let capacity = &self.capacity;
+        let reserved_ram_mb = self.config.reserved_host_memory_mb.max(0);
+        let reserved_disk_mb = self.config.reserved_host_disk_mb.max(0);
+        let metrics = &self.metrics;
+        metrics
+            .free_vcpus
+            .set(capacity.vcpus.saturating_sub(used.vcpus));
+        let free_ram_mb = capacity
+            .memory_mb
+            .saturating_sub(reserved_ram_mb)
+            .saturating_sub(used.memory_mb);
+        metrics.free_ram_bytes.set(free_ram_mb.saturating_mul(MB));
+        let free_disk_mb = capacity
+            .local_gb
+            .saturating_mul(1024)
+            .saturating_sub(reserved_disk_mb)
+            .saturating_sub(used.disk_mb);
+        metrics.free_disk_bytes.set(free_disk_mb.saturating_mul(MB));
+        metrics.instances.set(instances);
     }
 
     async fn dispatch(&self, request: Incoming) {
@@ -722,15 +858,30 @@ impl Compute {
         let lock = self.instance_lock(&uuid);
         let _building = lock.lock().await;
         let started = Instant::now();
+        let outcome = self.build(log, context, args, started).await;
+        self.metrics.build_ended(outcome, started.elapsed());
+    }
+
+    /// Builds the instance and cleans up after a build that cannot finish; says how it ended.
+    async fn build(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        args: ComputeRunInstance,
+        started: Instant,
+    ) -> BuildOutcome {
+        let uuid = args.spec.instance_uuid.clone();
         match self.build_and_run(log, context, &args).await {
             Ok(()) => {
-                info!(log, "instance running"; "instance" => &uuid, "build_ms" => started.elapsed().as_millis() as u64)
+                info!(log, "instance running"; "instance" => &uuid, "build_ms" => started.elapsed().as_millis() as u64);
+                BuildOutcome::Active
             }
             Err(ComputeError::Vanished(_)) => {
                 // Deleted while it was being built: clean up, there is no row to report to.
                 info!(log, "instance deleted, in error or placed elsewhere during its build; cleaning up"; "instance" => &uuid);
-                self.remove_leftovers(&uuid).await;
+                self.remove_leftovers(log, &uuid).await;
                 self.report_resources(context).await;
+                BuildOutcome::Deleted
             }
             Err(ComputeError::Claim(refused)) => {
                 // The last line of defence against over-commit: this host cannot take it, so
@@ -738,11 +889,12 @@ impl Compute {
                 info!(log, "claim refused; asking for a reschedule"; "instance" => &uuid, "reason" => %refused);
                 self.reschedule(log, context, args.spec, refused.to_string())
                     .await;
+                BuildOutcome::Rescheduled
             }
             Err(e) => {
                 warn!(log, "instance build failed"; "instance" => &uuid, "error" => %e);
                 // Leave nothing behind: no domain, no disk, no claim.
-                self.remove_leftovers(&uuid).await;
+                self.remove_leftovers(log, &uuid).await;
                 if let Err(e) = self
                     .record(context, &self.error_update(&uuid, e.to_string()))
                     .await
@@ -750,6 +902,7 @@ impl Compute {
                     warn!(log, "could not record the build failure"; "instance" => &uuid, "error" => %e);
                 }
                 self.report_resources(context).await;
+                BuildOutcome::Error
             }
         }
     }
@@ -907,7 +1060,7 @@ impl Compute {
             let _ = self.record(context, &update).await;
             return;
         }
-        self.release_files_and_claim(uuid);
+        self.release_files_and_claim(log, uuid);
         match self
             .conductors
             .call(

@@ -10,8 +10,12 @@ use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
 use db::{ComputeNodeValues, Db, DbError, InstanceChanges, NewFault};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use proto::metrics::{default_port, outcome_counters, MetricsConfig, MetricsError, RpcMetrics};
 use proto::service::{
-    finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle,
+    finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceArgs,
+    ServiceHandle,
 };
 use proto::{
     BuildInstances, ComputeNodeUpdate, ConductorApi, FlavorSpec, ImageSpec, Incoming,
@@ -28,6 +32,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub rpc: RpcConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, clap::Parser)]
@@ -45,12 +50,15 @@ pub struct Args {
     /// Database URL (default: [database] url).
     #[arg(long)]
     pub database: Option<String>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl Args {
     pub fn into_config(self) -> Result<Config, ConductorError> {
         let mut config: Config = proto::service::load_config(self.config.as_deref())
             .map_err(|e| ConductorError::Config(e.to_string()))?;
+        self.service.apply(&mut config.log, &mut config.metrics);
         if let Some(bind) = self.bind {
             config.rpc.conductor = bind;
         }
@@ -69,6 +77,8 @@ pub enum ConductorError {
     Database(#[from] DbError),
     #[error(transparent)]
     Rpc(#[from] proto::ProtoError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 struct Conductor {
@@ -76,6 +86,46 @@ struct Conductor {
     db: Db,
     rpc: Rpc,
     schedulers: Peers,
+    metrics: ConductorMetrics,
+}
+
+/// What the conductor counts beyond the messaging (which `proto` counts).
+struct ConductorMetrics {
+    /// Instances of `build_instances`: sent to a scheduler, or put in ERROR here.
+    builds_scheduled: Counter,
+    builds_failed: Counter,
+    /// Instances a compute refused: sent back to a scheduler, put in ERROR, or not rescheduled
+    /// because they were deleted or no longer building meanwhile.
+    reschedules: [Counter; 3],
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rescheduled {
+    Sent = 0,
+    Failed = 1,
+    Skipped = 2,
+}
+
+impl ConductorMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let [builds_scheduled, builds_failed] = outcome_counters(
+            registry,
+            "zova_conductor_build_requests",
+            "Instances of build_instances requests: sent to a scheduler, or put in ERROR by the conductor",
+            ["scheduled", "failed"],
+        );
+        let reschedules = outcome_counters(
+            registry,
+            "zova_conductor_reschedules",
+            "Instances a compute refused: sent to a scheduler again, put in ERROR, or skipped (deleted or no longer building)",
+            ["scheduled", "failed", "skipped"],
+        );
+        ConductorMetrics {
+            builds_scheduled,
+            builds_failed,
+            reschedules,
+        }
+    }
 }
 
 /// Opens the database, binds `[rpc] conductor` and serves until stopped.
@@ -84,20 +134,26 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
     let db = tokio::task::spawn_blocking(move || Db::open(&url))
         .await
         .map_err(|e| ConductorError::Config(e.to_string()))??;
-    let (rpc, incoming) = Rpc::start(
+    let mut registry = Registry::default();
+    let (rpc, incoming) = Rpc::start_with_metrics(
         log.clone(),
         Some(&config.rpc.conductor),
         config.rpc.options(),
+        RpcMetrics::new(&mut registry),
     )?;
+    let metrics = ConductorMetrics::new(&mut registry);
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
     let endpoint = rpc.endpoint().unwrap_or_default().to_string();
     let schedulers = config.rpc.scheduler_endpoints();
+    let metrics_server =
+        proto::metrics::serve(&config.metrics, default_port::CONDUCTOR, registry, &log).await?;
     info!(log, "conductor listening"; "endpoint" => &endpoint, "schedulers" => schedulers.join(","));
     let conductor = Arc::new(Conductor {
         log,
         db,
         rpc,
         schedulers: Peers::new(schedulers),
+        metrics,
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -125,7 +181,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
         }
         conductor.rpc.shutdown();
     });
-    Ok(ServiceHandle::new(endpoint, stop_tx, task))
+    Ok(ServiceHandle::new(endpoint, stop_tx, task).with_metrics(metrics_server))
 }
 
 fn remote(err: DbError) -> RemoteError {
@@ -266,6 +322,22 @@ impl Conductor {
     }
 
     async fn build_instances(&self, log: &Logger, context: &RequestContext, args: BuildInstances) {
+        let total = args.instance_uuids.len() as u64;
+        let scheduled = self.schedule_builds(log, context, args).await as u64;
+        self.metrics.builds_scheduled.inc_by(scheduled);
+        self.metrics
+            .builds_failed
+            .inc_by(total.saturating_sub(scheduled));
+    }
+
+    /// Sends the instances of a build to a scheduler; returns how many went (the others are
+    /// in ERROR).
+    async fn schedule_builds(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        args: BuildInstances,
+    ) -> usize {
         let mut specs = Vec::with_capacity(args.instance_uuids.len());
         for uuid in args.instance_uuids {
             let db = self.db.clone();
@@ -278,7 +350,7 @@ impl Conductor {
             }
         }
         if specs.is_empty() {
-            return;
+            return 0;
         }
         let uuids: Vec<String> = specs.iter().map(|s| s.instance_uuid.clone()).collect();
         if uuids.len() < args.min_count as usize {
@@ -292,18 +364,22 @@ impl Conductor {
             for uuid in &uuids {
                 self.fail(log, uuid, message.clone()).await;
             }
-            return;
+            return 0;
         }
         let request = ScheduleRunInstance {
             specs,
             min_count: args.min_count,
         };
         match self.cast_to_a_scheduler(log, context, &request).await {
-            Ok(()) => info!(log, "instances sent to the scheduler"; "instances" => uuids.len()),
+            Ok(()) => {
+                info!(log, "instances sent to the scheduler"; "instances" => uuids.len());
+                uuids.len()
+            }
             Err(message) => {
                 for uuid in &uuids {
                     self.fail(log, uuid, message.clone()).await;
                 }
+                0
             }
         }
     }
@@ -316,6 +392,16 @@ impl Conductor {
         context: &RequestContext,
         args: RescheduleInstance,
     ) {
+        let outcome = self.reschedule(log, context, args).await;
+        self.metrics.reschedules[outcome as usize].inc();
+    }
+
+    async fn reschedule(
+        &self,
+        log: &Logger,
+        context: &RequestContext,
+        args: RescheduleInstance,
+    ) -> Rescheduled {
         let uuid = args.spec.instance_uuid.clone();
         let db = self.db.clone();
         let lookup = uuid.clone();
@@ -336,22 +422,32 @@ impl Conductor {
             Ok(Ok(_)) => {}
             Ok(Err(DbError::NotFound { .. })) => {
                 info!(log, "instance deleted before its reschedule"; "instance" => &uuid);
-                return;
+                return Rescheduled::Skipped;
             }
             Ok(Err(DbError::Conflict(why))) => {
                 info!(log, "instance no longer building; not rescheduled"; "instance" => &uuid, "why" => why);
-                return;
+                return Rescheduled::Skipped;
             }
-            Ok(Err(e)) => return self.fail(log, &uuid, e.to_string()).await,
-            Err(e) => return self.fail(log, &uuid, e.to_string()).await,
+            Ok(Err(e)) => {
+                self.fail(log, &uuid, e.to_string()).await;
+                return Rescheduled::Failed;
+            }
+            Err(e) => {
+                self.fail(log, &uuid, e.to_string()).await;
+                return Rescheduled::Failed;
+            }
         }
         info!(log, "rescheduling"; "instance" => &uuid, "refused_by" => &args.host, "reason" => &args.reason);
         let request = ScheduleRunInstance {
             specs: vec![args.spec],
             min_count: 1,
         };
-        if let Err(message) = self.cast_to_a_scheduler(log, context, &request).await {
-            self.fail(log, &uuid, message).await;
+        match self.cast_to_a_scheduler(log, context, &request).await {
+            Ok(()) => Rescheduled::Sent,
+            Err(message) => {
+                self.fail(log, &uuid, message).await;
+                Rescheduled::Failed
+            }
         }
     }
 

@@ -41,6 +41,15 @@ pub fn with_hints(name: &str, flavor: &str, hints: Value) -> Value {
     body
 }
 
+/// The value of one series in a metrics text, named with its labels as the text writes them
+/// (`zova_api_requests_total{method="POST",route="/v2.1/servers",status="202"}`); None when
+/// the series is absent.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// The value at fraction `p` (0.0–1.0) of sorted latencies; zero when there are none.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -119,6 +128,9 @@ pub struct FabricOptions {
     /// CURVE on every socket: the conductor and schedulers share one server key pair, each
     /// compute host and the API have their own, and every service trusts only these keys.
     pub curve: bool,
+    /// Every service serves `GET /metrics` on an ephemeral loopback port
+    /// ([`Fabric::metrics_address`], [`Fabric::scrape`]).
+    pub metrics: bool,
 }
 
 impl Default for FabricOptions {
@@ -127,7 +139,19 @@ impl Default for FabricOptions {
             schedulers: 1,
             scheduler: scheduler::SchedulerConfig::default(),
             curve: false,
+            metrics: false,
         }
+    }
+}
+
+/// `[metrics]` of a fabric's services: an ephemeral loopback port each, or none.
+fn metrics_config(enabled: bool) -> proto::metrics::MetricsConfig {
+    proto::metrics::MetricsConfig {
+        listen: if enabled {
+            "127.0.0.1:0".into()
+        } else {
+            String::new()
+        },
     }
 }
 
@@ -173,6 +197,8 @@ pub struct Fabric {
     rpc: proto::service::RpcConfig,
     /// With CURVE: each service's key pair, by service name (`control`, `api`, host names).
     keys: Keys,
+    /// `[metrics]` of every service (and of computes started later).
+    metrics: proto::metrics::MetricsConfig,
     log: slog::Logger,
     // Held for its Drop: the state directory lives as long as the fabric.
     _state: tempfile::TempDir,
@@ -232,12 +258,14 @@ fn start_error(service: &'static str) -> impl Fn(String) -> FabricError {
 async fn start_compute(
     host: &HostSpec,
     rpc: &proto::service::RpcConfig,
+    metrics: &proto::metrics::MetricsConfig,
     state: &std::path::Path,
     log: &slog::Logger,
 ) -> Result<ServiceHandle, FabricError> {
     compute::start(
         compute::Config {
             rpc: rpc.clone(),
+            metrics: metrics.clone(),
             compute: compute::ComputeConfig {
                 host: host.name.clone(),
                 bind: "tcp://127.0.0.1:*".into(),
@@ -288,6 +316,7 @@ impl Fabric {
             Keys::default()
         };
         let any = "tcp://127.0.0.1:*";
+        let metrics = metrics_config(options.metrics);
         let mut services = Vec::new();
 
         let mut scheduler_endpoints = Vec::new();
@@ -296,6 +325,7 @@ impl Fabric {
                 scheduler::Config {
                     database: database.clone(),
                     rpc: keys.apply("control", &rpc_config("", &[any.to_string()])),
+                    metrics: metrics.clone(),
                     scheduler: scheduler::SchedulerConfig {
                         build_queue_period: build_queue_period.as_secs_f64(),
                         ..options.scheduler.clone()
@@ -319,6 +349,7 @@ impl Fabric {
             conductor::Config {
                 database: database.clone(),
                 rpc: keys.apply("control", &rpc_config(any, &scheduler_endpoints)),
+                metrics: metrics.clone(),
                 ..Default::default()
             },
             log.new(slog::o!("service" => "zova-conductor")),
@@ -332,7 +363,14 @@ impl Fabric {
         for host in hosts {
             services.push((
                 host.name.clone(),
-                start_compute(host, &keys.apply(&host.name, &rpc), state.path(), &log).await?,
+                start_compute(
+                    host,
+                    &keys.apply(&host.name, &rpc),
+                    &metrics,
+                    state.path(),
+                    &log,
+                )
+                .await?,
             ));
         }
 
@@ -340,6 +378,7 @@ impl Fabric {
             api::Config {
                 database: database.clone(),
                 rpc: keys.apply("api", &rpc),
+                metrics: metrics.clone(),
                 api: api::ApiConfig {
                     listen: "127.0.0.1:0".into(),
                     ..Default::default()
@@ -375,6 +414,7 @@ impl Fabric {
             services,
             rpc,
             keys,
+            metrics,
             log,
             _state: state,
         };
@@ -393,6 +433,32 @@ impl Fabric {
     /// The RPC endpoints of the services: `conductor`, `scheduler` and `schedulers`.
     pub fn rpc(&self) -> &proto::service::RpcConfig {
         &self.rpc
+    }
+
+    /// Where service `name` (`api`, `conductor`, `scheduler`, a compute host's name) serves
+    /// `GET /metrics`; None without [`FabricOptions::metrics`] or for an unknown name.
+    pub fn metrics_address(&self, name: &str) -> Option<String> {
+        self.services
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, handle)| handle.metrics_address())
+            .map(|address| address.to_string())
+    }
+
+    /// The metrics text of service `name`, as a Prometheus scrape gets it.
+    pub async fn scrape(&self, name: &str) -> Result<String, FabricError> {
+        let address = self
+            .metrics_address(name)
+            .ok_or_else(|| FabricError::Http(format!("{name} serves no metrics")))?;
+        let response = http_request(&address, Method::GET, "/metrics", Vec::new(), &[]).await?;
+        if response.status != StatusCode::OK {
+            return Err(FabricError::Http(format!(
+                "GET /metrics of {name} answered {}",
+                response.status
+            )));
+        }
+        String::from_utf8(response.raw.to_vec())
+            .map_err(|e| FabricError::Http(format!("the metrics of {name} are not UTF-8: {e}")))
     }
 
     /// Sleeps long enough for the scheduler to rebuild its host queue at least once.
@@ -523,7 +589,8 @@ impl Fabric {
     /// Starts (or restarts, after `kill`) a compute host.
     pub async fn start_compute(&mut self, host: &HostSpec) -> Result<(), FabricError> {
         let rpc = self.keys.apply(&host.name, &self.rpc);
-        let handle = start_compute(host, &rpc, self._state.path(), &self.log).await?;
+        let handle =
+            start_compute(host, &rpc, &self.metrics, self._state.path(), &self.log).await?;
         self.services.push((host.name.clone(), handle));
         Ok(())
     }

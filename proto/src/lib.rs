@@ -7,6 +7,7 @@
 pub mod curve;
 pub mod envelope;
 pub mod messages;
+pub mod metrics;
 pub mod peers;
 pub mod service;
 pub mod transport;
@@ -14,6 +15,7 @@ pub mod transport;
 pub use curve::CurveConfig;
 pub use envelope::{new_request_id, Envelope, Kind, RemoteError, RequestContext};
 pub use messages::*;
+pub use metrics::RpcMetrics;
 pub use peers::Peers;
 pub use transport::{Incoming, Rpc, RpcOptions};
 

@@ -11,6 +11,7 @@ use slog::{o, Drain, Logger};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::metrics::{MetricsConfig, MetricsServer};
 use crate::{CurveConfig, RpcOptions};
 
 /// Loads a service's configuration: its defaults, then the TOML file (if given), then
@@ -173,6 +174,36 @@ pub struct LogConfig {
     pub debug: bool,
 }
 
+/// The flags every service binary takes on top of its own.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServiceArgs {
+    /// Log format (default: [log] format).
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Also log debug lines (default: [log] debug).
+    #[arg(long)]
+    pub debug: bool,
+    /// Serve GET /metrics here: host:port, or a host for the service's own default port
+    /// (default: [metrics] listen; empty: none).
+    #[arg(long, value_name = "ADDRESS")]
+    pub metrics_listen: Option<String>,
+}
+
+impl ServiceArgs {
+    /// Lays the flags over the configuration's `[log]` and `[metrics]`.
+    pub fn apply(&self, log: &mut LogConfig, metrics: &mut MetricsConfig) {
+        if let Some(format) = self.log_format {
+            log.format = format;
+        }
+        if self.debug {
+            log.debug = true;
+        }
+        if let Some(listen) = &self.metrics_listen {
+            metrics.listen = listen.clone();
+        }
+    }
+}
+
 /// The root logger of a service: every line carries the service name; request handlers add
 /// `request_id` with `for_request`.
 pub fn root_logger(config: &LogConfig, service: &str) -> Logger {
@@ -209,6 +240,8 @@ pub struct ServiceHandle {
     pub endpoint: String,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Its metrics endpoint, if `[metrics] listen` asked for one; stopped with the service.
+    metrics: Option<MetricsServer>,
 }
 
 impl ServiceHandle {
@@ -217,13 +250,27 @@ impl ServiceHandle {
             endpoint,
             stop,
             task,
+            metrics: None,
         }
     }
 
-    /// Asks the service to stop and waits until its loops have ended.
+    /// The handle with the service's metrics endpoint, served until the service has stopped.
+    pub fn with_metrics(mut self, metrics: Option<MetricsServer>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where the service serves `GET /metrics`, if it does.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::address)
+    }
+
+    /// Asks the service to stop and waits until its loops have ended; its metrics are served
+    /// until then.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        drop(self.metrics);
     }
 
     /// Waits until the service ends by itself (it only does on a fatal error) or Ctrl-C/SIGTERM.
@@ -386,6 +433,40 @@ mod tests {
         assert_eq!(plain.max_message_bytes, 16 * 1024 * 1024);
         let loaded: Sample = load_config(None).expect("defaults load");
         assert!(loaded.rpc.curve.is_none());
+    }
+
+    #[test]
+    fn flags_override_the_log_and_metrics_sections() {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Binary {
+            #[command(flatten)]
+            service: ServiceArgs,
+        }
+        let mut log = LogConfig::default();
+        let mut metrics = MetricsConfig {
+            listen: "127.0.0.1".into(),
+        };
+        Binary::parse_from(["zova-x"])
+            .service
+            .apply(&mut log, &mut metrics);
+        assert_eq!((log.format, log.debug), (LogFormat::Terminal, false));
+        assert_eq!(metrics.listen, "127.0.0.1");
+
+        let flags = [
+            "zova-x",
+            "--log-format",
+            "json",
+            "--debug",
+            "--metrics-listen",
+            "",
+        ];
+        Binary::parse_from(flags)
+            .service
+            .apply(&mut log, &mut metrics);
+        assert_eq!((log.format, log.debug), (LogFormat::Json, true));
+        assert_eq!(metrics.listen, "", "an empty flag turns the endpoint off");
+        assert!(Binary::try_parse_from(["zova-x", "--log-format", "xml"]).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::envelope::{
     decode, encode, Envelope, Header, Kind, RemoteError, ReplyBody, RequestContext, PROTOCOL_MAJOR,
 };
 use crate::messages::Method;
+use crate::metrics::{DroppedFrame, RpcMetrics};
 use crate::ProtoError;
 
 /// The answer of a service that is stopping and took nothing.
@@ -126,36 +127,57 @@ enum Waiter {
     Reply(oneshot::Sender<Result<ReplyBody, ProtoError>>),
 }
 
-/// A request waiting for its ack or reply, the peer it goes to, and the connection (DEALER) it
-/// went out on once the I/O thread has sent it.
+impl Waiter {
+    /// The kind of request that waits: a cast for its ack, a call for its reply.
+    fn kind(&self) -> Kind {
+        match self {
+            Waiter::Ack(_) => Kind::Cast,
+            Waiter::Reply(_) => Kind::Call,
+        }
+    }
+}
+
+/// A request waiting for its ack or reply, the peer it goes to, its method (for the metrics)
+/// and the connection (DEALER) it went out on once the I/O thread has sent it.
 struct Pending {
     endpoint: String,
+    method: &'static str,
     waiter: Waiter,
     connection: Option<u64>,
 }
 
-/// The requests waiting for an answer, and how many wait on each peer.
-#[derive(Default)]
+/// The requests waiting for an answer, and how many wait on each peer (and in all, in the
+/// metrics' gauges).
 struct PendingTable {
     requests: HashMap<Uuid, Pending>,
     per_peer: HashMap<String, usize>,
+    metrics: RpcMetrics,
 }
 
 impl PendingTable {
+    fn new(metrics: RpcMetrics) -> Self {
+        PendingTable {
+            requests: HashMap::new(),
+            per_peer: HashMap::new(),
+            metrics,
+        }
+    }
+
     fn waiting_on(&self, endpoint: &str) -> usize {
         self.per_peer.get(endpoint).copied().unwrap_or(0)
     }
 
     fn insert(&mut self, msg_id: Uuid, pending: Pending) {
         *self.per_peer.entry(pending.endpoint.clone()).or_default() += 1;
+        self.metrics.waiting(pending.waiter.kind()).inc();
         if let Some(replaced) = self.requests.insert(msg_id, pending) {
-            self.uncount(&replaced.endpoint);
+            self.uncount(&replaced);
         }
     }
 
     fn remove(&mut self, msg_id: &Uuid) -> Option<Pending> {
         let pending = self.requests.remove(msg_id)?;
-        self.uncount(&pending.endpoint);
+        self.uncount(&pending);
         Some(pending)
     }
 
@@ -172,15 +194,19 @@ impl PendingTable {
     }
 
     fn clear(&mut self) {
+        for pending in self.requests.values() {
+            self.metrics.waiting(pending.waiter.kind()).dec();
+        }
         self.requests.clear();
         self.per_peer.clear();
     }
 
-    fn uncount(&mut self, endpoint: &str) {
-        if let Some(count) = self.per_peer.get_mut(endpoint) {
+    fn uncount(&mut self, pending: &Pending) {
+        self.metrics.waiting(pending.waiter.kind()).dec();
+        if let Some(count) = self.per_peer.get_mut(&pending.endpoint) {
             *count -= 1;
             if *count == 0 {
-                self.per_peer.remove(endpoint);
+                self.per_peer.remove(&pending.endpoint);
             }
         }
     }
@@ -213,10 +239,13 @@ enum Command {
     Send {
         endpoint: String,
         msg_id: Uuid,
+        method: &'static str,
+        kind: Kind,
         bytes: Vec<u8>,
     },
     Reply {
         identity: Vec<u8>,
+        method: &'static str,
         bytes: Vec<u8>,
     },
     Reset {
@@ -323,6 +352,7 @@ pub struct Incoming {
     pub envelope: Envelope,
     identity: Vec<u8>,
     commands: CommandSocket,
+    metrics: RpcMetrics,
     max_message_bytes: u64,
     replied: bool,
 }
@@ -400,6 +430,7 @@ impl Incoming {
         // The I/O thread is gone only at shutdown, when nobody waits for the reply any more.
         let _ = self.commands.push(Command::Reply {
             identity: std::mem::take(&mut self.identity),
+            method: self.metrics.method_label(&self.envelope.method),
             bytes,
         });
     }
@@ -429,18 +460,33 @@ pub struct Rpc {
     pending: PendingMap,
     peer_keys: PeerKeys,
     endpoint: Option<String>,
+    metrics: RpcMetrics,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// What `Rpc::start` returns: the handle, and with `bind` the receiver of requests.
+type Started = (Rpc, Option<mpsc::UnboundedReceiver<Incoming>>);
 
 impl Rpc {
     /// Starts the I/O thread. With `bind`, the service also serves requests: they arrive on the
     /// returned receiver (already acknowledged to their senders). `tcp://127.0.0.1:*` binds an
     /// ephemeral port; `endpoint()` says which. Invalid options or keys are an error here.
+    /// Its metrics are registered nowhere; see [`Rpc::start_with_metrics`].
     pub fn start(
         log: Logger,
         bind: Option<&str>,
         options: RpcOptions,
-    ) -> Result<(Rpc, Option<mpsc::UnboundedReceiver<Incoming>>), ProtoError> {
+    ) -> Result<Started, ProtoError> {
+        Rpc::start_with_metrics(log, bind, options, RpcMetrics::default())
+    }
+
+    /// As [`Rpc::start`], counting into `metrics` (created in the service's registry).
+    pub fn start_with_metrics(
+        log: Logger,
+        bind: Option<&str>,
+        options: RpcOptions,
+        metrics: RpcMetrics,
+    ) -> Result<Started, ProtoError> {
         options.check()?;
         let curve = options
             .curve
@@ -489,7 +535,7 @@ impl Rpc {
         };
         log_security(&log, bind, curve.as_ref());
 
-        let pending: PendingMap = Arc::default();
+        let pending: PendingMap = Arc::new(Mutex::new(PendingTable::new(metrics.clone())));
         let peer_keys: PeerKeys = Arc::default();
         if let Some(config) = &options.curve {
             for (endpoint, key) in &config.peer_keys {
@@ -512,6 +558,7 @@ impl Rpc {
             incoming: incoming_tx,
             pending: pending.clone(),
             commands: commands.clone(),
+            metrics: metrics.clone(),
             context,
         };
         let thread = std::thread::Builder::new()
@@ -525,6 +572,7 @@ impl Rpc {
             pending,
             peer_keys,
             endpoint,
+            metrics,
             thread: Mutex::new(Some(thread)),
         };
         Ok((rpc, incoming_rx))
@@ -558,10 +606,23 @@ impl Rpc {
         context: &RequestContext,
         args: &M,
     ) -> Result<(), ProtoError> {
+        let result = self.cast_once(endpoint, context, args).await;
+        if let Err(e) = &result {
+            self.metrics.failed(M::NAME, e);
+        }
+        result
+    }
+
+    async fn cast_once<M: Method>(
+        &self,
+        endpoint: &str,
+        context: &RequestContext,
+        args: &M,
+    ) -> Result<(), ProtoError> {
         let context = context.with_deadline_in(self.options.cast_timeout);
         let envelope = Envelope::request(Kind::Cast, M::NAME, &context, args)?;
         let (tx, mut rx) = oneshot::channel();
-        let _guard = self.send(endpoint, &envelope, Waiter::Ack(tx))?;
+        let _guard = self.send(endpoint, M::NAME, &envelope, Waiter::Ack(tx))?;
         match tokio::time::timeout(self.options.cast_timeout, &mut rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProtoError::Closed),
@@ -596,12 +657,31 @@ impl Rpc {
         context: &RequestContext,
         args: &M,
     ) -> Result<M::Reply, ProtoError> {
+        let result = self.call_once(endpoint, context, args).await;
+        if let Err(e) = &result {
+            self.metrics.failed(M::NAME, e);
+        }
+        result
+    }
+
+    async fn call_once<M: Method>(
+        &self,
+        endpoint: &str,
+        context: &RequestContext,
+        args: &M,
+    ) -> Result<M::Reply, ProtoError> {
         let context = context.with_deadline_in(self.options.call_timeout);
         let envelope = Envelope::request(Kind::Call, M::NAME, &context, args)?;
         let (tx, rx) = oneshot::channel();
-        let _guard = self.send(endpoint, &envelope, Waiter::Reply(tx))?;
+        let sent = Instant::now();
+        let _guard = self.send(endpoint, M::NAME, &envelope, Waiter::Reply(tx))?;
         let body = match tokio::time::timeout(self.options.call_timeout, rx).await {
-            Ok(Ok(result)) => result?,
+            Ok(Ok(result)) => {
+                if result.is_ok() {
+                    self.metrics.call_answered(M::NAME, sent.elapsed());
+                }
+                result?
+            }
             Ok(Err(_)) => return Err(ProtoError::Closed),
             Err(_) => {
                 return Err(ProtoError::Timeout {
@@ -620,6 +700,7 @@ impl Rpc {
     fn send(
         &self,
         endpoint: &str,
+        method: &'static str,
         envelope: &Envelope,
         waiter: Waiter,
     ) -> Result<PendingGuard<'_>, ProtoError> {
@@ -645,6 +726,7 @@ impl Rpc {
             }
             let entry = Pending {
                 endpoint: endpoint.to_string(),
+                method,
                 waiter,
                 connection: None,
             };
@@ -659,6 +741,8 @@ impl Rpc {
         self.commands.push(Command::Send {
             endpoint: endpoint.to_string(),
             msg_id: envelope.msg_id,
+            method,
+            kind: envelope.kind,
             bytes,
         })?;
         Ok(guard)
@@ -744,6 +828,7 @@ struct IoThread {
     incoming: Option<mpsc::UnboundedSender<Incoming>>,
     pending: PendingMap,
     commands: CommandSocket,
+    metrics: RpcMetrics,
     context: zmq::Context,
 }
 
@@ -844,12 +929,18 @@ impl IoThread {
                 Command::Send {
                     endpoint,
                     msg_id,
+                    method,
+                    kind,
                     bytes,
-                } => self.send_to_peer(endpoint, msg_id, &bytes),
-                Command::Reply { identity, bytes } => {
+                } => self.send_to_peer(endpoint, msg_id, &bytes, method, kind),
+                Command::Reply {
+                    identity,
+                    method,
+                    bytes,
+                } => {
                     if let Some(router) = &self.router {
                         match router.send_multipart([&identity, &bytes], zmq::DONTWAIT) {
-                            Ok(()) => {}
+                            Ok(()) => self.metrics.sent(method, Kind::Reply),
                             // The caller went away (ROUTER_MANDATORY says so); it has timed out.
                             Err(zmq::Error::EHOSTUNREACH) => {
                                 debug!(self.log, "reply not delivered: the caller is gone");
@@ -887,13 +978,25 @@ impl IoThread {
         true
     }
 
-    fn send_to_peer(&mut self, endpoint: String, msg_id: Uuid, bytes: &[u8]) {
-        if let Err(reason) = self.try_send(&endpoint, msg_id, bytes) {
-            self.complete(msg_id, Err(ProtoError::Refused { endpoint, reason }));
+    fn send_to_peer(
+        &mut self,
+        endpoint: String,
+        msg_id: Uuid,
+        bytes: &[u8],
+        method: &'static str,
+        kind: Kind,
+    ) {
+        match self.try_send(&endpoint, msg_id, bytes) {
+            Ok(true) => self.metrics.sent(method, kind),
+            Ok(false) => {}
+            Err(reason) => {
+                self.complete(msg_id, Err(ProtoError::Refused { endpoint, reason }));
+            }
         }
     }
 
-    fn try_send(&mut self, endpoint: &str, msg_id: Uuid, bytes: &[u8]) -> Result<(), String> {
+    /// Sends a request on the peer's DEALER; false when its caller already gave up on it.
+    fn try_send(&mut self, endpoint: &str, msg_id: Uuid, bytes: &[u8]) -> Result<bool, String> {
         if !self.dealers.contains_key(endpoint) {
             let dealer = self.open_dealer(endpoint)?;
             self.dealers.insert(endpoint.to_string(), dealer);
@@ -905,12 +1008,12 @@ impl IoThread {
         let Some(entry) = pending.requests.get_mut(&msg_id) else {
             // Its caller already gave up: sending it now would deliver work it may have sent
             // elsewhere.
-            return Ok(());
+            return Ok(false);
         };
         match dealer.socket.send(bytes, zmq::DONTWAIT) {
             Ok(()) => {
                 entry.connection = Some(dealer.connection);
-                Ok(())
+                Ok(true)
             }
             Err(zmq::Error::EAGAIN) => Err(format!(
                 "its send queue is full ({} messages, rpc.sndhwm)",
@@ -990,6 +1093,7 @@ impl IoThread {
                 debug!(self.log, "CURVE client accepted";
                     "client_key" => &answer.client, "address" => &answer.address);
             } else {
+                self.metrics.curve_refused();
                 let refusals = &mut self.refusals;
                 let due = match refusals.last_warning {
                     None => true,
@@ -1025,14 +1129,17 @@ impl IoThread {
             };
             taken += 1;
             let [identity, payload] = frames.as_slice() else {
+                self.metrics.dropped(DroppedFrame::Parts);
                 warn!(self.log, "frame with unexpected parts dropped"; "parts" => frames.len());
                 continue;
             };
             let envelope = match Envelope::from_bytes(payload) {
                 Ok(envelope) => envelope,
                 Err(ProtoError::Version(major)) => {
+                    self.metrics.dropped(DroppedFrame::Version);
                     // Another major version: say so, so the sender fails at once and clearly.
                     if let Some(header) = Header::peek(payload) {
+                        self.metrics.sent("", Kind::Reply);
                         refuse(
                             router,
                             identity,
@@ -1047,14 +1154,17 @@ impl IoThread {
                     continue;
                 }
                 Err(e) => {
+                    self.metrics.dropped(DroppedFrame::Malformed);
                     warn!(self.log, "malformed rpc frame dropped"; "error" => %e, "bytes" => payload.len());
                     continue;
                 }
             };
             if !matches!(envelope.kind, Kind::Cast | Kind::Call) {
+                self.metrics.dropped(DroppedFrame::Kind);
                 warn!(self.log, "unexpected frame kind on the service socket dropped"; "kind" => ?envelope.kind);
                 continue;
             }
+            self.metrics.received(&envelope.method, envelope.kind);
             let header = Header {
                 version: envelope.version,
                 msg_id: envelope.msg_id,
@@ -1063,6 +1173,7 @@ impl IoThread {
             let Some(incoming) = &self.incoming else {
                 // Stopping: say so, so the sender moves on to another peer at once instead of
                 // waiting out its timeout.
+                self.metrics.sent(&envelope.method, Kind::Reply);
                 refuse(
                     router,
                     identity,
@@ -1075,6 +1186,7 @@ impl IoThread {
             if envelope.kind == Kind::Call && envelope.context.expired() {
                 // The caller has given up: answer, but do not hand over work nobody waits for.
                 let message = format!("{} arrived after its deadline", envelope.method);
+                self.metrics.sent(&envelope.method, Kind::Reply);
                 refuse(router, identity, &header, "DeadlineExceeded", message);
                 continue;
             }
@@ -1085,20 +1197,25 @@ impl IoThread {
                 envelope.context.deadline_ms = None;
             }
             let (msg_id, is_cast) = (envelope.msg_id, envelope.kind == Kind::Cast);
+            let method = self.metrics.method_label(&envelope.method);
             let request = Incoming {
                 envelope,
                 identity: identity.clone(),
                 commands: self.commands.clone(),
+                metrics: self.metrics.clone(),
                 max_message_bytes: self.options.max_message_bytes,
                 replied: false,
             };
             match incoming.send(request) {
                 // A cast is acknowledged once the service's receiver has it; a call's answer
                 // is its reply.
-                Ok(()) if is_cast => match acks.iter_mut().find(|(to, _)| to == identity) {
-                    Some((_, ids)) => ids.push(msg_id),
-                    None => acks.push((identity.clone(), vec![msg_id])),
-                },
+                Ok(()) if is_cast => {
+                    self.metrics.sent(method, Kind::Ack);
+                    match acks.iter_mut().find(|(to, _)| to == identity) {
+                        Some((_, ids)) => ids.push(msg_id),
+                        None => acks.push((identity.clone(), vec![msg_id])),
+                    }
+                }
                 Ok(()) => {}
                 Err(mpsc::error::SendError(mut request)) => {
                     // The service loop has stopped; the call's Drop would answer through a
@@ -1132,10 +1249,12 @@ impl IoThread {
                 Err(ProtoError::Version(major)) => match Header::peek(&bytes) {
                     Some(header) if header.kind == Kind::Reply => refused.push((header, major)),
                     _ => {
+                        self.metrics.dropped(DroppedFrame::Version);
                         warn!(self.log, "answer of another protocol version dropped"; "peer" => endpoint, "major" => major)
                     }
                 },
                 Err(e) => {
+                    self.metrics.dropped(DroppedFrame::Malformed);
                     warn!(self.log, "malformed answer dropped"; "peer" => endpoint, "error" => %e)
                 }
             }
@@ -1145,33 +1264,53 @@ impl IoThread {
                 endpoint: endpoint.to_string(),
                 reason: format!("it speaks protocol {major}.x, this service {PROTOCOL_MAJOR}.x"),
             };
-            self.complete(header.msg_id, Err(err));
+            let answered = self.complete(header.msg_id, Err(err));
+            self.count_answer(answered, Kind::Reply);
         }
         for envelope in answers {
             match envelope.kind {
                 Kind::Ack => {
-                    self.complete_ack(envelope.msg_id);
+                    let answered = self.complete_ack(envelope.msg_id);
+                    self.count_answer(answered, Kind::Ack);
                     if !envelope.payload.is_empty() {
                         match decode::<Vec<Uuid>>(&envelope.payload) {
-                            Ok(more) => more.into_iter().for_each(|id| self.complete_ack(id)),
+                            Ok(more) => more.into_iter().for_each(|id| {
+                                let answered = self.complete_ack(id);
+                                self.count_answer(answered, Kind::Ack);
+                            }),
                             Err(e) => {
+                                self.metrics.dropped(DroppedFrame::Malformed);
                                 warn!(self.log, "malformed ack dropped"; "peer" => endpoint, "error" => %e)
                             }
                         }
                     }
                 }
-                Kind::Reply => match decode::<ReplyBody>(&envelope.payload) {
-                    Ok(body) => self.complete(envelope.msg_id, Ok(body)),
-                    Err(e) => self.complete(envelope.msg_id, Err(e)),
-                },
+                Kind::Reply => {
+                    let answered = match decode::<ReplyBody>(&envelope.payload) {
+                        Ok(body) => self.complete(envelope.msg_id, Ok(body)),
+                        Err(e) => self.complete(envelope.msg_id, Err(e)),
+                    };
+                    self.count_answer(answered, Kind::Reply);
+                }
                 kind => {
+                    self.metrics.dropped(DroppedFrame::Kind);
                     warn!(self.log, "unexpected frame kind from a peer dropped"; "kind" => ?kind)
                 }
             }
         }
     }
 
-    fn complete_ack(&self, msg_id: Uuid) {
+    /// Counts an ack or reply received: under its request's method, or as late when nobody
+    /// waited for it any more.
+    fn count_answer(&self, answered: Option<&'static str>, kind: Kind) {
+        match answered {
+            Some(method) => self.metrics.received(method, kind),
+            None => self.metrics.late_answer(),
+        }
+    }
+
+    /// Ends the cast `msg_id` waits on; returns its method, or None if nobody waits for it.
+    fn complete_ack(&self, msg_id: Uuid) -> Option<&'static str> {
         let mut pending = lock(&self.pending);
         // A call's ack only says the peer is there; the caller keeps waiting for the reply.
         if let Some(Pending {
@@ -1181,15 +1320,24 @@ impl IoThread {
         {
             if let Some(Pending {
                 waiter: Waiter::Ack(tx),
+                method,
                 ..
             }) = pending.remove(&msg_id)
             {
                 let _ = tx.send(Ok(()));
+                return Some(method);
             }
         }
+        None
     }
 
-    fn complete(&self, msg_id: Uuid, result: Result<ReplyBody, ProtoError>) {
+    /// Ends the request `msg_id` with `result`; returns its method, or None if nobody waits
+    /// for it any more.
+    fn complete(
+        &self,
+        msg_id: Uuid,
+        result: Result<ReplyBody, ProtoError>,
+    ) -> Option<&'static str> {
         let entry = lock(&self.pending).remove(&msg_id);
         if let Some(entry) = entry {
             // A peer that refused the message without taking it (stopping, another protocol
@@ -1203,8 +1351,11 @@ impl IoThread {
                 }
                 other => other,
             };
+            let method = entry.method;
             finish(entry.waiter, result);
+            return Some(method);
         }
+        None
     }
 }
 

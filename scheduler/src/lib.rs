@@ -16,11 +16,21 @@ use tokio::sync::watch;
 
 use db::{AllocationClaim, ClaimOutcome, Db, DbError, NewFault};
 use hostqueue::{
-    ComputeNodeRow, Direction, HostMatch, HostQueue, NoValidHost, Placed, Placement,
+    ComputeNodeRow, Direction, Elimination, HostMatch, HostQueue, NoValidHost, Placed, Placement,
     PlacementRequest, ResourceRequest, UnavailableReason,
 };
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use proto::metrics::{
+    default_port, outcome_counters, seconds_histogram, GaugeSet, MetricsConfig, MetricsError,
+    RpcMetrics,
+};
 use proto::service::{
-    finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceHandle,
+    finish_in_flight, for_request, stopped, DatabaseConfig, LogConfig, RpcConfig, ServiceArgs,
+    ServiceHandle,
 };
 use proto::{
     ComputeRunInstance, ExtraResources, Incoming, Limits, Ping, QueueSummary, RebuildQueue,
@@ -70,6 +80,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub rpc: RpcConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub scheduler: SchedulerConfig,
 }
 
@@ -91,12 +102,15 @@ pub struct Args {
     /// Seconds between host-queue rebuilds (default: [scheduler] build_queue_period).
     #[arg(long)]
     pub build_queue_period: Option<f64>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl Args {
     pub fn into_config(self) -> Result<Config, SchedulerError> {
         let mut config: Config = proto::service::load_config(self.config.as_deref())
             .map_err(|e| SchedulerError::Config(e.to_string()))?;
+        self.service.apply(&mut config.log, &mut config.metrics);
         if let Some(bind) = self.bind {
             config.rpc.scheduler = bind;
         }
@@ -122,6 +136,216 @@ pub enum SchedulerError {
     Rpc(#[from] proto::ProtoError),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    queue: String,
+    host: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+const GB: f64 = 1024.0 * MB;
+
+/// The `reason` label of an elimination: `Elimination::as_str` in snake case.
+fn elimination_label(elimination: Elimination) -> &'static str {
+    match elimination {
+        Elimination::Disabled => "disabled",
+        Elimination::Down => "down",
+        Elimination::NotMatching => "not_matching",
+        Elimination::NotSameHost => "not_same_host",
+        Elimination::DifferentHost => "different_host",
+        Elimination::AlreadyTried => "already_tried",
+        Elimination::BeyondBoundary => "beyond_boundary",
+        Elimination::InsufficientDisk => "insufficient_disk",
+        Elimination::InsufficientRam => "insufficient_ram",
+        Elimination::InsufficientVcpus => "insufficient_vcpus",
+    }
+}
+
+/// Every elimination, so each reason's series exists from the start.
+const ELIMINATIONS: [Elimination; 10] = [
+    Elimination::Disabled,
+    Elimination::Down,
+    Elimination::NotMatching,
+    Elimination::NotSameHost,
+    Elimination::DifferentHost,
+    Elimination::AlreadyTried,
+    Elimination::BeyondBoundary,
+    Elimination::InsufficientDisk,
+    Elimination::InsufficientRam,
+    Elimination::InsufficientVcpus,
+];
+
+/// What the scheduler counts beyond the messaging (which `proto` counts).
+struct SchedulerMetrics {
+    queue_hosts: GaugeSet<QueueLabel>,
+    unavailable_hosts: GaugeSet<ReasonLabel>,
+    free_vcpus: GaugeSet<HostLabel>,
+    free_ram: GaugeSet<HostLabel>,
+    free_disk: GaugeSet<HostLabel>,
+    rebuild_duration: Histogram,
+    rebuild_failures: Counter,
+    placed: Counter,
+    no_valid_host: Counter,
+    /// By `ELIMINATIONS` index, then one for a walk that ruled out no host (an empty queue,
+    /// an unknown forced host).
+    eliminations: Vec<Counter>,
+    claim_conflicts: Counter,
+}
+
+impl SchedulerMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let rebuild_duration = seconds_histogram();
+        registry.register_with_unit(
+            "zova_scheduler_queue_rebuild_duration",
+            "Time to read the compute nodes and rebuild the host queue",
+            Unit::Seconds,
+            rebuild_duration.clone(),
+        );
+        let rebuild_failures = Counter::default();
+        registry.register(
+            "zova_scheduler_queue_rebuild_failures",
+            "Host-queue rebuilds that failed (the previous queue was kept)",
+            rebuild_failures.clone(),
+        );
+        let [placed, no_valid_host] = outcome_counters(
+            registry,
+            "zova_scheduler_decisions",
+            "Instances placed (their database claim committed) or put in ERROR with No valid host",
+            ["placed", "no_valid_host"],
+        );
+        let family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "zova_scheduler_no_valid_host",
+            "Host-queue walks that found no valid host, once under each reason that ruled hosts out (other: none was)",
+            family.clone(),
+        );
+        let eliminations = ELIMINATIONS
+            .iter()
+            .map(|e| elimination_label(*e))
+            .chain(["other"])
+            .map(|reason| family.get_or_create_owned(&ReasonLabel { reason }))
+            .collect();
+        let claim_conflicts = Counter::default();
+        registry.register(
+            "zova_scheduler_claim_conflicts",
+            "Database claims lost to another placement (the node had no room left); the walk went on",
+            claim_conflicts.clone(),
+        );
+        SchedulerMetrics {
+            queue_hosts: GaugeSet::register(
+                registry,
+                "zova_scheduler_queue_hosts",
+                "Hosts in each host queue at the last rebuild",
+                None,
+            ),
+            unavailable_hosts: GaugeSet::register(
+                registry,
+                "zova_scheduler_unavailable_hosts",
+                "Hosts left out of every queue at the last rebuild, by reason",
+                None,
+            ),
+            free_vcpus: GaugeSet::register(
+                registry,
+                "zova_scheduler_host_free_vcpus",
+                "Free vCPUs of each queued host at the last rebuild, under its allocation ratio",
+                None,
+            ),
+            free_ram: GaugeSet::register(
+                registry,
+                "zova_scheduler_host_free_ram",
+                "Free RAM of each queued host at the last rebuild, under its allocation ratio",
+                Some(Unit::Bytes),
+            ),
+            free_disk: GaugeSet::register(
+                registry,
+                "zova_scheduler_host_free_disk",
+                "Free disk of each queued host at the last rebuild, under its allocation ratio",
+                Some(Unit::Bytes),
+            ),
+            rebuild_duration,
+            rebuild_failures,
+            placed,
+            no_valid_host,
+            eliminations,
+            claim_conflicts,
+        }
+    }
+
+    /// Counts a walk that found no host, under each reason that ruled hosts out.
+    fn walk_failed(&self, err: &NoValidHost) {
+        let mut counted = false;
+        for (elimination, hosts) in &err.eliminated {
+            if *hosts == 0 {
+                continue;
+            }
+            if let Some(i) = ELIMINATIONS.iter().position(|e| e == elimination) {
+                self.eliminations[i].inc();
+                counted = true;
+            }
+        }
+        if !counted {
+            if let Some(other) = self.eliminations.last() {
+                other.inc();
+            }
+        }
+    }
+
+    /// The queue as the last rebuild left it.
+    fn observe_queue(&self, queue: &HostQueue) {
+        let mut sizes = Vec::new();
+        let (mut vcpus, mut ram, mut disk) = (Vec::new(), Vec::new(), Vec::new());
+        for name in queue.queue_names() {
+            let hosts = queue.get_host_queue(name);
+            sizes.push((
+                QueueLabel {
+                    queue: name.to_string(),
+                },
+                hosts.len() as f64,
+            ));
+            for host in hosts {
+                let labels = HostLabel {
+                    queue: name.to_string(),
+                    host: host.hostname.clone(),
+                };
+                vcpus.push((labels.clone(), host.free_vcpus));
+                ram.push((labels.clone(), host.free_memory_mb * MB));
+                disk.push((labels, host.free_local_gb * GB));
+            }
+        }
+        self.queue_hosts.replace(sizes);
+        self.free_vcpus.replace(vcpus);
+        self.free_ram.replace(ram);
+        self.free_disk.replace(disk);
+        let mut unavailable = [("disabled", 0.0), ("down", 0.0), ("not_answering", 0.0)];
+        for why in queue.unavailable().values() {
+            let i = match why.reason {
+                UnavailableReason::Disabled(_) => 0,
+                UnavailableReason::Down => 1,
+                UnavailableReason::NotAnswering => 2,
+            };
+            unavailable[i].1 += 1.0;
+        }
+        self.unavailable_hosts.replace(
+            unavailable
+                .into_iter()
+                .map(|(reason, n)| (ReasonLabel { reason }, n))
+                .collect(),
+        );
+    }
 }
 
 struct Scheduler {
@@ -139,6 +363,7 @@ struct Scheduler {
     unreachable: Mutex<HashMap<String, chrono::NaiveDateTime>>,
     /// A periodic or SIGHUP rebuild is under way.
     rebuilding: std::sync::atomic::AtomicBool,
+    metrics: SchedulerMetrics,
 }
 
 /// Opens the database, builds the host queue, binds `[rpc] scheduler` and serves until stopped.
@@ -150,11 +375,14 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
     let db = tokio::task::spawn_blocking(move || Db::open(&url))
         .await
         .map_err(|e| SchedulerError::Task(e.to_string()))??;
-    let (rpc, incoming) = Rpc::start(
+    let mut registry = Registry::default();
+    let (rpc, incoming) = Rpc::start_with_metrics(
         log.clone(),
         Some(&config.rpc.scheduler),
         config.rpc.options(),
+        RpcMetrics::new(&mut registry),
     )?;
+    let metrics = SchedulerMetrics::new(&mut registry);
     let mut incoming = incoming.ok_or(proto::ProtoError::Closed)?;
     let endpoint = rpc.endpoint().unwrap_or_default().to_string();
     let scheduler = Arc::new(Scheduler {
@@ -165,8 +393,11 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
         unreachable: Mutex::new(HashMap::new()),
         rebuilding: std::sync::atomic::AtomicBool::new(false),
         config: config.scheduler,
+        metrics,
     });
     scheduler.build_queue().await?;
+    let metrics_server =
+        proto::metrics::serve(&config.metrics, default_port::SCHEDULER, registry, &log).await?;
     info!(log, "scheduler listening"; "endpoint" => &endpoint);
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -201,7 +432,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
         }
         scheduler.rpc.shutdown();
     });
-    Ok(ServiceHandle::new(endpoint, stop_tx, task))
+    Ok(ServiceHandle::new(endpoint, stop_tx, task).with_metrics(metrics_server))
 }
 
 type Hangup = Option<tokio::signal::unix::Signal>;
@@ -297,10 +528,15 @@ impl Scheduler {
     /// charges: every placement is in the rows' placed totals from the moment it is claimed).
     async fn build_queue(&self) -> Result<QueueSummary, SchedulerError> {
         let mut queue = self.queue.lock().await;
+        let started = std::time::Instant::now();
         let db = self.db.clone();
         let nodes = tokio::task::spawn_blocking(move || db.compute_nodes_with_services())
             .await
-            .map_err(|e| SchedulerError::Task(e.to_string()))??;
+            .map_err(|e| SchedulerError::Task(e.to_string()))
+            .and_then(|read| read.map_err(SchedulerError::from))
+            .inspect_err(|_| {
+                self.metrics.rebuild_failures.inc();
+            })?;
         let now = chrono::Utc::now().naive_utc();
         let mut rows = Vec::with_capacity(nodes.len());
         {
@@ -324,6 +560,10 @@ impl Scheduler {
             }
         }
         queue.build_queue(&rows);
+        self.metrics
+            .rebuild_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.observe_queue(&queue);
         debug!(self.log, "host queue rebuilt"; "hosts" => rows.len(), "unavailable" => queue.unavailable().len());
         Ok(QueueSummary {
             queues: queue
@@ -513,15 +753,19 @@ impl Scheduler {
         let mut queue = self.queue.lock().await;
         let batch = match queue.select_many(&request, pending.len(), min_count) {
             Ok(batch) => batch,
-            Err(NoValidHost { reason, .. }) => {
+            Err(err) => {
                 drop(queue);
+                self.metrics.walk_failed(&err);
                 for spec in &pending {
-                    self.no_valid_host(log, spec, &reason).await;
+                    self.no_valid_host(log, spec, &err.reason).await;
                 }
                 return Vec::new();
             }
         };
-        let mut shortfall = batch.shortfall.map(|e| e.reason);
+        let mut shortfall = batch.shortfall.map(|err| {
+            self.metrics.walk_failed(&err);
+            err.reason
+        });
         let mut claimed: Vec<(RequestSpec, Placement)> = Vec::with_capacity(pending.len());
         let mut unplaced: Vec<(RequestSpec, String)> = Vec::new();
         let mut specs = pending.into_iter();
@@ -582,6 +826,7 @@ impl Scheduler {
         for spec in leftover {
             self.no_valid_host(log, &spec, &reason).await;
         }
+        self.metrics.placed.inc_by(claimed.len() as u64);
         claimed
             .into_iter()
             .map(|(mut spec, placement)| {
@@ -638,6 +883,7 @@ impl Scheduler {
                     return Ok(None);
                 }
                 Ok(ClaimOutcome::NoRoom(placed)) => {
+                    self.metrics.claim_conflicts.inc();
                     debug!(log, "lost a race for a host; walking on"; "instance" => &spec.instance_uuid, "host" => &placement.hostname);
                     queue.release_host(&placement.hostname, &request.resources);
                     queue.observe_placed(
@@ -669,7 +915,10 @@ impl Scheduler {
                     return Err(format!("The placement could not be recorded: {e}"));
                 }
             }
-            placement = queue.select(request).map_err(|e| e.reason)?;
+            placement = queue.select(request).map_err(|err| {
+                self.metrics.walk_failed(&err);
+                err.reason
+            })?;
         }
         queue.release_host(&placement.hostname, &request.resources);
         Err("Every host with room was taken by other schedulers meanwhile".to_string())
@@ -752,6 +1001,7 @@ impl Scheduler {
             }
             message.push_str(&format!(" Last failure: {last}"));
         }
+        self.metrics.no_valid_host.inc();
         warn!(log, "no valid host"; "instance" => uuid, "reason" => &message);
         let fault = NewFault {
             instance_uuid: uuid.to_string(),
@@ -823,6 +1073,36 @@ mod tests {
             forced_down: false,
         };
         (node, service, now)
+    }
+
+    #[test]
+    fn a_failed_walk_counts_once_under_each_reason_that_ruled_hosts_out() {
+        let mut registry = Registry::default();
+        let metrics = SchedulerMetrics::new(&mut registry);
+        metrics.walk_failed(&NoValidHost {
+            reason: "0/5 hosts".into(),
+            eliminated: vec![
+                (Elimination::Down, 2),
+                (Elimination::InsufficientRam, 3),
+                (Elimination::InsufficientDisk, 0),
+            ],
+        });
+        metrics.walk_failed(&NoValidHost {
+            reason: "Host node-9 is unknown".into(),
+            eliminated: Vec::new(),
+        });
+        let text = proto::metrics::render(&registry);
+        for line in [
+            "zova_scheduler_no_valid_host_total{reason=\"down\"} 1",
+            "zova_scheduler_no_valid_host_total{reason=\"insufficient_ram\"} 1",
+            "zova_scheduler_no_valid_host_total{reason=\"insufficient_disk\"} 0",
+            "zova_scheduler_no_valid_host_total{reason=\"other\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // Every elimination has a label of its own.
+        let labels: BTreeSet<&str> = ELIMINATIONS.iter().map(|e| elimination_label(*e)).collect();
+        assert_eq!(labels.len(), ELIMINATIONS.len());
     }
 
     #[test]
