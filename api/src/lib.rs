@@ -12,6 +12,7 @@ mod flavors;
 pub mod identity;
 mod images;
 mod keypairs;
+pub mod manage;
 pub mod microversion;
 mod policy;
 mod servers;
