@@ -278,6 +278,7 @@ pub(super) enum ImageCommand {
     Import {
         /// The qcow2 or raw image file.
         file: PathBuf,
+        /// The image's name, as the clients show it (need not be unique).
         #[arg(long)]
         name: String,
         /// The file's format (default: what `qemu-img info` says).
