@@ -12,6 +12,7 @@ mod flavors;
 pub mod identity;
 mod images;
 mod keypairs;
+pub mod manage;
 mod metrics;
 pub mod microversion;
 mod policy;

@@ -5,6 +5,7 @@
 //! short; async callers run them under `tokio::task::spawn_blocking`. A live row has
 //! `deleted = 0`; soft deletion sets `deleted = id`, and every read skips deleted rows.
 
+mod admin;
 mod catalog;
 mod error;
 mod identity;
@@ -25,6 +26,7 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+pub use admin::{ArchivedRows, MigrationInfo, NewImage, SchemaStatus};
 pub use catalog::NewFlavor;
 pub use error::{DbError, Result};
 pub use identity::{
