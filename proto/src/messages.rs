@@ -385,7 +385,24 @@ pub struct QueueSummary {
     pub queues: std::collections::BTreeMap<String, usize>,
     /// Hosts left out (disabled, down), with the reason.
     pub unavailable: std::collections::BTreeMap<String, String>,
+    /// Every queued host in walk order, queue by queue, with what it has free after allocation
+    /// ratios (absent from older schedulers).
+    #[serde(default)]
+    pub hosts: Vec<QueuedHost>,
 }
+
+/// One host of a queue as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedHost {
+    pub queue: String,
+    pub hostname: String,
+    pub free_vcpus: f64,
+    pub free_memory_mb: f64,
+    pub free_local_gb: f64,
+}
+
+// The free amounts come from finite row arithmetic (never NaN), so equality is total.
+impl Eq for QueuedHost {}
 
 // ---------------------------------------------------------------- compute
 
@@ -706,6 +723,13 @@ mod tests {
         let summary = QueueSummary {
             queues: [("kvm".to_string(), 3)].into(),
             unavailable: [("node-9".to_string(), "disabled".to_string())].into(),
+            hosts: vec![QueuedHost {
+                queue: "kvm".into(),
+                hostname: "node-1".into(),
+                free_vcpus: 3.5,
+                free_memory_mb: 1024.0,
+                free_local_gb: 10.0,
+            }],
         };
         let bytes = crate::envelope::encode(&summary).unwrap();
         assert_eq!(

@@ -33,8 +33,8 @@ use proto::service::{
     ServiceHandle,
 };
 use proto::{
-    ComputeRunInstance, ExtraResources, Incoming, Limits, Ping, QueueSummary, RebuildQueue,
-    RequestContext, RequestSpec, Rpc, ScheduleRunInstance, SchedulerApi,
+    ComputeRunInstance, ExtraResources, Incoming, Limits, Ping, QueueSummary, QueuedHost,
+    RebuildQueue, RequestContext, RequestSpec, Rpc, ScheduleRunInstance, SchedulerApi,
 };
 
 pub const BINARY: &str = "zova-scheduler";
@@ -574,6 +574,18 @@ impl Scheduler {
                 .unavailable()
                 .iter()
                 .map(|(host, why)| (host.clone(), why.reason.to_string()))
+                .collect(),
+            hosts: queue
+                .queue_names()
+                .flat_map(|name| {
+                    queue.get_host_queue(name).iter().map(|h| QueuedHost {
+                        queue: name.to_string(),
+                        hostname: h.hostname.clone(),
+                        free_vcpus: h.free_vcpus,
+                        free_memory_mb: h.free_memory_mb,
+                        free_local_gb: h.free_local_gb,
+                    })
+                })
                 .collect(),
         })
     }

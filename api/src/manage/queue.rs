@@ -73,6 +73,7 @@ fn queue_output(endpoint: &str, summary: &QueueSummary, format: Format) -> Strin
             "scheduler": endpoint,
             "queues": summary.queues,
             "unavailable": summary.unavailable,
+            "hosts": summary.hosts,
         })),
         Format::Table => {
             let mut out = table(
@@ -82,6 +83,33 @@ fn queue_output(endpoint: &str, summary: &QueueSummary, format: Format) -> Strin
                     .iter()
                     .map(|(queue, hosts)| vec![queue.clone(), hosts.to_string()]),
             );
+            if !summary.hosts.is_empty() {
+                out.push('\n');
+                out.push_str(&table(
+                    &[
+                        "QUEUE",
+                        "POSITION",
+                        "HOST",
+                        "FREE VCPUS",
+                        "FREE RAM MB",
+                        "FREE DISK GB",
+                    ],
+                    summary.hosts.iter().enumerate().map(|(at, h)| {
+                        vec![
+                            h.queue.clone(),
+                            (1 + summary.hosts[..at]
+                                .iter()
+                                .filter(|o| o.queue == h.queue)
+                                .count())
+                            .to_string(),
+                            h.hostname.clone(),
+                            format!("{:.1}", h.free_vcpus),
+                            format!("{:.0}", h.free_memory_mb),
+                            format!("{:.0}", h.free_local_gb),
+                        ]
+                    }),
+                ));
+            }
             out.push('\n');
             if summary.unavailable.is_empty() {
                 out.push_str("every host is available\n");
@@ -108,6 +136,7 @@ mod tests {
         let summary = QueueSummary {
             queues: [("kvm".to_string(), 3), ("gpu".to_string(), 1)].into(),
             unavailable: [("node-4".to_string(), "disabled: maintenance".to_string())].into(),
+            hosts: Vec::new(),
         };
         let text = queue_output("tcp://127.0.0.1:5561", &summary, Format::Table);
         assert_eq!(
@@ -118,10 +147,33 @@ mod tests {
             serde_json::from_str(&queue_output("tcp://x:1", &summary, Format::Json)).unwrap();
         assert_eq!(value["queues"]["kvm"], 3);
         assert_eq!(value["unavailable"]["node-4"], "disabled: maintenance");
+
+        let with_hosts = QueueSummary {
+            hosts: vec![
+                proto::QueuedHost {
+                    queue: "kvm".into(),
+                    hostname: "node-1".into(),
+                    free_vcpus: 15.0,
+                    free_memory_mb: 3584.0,
+                    free_local_gb: 39.0,
+                },
+                proto::QueuedHost {
+                    queue: "kvm".into(),
+                    hostname: "node-2".into(),
+                    free_vcpus: 32.0,
+                    free_memory_mb: 8192.0,
+                    free_local_gb: 80.0,
+                },
+            ],
+            ..summary
+        };
+        let text = queue_output("tcp://x:1", &with_hosts, Format::Table);
+        assert!(text.contains("kvm    2         node-2  32.0"), "{text}");
         assert_eq!(value["scheduler"], "tcp://x:1");
         let none = QueueSummary {
             queues: Default::default(),
             unavailable: Default::default(),
+            hosts: Vec::new(),
         };
         assert!(queue_output("e", &none, Format::Table).ends_with("every host is available\n"));
     }
@@ -173,6 +225,7 @@ mod tests {
             request.reply::<RebuildQueue>(Ok(QueueSummary {
                 queues: [("kvm".to_string(), 3)].into(),
                 unavailable: Default::default(),
+                hosts: Vec::new(),
             }));
             // Keep the transport up until the reply is out.
             std::thread::sleep(Duration::from_millis(500));
