@@ -961,6 +961,7 @@ impl Compute {
             swap_mb: spec.flavor.swap_mb,
             vm_state: vm_state::BUILDING.into(),
             task_state: Some(task_state::SPAWNING.into()),
+            power_state: None,
         };
         self.tracker
             .lock()

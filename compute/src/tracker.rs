@@ -142,6 +142,7 @@ mod tests {
             swap_mb,
             vm_state: "active".into(),
             task_state: None,
+            power_state: None,
         }
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
-use db::{ComputeNodeValues, Db, DbError, InstanceChanges, NewFault};
+use db::{ComputeNodeValues, Db, DbError, ExpectedTask, InstanceChanges, NewFault};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use proto::metrics::{default_port, outcome_counters, MetricsConfig, MetricsError, RpcMetrics};
@@ -251,6 +251,7 @@ impl Conductor {
                             swap_mb: i.swap_mb,
                             vm_state: i.vm_state,
                             task_state: i.task_state,
+                            power_state: Some(i.power_state),
                         })
                         .collect())
                 })
@@ -560,11 +561,16 @@ fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
     if args.launched {
         changes.launched_at = Some(Some(chrono::Utc::now().naive_utc()));
     }
-    db.instance_update_expecting_task_state(
+    let expected_task = match (args.expected_task_state.as_deref(), args.expect_no_task) {
+        (Some(task), _) => ExpectedTask::Is(task),
+        (None, true) => ExpectedTask::None,
+        (None, false) => ExpectedTask::Any,
+    };
+    db.instance_update_expecting_task(
         &args.uuid,
         &changes,
         args.expected_vm_state.as_deref(),
-        args.expected_task_state.as_deref(),
+        expected_task,
     )?;
     if let Some(fault) = args.fault {
         db.instance_fault_create(&NewFault {
@@ -687,6 +693,35 @@ mod tests {
             fault.message.contains("does not exist"),
             "{}",
             fault.message
+        );
+    }
+    #[test]
+    fn a_correction_expecting_no_task_yields_to_a_running_one() {
+        let (_dir, db) = stopping();
+        let shut_off = InstanceUpdate {
+            uuid: "i-1".into(),
+            power_state: Some(power_state::SHUTDOWN),
+            expected_vm_state: Some(vm_state::ACTIVE.into()),
+            expect_no_task: true,
+            ..Default::default()
+        };
+        let err = instance_update(&db, shut_off.clone()).unwrap_err();
+        assert!(matches!(err, DbError::Conflict(_)), "{err}");
+        assert_eq!(
+            db.instance_get("i-1").unwrap().expect("row").power_state,
+            power_state::RUNNING
+        );
+
+        let idle = InstanceChanges {
+            task_state: Some(None),
+            ..Default::default()
+        };
+        db.instance_update("i-1", &idle).unwrap();
+        instance_update(&db, shut_off).expect("applied");
+        let row = db.instance_get("i-1").unwrap().expect("row");
+        assert_eq!(
+            (row.vm_state.as_str(), row.task_state, row.power_state),
+            (vm_state::ACTIVE, None, power_state::SHUTDOWN)
         );
     }
 }

@@ -9,6 +9,17 @@ use crate::{
     NewFault, NewInstance, Result,
 };
 
+/// What a conditional update expects of the instance's task_state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedTask<'a> {
+    /// Whatever it is.
+    Any,
+    /// No task is under way.
+    None,
+    /// Exactly this one.
+    Is(&'a str),
+}
+
 fn instance_not_found(uuid: &str) -> DbError {
     DbError::NotFound {
         kind: "instance",
@@ -149,9 +160,26 @@ impl Db {
         expected_vm_state: Option<&str>,
         expected_task_state: Option<&str>,
     ) -> Result<Instance> {
+        let expected_task = match expected_task_state {
+            Some(task) => ExpectedTask::Is(task),
+            None => ExpectedTask::Any,
+        };
+        self.instance_update_expecting_task(uuid, changes, expected_vm_state, expected_task)
+    }
+
+    /// As [`Db::instance_update_expecting_task_state`], where the expectation may also be that no
+    /// task runs at all ([`ExpectedTask::None`]): a correction made on the compute's own
+    /// initiative (the power-state sync) thereby gives way to any user action or delete.
+    pub fn instance_update_expecting_task(
+        &self,
+        uuid: &str,
+        changes: &InstanceChanges,
+        expected_vm_state: Option<&str>,
+        expected_task: ExpectedTask<'_>,
+    ) -> Result<Instance> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
-            if expected_vm_state.is_some() || expected_task_state.is_some() {
+            if expected_vm_state.is_some() || expected_task != ExpectedTask::Any {
                 let (vm_state, task_state): (String, Option<String>) = instances::table
                     .filter(instances::deleted.eq(0))
                     .filter(instances::uuid.eq(uuid))
@@ -159,13 +187,17 @@ impl Db {
                     .first(conn)
                     .optional()?
                     .ok_or_else(|| instance_not_found(uuid))?;
-                if let Some(expected) = expected_task_state {
-                    if task_state.as_deref() != Some(expected) {
-                        let current = task_state.as_deref().unwrap_or("none");
-                        return Err(DbError::Conflict(format!(
-                            "instance {uuid} has task_state {current}, not {expected}"
-                        )));
-                    }
+                let current = task_state.as_deref();
+                let wanted = match expected_task {
+                    ExpectedTask::Any => None,
+                    ExpectedTask::None => current.is_some().then_some("none"),
+                    ExpectedTask::Is(expected) => (current != Some(expected)).then_some(expected),
+                };
+                if let Some(expected) = wanted {
+                    let current = current.unwrap_or("none");
+                    return Err(DbError::Conflict(format!(
+                        "instance {uuid} has task_state {current}, not {expected}"
+                    )));
                 }
                 if let Some(expected) = expected_vm_state.filter(|e| *e != vm_state) {
                     return Err(DbError::Conflict(format!(
@@ -539,6 +571,51 @@ mod tests {
             .instance_update_expecting_task_state("u1", &stopped, None, Some("powering-off"))
             .unwrap_err();
         assert!(matches!(err, DbError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_update_expecting_no_task_gives_way_to_any_task() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        let active = InstanceChanges {
+            vm_state: Some("active".to_string()),
+            task_state: Some(None),
+            power_state: Some(1),
+            ..Default::default()
+        };
+        db.instance_update("u1", &active).unwrap();
+        let shut_off = InstanceChanges {
+            power_state: Some(4),
+            ..Default::default()
+        };
+
+        // A user action started meanwhile: the correction changes nothing.
+        let stopping = InstanceChanges {
+            task_state: Some(Some("powering-off".to_string())),
+            ..Default::default()
+        };
+        db.instance_update("u1", &stopping).unwrap();
+        let err = db
+            .instance_update_expecting_task("u1", &shut_off, Some("active"), ExpectedTask::None)
+            .unwrap_err();
+        assert!(
+            matches!(&err, DbError::Conflict(why)
+                if why == "instance u1 has task_state powering-off, not none"),
+            "{err}"
+        );
+        assert_eq!(db.instance_get("u1").unwrap().unwrap().power_state, 1);
+
+        // With no task under way it applies, the vm_state still checked.
+        db.instance_update("u1", &active).unwrap();
+        let err = db
+            .instance_update_expecting_task("u1", &shut_off, Some("stopped"), ExpectedTask::None)
+            .unwrap_err();
+        assert!(matches!(err, DbError::Conflict(_)), "{err}");
+        let after = db
+            .instance_update_expecting_task("u1", &shut_off, Some("active"), ExpectedTask::None)
+            .unwrap();
+        assert_eq!((after.vm_state.as_str(), after.power_state), ("active", 4));
     }
 
     #[test]

@@ -229,6 +229,10 @@ pub struct InstanceResources {
     /// reboots apart.
     #[serde(default)]
     pub task_state: Option<String>,
+    /// The power_state the database records, so the power-state sync records only a change
+    /// (`None` from a conductor that does not send it).
+    #[serde(default)]
+    pub power_state: Option<i32>,
 }
 
 // ---------------------------------------------------------------- conductor
@@ -283,6 +287,12 @@ pub struct InstanceUpdate {
     /// set for it, so it changes nothing once a delete (`deleting`) has taken over.
     #[serde(default)]
     pub expected_task_state: Option<String>,
+    /// Apply only while no task runs on the instance (task_state NULL); otherwise `Conflict`.
+    /// What the compute corrects on its own initiative (the power-state sync) expects this, so
+    /// a user action or a delete started meanwhile wins. Ignored when `expected_task_state`
+    /// is set.
+    #[serde(default)]
+    pub expect_no_task: bool,
     /// Without `state`: put task_state back to None and leave vm_state as it is, as a failed
     /// stop, start or reboot does (Nova's `reverts_task_state`).
     #[serde(default)]
@@ -609,6 +619,7 @@ mod tests {
                 }),
                 expected_vm_state: Some(vm_state::BUILDING.into()),
                 expected_task_state: Some(task_state::SPAWNING.into()),
+                expect_no_task: true,
                 revert_task_state: true,
                 power_state: Some(power_state::SHUTDOWN),
             }
@@ -745,6 +756,7 @@ mod tests {
             swap_mb: 0,
             vm_state: "active".into(),
             task_state: Some(task_state::POWERING_OFF.into()),
+            power_state: Some(power_state::RUNNING),
         }];
         let bytes = crate::envelope::encode(&resources).unwrap();
         assert_eq!(
