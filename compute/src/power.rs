@@ -1,5 +1,6 @@
 //! Stop, start and reboot as plain decisions: which task_state the API set for each, what a
-//! finished one records, and when a graceful shutdown gives way to a power-off. No I/O.
+//! finished one records, and when a graceful shutdown gives way to a power-off; and what the
+//! periodic power-state sync makes of a domain that no longer matches the database. No I/O.
 
 use std::time::Duration;
 
@@ -126,6 +127,61 @@ pub fn stop_step(
     match since_asked {
         Some(since) if since < SHUTDOWN_RETRY_INTERVAL => StopStep::Wait,
         _ => StopStep::AskToShutDown,
+    }
+}
+
+/// What the hypervisor shows of an instance's domain when the power-state sync looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainSeen {
+    /// The domain exists in this power state.
+    Power(i32),
+    /// No domain of that name is defined.
+    Missing,
+}
+
+/// What the power-state sync does about one instance (Nova's `_sync_instance_power_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncAction {
+    /// Database and domain agree.
+    Nothing,
+    /// vm_state and domain agree; only the recorded power_state is stale.
+    RecordPowerState(i32),
+    /// The database says active but the domain went down behind Zova's back: the instance is
+    /// stopped (what is left of the domain powered off, vm_state `stopped`, SHUTDOWN), as
+    /// Nova's sync force-stops it.
+    Stop,
+    /// The database says stopped but the domain runs: the database holds the user's intent, so
+    /// the domain is powered off and the instance stays `stopped`.
+    PowerOff,
+    /// The domain is gone from the hypervisor. Nova records NOSTATE and stops the instance;
+    /// Zova puts it in ERROR with a fault instead, because a stopped instance must have a
+    /// domain to start again and ERROR tells the user the one thing left to do: delete it.
+    Gone,
+}
+
+/// The power-state sync's decision for an instance recorded as `vm_state` with `task_state`
+/// and `recorded` power_state (`None`: not known), whose domain the hypervisor shows as `seen`.
+/// Instances with a task under way are left to it, and only `active` and `stopped` instances
+/// are corrected: one being built, in error or deleted has nothing a domain could contradict.
+pub fn sync_power_state(
+    vm_state: &str,
+    task_state: Option<&str>,
+    recorded: Option<i32>,
+    seen: DomainSeen,
+) -> SyncAction {
+    if task_state.is_some() || !matches!(vm_state, vm_state::ACTIVE | vm_state::STOPPED) {
+        return SyncAction::Nothing;
+    }
+    let DomainSeen::Power(power) = seen else {
+        return SyncAction::Gone;
+    };
+    let off = matches!(power, power_state::SHUTDOWN | power_state::CRASHED);
+    match vm_state {
+        vm_state::ACTIVE if off => SyncAction::Stop,
+        // A domain without a state is left alone, as in Nova: it is on its way somewhere.
+        vm_state::STOPPED if !off && power != power_state::NOSTATE => SyncAction::PowerOff,
+        _ if recorded != Some(power) => SyncAction::RecordPowerState(power),
+        _ => SyncAction::Nothing,
     }
 }
 
@@ -277,6 +333,83 @@ mod tests {
                 step,
                 "state {state}, {elapsed:?} of {timeout:?}, asked {since_asked:?} ago"
             );
+        }
+    }
+
+    #[test]
+    fn the_power_state_sync_corrects_what_the_domain_contradicts() {
+        use DomainSeen::{Missing, Power};
+        use SyncAction::*;
+        let (active, stopped) = (vm_state::ACTIVE, vm_state::STOPPED);
+        let running = power_state::RUNNING;
+        let shutdown = power_state::SHUTDOWN;
+        let cases = [
+            // (vm_state, recorded power_state, domain, what the sync does)
+            (active, Some(running), Power(running), Nothing),
+            (active, Some(running), Power(shutdown), Stop),
+            (active, Some(running), Power(power_state::CRASHED), Stop),
+            (active, Some(shutdown), Power(shutdown), Stop),
+            (active, Some(running), Missing, Gone),
+            (active, Some(power_state::NOSTATE), Missing, Gone),
+            (active, Some(running), Power(power_state::PAUSED), RecordPowerState(3)),
+            (active, Some(running), Power(power_state::SUSPENDED), RecordPowerState(7)),
+            (active, Some(running), Power(power_state::NOSTATE), RecordPowerState(0)),
+            (active, Some(power_state::NOSTATE), Power(running), RecordPowerState(1)),
+            (active, None, Power(running), RecordPowerState(1)),
+            (stopped, Some(shutdown), Power(shutdown), Nothing),
+            (stopped, Some(shutdown), Power(running), PowerOff),
+            (stopped, Some(running), Power(running), PowerOff),
+            (stopped, Some(shutdown), Power(power_state::PAUSED), PowerOff),
+            (stopped, Some(shutdown), Power(power_state::SUSPENDED), PowerOff),
+            (stopped, Some(shutdown), Missing, Gone),
+            (stopped, Some(running), Power(shutdown), RecordPowerState(4)),
+            (stopped, Some(shutdown), Power(power_state::CRASHED), RecordPowerState(6)),
+            (stopped, Some(shutdown), Power(power_state::NOSTATE), RecordPowerState(0)),
+            (stopped, None, Power(shutdown), RecordPowerState(4)),
+        ];
+        for (vm, recorded, seen, action) in cases {
+            assert_eq!(
+                sync_power_state(vm, None, recorded, seen),
+                action,
+                "{vm}, recorded {recorded:?}, domain {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_power_state_sync_leaves_running_tasks_and_other_states_alone() {
+        let seen = [
+            DomainSeen::Missing,
+            DomainSeen::Power(power_state::RUNNING),
+            DomainSeen::Power(power_state::SHUTDOWN),
+            DomainSeen::Power(power_state::CRASHED),
+        ];
+        let tasks = [
+            "scheduling",
+            "spawning",
+            "deleting",
+            "powering-off",
+            "powering-on",
+            "rebooting",
+            "rebooting_hard",
+        ];
+        for domain in seen {
+            for vm in ["active", "stopped", "building", "error", "deleted"] {
+                for task in tasks {
+                    assert_eq!(
+                        sync_power_state(vm, Some(task), Some(power_state::RUNNING), domain),
+                        SyncAction::Nothing,
+                        "{vm} {task} {domain:?}"
+                    );
+                }
+            }
+            for vm in ["building", "error", "deleted"] {
+                assert_eq!(
+                    sync_power_state(vm, None, Some(power_state::NOSTATE), domain),
+                    SyncAction::Nothing,
+                    "{vm} {domain:?}"
+                );
+            }
         }
     }
 }
