@@ -1,8 +1,9 @@
 //! The compute service, one per hypervisor host: registers itself through the conductor, reports
 //! its resources and a heartbeat, and on `new_run_instance` claims the resources, writes the
 //! libvirt domain XML, defines and starts the domain and reports ACTIVE. It stops, starts and
-//! reboots the domains it holds when the API asks. It never opens the database: every read or
-//! write goes to the conductor.
+//! reboots the domains it holds when the API asks, and every `sync_power_state_interval` brings
+//! the database back in line with domains that changed behind its back. It never opens the
+//! database: every read or write goes to the conductor.
 
 pub mod disk;
 pub mod domain_xml;
@@ -41,7 +42,7 @@ use proto::{
 
 use domain_xml::{domain_xml, instance_name, DomainSpec};
 use driver::{DriverError, LibvirtDriver};
-use power::{PowerAction, StopStep};
+use power::{DomainSeen, PowerAction, StopStep, SyncAction};
 use tracker::{ResourceTracker, Usage};
 
 pub const BINARY: &str = "zova-compute";
@@ -84,6 +85,10 @@ pub struct ComputeConfig {
     /// Seconds a stop waits for the guest to shut down cleanly before it powers the domain off
     /// (Nova's `shutdown_timeout`); 0 powers off at once.
     pub shutdown_timeout: f64,
+    /// Seconds between power-state syncs, which correct the database when a domain was shut
+    /// off, started or removed behind Zova's back (Nova's `sync_power_state_interval`); 0
+    /// disables them.
+    pub sync_power_state_interval: f64,
 }
 
 impl Default for ComputeConfig {
@@ -106,6 +111,7 @@ impl Default for ComputeConfig {
             report_interval: 10.0,
             boot_timeout: 300.0,
             shutdown_timeout: 60.0,
+            sync_power_state_interval: 600.0,
         }
     }
 }
@@ -183,6 +189,7 @@ impl Args {
             proto::service::positive_seconds(name, value).map_err(ComputeError::Config)?;
         }
         shutdown_timeout(c.shutdown_timeout)?;
+        sync_power_state_interval(c.sync_power_state_interval)?;
         Ok(config)
     }
 }
@@ -329,6 +336,8 @@ struct Compute {
     /// One resource report at a time, each snapshotting the ledger only once the one before has
     /// landed, so an older snapshot can never overwrite a newer one in the database.
     report_lock: tokio::sync::Mutex<()>,
+    /// One power-state sync at a time: a slow one is not joined by the next.
+    sync_lock: tokio::sync::Mutex<()>,
     instance_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: ComputeMetrics,
 }
@@ -349,6 +358,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
     let report_interval = seconds("report_interval", config.compute.report_interval)?;
     let boot_timeout = seconds("boot_timeout", config.compute.boot_timeout)?;
     let shutdown_timeout = shutdown_timeout(config.compute.shutdown_timeout)?;
+    let sync_interval = sync_power_state_interval(config.compute.sync_power_state_interval)?;
     let uri = config.compute.libvirt_uri.clone();
     let driver = Arc::new(blocking(move || LibvirtDriver::open(&uri)).await??);
     let node = {
@@ -396,6 +406,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
         shutdown_timeout,
         tracker: Mutex::new(ResourceTracker::default()),
         report_lock: tokio::sync::Mutex::new(()),
+        sync_lock: tokio::sync::Mutex::new(()),
         instance_locks: Mutex::new(HashMap::new()),
         metrics,
     });
@@ -414,13 +425,24 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
                 "vcpus" => capacity.vcpus, "memory_mb" => capacity.memory_mb, "local_gb" => capacity.local_gb);
             let mut report = tokio::time::interval(report_interval);
             report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Periodic only: the first sync comes one interval after registration.
+            let mut sync = sync_interval.map(|period| {
+                let mut sync =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                sync
+            });
             loop {
                 tokio::select! {
                     _ = stopped(&mut stop_rx) => break,
-                                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     _ = report.tick() => {
                         let compute = compute.clone();
                         tasks.spawn(async move { compute.periodic_report().await });
+                    }
+                    _ = next_tick(&mut sync) => {
+                        let compute = compute.clone();
+                        tasks.spawn(async move { compute.sync_power_states().await });
                     }
                     request = incoming.recv() => match request {
                         Some(request) => {
@@ -455,6 +477,26 @@ fn shutdown_timeout(seconds: f64) -> Result<Duration, ComputeError> {
             "shutdown_timeout must be zero or a positive number of seconds, not {seconds}"
         ))
     })
+}
+
+/// `[compute] sync_power_state_interval` as a period; zero disables the sync (`None`).
+fn sync_power_state_interval(seconds: f64) -> Result<Option<Duration>, ComputeError> {
+    if seconds == 0.0 {
+        return Ok(None);
+    }
+    proto::service::positive_seconds("sync_power_state_interval", seconds)
+        .map(Some)
+        .map_err(|e| ComputeError::Config(format!("{e} (0 disables it)")))
+}
+
+/// The next tick of an optional interval; never, without one.
+async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The endpoint to register: `advertise` if set, else the bound one, which must then name one
@@ -623,6 +665,174 @@ impl Compute {
                 warn!(self.log, "could not settle the interrupted power action"; "instance" => &uuid, "error" => %e)
             }
         }
+    }
+
+    /// Nova's `_sync_power_states`: for each instance the database places on this host with no
+    /// task under way, compares the recorded state with its domain and corrects what a domain
+    /// changed behind Zova's back ([`power::sync_power_state`] decides). Every correction
+    /// expects the vm_state it read and no task, so a user action or delete started meanwhile
+    /// wins.
+    async fn sync_power_states(&self) {
+        let Ok(_one_at_a_time) = self.sync_lock.try_lock() else {
+            info!(
+                self.log,
+                "the previous power-state sync is still running; skipping this one"
+            );
+            return;
+        };
+        let context = self.context();
+        let host = self.config.host.clone();
+        let instances = match self
+            .conductors
+            .call(&self.rpc, &context, &InstancesOnHost { host })
+            .await
+        {
+            Ok(instances) => instances,
+            Err(e) => {
+                warn!(self.log, "power-state sync skipped: the instances of this host cannot be listed"; "error" => %e);
+                return;
+            }
+        };
+        for instance in instances {
+            let idle = instance.task_state.is_none();
+            if idle
+                && matches!(
+                    instance.vm_state.as_str(),
+                    vm_state::ACTIVE | vm_state::STOPPED
+                )
+            {
+                self.sync_instance_power_state(&context, &instance).await;
+            }
+        }
+    }
+
+    /// Syncs one instance under its lock, so no build, delete or power action of it runs
+    /// between reading its domain and correcting it.
+    async fn sync_instance_power_state(
+        &self,
+        context: &RequestContext,
+        instance: &InstanceResources,
+    ) {
+        let uuid = instance.uuid.as_str();
+        let lock = self.instance_lock(uuid);
+        let _syncing = lock.lock().await;
+        let name = instance_name(uuid);
+        let seen = match self.on_domain(&name, LibvirtDriver::power_state).await {
+            Ok(state) => DomainSeen::Power(state),
+            Err(ComputeError::Driver(DriverError::NotFound { .. })) => DomainSeen::Missing,
+            Err(e) => {
+                warn!(self.log, "power-state sync: the domain cannot be read"; "instance" => uuid, "error" => %e);
+                return;
+            }
+        };
+        let vm = instance.vm_state.as_str();
+        let action = power::sync_power_state(
+            vm,
+            instance.task_state.as_deref(),
+            instance.power_state,
+            seen,
+        );
+        let corrected = match action {
+            SyncAction::Nothing => return,
+            SyncAction::RecordPowerState(state) => {
+                info!(self.log, "power-state sync: recording the domain's power state"; "instance" => uuid,
+                    "vm_state" => vm, "recorded" => instance.power_state, "power_state" => state);
+                let update = InstanceUpdate {
+                    uuid: uuid.to_string(),
+                    power_state: Some(state),
+                    expected_vm_state: Some(vm.to_string()),
+                    expect_no_task: true,
+                    ..Default::default()
+                };
+                self.record(context, &update).await
+            }
+            SyncAction::Stop | SyncAction::PowerOff => {
+                info!(self.log, "power-state sync: the domain contradicts the database; powering it off and recording the instance stopped";
+                    "instance" => uuid, "vm_state" => vm, "domain" => ?seen);
+                self.sync_power_off(context, uuid, vm, &name).await
+            }
+            SyncAction::Gone => {
+                info!(self.log, "power-state sync: the domain is gone; the instance goes to ERROR"; "instance" => uuid, "vm_state" => vm);
+                let message = format!(
+                    "The domain of this instance is gone from the hypervisor: {name} is not defined on {}",
+                    self.config.host
+                );
+                let update = InstanceUpdate {
+                    expected_vm_state: Some(vm.to_string()),
+                    expect_no_task: true,
+                    ..self.error_update(uuid, message)
+                };
+                let recorded = self.record(context, &update).await;
+                if recorded.is_ok() {
+                    // ERROR holds nothing: the database gave back the placement with the update.
+                    self.tracker
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .release(uuid);
+                    self.report_resources(context).await;
+                }
+                recorded
+            }
+        };
+        match corrected.map_err(vanished_or_rpc) {
+            Ok(()) => {}
+            Err(ComputeError::Vanished(why)) => {
+                info!(self.log, "power-state sync: the instance changed meanwhile; left alone"; "instance" => uuid, "why" => why)
+            }
+            Err(e) => {
+                warn!(self.log, "power-state sync: correction not recorded"; "instance" => uuid, "error" => %e)
+            }
+        }
+    }
+
+    /// Stops an instance on the sync's initiative, as Nova's force-stop does: takes the
+    /// instance with task_state `powering-off` (only while it is still `vm` with no task, so
+    /// nothing the user started is overridden), powers the domain off and records it stopped.
+    /// A compute that restarts half way settles it in `init_host` like any stop.
+    async fn sync_power_off(
+        &self,
+        context: &RequestContext,
+        uuid: &str,
+        vm: &str,
+        name: &str,
+    ) -> Result<(), proto::ProtoError> {
+        let stop = PowerAction::Stop;
+        let taken = InstanceUpdate {
+            uuid: uuid.to_string(),
+            state: Some(InstanceState {
+                vm_state: vm.to_string(),
+                task_state: Some(stop.task_state().to_string()),
+                power_state: self
+                    .observed_power_state(name)
+                    .await
+                    .unwrap_or(power_state::NOSTATE),
+            }),
+            expected_vm_state: Some(vm.to_string()),
+            expect_no_task: true,
+            ..Default::default()
+        };
+        self.record(context, &taken).await?;
+        let expected_task_state = Some(stop.task_state().to_string());
+        let update = match self.on_domain(name, LibvirtDriver::power_off).await {
+            Ok(()) => InstanceUpdate {
+                uuid: uuid.to_string(),
+                state: Some(stop.done()),
+                expected_task_state,
+                ..Default::default()
+            },
+            Err(e) => {
+                warn!(self.log, "power-state sync: the domain cannot be powered off"; "instance" => uuid, "error" => %e);
+                InstanceUpdate {
+                    uuid: uuid.to_string(),
+                    revert_task_state: true,
+                    power_state: self.observed_power_state(name).await,
+                    fault: Some(fault_for(&e)),
+                    expected_task_state,
+                    ..Default::default()
+                }
+            }
+        };
+        self.record(context, &update).await
     }
 
     /// Sends a state change to the conductor, retrying while the conductor does not answer. An
@@ -1275,7 +1485,7 @@ fn vanished_or_rpc(err: proto::ProtoError) -> ComputeError {
 
 #[cfg(test)]
 mod tests {
-    use super::{advertised_endpoint, shutdown_timeout};
+    use super::{advertised_endpoint, shutdown_timeout, sync_power_state_interval};
     use std::time::Duration;
 
     #[test]
@@ -1285,6 +1495,22 @@ mod tests {
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
             let err = shutdown_timeout(bad).expect_err("refused");
             assert!(err.to_string().contains("shutdown_timeout"), "{err}");
+        }
+    }
+
+    #[test]
+    fn sync_power_state_interval_zero_disables_the_sync_and_negative_is_refused() {
+        assert_eq!(
+            sync_power_state_interval(600.0).ok(),
+            Some(Some(Duration::from_secs(600)))
+        );
+        assert_eq!(sync_power_state_interval(0.0).ok(), Some(None));
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let err = sync_power_state_interval(bad).expect_err("refused");
+            assert!(
+                err.to_string().contains("sync_power_state_interval"),
+                "{err}"
+            );
         }
     }
 

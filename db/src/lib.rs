@@ -29,11 +29,11 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 pub use admin::{ArchivedRows, MigrationInfo, NewImage, SchemaStatus};
 pub use catalog::NewFlavor;
 pub use error::{DbError, Result};
-pub use instances::ExpectedTask;
 pub use identity::{
     effective_roles, Bootstrap, LiveToken, Project, Role, RoleAssignment, Token, User,
     BOOTSTRAP_NAME, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME,
 };
+pub use instances::ExpectedTask;
 pub use keypairs::{KeyPair, NewKeyPair};
 pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,

@@ -102,6 +102,8 @@ pub struct HostSpec {
     pub cpu_allocation_ratio: f64,
     /// The host queue (`kvm` when unset).
     pub queue_name: Option<String>,
+    /// `[compute] sync_power_state_interval` (the default when unset).
+    pub sync_power_state_interval: Option<f64>,
 }
 
 impl HostSpec {
@@ -113,6 +115,7 @@ impl HostSpec {
             local_gb,
             cpu_allocation_ratio: 16.0,
             queue_name: None,
+            sync_power_state_interval: None,
         }
     }
 }
@@ -279,6 +282,9 @@ async fn start_compute(
                 // Tests reason about whole host sizes.
                 reserved_host_memory_mb: 0,
                 report_interval: 1.0,
+                sync_power_state_interval: host
+                    .sync_power_state_interval
+                    .unwrap_or(compute::ComputeConfig::default().sync_power_state_interval),
                 ..Default::default()
             },
             ..Default::default()

@@ -392,3 +392,97 @@ async fn a_domain_destroyed_behind_zovas_back_fails_the_stop_and_nothing_else() 
     delete(&fabric, &driver, &healthy).await;
     fabric.stop().await;
 }
+
+/// Polls the API until `uuid` shows `status` with no task under way; returns the server.
+async fn wait_for_status(fabric: &Fabric, uuid: &str, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let shown = fabric.show_server(uuid).await.expect("show");
+        let server = shown.body["server"].clone();
+        if server["status"] == status && server["OS-EXT-STS:task_state"].is_null() {
+            return server;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server {uuid} never reached {status}: {server}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// POSTs a server action (`{"os-stop": null}`, …) and checks the API accepted it.
+async fn act(fabric: &Fabric, uuid: &str, body: Value) {
+    let path = format!("/v2.1/servers/{uuid}/action");
+    let answer = fabric
+        .http(Method::POST, &path, Some(&body))
+        .await
+        .expect("answered");
+    assert_eq!(
+        answer.status,
+        StatusCode::ACCEPTED,
+        "{body}: {}",
+        answer.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_power_state_sync_corrects_domains_changed_behind_zovas_back() {
+    let syncing_host = HostSpec {
+        sync_power_state_interval: Some(0.5),
+        ..roomy_host()
+    };
+    let fabric = Fabric::start(&[syncing_host], test_log())
+        .await
+        .expect("fabric starts");
+    let driver = driver();
+    let uuid = boot_active(&fabric, "drifting").await;
+    let name = instance_name(&uuid);
+
+    // Shut off behind Zova's back: the sync records the server stopped, its domain kept.
+    driver.power_off(&name).expect("powered off");
+    let server = wait_for_status(&fabric, &uuid, "SHUTOFF").await;
+    assert_eq!(server["OS-EXT-STS:power_state"], power_state::SHUTDOWN);
+    assert_eq!(server["OS-EXT-STS:vm_state"], vm_state::STOPPED);
+    act(&fabric, &uuid, serde_json::json!({"os-start": null})).await;
+    let server = wait_for_status(&fabric, &uuid, "ACTIVE").await;
+    assert_eq!(server["OS-EXT-STS:power_state"], power_state::RUNNING);
+
+    // Started behind Zova's back while the user wants it stopped: the sync powers it off again.
+    act(&fabric, &uuid, serde_json::json!({"os-stop": null})).await;
+    wait_for_status(&fabric, &uuid, "SHUTOFF").await;
+    driver.power_on(&name).expect("started behind Zova's back");
+    assert_eq!(
+        driver.power_state(&name).expect("domain"),
+        power_state::RUNNING
+    );
+    fabric
+        .wait_for("the sync to power the domain off", LIMIT, || {
+            Ok(driver.power_state(&name).ok() == Some(power_state::SHUTDOWN))
+        })
+        .await
+        .expect("powered off by the sync");
+    let server = wait_for_status(&fabric, &uuid, "SHUTOFF").await;
+    assert_eq!(server["OS-EXT-STS:power_state"], power_state::SHUTDOWN);
+
+    // Removed behind Zova's back: the server goes to ERROR, says why, and holds nothing.
+    act(&fabric, &uuid, serde_json::json!({"os-start": null})).await;
+    wait_for_status(&fabric, &uuid, "ACTIVE").await;
+    driver.destroy_and_undefine(&name).expect("domain removed");
+    let server = wait_for_status(&fabric, &uuid, "ERROR").await;
+    let fault = server["fault"]["message"].as_str().unwrap_or_default();
+    assert!(fault.contains("is gone from the hypervisor"), "{server}");
+    fabric
+        .wait_for("node-1 to stop counting the server", LIMIT, || {
+            let node = fabric
+                .db
+                .compute_nodes()?
+                .into_iter()
+                .find(|n| n.host == "node-1");
+            Ok(node.is_some_and(|n| n.running_vms == 0))
+        })
+        .await
+        .expect("released");
+
+    delete(&fabric, &driver, &uuid).await;
+    fabric.stop().await;
+}
