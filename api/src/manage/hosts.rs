@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use db::{ComputeNode, Db, DbError, Instance, Service};
-use hostqueue::{ComputeNodeRow, HostState, Placed};
+use hostqueue::HostState;
 
 use super::{fields, json_text, table, timestamp, Format, ManageConfig, ManageError};
 use crate::admin::service_is_up;
@@ -252,14 +252,7 @@ struct HypervisorView {
     last_seen: String,
 }
 
-/// The extra resources a compute reports, as far as they matter here; anything missing or
-/// malformed takes the scheduler's defaults.
-fn extra_resources(node: &ComputeNode) -> proto::ExtraResources {
-    serde_json::from_str(&node.extra_resources).unwrap_or_default()
-}
-
-/// The allocation ratios and the queue of hosts that report none (the scheduler's defaults).
-const DEFAULT_RATIOS: (f64, f64, f64) = (4.0, 1.0, 1.0);
+/// The queue of hosts that report none (the scheduler's default).
 const DEFAULT_QUEUE: &str = "kvm";
 
 fn hypervisor_view(
@@ -269,43 +262,19 @@ fn hypervisor_view(
     now: NaiveDateTime,
     down_after: i64,
 ) -> HypervisorView {
-    let extra = extra_resources(node);
-    let (cpu_default, ram_default, disk_default) = DEFAULT_RATIOS;
+    // The scheduler's own row and arithmetic for the limits, so both tell the same story.
+    let config = scheduler::SchedulerConfig {
+        service_down_time: down_after,
+        default_queue: DEFAULT_QUEUE.into(),
+        ..Default::default()
+    };
+    let row = scheduler::compute_node_row(node, service, now, &config);
     let ratios = (
-        extra.cpu_allocation_ratio.unwrap_or(cpu_default),
-        extra.ram_allocation_ratio.unwrap_or(ram_default),
-        extra.disk_allocation_ratio.unwrap_or(disk_default),
+        row.cpu_allocation_ratio,
+        row.ram_allocation_ratio,
+        row.disk_allocation_ratio,
     );
-    // The scheduler's own arithmetic for the limits, so both tell the same story.
-    let host_state = HostState::from_row(
-        &ComputeNodeRow {
-            node_id: node.id,
-            hypervisor_hostname: node.hypervisor_hostname.clone(),
-            host: node.host.clone(),
-            rpc_endpoint: service.rpc_endpoint.clone(),
-            vcpus: node.vcpus,
-            vcpus_used: node.vcpus_used,
-            memory_mb: node.memory_mb,
-            free_ram_mb: node.free_ram_mb,
-            local_gb: node.local_gb,
-            free_disk_gb: node.free_disk_gb,
-            placed: Placed {
-                vcpus: node.placed_vcpus,
-                memory_mb: node.placed_memory_mb,
-                disk_mb: node.placed_disk_mb,
-            },
-            reserved_host_memory_mb: extra.reserved_host_memory_mb,
-            reserved_host_disk_mb: extra.reserved_host_disk_mb,
-            queue_name: extra.queue_name.clone(),
-            cpu_allocation_ratio: ratios.0,
-            ram_allocation_ratio: ratios.1,
-            disk_allocation_ratio: ratios.2,
-            disabled: service.disabled,
-            disabled_reason: service.disabled_reason.clone(),
-            up: service_is_up(service, now, down_after),
-        },
-        DEFAULT_QUEUE,
-    );
+    let host_state = HostState::from_row(&row, DEFAULT_QUEUE);
     let resource = |total: i64, used: i64, ratio: f64, limit: f64| Resource {
         total,
         used,
