@@ -144,6 +144,13 @@ impl Db {
         Ok(Db { pool })
     }
 
+    /// One trivial query: whether the database answers at all (health checks).
+    pub fn ping(&self) -> Result<()> {
+        let mut conn = self.conn()?;
+        conn.batch_execute("SELECT 1")?;
+        Ok(())
+    }
+
     fn conn(&self) -> Result<Conn> {
         self.pool.get().map_err(|e| DbError::Pool(e.to_string()))
     }

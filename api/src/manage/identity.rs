@@ -32,7 +32,9 @@ pub(super) enum UserCommand {
     /// Creates a user; with --project, gives it ROLE there and makes it its default project.
     Create {
         name: String,
-        #[arg(long)]
+        /// Also taken from ZOVA_USER_PASSWORD, which keeps it off the command line (and out of
+        /// `ps` and shell history).
+        #[arg(long, env = "ZOVA_USER_PASSWORD", hide_env_values = true)]
         password: String,
         /// Project name or id.
         #[arg(long)]
