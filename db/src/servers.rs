@@ -390,6 +390,34 @@ mod tests {
     }
 
     #[test]
+    fn racing_creates_never_pass_the_quota_together() {
+        let (_dir, db) = open_temp();
+        let limits = QuotaLimits {
+            instances: 5,
+            cores: -1,
+            ram: -1,
+        };
+        let racers: Vec<_> = (0..20)
+            .map(|i| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    let row = new_instance(&format!("race-{i}"), "p");
+                    db.instances_create_within_quota(&[row], 1, "req", &limits)
+                        .expect("no database error")
+                        .is_ok()
+                })
+            })
+            .collect();
+        let created = racers
+            .into_iter()
+            .map(|r| r.join().expect("racer"))
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(created, 5);
+        assert_eq!(db.quota_usage("p").unwrap().instances, 5);
+    }
+
+    #[test]
     fn a_task_begins_only_from_an_allowed_state_and_records_its_action() {
         let (_dir, db) = open_temp();
         db.instance_create(&new_instance("u-1", "p"), "req-0")
