@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use diesel::prelude::*;
 use diesel::SqliteConnection;
 
-use crate::schema::{fixed_ips, networks};
+use crate::schema::{fixed_ips, instances, networks};
 use crate::{now, Db, DbError, Result};
 
 /// The prefixes a pool may have: a /16 is 65 534 rows, a /30 the smallest with a free address
@@ -222,10 +222,24 @@ impl Db {
 
     /// Gives `instance_uuid` the lowest free address of `network` (of any network, oldest first,
     /// when `None`) and a fresh MAC. An instance that holds an address already gets it back, so
-    /// a retried build does not take a second one. [`DbError::Exhausted`] when none is free.
+    /// a retried build does not take a second one. [`DbError::Exhausted`] when none is free;
+    /// [`DbError::NotFound`] unless the instance is live and not in error (its address would
+    /// never be released).
     pub fn fixed_ip_allocate(&self, instance_uuid: &str, network: Option<&str>) -> Result<FixedIp> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| {
+            let live: i64 = instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(instance_uuid))
+                .filter(instances::vm_state.ne("error"))
+                .count()
+                .get_result(conn)?;
+            if live == 0 {
+                return Err(DbError::NotFound {
+                    kind: "instance",
+                    id: instance_uuid.to_string(),
+                });
+            }
             if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
                 return Ok(ip);
             }
@@ -330,6 +344,15 @@ mod tests {
     use crate::testing::{new_instance, open_temp};
     use crate::NewFault;
 
+    /// A fresh database with live instances called `uuids`.
+    fn with_instances(uuids: &[&str]) -> (tempfile::TempDir, Db) {
+        let (dir, db) = open_temp();
+        for uuid in uuids {
+            db.instance_create(&new_instance(uuid, "p"), "req").unwrap();
+        }
+        (dir, db)
+    }
+
     #[test]
     fn pools_are_the_host_addresses_but_the_gateway() {
         let pool = pool_addresses("10.0.0.0/24", "10.0.0.1").unwrap();
@@ -383,7 +406,7 @@ mod tests {
 
     #[test]
     fn addresses_go_lowest_first_once_per_instance_with_nova_macs() {
-        let (_dir, db) = open_temp();
+        let (_dir, db) = with_instances(&["a", "b"]);
         let a = db.fixed_ip_allocate("a", None).unwrap();
         let b = db.fixed_ip_allocate("b", Some("private")).unwrap();
         assert_eq!(
@@ -407,7 +430,7 @@ mod tests {
 
     #[test]
     fn a_released_address_is_the_next_one_given() {
-        let (_dir, db) = open_temp();
+        let (_dir, db) = with_instances(&["a", "b", "c"]);
         db.fixed_ip_allocate("a", None).unwrap();
         db.fixed_ip_allocate("b", None).unwrap();
         db.fixed_ip_release("a").unwrap();
@@ -418,7 +441,7 @@ mod tests {
 
     #[test]
     fn an_exhausted_pool_says_which_network() {
-        let (_dir, db) = open_temp();
+        let (_dir, db) = with_instances(&["a", "b"]);
         db.network_create("tiny", "192.168.7.0/30", "192.168.7.1", Some("br0"))
             .unwrap();
         let only = db.fixed_ip_allocate("a", Some("tiny")).unwrap();
@@ -435,6 +458,13 @@ mod tests {
             db.fixed_ip_allocate("b", Some("nowhere")),
             Err(DbError::NotFound { .. })
         ));
+        assert!(
+            matches!(
+                db.fixed_ip_allocate("gone", None),
+                Err(DbError::NotFound { .. })
+            ),
+            "no address for an instance that is not there"
+        );
     }
 
     #[test]
@@ -460,5 +490,9 @@ mod tests {
         )
         .unwrap();
         assert!(db.fixed_ips_of("i-2").unwrap().is_empty());
+        assert!(matches!(
+            db.fixed_ip_allocate("i-2", None),
+            Err(DbError::NotFound { .. })
+        ));
     }
 }
