@@ -107,6 +107,12 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("Instance {id} could not be found."))
 }
 
+/// A page of servers with their latest faults, and the fixed IPs of each by uuid.
+type FaultsAndAddresses = (
+    Vec<(Instance, Option<db::InstanceFault>)>,
+    BTreeMap<String, Vec<db::FixedIp>>,
+);
+
 impl Api {
     fn server_view<'a>(&self, call: &'a Call) -> ServerView<'a> {
         ServerView {
@@ -455,7 +461,7 @@ impl Api {
         };
         let flavor = call.param("flavor").map(str::to_string);
         let image = call.param("image").map(str::to_string);
-        // No server has an address or tags yet, so these filters match nothing.
+        // Filtering by address or tag is not implemented yet, so these filters match nothing.
         let matches_nothing = call.param("ip").is_some()
             || call.param("ip6").is_some()
             || (call.version.at_least(26)
@@ -478,8 +484,17 @@ impl Api {
         } else {
             BTreeMap::new()
         };
-        let with_faults: Vec<(Instance, Option<db::InstanceFault>)> = if detail {
+        let (with_faults, mut fixed_ips): FaultsAndAddresses = if detail {
             self.db(move |db| {
+                // One query for the addresses of the whole page.
+                let uuids: Vec<String> = instances.iter().map(|i| i.uuid.clone()).collect();
+                let mut fixed_ips: BTreeMap<String, Vec<db::FixedIp>> = BTreeMap::new();
+                for ip in db.fixed_ips_of_instances(&uuids)? {
+                    fixed_ips
+                        .entry(ip.instance_uuid.clone())
+                        .or_default()
+                        .push(ip);
+                }
                 let mut out = Vec::with_capacity(instances.len());
                 for instance in instances {
                     let fault = if instance.vm_state == vm_state::ERROR {
@@ -489,11 +504,14 @@ impl Api {
                     };
                     out.push((instance, fault));
                 }
-                Ok(out)
+                Ok((out, fixed_ips))
             })
             .await?
         } else {
-            instances.into_iter().map(|i| (i, None)).collect()
+            (
+                instances.into_iter().map(|i| (i, None)).collect(),
+                BTreeMap::new(),
+            )
         };
         let servers: Vec<Value> = with_faults
             .iter()
@@ -504,7 +522,8 @@ impl Api {
                         .as_ref()
                         .and_then(|h| statuses.get(h))
                         .map(String::as_str);
-                    views::server_detail(view, i, f.as_ref(), status)
+                    let ips = fixed_ips.remove(&i.uuid).unwrap_or_default();
+                    views::server_detail(view, i, f.as_ref(), status, &ips)
                 } else {
                     views::server_summary(&call.base, i)
                 }
@@ -522,11 +541,17 @@ impl Api {
 
     async fn server_body(&self, call: &Call, instance: &Instance) -> Result<Value, ApiError> {
         let uuid = instance.uuid.clone();
-        let fault = if instance.vm_state == vm_state::ERROR {
-            self.db(move |db| db.instance_fault_latest(&uuid)).await?
-        } else {
-            None
-        };
+        let in_error = instance.vm_state == vm_state::ERROR;
+        let (fault, fixed_ips) = self
+            .db(move |db| {
+                let fault = if in_error {
+                    db.instance_fault_latest(&uuid)?
+                } else {
+                    None
+                };
+                Ok((fault, db.fixed_ips_of(&uuid)?))
+            })
+            .await?;
         let statuses = self.host_statuses(call).await?;
         let status = instance
             .host
@@ -534,7 +559,7 @@ impl Api {
             .and_then(|h| statuses.get(h))
             .map(String::as_str);
         Ok(
-            json!({"server": views::server_detail(self.server_view(call), instance, fault.as_ref(), status)}),
+            json!({"server": views::server_detail(self.server_view(call), instance, fault.as_ref(), status, &fixed_ips)}),
         )
     }
 

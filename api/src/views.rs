@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use db::{Flavor, Instance, InstanceFault};
+use db::{FixedIp, Flavor, Instance, InstanceFault};
 
 use crate::microversion::Version;
 
@@ -50,13 +50,36 @@ pub fn server_summary(base: &str, instance: &Instance) -> Value {
     json!({"id": instance.uuid, "name": instance.display_name, "links": links(base, "servers", &instance.uuid)})
 }
 
+/// A server's `addresses`: its fixed IPs grouped by network name, as Nova shows them.
+pub fn addresses(fixed_ips: &[FixedIp]) -> Value {
+    let mut by_network = serde_json::Map::new();
+    for ip in fixed_ips {
+        let entry = json!({
+            "version": 4,
+            "addr": ip.address,
+            "OS-EXT-IPS:type": "fixed",
+            "OS-EXT-IPS-MAC:mac_addr": ip.mac,
+        });
+        match by_network
+            .entry(ip.network.clone())
+            .or_insert_with(|| json!([]))
+        {
+            Value::Array(list) => list.push(entry),
+            other => *other = json!([entry]),
+        }
+    }
+    Value::Object(by_network)
+}
+
 /// The full server, as `GET /servers/{id}` and `/servers/detail` show it at `view.version`.
-/// `host_status` is the state of the server's compute service (2.16, admins only).
+/// `host_status` is the state of the server's compute service (2.16, admins only);
+/// `fixed_ips` are the addresses the server holds.
 pub fn server_detail(
     view: ServerView<'_>,
     instance: &Instance,
     fault: Option<&InstanceFault>,
     host_status: Option<&str>,
+    fixed_ips: &[FixedIp],
 ) -> Value {
     let base = view.base;
     let metadata: Value = serde_json::from_str(&instance.metadata).unwrap_or_else(|_| json!({}));
@@ -87,7 +110,7 @@ pub fn server_detail(
         "flavor": flavor,
         "created": time(instance.created_at),
         "updated": time(instance.updated_at.unwrap_or(instance.created_at)),
-        "addresses": {},
+        "addresses": addresses(fixed_ips),
         "accessIPv4": "",
         "accessIPv6": "",
         "links": links(base, "servers", &instance.uuid),

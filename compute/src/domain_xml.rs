@@ -35,6 +35,9 @@ pub struct DomainSpec {
     pub mac_address: Option<String>,
     /// The libvirt network of the interface; `None` means [`DEFAULT_NETWORK`].
     pub network: Option<String>,
+    /// A host bridge the interface joins instead of a libvirt network (the fixed-IP network's
+    /// `bridge`).
+    pub bridge: Option<String>,
     /// The user's name for the server, kept in `<description>` and Nova's metadata block.
     pub display_name: String,
 }
@@ -138,6 +141,18 @@ fn validate(spec: &DomainSpec) -> Result<(), XmlError> {
     if spec.memory_mb == 0 {
         return Err(invalid("a domain needs at least 1 MiB of memory".into()));
     }
+    if let Some(mac) = &spec.mac_address {
+        let octets: Vec<&str> = mac.split(':').collect();
+        let hex = |o: &&str| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit());
+        if octets.len() != 6 || !octets.iter().all(hex) {
+            return Err(invalid(format!("{mac:?} is not a MAC address")));
+        }
+    }
+    if let Some(bridge) = &spec.bridge {
+        if bridge.is_empty() || bridge.contains('/') || bridge.chars().any(char::is_control) {
+            return Err(invalid(format!("{bridge:?} is not a bridge name")));
+        }
+    }
     if !matches!(spec.domain_type.as_str(), "test" | "kvm" | "qemu") {
         return Err(invalid(format!(
             "domain type {:?} is not one of test, kvm, qemu",
@@ -228,15 +243,24 @@ fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> i
             })?;
     }
     if let Some(mac) = &spec.mac_address {
-        let network = spec.network.as_deref().unwrap_or(DEFAULT_NETWORK);
+        let (kind, source) = match &spec.bridge {
+            Some(bridge) => ("bridge", ("bridge", bridge.as_str())),
+            None => (
+                "network",
+                (
+                    "network",
+                    spec.network.as_deref().unwrap_or(DEFAULT_NETWORK),
+                ),
+            ),
+        };
         w.create_element("interface")
-            .with_attribute(("type", "network"))
+            .with_attribute(("type", kind))
             .write_inner_content(|w| {
                 w.create_element("mac")
                     .with_attribute(("address", mac.as_str()))
                     .write_empty()?;
                 w.create_element("source")
-                    .with_attribute(("network", network))
+                    .with_attribute(source)
                     .write_empty()?;
                 w.create_element("model")
                     .with_attribute(("type", "virtio"))
@@ -281,6 +305,7 @@ mod tests {
             disk_path: Some("/var/lib/zova/instances/instance-x/disk".into()),
             mac_address: Some(mac_address_for(UUID)),
             network: None,
+            bridge: None,
             display_name: "web-1".into(),
         }
     }
@@ -392,6 +417,41 @@ mod tests {
             assert_eq!(
                 parsed.attrs["domain/devices/interface/source"]["network"],
                 "br-int"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bridge_replaces_the_libvirt_network() {
+        let bridged = DomainSpec {
+            mac_address: Some("fa:16:3e:00:00:01".into()),
+            bridge: Some("br100".into()),
+            ..spec()
+        };
+        let parsed = parse(&domain_xml(&bridged).unwrap());
+        assert_eq!(parsed.attrs["domain/devices/interface"]["type"], "bridge");
+        assert_eq!(
+            parsed.attrs["domain/devices/interface/source"]["bridge"],
+            "br100"
+        );
+        assert_eq!(
+            parsed.attrs["domain/devices/interface/mac"]["address"],
+            "fa:16:3e:00:00:01"
+        );
+        for (mac, bridge) in [
+            (Some("fa:16:3e:00:00"), None),
+            (Some("fa:16:3e:00:00:zz"), None),
+            (Some("fa:16:3e:00:00:01"), Some("")),
+            (Some("fa:16:3e:00:00:01"), Some("br/0")),
+        ] {
+            let bad = DomainSpec {
+                mac_address: mac.map(String::from),
+                bridge: bridge.map(String::from),
+                ..spec()
+            };
+            assert!(
+                matches!(domain_xml(&bad), Err(XmlError::InvalidSpec { .. })),
+                "{mac:?} {bridge:?}"
             );
         }
     }

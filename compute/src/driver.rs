@@ -380,6 +380,7 @@ mod tests {
             domain_type: "test".into(),
             disk_path: Some("/var/lib/zova/instances/test/disk".into()),
             network: None,
+            bridge: None,
             display_name: "driver test <&>".into(),
         }
     }

@@ -33,11 +33,12 @@ use proto::service::{
     finish_in_flight, for_request, stopped, LogConfig, RpcConfig, ServiceArgs, ServiceHandle,
 };
 use proto::{
-    power_state, task_state, vm_state, ComputeApi, ComputeNodeUpdate, ComputeRunInstance,
-    ExtraResources, Fault, Incoming, InstanceActionFinish, InstanceDestroy, InstanceResources,
-    InstanceState, InstanceUpdate, InstancesOnHost, Method, Peers, Ping, RebootInstance,
-    RequestContext, RequestSpec, RescheduleInstance, Rpc, ServiceHeartbeat, ServiceRegister,
-    StartInstance, StopInstance, TerminateInstance,
+    power_state, task_state, vm_state, AllocateFixedIp, ComputeApi, ComputeNodeUpdate,
+    ComputeRunInstance, ExtraResources, Fault, FixedIpInfo, Incoming, InstanceActionFinish,
+    InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate, InstancesOnHost, Method,
+    Peers, Ping, RebootInstance, RequestContext, RequestSpec, RescheduleInstance, Rpc,
+    ServiceHeartbeat, ServiceRegister, StartInstance, StopInstance, TerminateInstance,
+    FIXED_IP_EXHAUSTED,
 };
 
 use domain_xml::{domain_xml, instance_name, DomainSpec};
@@ -218,6 +219,9 @@ pub enum ComputeError {
     Task(String),
     #[error("the build for node {node} reached {host}: refusing it")]
     WrongHost { node: String, host: String },
+    /// The fixed-IP pool has no free address; the text names the network.
+    #[error("{0}")]
+    NoFixedIp(String),
     #[error("the instance was deleted while it was being built: {0}")]
     Vanished(String),
     #[error(transparent)]
@@ -1200,6 +1204,9 @@ impl Compute {
             .await
             .map_err(vanished_or_rpc)?;
 
+        // Before the disk, so an exhausted pool costs no copy of the image.
+        let fixed_ip = self.allocate_fixed_ip(context, &uuid).await?;
+        info!(log, "fixed IP allocated"; "instance" => &uuid, "address" => &fixed_ip.address, "mac" => &fixed_ip.mac, "network" => &fixed_ip.network);
         let name = instance_name(&uuid);
         let disk_path = if self.driver.domain_type() == "test" {
             // The test hypervisor runs no guest, so it needs no disk file.
@@ -1222,8 +1229,9 @@ impl Compute {
             memory_mb: spec.flavor.memory_mb.max(1) as u64,
             domain_type: self.driver.domain_type().to_string(),
             disk_path,
-            mac_address: None,
+            mac_address: Some(fixed_ip.mac),
             network: None,
+            bridge: fixed_ip.bridge,
             display_name: spec.display_name.clone(),
         })?;
         let driver = self.driver.clone();
@@ -1249,6 +1257,26 @@ impl Compute {
                 warn!(log, "instance runs but ACTIVE was not recorded"; "instance" => &uuid, "error" => %e);
                 Ok(())
             }
+        }
+    }
+
+    /// The instance's fixed IP and MAC from the conductor (the same ones on a retried build).
+    /// An exhausted pool fails the build where it is: every host draws from the same pool, so
+    /// a reschedule could only fail again.
+    async fn allocate_fixed_ip(
+        &self,
+        context: &RequestContext,
+        uuid: &str,
+    ) -> Result<FixedIpInfo, ComputeError> {
+        let request = AllocateFixedIp {
+            instance_uuid: uuid.to_string(),
+        };
+        match self.conductors.call(&self.rpc, context, &request).await {
+            Ok(info) => Ok(info),
+            Err(proto::ProtoError::Remote(remote)) if remote.kind == FIXED_IP_EXHAUSTED => {
+                Err(ComputeError::NoFixedIp(remote.message))
+            }
+            Err(e) => Err(vanished_or_rpc(e)),
         }
     }
 

@@ -18,10 +18,10 @@ use proto::service::{
     ServiceHandle,
 };
 use proto::{
-    BuildInstances, ComputeNodeUpdate, ConductorApi, FlavorSpec, ImageSpec, Incoming,
-    InstanceActionFinish, InstanceDestroy, InstanceResources, InstanceUpdate, InstancesOnHost,
-    Method, Peers, Ping, RemoteError, RequestContext, RequestSpec, RescheduleInstance, RetrySpec,
-    Rpc, ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
+    AllocateFixedIp, BuildInstances, ComputeNodeUpdate, ConductorApi, FixedIpInfo, FlavorSpec,
+    ImageSpec, Incoming, InstanceActionFinish, InstanceDestroy, InstanceResources, InstanceUpdate,
+    InstancesOnHost, Method, Peers, Ping, RemoteError, RequestContext, RequestSpec,
+    RescheduleInstance, RetrySpec, Rpc, ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
 };
 
 pub const BINARY: &str = "zova-conductor";
@@ -188,6 +188,7 @@ fn remote(err: DbError) -> RemoteError {
     let kind = match err {
         DbError::NotFound { .. } => "NotFound",
         DbError::Conflict(_) => "Conflict",
+        DbError::Exhausted(_) => proto::FIXED_IP_EXHAUSTED,
         _ => "Database",
     };
     RemoteError {
@@ -254,6 +255,20 @@ impl Conductor {
                             power_state: Some(i.power_state),
                         })
                         .collect())
+                })
+                .await
+            }
+            ConductorApi::AllocateFixedIp(args) => {
+                self.answer::<AllocateFixedIp>(request, args, |db, args| {
+                    let ip = db.fixed_ip_allocate(&args.instance_uuid, None)?;
+                    Ok(FixedIpInfo {
+                        address: ip.address,
+                        mac: ip.mac,
+                        network: ip.network,
+                        cidr: ip.cidr,
+                        gateway: ip.gateway,
+                        bridge: ip.bridge,
+                    })
                 })
                 .await
             }

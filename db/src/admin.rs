@@ -344,7 +344,7 @@ mod tests {
         assert!(known.len() >= 6, "{known:?}");
         assert_eq!(
             known.last().unwrap().name.as_deref(),
-            Some("2025-05-01-000000_shadow_tables")
+            Some("2025-06-01-000000_networks")
         );
         {
             let mut conn = connect(&url).unwrap();

@@ -35,6 +35,14 @@ pub enum DbError {
     #[error("{0}")]
     OverQuota(String),
 
+    /// No address of the pool is free; the text is the message for the user.
+    #[error("{0}")]
+    Exhausted(String),
+
+    /// A value is not acceptable (a malformed CIDR, a gateway outside its network, ...).
+    #[error("invalid value: {0}")]
+    Invalid(String),
+
     /// A JSON column was given text that is not a JSON object; the text says which column.
     #[error("invalid JSON: {0}")]
     Json(String),

@@ -2,6 +2,7 @@
 
 use diesel::prelude::*;
 
+use crate::networks::release_fixed_ip;
 use crate::placement::{allocation_node, release_allocation};
 use crate::schema::{instance_actions, instance_faults, instances};
 use crate::{
@@ -226,6 +227,7 @@ impl Db {
             .ok_or_else(|| instance_not_found(uuid))?;
             if changes.vm_state.as_deref() == Some("error") {
                 release_allocation(conn, uuid)?;
+                release_fixed_ip(conn, uuid)?;
             }
             Ok(instance)
         })
@@ -252,6 +254,7 @@ impl Db {
             insert_fault(conn, fault)?;
             // An instance in error runs nowhere: whatever was placed for it is free again.
             release_allocation(conn, uuid)?;
+            release_fixed_ip(conn, uuid)?;
             Ok(())
         })
     }
@@ -298,6 +301,7 @@ impl Db {
                 return Err(instance_not_found(uuid));
             }
             release_allocation(conn, uuid)?;
+            release_fixed_ip(conn, uuid)?;
             Ok(())
         })
     }

@@ -12,6 +12,7 @@ mod identity;
 mod instances;
 mod keypairs;
 mod models;
+mod networks;
 mod placement;
 pub mod schema;
 mod servers;
@@ -39,6 +40,7 @@ pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,
     InstanceFault, NewFault, NewInstance, Service,
 };
+pub use networks::{pool_addresses, FixedIp, Network};
 pub use placement::{AllocationClaim, ClaimOutcome, Placed};
 pub use servers::{instances_that_fit, InstanceFilter, QuotaExceeded, QuotaLimits, QuotaUsage};
 
@@ -56,6 +58,9 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The image every fresh database offers, so a first boot needs no upload.
 const SEED_IMAGE_UUID: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
+
+/// The network every fresh database offers: (name, cidr, gateway).
+const SEED_NETWORK: (&str, &str, &str) = ("private", "10.0.0.0/24", "10.0.0.1");
 
 /// Nova's classic flavors: (flavorid, name, vcpus, memory_mb, root_gb).
 const SEED_FLAVORS: [(&str, &str, i64, i64, i64); 5] = [
@@ -184,7 +189,7 @@ fn migrate_and_seed(conn: &mut SqliteConnection) -> Result<()> {
     })
 }
 
-/// Fills a fresh database with the default flavors and image. Each table is seeded only when it
+/// Fills a fresh database with the default flavors, image and network. Each table is seeded only when it
 /// has never held a row, so reopening never duplicates and deleting a seed row is permanent.
 fn seed(conn: &mut SqliteConnection) -> Result<()> {
     use schema::{flavors, images};
@@ -225,6 +230,11 @@ fn seed(conn: &mut SqliteConnection) -> Result<()> {
                     images::created_at.eq(created_at),
                 ))
                 .execute(conn)?;
+        }
+        let network_rows: i64 = schema::networks::table.count().get_result(conn)?;
+        if network_rows == 0 {
+            let (name, cidr, gateway) = SEED_NETWORK;
+            networks::insert_network(conn, name, cidr, gateway, None)?;
         }
         Ok(())
     })

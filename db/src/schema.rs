@@ -190,7 +190,31 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    networks (id) {
+        id -> BigInt,
+        name -> Text,
+        cidr -> Text,
+        gateway -> Text,
+        bridge -> Nullable<Text>,
+        created_at -> Timestamp,
+        deleted -> BigInt,
+    }
+}
+
+diesel::table! {
+    fixed_ips (id) {
+        id -> BigInt,
+        network_id -> BigInt,
+        address -> Text,
+        instance_uuid -> Nullable<Text>,
+        mac -> Nullable<Text>,
+        allocated_at -> Nullable<Timestamp>,
+    }
+}
+
 diesel::joinable!(allocations -> compute_nodes (compute_node_id));
+diesel::joinable!(fixed_ips -> networks (network_id));
 
 // Compute nodes are joined to their service by host name, not by a foreign key (as in Nova, a
 // node can report before its service row exists), so the join condition is spelled out in SQL.
@@ -210,6 +234,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     users,
     role_assignments,
     tokens,
+    networks,
+    fixed_ips,
 );
 
 // Identity (a Keystone v3 subset); see migrations/2025-04-02-000000_identity.

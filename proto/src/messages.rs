@@ -327,6 +327,32 @@ pub struct InstanceDestroy {
 }
 method!(InstanceDestroy, "instance_destroy", ());
 
+/// compute → conductor (call): give the instance a fixed IP address and MAC from a network's
+/// pool (the same ones again if it holds them already). A pool with no free address is answered
+/// with the error kind [`FIXED_IP_EXHAUSTED`]: another host would meet the same pool, so the
+/// build fails instead of being rescheduled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocateFixedIp {
+    pub instance_uuid: String,
+}
+method!(AllocateFixedIp, "allocate_fixed_ip", FixedIpInfo);
+
+/// The `RemoteError::kind` of an exhausted fixed-IP pool.
+pub const FIXED_IP_EXHAUSTED: &str = "FixedIpExhausted";
+
+/// An instance's fixed IP address and what its NIC needs to know of the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FixedIpInfo {
+    pub address: String,
+    pub mac: String,
+    pub network: String,
+    pub cidr: String,
+    pub gateway: String,
+    /// The host bridge the NIC joins; `None`: the hypervisor's default network.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
 /// compute → conductor (call): the instances the database places on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstancesOnHost {
@@ -477,6 +503,7 @@ rpc_surface!(
         InstanceActionFinish,
         InstanceDestroy,
         InstancesOnHost,
+        AllocateFixedIp,
         ServiceRegister,
         ServiceHeartbeat,
         ComputeNodeUpdate,
@@ -643,6 +670,13 @@ mod tests {
             InstancesOnHost,
             InstancesOnHost {
                 host: "node-1".into()
+            }
+        );
+        check!(
+            ConductorApi,
+            AllocateFixedIp,
+            AllocateFixedIp {
+                instance_uuid: "i-1".into()
             }
         );
         check!(

@@ -61,6 +61,15 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // The seeded `private` /24 holds 253 servers; a second pool, used once it is full, holds
+    // the rest of the largest run.
+    if let Err(e) = fabric
+        .db
+        .network_create("bench", "172.16.0.0/16", "172.16.0.1", None)
+    {
+        eprintln!("zova-boot-bench: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
 
     let started = Instant::now();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
