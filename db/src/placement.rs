@@ -215,25 +215,8 @@ impl Db {
 
     /// Sets one extra spec of a flavor (by flavor id), replacing an earlier value.
     pub fn flavor_extra_spec_set(&self, flavorid: &str, key: &str, value: &str) -> Result<()> {
-        let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
-            let flavor = crate::catalog::flavor_row_id(conn, flavorid)?;
-            diesel::delete(
-                flavor_extra_specs::table
-                    .filter(flavor_extra_specs::flavor_id.eq(flavor))
-                    .filter(flavor_extra_specs::spec_key.eq(key)),
-            )
-            .execute(conn)?;
-            diesel::insert_into(flavor_extra_specs::table)
-                .values((
-                    flavor_extra_specs::flavor_id.eq(flavor),
-                    flavor_extra_specs::spec_key.eq(key),
-                    flavor_extra_specs::spec_value.eq(value),
-                    flavor_extra_specs::created_at.eq(now()),
-                ))
-                .execute(conn)?;
-            Ok(())
-        })
+        let one = std::collections::BTreeMap::from([(key.to_string(), value.to_string())]);
+        self.flavor_extra_specs_set(flavorid, &one)
     }
 
     /// Sets several extra specs of a flavor together: all of them, or (flavor gone, database
