@@ -1,36 +1,73 @@
-//! Instance disks: a qcow2 file per instance under `<instances_dir>/<name>/disk`, made by
-//! `qemu-img`, optionally over the image as its backing file.
+//! Instance disks, as Nova's libvirt driver lays them out under `instances_path`:
+//!
+//! ```text
+//! _base/<sha256 of the image id>    the image, copied once per node and shared
+//! _base/ephemeral_<gb>_ext4         a formatted blank disk per ephemeral size
+//! _base/swap_<mb>                   a swap area per swap size
+//! <instance name>/disk              qcow2 over the image, sized to the flavor's root_gb
+//! <instance name>/disk.local        qcow2 over the ephemeral base (flavor ephemeral_gb)
+//! <instance name>/disk.swap         qcow2 over the swap base (flavor swap_mb)
+//! <instance name>/libvirt.xml       the domain XML the instance was defined with
+//! <instance name>/console.log       the guest's serial console
+//! ```
+//!
+//! Every overlay is a thin copy-on-write file, so a build costs one `qemu-img create` per disk
+//! once the bases are cached. Bases are made under an exclusive `flock` on `_base/<name>.lock`
+//! (several builds of one image, even from several processes, copy it once) and appear only
+//! complete: written to `<name>.part`, synced, then renamed.
 
-use std::io;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+pub const BASE_DIR_NAME: &str = "_base";
 /// The file name of an instance's root disk inside its directory.
 pub const DISK_FILE_NAME: &str = "disk";
+pub const EPHEMERAL_FILE_NAME: &str = "disk.local";
+pub const SWAP_FILE_NAME: &str = "disk.swap";
+pub const DOMAIN_XML_FILE_NAME: &str = "libvirt.xml";
+pub const CONSOLE_LOG_FILE_NAME: &str = "console.log";
+
+const GIB: u64 = 1024 * 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum DiskError {
     #[error("{name:?} cannot name an instance directory: it must be a plain file name (not empty, no '/', not '.' or '..')")]
     InvalidName { name: String },
-    #[error("Cannot create instance directory {}: {source}", path.display())]
+    #[error("Cannot create directory {}: {source}", path.display())]
     CreateDir {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("Cannot run qemu-img (is qemu-utils installed?): {source}")]
-    QemuImgMissing {
+    #[error("Cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("qemu-img could not create disk {} ({status}): {stderr}", path.display())]
-    QemuImg {
+    #[error("Cannot run {tool} (is it installed?): {source}")]
+    ToolMissing {
+        tool: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{tool} failed on {} ({status}): {stderr}", path.display())]
+    Tool {
+        tool: &'static str,
         path: PathBuf,
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error("Image {image} cannot be used: {reason}")]
+    BadImage { image: String, reason: String },
+    #[error("Flavor's disk is too small for the requested image: the flavor has {root_gb} GiB, the image needs {image_bytes} bytes")]
+    FlavorDiskSmallerThanImage { root_gb: u64, image_bytes: u64 },
     #[error("Cannot remove instance directory {}: {source}", path.display())]
     Remove {
         path: PathBuf,
@@ -39,47 +76,319 @@ pub enum DiskError {
     },
 }
 
-/// Creates `<instances_dir>/<name>/disk`, a qcow2 of `size_gb` GiB (at least 1), over
-/// `backing_file` (a qcow2 image) when given. Returns the disk's path.
-///
-/// An existing disk at that path is replaced, so a retried build starts from a clean disk.
-pub fn create_instance_disk(
+/// The image an instance boots from: its id (which names the cached copy), the file on this
+/// host, and the format its image record declares.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageSource<'a> {
+    pub id: &'a str,
+    pub path: &'a Path,
+    pub disk_format: &'a str,
+}
+
+/// What the flavor and the image ask of an instance's disks.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskRequest<'a> {
+    /// 0: the image's own size (1 GiB without an image), as Nova does for a root_gb of 0.
+    pub root_gb: u64,
+    pub ephemeral_gb: u64,
+    pub swap_mb: u64,
+    pub image: Option<ImageSource<'a>>,
+}
+
+/// The files of one instance, all qcow2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceDisks {
+    pub dir: PathBuf,
+    pub root: PathBuf,
+    pub ephemeral: Option<PathBuf>,
+    pub swap: Option<PathBuf>,
+}
+
+/// A file under `_base`, ready to back overlays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseImage {
+    pub path: PathBuf,
+    /// `raw` or `qcow2`: what `-F` tells qemu-img, so the backing file's format is never guessed.
+    pub format: String,
+    pub virtual_size: u64,
+}
+
+/// Creates the instance's directory and its disks, making (or reusing) the bases they sit on.
+/// Existing disks at those paths are replaced, so a retried build starts from clean disks.
+pub fn create_instance_disks(
     instances_dir: &Path,
     name: &str,
-    size_gb: u64,
-    backing_file: Option<&Path>,
-) -> Result<PathBuf, DiskError> {
+    request: &DiskRequest<'_>,
+) -> Result<InstanceDisks, DiskError> {
     let dir = instance_dir(instances_dir, name)?;
-    std::fs::create_dir_all(&dir).map_err(|source| DiskError::CreateDir {
-        path: dir.clone(),
+    let base_dir = instances_dir.join(BASE_DIR_NAME);
+    for d in [&base_dir, &dir] {
+        std::fs::create_dir_all(d).map_err(|source| DiskError::CreateDir {
+            path: d.clone(),
+            source,
+        })?;
+    }
+
+    let image = request
+        .image
+        .map(|image| cached_image(&base_dir, &image))
+        .transpose()?;
+    let root_bytes = match (request.root_gb, &image) {
+        (0, Some(image)) => image.virtual_size,
+        (0, None) => GIB,
+        (gb, Some(image)) if gb.saturating_mul(GIB) < image.virtual_size => {
+            return Err(DiskError::FlavorDiskSmallerThanImage {
+                root_gb: gb,
+                image_bytes: image.virtual_size,
+            })
+        }
+        (gb, _) => gb.saturating_mul(GIB),
+    };
+    let root = dir.join(DISK_FILE_NAME);
+    create_overlay(&root, image.as_ref(), root_bytes)?;
+
+    let ephemeral = match request.ephemeral_gb {
+        0 => None,
+        gb => {
+            let base = blank_base(&base_dir, &format!("ephemeral_{gb}_ext4"), gb * GIB, |p| {
+                // Nova's default for a Linux guest: ext4 labelled ephemeral0, which cloud-init
+                // mounts on /mnt.
+                run("mkfs.ext4", p, |c| {
+                    c.args(["-F", "-q", "-L", "ephemeral0"]).arg(p);
+                })
+            })?;
+            let path = dir.join(EPHEMERAL_FILE_NAME);
+            create_overlay(&path, Some(&base), base.virtual_size)?;
+            Some(path)
+        }
+    };
+    let swap = match request.swap_mb {
+        0 => None,
+        mb => {
+            let base = blank_base(&base_dir, &format!("swap_{mb}"), mb * MIB, |p| {
+                run("mkswap", p, |c| {
+                    c.arg("-q").arg(p);
+                })
+            })?;
+            let path = dir.join(SWAP_FILE_NAME);
+            create_overlay(&path, Some(&base), base.virtual_size)?;
+            Some(path)
+        }
+    };
+    Ok(InstanceDisks {
+        dir,
+        root,
+        ephemeral,
+        swap,
+    })
+}
+
+/// Writes `contents` to `<instances_dir>/<name>/<file>` (the domain XML), replacing it.
+pub fn write_instance_file(
+    instances_dir: &Path,
+    name: &str,
+    file: &str,
+    contents: &str,
+) -> Result<PathBuf, DiskError> {
+    let path = instance_dir(instances_dir, name)?.join(file);
+    std::fs::write(&path, contents).map_err(|source| DiskError::Write {
+        path: path.clone(),
         source,
     })?;
-    let disk = dir.join(DISK_FILE_NAME);
+    Ok(path)
+}
 
-    let mut command = Command::new("qemu-img");
-    command.args(["create", "-q", "-f", "qcow2"]);
-    if let Some(backing) = backing_file {
-        // qemu-img resolves a relative backing path against the new disk's directory, not ours.
-        let backing = std::path::absolute(backing).unwrap_or_else(|_| backing.to_path_buf());
-        command.arg("-b").arg(backing).args(["-F", "qcow2"]);
-    }
-    command.arg(&disk).arg(format!("{}G", size_gb.max(1)));
+/// The path of `<instances_dir>/<name>/<file>`, once `name` is known to be safe.
+pub fn instance_file(instances_dir: &Path, name: &str, file: &str) -> Result<PathBuf, DiskError> {
+    Ok(instance_dir(instances_dir, name)?.join(file))
+}
 
+/// The image's copy under `_base`, made on first use. The image must really be in the format its
+/// record declares (raw or qcow2) and must not have a backing file of its own: a qcow2 that
+/// points at `/etc/shadow` would hand the guest that file.
+pub fn cached_image(base_dir: &Path, image: &ImageSource<'_>) -> Result<BaseImage, DiskError> {
+    let bad = |reason: String| DiskError::BadImage {
+        image: image.id.to_owned(),
+        reason,
+    };
+    let format = match image.disk_format {
+        "raw" | "qcow2" => image.disk_format,
+        other => {
+            return Err(bad(format!(
+                "disk format {other:?} is not supported here (raw or qcow2)"
+            )))
+        }
+    };
+    let cached = base_dir.join(hex_sha256(image.id));
+    with_base_lock(base_dir, &cached, || {
+        if !cached.exists() {
+            // Checked before the copy, so a bad image costs no disk space.
+            let info = image_info(image.path, format)?;
+            if let Some(backing) = info.get("backing-filename") {
+                return Err(bad(format!(
+                    "it has a backing file ({backing}); upload a flattened image"
+                )));
+            }
+            let part = part_path(&cached);
+            std::fs::copy(image.path, &part).map_err(|source| DiskError::Write {
+                path: part.clone(),
+                source,
+            })?;
+            sync_and_rename(&part, &cached)?;
+        }
+        let info = image_info(&cached, format)?;
+        let virtual_size = info
+            .get("virtual-size")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| bad("qemu-img reports no virtual size".into()))?;
+        Ok(BaseImage {
+            path: cached.clone(),
+            format: format.to_owned(),
+            virtual_size,
+        })
+    })
+}
+
+/// A raw base of `bytes` under `_base/<file>`, prepared once by `prepare` (mkfs, mkswap).
+fn blank_base(
+    base_dir: &Path,
+    file: &str,
+    bytes: u64,
+    prepare: impl FnOnce(&Path) -> Result<(), DiskError>,
+) -> Result<BaseImage, DiskError> {
+    let path = base_dir.join(file);
+    with_base_lock(base_dir, &path, || {
+        if !path.exists() {
+            let part = part_path(&path);
+            let file = File::create(&part).map_err(|source| DiskError::Write {
+                path: part.clone(),
+                source,
+            })?;
+            // Sparse: only what mkfs writes takes space.
+            file.set_len(bytes).map_err(|source| DiskError::Write {
+                path: part.clone(),
+                source,
+            })?;
+            drop(file);
+            prepare(&part)?;
+            sync_and_rename(&part, &path)?;
+        }
+        Ok(BaseImage {
+            path: path.clone(),
+            format: "raw".into(),
+            virtual_size: bytes,
+        })
+    })
+}
+
+/// Runs `make` holding an exclusive lock on `_base/<file>.lock`, so one base is made once even
+/// when several builds (or several compute processes sharing the directory) want it at once.
+fn with_base_lock<T>(
+    base_dir: &Path,
+    base: &Path,
+    make: impl FnOnce() -> Result<T, DiskError>,
+) -> Result<T, DiskError> {
+    let file_name = base.file_name().unwrap_or_default().to_string_lossy();
+    let lock_path = base_dir.join(format!("{file_name}.lock"));
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| DiskError::Write {
+            path: lock_path.clone(),
+            source,
+        })?;
+    lock.lock().map_err(|source| DiskError::Write {
+        path: lock_path.clone(),
+        source,
+    })?;
+    // The lock goes with the file handle, also when `make` fails.
+    make()
+}
+
+/// A qcow2 at `path` of `bytes`, over `backing` when given; an existing file is replaced.
+fn create_overlay(path: &Path, backing: Option<&BaseImage>, bytes: u64) -> Result<(), DiskError> {
+    run("qemu-img", path, |c| {
+        c.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(backing) = backing {
+            // qemu-img resolves a relative backing path against the new disk's directory.
+            let file = std::path::absolute(&backing.path).unwrap_or_else(|_| backing.path.clone());
+            c.arg("-b").arg(file).args(["-F", backing.format.as_str()]);
+        }
+        c.arg(path).arg(bytes.to_string());
+    })
+}
+
+/// `qemu-img info` of `path` read as `format` (never probed: probing a raw image whose first
+/// bytes look like qcow2 is how a guest reads host files).
+fn image_info(path: &Path, format: &str) -> Result<serde_json::Value, DiskError> {
+    let output = tool_output("qemu-img", path, |c| {
+        c.args(["info", "--output=json", "-U", "-f", format])
+            .arg(path);
+    })?;
+    serde_json::from_slice(&output).map_err(|e| DiskError::BadImage {
+        image: path.display().to_string(),
+        reason: format!("qemu-img info printed no JSON: {e}"),
+    })
+}
+
+fn run(tool: &'static str, path: &Path, args: impl FnOnce(&mut Command)) -> Result<(), DiskError> {
+    tool_output(tool, path, args).map(drop)
+}
+
+/// Runs `tool`, returning its standard output; a failure carries its standard error.
+fn tool_output(
+    tool: &'static str,
+    path: &Path,
+    args: impl FnOnce(&mut Command),
+) -> Result<Vec<u8>, DiskError> {
+    let mut command = Command::new(tool);
+    args(&mut command);
     let output = command
         .output()
-        .map_err(|source| DiskError::QemuImgMissing { source })?;
+        .map_err(|source| DiskError::ToolMissing { tool, source })?;
     if !output.status.success() {
-        return Err(DiskError::QemuImg {
-            path: disk,
+        return Err(DiskError::Tool {
+            tool,
+            path: path.to_path_buf(),
             status: output.status,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }
-    Ok(disk)
+    Ok(output.stdout)
+}
+
+fn part_path(path: &Path) -> PathBuf {
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    PathBuf::from(part)
+}
+
+/// Makes `part` durable, then gives it its final name: a crash leaves a `.part`, never a
+/// half-written base that later builds would trust.
+fn sync_and_rename(part: &Path, path: &Path) -> Result<(), DiskError> {
+    let write_err = |source| DiskError::Write {
+        path: part.to_path_buf(),
+        source,
+    };
+    OpenOptions::new()
+        .write(true)
+        .open(part)
+        .and_then(|mut f| f.flush().and_then(|()| f.sync_all()))
+        .map_err(write_err)?;
+    std::fs::rename(part, path).map_err(write_err)
+}
+
+fn hex_sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Removes `<instances_dir>/<name>` and everything in it; a directory already gone is fine, so a
-/// repeated delete succeeds.
+/// repeated delete succeeds. The shared bases stay.
 pub fn remove_instance_dir(instances_dir: &Path, name: &str) -> Result<(), DiskError> {
     let dir = instance_dir(instances_dir, name)?;
     match std::fs::remove_dir_all(&dir) {
@@ -89,10 +398,15 @@ pub fn remove_instance_dir(instances_dir: &Path, name: &str) -> Result<(), DiskE
     }
 }
 
-/// `<instances_dir>/<name>`, once `name` is known not to climb out of `instances_dir`.
+/// `<instances_dir>/<name>`, once `name` is known not to climb out of `instances_dir` (nor to
+/// be the shared `_base`).
 fn instance_dir(instances_dir: &Path, name: &str) -> Result<PathBuf, DiskError> {
-    let unsafe_name =
-        name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0');
+    let unsafe_name = name.is_empty()
+        || name == "."
+        || name == ".."
+        || name == BASE_DIR_NAME
+        || name.contains('/')
+        || name.contains('\0');
     if unsafe_name {
         return Err(DiskError::InvalidName { name: name.into() });
     }
@@ -118,67 +432,223 @@ mod tests {
         serde_json::from_slice(&output.stdout).expect("qemu-img prints JSON")
     }
 
-    const GIB: u64 = 1024 * 1024 * 1024;
+    fn qemu_img_create(path: &Path, format: &str, size: &str, backing: Option<&Path>) {
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", format]);
+        if let Some(b) = backing {
+            c.arg("-b").arg(b).args(["-F", "qcow2"]);
+        }
+        let status = c.arg(path).arg(size).status().unwrap();
+        assert!(status.success());
+    }
+
+    const IMAGE_ID: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
+
+    fn no_image(root_gb: u64) -> DiskRequest<'static> {
+        DiskRequest {
+            root_gb,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            image: None,
+        }
+    }
 
     #[test]
-    fn creates_a_qcow2_of_the_requested_size() {
+    fn root_disk_is_a_qcow2_of_the_flavor_size() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = create_instance_disk(dir.path(), "instance-a", 3, None).unwrap();
+        let disks = create_instance_disks(dir.path(), "instance-a", &no_image(3)).unwrap();
 
-        assert_eq!(disk, dir.path().join("instance-a").join("disk"));
-        assert!(disk.is_file());
-        let info = info(&disk);
+        assert_eq!(disks.root, dir.path().join("instance-a").join("disk"));
+        assert_eq!(disks.dir, dir.path().join("instance-a"));
+        assert_eq!((disks.ephemeral, disks.swap), (None, None));
+        let info = info(&disks.root);
         assert_eq!(info["format"], "qcow2");
         assert_eq!(info["virtual-size"], 3 * GIB);
         assert!(info.get("backing-filename").is_none());
     }
 
     #[test]
-    fn size_zero_gives_one_gib() {
+    fn root_gb_zero_takes_the_image_size_or_one_gib() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = create_instance_disk(dir.path(), "instance-z", 0, None).unwrap();
-        assert_eq!(info(&disk)["virtual-size"], GIB);
-    }
+        let disks = create_instance_disks(dir.path(), "instance-z", &no_image(0)).unwrap();
+        assert_eq!(info(&disks.root)["virtual-size"], GIB);
 
-    #[test]
-    fn creates_an_overlay_over_a_backing_image() {
-        let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("image.qcow2");
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&image)
-            .arg("1G")
-            .status()
-            .unwrap();
-        assert!(status.success());
-
-        let instances = dir.path().join("instances");
-        let disk = create_instance_disk(&instances, "instance-b", 2, Some(&image)).unwrap();
-
-        let info = info(&disk);
-        assert_eq!(info["format"], "qcow2");
-        assert_eq!(info["virtual-size"], 2 * GIB);
-        assert_eq!(info["backing-filename"], image.to_str().unwrap());
-        assert_eq!(info["backing-filename-format"], "qcow2");
+        qemu_img_create(&image, "qcow2", "2G", None);
+        let request = DiskRequest {
+            image: Some(ImageSource {
+                id: IMAGE_ID,
+                path: &image,
+                disk_format: "qcow2",
+            }),
+            ..no_image(0)
+        };
+        let disks = create_instance_disks(dir.path(), "instance-y", &request).unwrap();
+        assert_eq!(info(&disks.root)["virtual-size"], 2 * GIB);
     }
 
     #[test]
-    fn a_missing_backing_image_is_reported_with_qemu_imgs_words() {
+    fn the_image_is_cached_once_under_base_and_backs_every_root_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("no-such-image.qcow2");
-        let err = create_instance_disk(dir.path(), "instance-c", 1, Some(&missing)).unwrap_err();
-        match &err {
-            DiskError::QemuImg { stderr, .. } => assert!(!stderr.is_empty(), "{err}"),
-            other => panic!("expected a qemu-img error, got {other:?}"),
+        let image = dir.path().join("image.raw");
+        std::fs::write(&image, vec![7u8; 1024 * 1024]).unwrap();
+        let request = DiskRequest {
+            root_gb: 2,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            image: Some(ImageSource {
+                id: IMAGE_ID,
+                path: &image,
+                disk_format: "raw",
+            }),
+        };
+        let instances = dir.path().join("instances");
+        let a = create_instance_disks(&instances, "instance-a", &request).unwrap();
+        // The source may go away once cached: the second build must not read it.
+        std::fs::remove_file(&image).unwrap();
+        let b = create_instance_disks(&instances, "instance-b", &request).unwrap();
+
+        let base = instances.join(BASE_DIR_NAME).join(hex_sha256(IMAGE_ID));
+        assert_eq!(std::fs::read(&base).unwrap(), vec![7u8; 1024 * 1024]);
+        for disks in [&a, &b] {
+            let info = info(&disks.root);
+            assert_eq!(info["format"], "qcow2");
+            assert_eq!(info["virtual-size"], 2 * GIB);
+            assert_eq!(info["backing-filename"], base.to_str().unwrap());
+            assert_eq!(info["backing-filename-format"], "raw");
         }
-        assert!(err.to_string().contains("no-such-image"), "{err}");
+        let leftovers: Vec<_> = std::fs::read_dir(instances.join(BASE_DIR_NAME))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".part"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn ephemeral_and_swap_disks_sit_on_formatted_bases() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = DiskRequest {
+            root_gb: 1,
+            ephemeral_gb: 1,
+            swap_mb: 64,
+            image: None,
+        };
+        let disks = create_instance_disks(dir.path(), "instance-e", &request).unwrap();
+
+        let ephemeral = disks.ephemeral.expect("an ephemeral disk");
+        assert_eq!(ephemeral, dir.path().join("instance-e").join("disk.local"));
+        let info_e = info(&ephemeral);
+        assert_eq!(info_e["virtual-size"], GIB);
+        assert_eq!(info_e["backing-filename-format"], "raw");
+        let base = dir.path().join("_base").join("ephemeral_1_ext4");
+        assert_eq!(info_e["backing-filename"], base.to_str().unwrap());
+        // An ext4 superblock: magic 0xEF53 at byte 1024 + 56.
+        let bytes = std::fs::read(&base).unwrap();
+        assert_eq!(&bytes[1080..1082], &[0x53, 0xef]);
+
+        let swap = disks.swap.expect("a swap disk");
+        assert_eq!(info(&swap)["virtual-size"], 64 * MIB);
+        let swap_base = std::fs::read(dir.path().join("_base").join("swap_64")).unwrap();
+        // mkswap's signature sits at the end of the first page.
+        assert_eq!(&swap_base[4096 - 10..4096], b"SWAPSPACE2");
+    }
+
+    #[test]
+    fn a_flavor_smaller_than_the_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("big.qcow2");
+        qemu_img_create(&image, "qcow2", "3G", None);
+        let request = DiskRequest {
+            image: Some(ImageSource {
+                id: IMAGE_ID,
+                path: &image,
+                disk_format: "qcow2",
+            }),
+            ..no_image(2)
+        };
+        let err = create_instance_disks(dir.path(), "instance-s", &request).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DiskError::FlavorDiskSmallerThanImage {
+                    root_gb: 2,
+                    image_bytes
+                } if image_bytes == 3 * GIB
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn images_with_a_backing_file_or_a_wrong_format_are_refused_before_any_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.qcow2");
+        qemu_img_create(&secret, "qcow2", "1G", None);
+        let sneaky = dir.path().join("sneaky.qcow2");
+        qemu_img_create(&sneaky, "qcow2", "1G", Some(&secret));
+        let base_dir = dir.path().join("_base");
+        std::fs::create_dir_all(&base_dir).unwrap();
+
+        let err = cached_image(
+            &base_dir,
+            &ImageSource {
+                id: "sneaky",
+                path: &sneaky,
+                disk_format: "qcow2",
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("backing file"), "{err}");
+
+        // A raw file declared qcow2 does not parse as qcow2.
+        let raw = dir.path().join("plain.raw");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let err = cached_image(
+            &base_dir,
+            &ImageSource {
+                id: "plain",
+                path: &raw,
+                disk_format: "qcow2",
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, DiskError::Tool { .. }), "{err}");
+
+        let err = cached_image(
+            &base_dir,
+            &ImageSource {
+                id: "iso",
+                path: &raw,
+                disk_format: "iso",
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not supported"), "{err}");
+
+        let cached: Vec<_> = std::fs::read_dir(&base_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert!(cached.is_empty(), "{cached:?}");
     }
 
     #[test]
     fn unsafe_names_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["", ".", "..", "../escape", "a/b", "/abs", "a/../b", "x\0y"] {
-            let err = create_instance_disk(dir.path(), name, 1, None).unwrap_err();
+        for name in [
+            "",
+            ".",
+            "..",
+            "_base",
+            "../escape",
+            "a/b",
+            "/abs",
+            "a/../b",
+            "x\0y",
+        ] {
+            let err = create_instance_disks(dir.path(), name, &no_image(1)).unwrap_err();
             assert!(
                 matches!(err, DiskError::InvalidName { .. }),
                 "{name:?}: {err}"
@@ -193,13 +663,18 @@ mod tests {
     }
 
     #[test]
-    fn remove_is_idempotent() {
+    fn remove_is_idempotent_and_keeps_the_bases() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = create_instance_disk(dir.path(), "instance-d", 1, None).unwrap();
+        let request = DiskRequest {
+            swap_mb: 16,
+            ..no_image(1)
+        };
+        let disks = create_instance_disks(dir.path(), "instance-d", &request).unwrap();
 
         remove_instance_dir(dir.path(), "instance-d").unwrap();
-        assert!(!disk.exists());
+        assert!(!disks.root.exists());
         assert!(!dir.path().join("instance-d").exists());
+        assert!(dir.path().join("_base").join("swap_16").exists());
         remove_instance_dir(dir.path(), "instance-d").unwrap();
         remove_instance_dir(dir.path(), "never-existed").unwrap();
     }

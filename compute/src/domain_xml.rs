@@ -12,9 +12,6 @@ use thiserror::Error;
 /// Nova's metadata namespace, so tools that read Nova's `<nova:instance>` block find the name.
 pub const NOVA_METADATA_NAMESPACE: &str = "http://openstack.org/xmlns/libvirt/nova/1.1";
 
-/// The libvirt network an interface joins when the spec names none.
-pub const DEFAULT_NETWORK: &str = "default";
-
 /// Nova's MAC prefix (fa:16:3e): locally administered, unicast.
 const MAC_PREFIX: [u8; 3] = [0xfa, 0x16, 0x3e];
 
@@ -29,17 +26,39 @@ pub struct DomainSpec {
     pub memory_mb: u64,
     /// `test` for `test:///default`, `kvm` or `qemu` for `qemu:///system`.
     pub domain_type: String,
-    /// The instance's qcow2 disk; `None` gives a domain without a `<disk>`.
-    pub disk_path: Option<String>,
+    /// The instance's qcow2 disks in boot order (root, ephemeral, swap): `vda`, `vdb`, … on
+    /// virtio. Empty gives a domain without a `<disk>` (the test hypervisor runs no guest).
+    pub disks: Vec<String>,
     /// `None` gives a domain without an `<interface>`.
     pub mac_address: Option<String>,
-    /// The libvirt network of the interface; `None` means [`DEFAULT_NETWORK`].
+    /// The libvirt network of the interface when there is no bridge; with neither, the NIC is
+    /// QEMU's user-mode network.
     pub network: Option<String>,
     /// A host bridge the interface joins instead of a libvirt network (the fixed-IP network's
     /// `bridge`).
     pub bridge: Option<String>,
     /// The user's name for the server, kept in `<description>` and Nova's metadata block.
     pub display_name: String,
+    /// The file the guest's serial console is written to (qemu and kvm domains only).
+    pub console_log: Option<String>,
+    /// What Nova records in the domain's `<nova:instance>` block.
+    pub metadata: InstanceMetadata,
+}
+
+/// Nova's `<nova:instance>` metadata: who owns the instance and what it was built from, so an
+/// operator looking at `virsh dumpxml` sees it without asking the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceMetadata {
+    /// `YYYY-MM-DD hh:mm:ss`, UTC.
+    pub creation_time: String,
+    pub flavor_name: String,
+    pub root_gb: i64,
+    pub ephemeral_gb: i64,
+    pub swap_mb: i64,
+    pub user_id: String,
+    pub project_id: String,
+    /// The image the root disk comes from, if any.
+    pub image_id: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -153,6 +172,17 @@ fn validate(spec: &DomainSpec) -> Result<(), XmlError> {
             return Err(invalid(format!("{bridge:?} is not a bridge name")));
         }
     }
+    let bad_path = |p: &String| p.is_empty() || p.chars().any(char::is_control);
+    if let Some(path) = spec
+        .disks
+        .iter()
+        .chain(&spec.console_log)
+        .find(|p| bad_path(p))
+    {
+        return Err(invalid(format!(
+            "{path:?} is not a file path (empty, or with control characters)"
+        )));
+    }
     if !matches!(spec.domain_type.as_str(), "test" | "kvm" | "qemu") {
         return Err(invalid(format!(
             "domain type {:?} is not one of test, kvm, qemu",
@@ -166,11 +196,7 @@ fn write_domain(w: &mut Writer<Vec<u8>>, spec: &DomainSpec) -> io::Result<()> {
     let is_qemu = spec.domain_type != "test";
     // XML 1.0 cannot carry most control characters even escaped; the display name is only
     // informational here, so they are dropped rather than failing the boot.
-    let display_name: String = spec
-        .display_name
-        .chars()
-        .filter(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
-        .collect();
+    let display_name = xml_safe(&spec.display_name);
     let memory_mb = spec.memory_mb.to_string();
     let vcpus = spec.vcpus.to_string();
 
@@ -183,7 +209,7 @@ fn write_domain(w: &mut Writer<Vec<u8>>, spec: &DomainSpec) -> io::Result<()> {
             w.create_element("metadata").write_inner_content(|w| {
                 w.create_element("nova:instance")
                     .with_attribute(("xmlns:nova", NOVA_METADATA_NAMESPACE))
-                    .write_inner_content(|w| text_element(w, "nova:name", &display_name))?;
+                    .write_inner_content(|w| write_metadata(w, spec, &display_name))?;
                 Ok(())
             })?;
             w.create_element("memory")
@@ -193,6 +219,11 @@ fn write_domain(w: &mut Writer<Vec<u8>>, spec: &DomainSpec) -> io::Result<()> {
                 .with_attribute(("unit", "MiB"))
                 .write_text_content(BytesText::new(&memory_mb))?;
             text_element(w, "vcpu", &vcpus)?;
+            // Nova's default CPU weight: 1024 per vCPU, so a bigger flavor gets a proportional
+            // share of a contended host.
+            w.create_element("cputune").write_inner_content(|w| {
+                text_element(w, "shares", &(u64::from(spec.vcpus) * 1024).to_string())
+            })?;
             w.create_element("os").write_inner_content(|w| {
                 w.create_element("type")
                     .with_attribute(("arch", "x86_64"))
@@ -223,7 +254,8 @@ fn write_domain(w: &mut Writer<Vec<u8>>, spec: &DomainSpec) -> io::Result<()> {
 }
 
 fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> io::Result<()> {
-    if let Some(disk_path) = &spec.disk_path {
+    for (index, disk_path) in spec.disks.iter().enumerate() {
+        let target = disk_target(index);
         w.create_element("disk")
             .with_attribute(("type", "file"))
             .with_attribute(("device", "disk"))
@@ -231,27 +263,25 @@ fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> i
                 w.create_element("driver")
                     .with_attribute(("name", "qemu"))
                     .with_attribute(("type", "qcow2"))
+                    .with_attribute(("cache", "none"))
                     .write_empty()?;
                 w.create_element("source")
                     .with_attribute(("file", disk_path.as_str()))
                     .write_empty()?;
                 w.create_element("target")
-                    .with_attribute(("dev", "vda"))
+                    .with_attribute(("dev", target.as_str()))
                     .with_attribute(("bus", "virtio"))
                     .write_empty()?;
                 Ok(())
             })?;
     }
     if let Some(mac) = &spec.mac_address {
-        let (kind, source) = match &spec.bridge {
-            Some(bridge) => ("bridge", ("bridge", bridge.as_str())),
-            None => (
-                "network",
-                (
-                    "network",
-                    spec.network.as_deref().unwrap_or(DEFAULT_NETWORK),
-                ),
-            ),
+        // A bridge (the fixed-IP network's), else a named libvirt network, else QEMU's user-mode
+        // NIC, which needs nothing on the host.
+        let (kind, source) = match (&spec.bridge, &spec.network) {
+            (Some(bridge), _) => ("bridge", Some(("bridge", bridge.as_str()))),
+            (None, Some(network)) => ("network", Some(("network", network.as_str()))),
+            (None, None) => ("user", None),
         };
         w.create_element("interface")
             .with_attribute(("type", kind))
@@ -259,9 +289,11 @@ fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> i
                 w.create_element("mac")
                     .with_attribute(("address", mac.as_str()))
                     .write_empty()?;
-                w.create_element("source")
-                    .with_attribute(source)
-                    .write_empty()?;
+                if let Some(source) = source {
+                    w.create_element("source")
+                        .with_attribute(source)
+                        .write_empty()?;
+                }
                 w.create_element("model")
                     .with_attribute(("type", "virtio"))
                     .write_empty()?;
@@ -269,14 +301,87 @@ fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> i
             })?;
     }
     if is_qemu {
-        w.create_element("serial")
-            .with_attribute(("type", "pty"))
+        // The console goes to a file libvirt opens for QEMU, so `console.log` keeps the boot
+        // messages after the guest is gone (Nova's `openstack console log show`).
+        match &spec.console_log {
+            Some(path) => w
+                .create_element("serial")
+                .with_attribute(("type", "file"))
+                .write_inner_content(|w| {
+                    w.create_element("source")
+                        .with_attribute(("path", path.as_str()))
+                        .write_empty()?;
+                    w.create_element("target")
+                        .with_attribute(("port", "0"))
+                        .write_empty()?;
+                    Ok(())
+                })?,
+            None => w
+                .create_element("serial")
+                .with_attribute(("type", "pty"))
+                .write_empty()?,
+        };
+    }
+    Ok(())
+}
+
+/// `vda`, `vdb`, … `vdz`, `vdaa`: the virtio names of the disks in order.
+fn disk_target(index: usize) -> String {
+    let letters = b"abcdefghijklmnopqrstuvwxyz";
+    let mut suffix = Vec::new();
+    let mut n = index;
+    loop {
+        suffix.push(letters[n % 26]);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+fn write_metadata(
+    w: &mut Writer<Vec<u8>>,
+    spec: &DomainSpec,
+    display_name: &str,
+) -> io::Result<()> {
+    let m = &spec.metadata;
+    text_element(w, "nova:name", display_name)?;
+    text_element(w, "nova:creationTime", &xml_safe(&m.creation_time))?;
+    w.create_element("nova:flavor")
+        .with_attribute(("name", xml_safe(&m.flavor_name).as_str()))
+        .write_inner_content(|w| {
+            text_element(w, "nova:memory", &spec.memory_mb.to_string())?;
+            text_element(w, "nova:disk", &m.root_gb.to_string())?;
+            text_element(w, "nova:swap", &m.swap_mb.to_string())?;
+            text_element(w, "nova:ephemeral", &m.ephemeral_gb.to_string())?;
+            text_element(w, "nova:vcpus", &spec.vcpus.to_string())?;
+            Ok(())
+        })?;
+    w.create_element("nova:owner").write_inner_content(|w| {
+        w.create_element("nova:user")
+            .with_attribute(("uuid", xml_safe(&m.user_id).as_str()))
             .write_empty()?;
-        w.create_element("console")
-            .with_attribute(("type", "pty"))
+        w.create_element("nova:project")
+            .with_attribute(("uuid", xml_safe(&m.project_id).as_str()))
+            .write_empty()?;
+        Ok(())
+    })?;
+    if let Some(image_id) = &m.image_id {
+        w.create_element("nova:root")
+            .with_attribute(("type", "image"))
+            .with_attribute(("uuid", xml_safe(image_id).as_str()))
             .write_empty()?;
     }
     Ok(())
+}
+
+/// `text` without the control characters XML 1.0 cannot carry (even escaped).
+fn xml_safe(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
+        .collect()
 }
 
 fn text_element(w: &mut Writer<Vec<u8>>, name: &str, text: &str) -> io::Result<()> {
@@ -302,11 +407,44 @@ mod tests {
             vcpus: 2,
             memory_mb: 512,
             domain_type: "test".into(),
-            disk_path: Some("/var/lib/zova/instances/instance-x/disk".into()),
+            disks: vec!["/var/lib/zova/instances/instance-x/disk".into()],
             mac_address: Some(mac_address_for(UUID)),
             network: None,
             bridge: None,
             display_name: "web-1".into(),
+            console_log: None,
+            metadata: InstanceMetadata {
+                creation_time: "2026-11-23 20:00:00".into(),
+                flavor_name: "m1.small".into(),
+                root_gb: 20,
+                ephemeral_gb: 0,
+                swap_mb: 0,
+                user_id: "6c5a1d3e8f2b4c7d9e0f1a2b3c4d5e6f".into(),
+                project_id: "0a1b2c3d4e5f60718293a4b5c6d7e8f9".into(),
+                image_id: Some("155d900f-4e14-4e4c-a73d-069cbf4541e6".into()),
+            },
+        }
+    }
+
+    /// A QEMU domain with everything a real boot has: three disks, a console log, a bridge.
+    fn full_qemu_spec() -> DomainSpec {
+        let dir = "/var/lib/zova/instances/instance-1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        DomainSpec {
+            domain_type: "qemu".into(),
+            disks: vec![
+                format!("{dir}/disk"),
+                format!("{dir}/disk.local"),
+                format!("{dir}/disk.swap"),
+            ],
+            bridge: Some("br100".into()),
+            console_log: Some(format!("{dir}/console.log")),
+            metadata: InstanceMetadata {
+                ephemeral_gb: 1,
+                swap_mb: 512,
+                ..spec().metadata
+            },
+            display_name: "it's <ok> & \"fine\"".into(),
+            ..spec()
         }
     }
 
@@ -378,6 +516,34 @@ mod tests {
         assert_eq!(parsed.attrs["domain/memory"]["unit"], "MiB");
         assert_eq!(parsed.text["domain/currentMemory"], "512");
         assert_eq!(parsed.text["domain/vcpu"], "2");
+        assert_eq!(parsed.text["domain/cputune/shares"], "2048");
+        let meta = "domain/metadata/nova:instance";
+        assert_eq!(
+            parsed.text[&format!("{meta}/nova:creationTime")],
+            "2026-11-23 20:00:00"
+        );
+        assert_eq!(
+            parsed.attrs[&format!("{meta}/nova:flavor")]["name"],
+            "m1.small"
+        );
+        assert_eq!(
+            parsed.text[&format!("{meta}/nova:flavor/nova:memory")],
+            "512"
+        );
+        assert_eq!(parsed.text[&format!("{meta}/nova:flavor/nova:disk")], "20");
+        assert_eq!(parsed.text[&format!("{meta}/nova:flavor/nova:vcpus")], "2");
+        assert_eq!(
+            parsed.attrs[&format!("{meta}/nova:owner/nova:project")]["uuid"],
+            spec.metadata.project_id
+        );
+        assert_eq!(
+            parsed.attrs[&format!("{meta}/nova:owner/nova:user")]["uuid"],
+            spec.metadata.user_id
+        );
+        assert_eq!(
+            parsed.attrs[&format!("{meta}/nova:root")]["uuid"],
+            "155d900f-4e14-4e4c-a73d-069cbf4541e6"
+        );
         assert_eq!(parsed.text["domain/os/type"], "hvm");
         assert_eq!(parsed.attrs["domain/os/boot"]["dev"], "hd");
         assert_eq!(
@@ -390,10 +556,8 @@ mod tests {
             parsed.attrs["domain/devices/interface/mac"]["address"],
             mac_address_for(UUID)
         );
-        assert_eq!(
-            parsed.attrs["domain/devices/interface/source"]["network"],
-            "default"
-        );
+        assert_eq!(parsed.attrs["domain/devices/interface"]["type"], "user");
+        assert!(!parsed.attrs.contains_key("domain/devices/interface/source"));
         assert_eq!(parsed.text["domain/on_crash"], "destroy");
     }
 
@@ -402,6 +566,10 @@ mod tests {
         let test_xml = parse(&domain_xml(&spec()).unwrap());
         assert!(!test_xml.attrs.contains_key("domain/features/acpi"));
         assert!(!test_xml.attrs.contains_key("domain/devices/serial"));
+
+        let logged = parse(&domain_xml(&full_qemu_spec()).unwrap());
+        assert_eq!(logged.attrs["domain/devices/serial"]["type"], "file");
+        assert!(logged.attrs["domain/devices/serial/source"]["path"].ends_with("/console.log"));
 
         for domain_type in ["kvm", "qemu"] {
             let spec = DomainSpec {
@@ -413,7 +581,6 @@ mod tests {
             assert_eq!(parsed.attrs["domain"]["type"], domain_type);
             assert!(parsed.attrs.contains_key("domain/features/acpi"));
             assert_eq!(parsed.attrs["domain/devices/serial"]["type"], "pty");
-            assert_eq!(parsed.attrs["domain/devices/console"]["type"], "pty");
             assert_eq!(
                 parsed.attrs["domain/devices/interface/source"]["network"],
                 "br-int"
@@ -461,7 +628,7 @@ mod tests {
         let nasty = r#"a<b>&c'd"e</description><name>evil</name>"#;
         let spec = DomainSpec {
             display_name: nasty.into(),
-            disk_path: Some(r#"/tmp/it's "quoted" & <odd>/disk"#.into()),
+            disks: vec![r#"/tmp/it's "quoted" & <odd>/disk"#.into()],
             ..spec()
         };
         let xml = domain_xml(&spec).unwrap();
@@ -472,7 +639,7 @@ mod tests {
         assert_eq!(parsed.text["domain/name"], spec.name);
         assert_eq!(
             parsed.attrs["domain/devices/disk/source"]["file"],
-            spec.disk_path.unwrap()
+            spec.disks[0]
         );
         assert_eq!(domain_name_in(&xml), Some(spec.name));
     }
@@ -490,7 +657,7 @@ mod tests {
     #[test]
     fn no_disk_and_no_interface_when_none() {
         let spec = DomainSpec {
-            disk_path: None,
+            disks: vec![],
             mac_address: None,
             network: Some("ignored".into()),
             ..spec()
@@ -520,6 +687,14 @@ mod tests {
             },
             DomainSpec {
                 domain_type: "xen".into(),
+                ..spec()
+            },
+            DomainSpec {
+                disks: vec![String::new()],
+                ..spec()
+            },
+            DomainSpec {
+                console_log: Some("/tmp/a\nb".into()),
                 ..spec()
             },
         ];
@@ -566,30 +741,66 @@ mod tests {
         assert_eq!(domain_name_in("<domain><name>"), None);
     }
 
-    /// Checks the kvm XML against libvirt's own RelaxNG schema when `virt-xml-validate` is
-    /// installed (libvirt-clients); the test driver cannot check kvm-only elements.
     #[test]
-    fn kvm_xml_passes_libvirts_schema() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let spec = DomainSpec {
-            domain_type: "kvm".into(),
-            display_name: "it's <ok> & \"fine\"".into(),
-            ..spec()
-        };
-        let path = dir.path().join("domain.xml");
-        std::fs::write(&path, domain_xml(&spec).unwrap()).unwrap();
-        // virt-xml-validate comes with libvirt-clients, which scripts/install-deps installs: a
-        // missing tool is a failed check, not a skipped one.
-        let output = std::process::Command::new("virt-xml-validate")
-            .arg(&path)
-            .arg("domain")
-            .output()
-            .expect("virt-xml-validate (Debian package libvirt-clients) runs");
-        assert!(
-            output.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+    fn disks_are_named_vda_vdb_in_order() {
+        let names: Vec<String> = [0, 1, 2, 25, 26, 27, 701, 702]
+            .into_iter()
+            .map(disk_target)
+            .collect();
+        assert_eq!(
+            names,
+            ["vda", "vdb", "vdc", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]
         );
+    }
+
+    /// The whole XML of a full QEMU domain, byte for byte. When the XML changes on purpose,
+    /// regenerate the file with `ZOVA_BLESS=1 cargo test -p compute golden` and review the diff.
+    #[test]
+    fn golden_qemu_domain_xml() {
+        let xml = domain_xml(&full_qemu_spec()).unwrap();
+        let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/domain-qemu.xml");
+        if std::env::var_os("ZOVA_BLESS").is_some() {
+            std::fs::write(golden, &xml).unwrap();
+        }
+        let expected = std::fs::read_to_string(golden).expect("the golden file exists");
+        assert_eq!(xml, expected, "the XML differs from {golden}");
+    }
+
+    /// Checks the XML of every domain type against libvirt's own RelaxNG schema.
+    #[test]
+    fn domain_xml_passes_libvirts_schema() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let specs = [
+            full_qemu_spec(),
+            DomainSpec {
+                domain_type: "kvm".into(),
+                ..full_qemu_spec()
+            },
+            spec(),
+            DomainSpec {
+                disks: vec![],
+                mac_address: None,
+                metadata: InstanceMetadata::default(),
+                ..spec()
+            },
+        ];
+        for (i, spec) in specs.iter().enumerate() {
+            let path = dir.path().join(format!("domain-{i}.xml"));
+            std::fs::write(&path, domain_xml(spec).unwrap()).unwrap();
+            // virt-xml-validate comes with libvirt-clients, which scripts/install-deps installs:
+            // a missing tool is a failed check, not a skipped one.
+            let output = std::process::Command::new("virt-xml-validate")
+                .arg(&path)
+                .arg("domain")
+                .output()
+                .expect("virt-xml-validate (Debian package libvirt-clients) runs");
+            assert!(
+                output.status.success(),
+                "{:?}: {}{}",
+                spec.domain_type,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
     }
 }

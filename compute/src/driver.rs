@@ -5,7 +5,7 @@
 //! Every call blocks; the service runs them on `tokio::task::spawn_blocking` with an
 //! `Arc<LibvirtDriver>` (the connection is `Send + Sync`: libvirt connections are thread-safe).
 
-use std::path::Path;
+use serde::{Deserialize, Serialize};
 
 use proto::power_state;
 use thiserror::Error;
@@ -58,9 +58,29 @@ pub struct LibvirtDriver {
     domain_type: &'static str,
 }
 
+/// Which `<domain type=…>` QEMU domains get (`[compute] virt_type`, Nova's
+/// `[libvirt] virt_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtType {
+    /// `kvm` when libvirt finds KVM usable (it tries QEMU with KVM acceleration when it probes
+    /// the host), else emulated `qemu`: a host whose `/dev/kvm` exists but cannot run guests
+    /// still boots them, only slower.
+    #[default]
+    Auto,
+    Kvm,
+    Qemu,
+}
+
 impl LibvirtDriver {
-    /// Connects to `uri` (`test:///default`, `qemu:///system`, …).
+    /// Connects to `uri` (`test:///default`, `qemu:///system`, …), choosing the domain type
+    /// automatically.
     pub fn open(uri: &str) -> Result<Self, DriverError> {
+        Self::open_with(uri, VirtType::Auto)
+    }
+
+    /// Connects to `uri` with the given choice of domain type.
+    pub fn open_with(uri: &str, virt_type: VirtType) -> Result<Self, DriverError> {
         // libvirt's default handler prints every error to stderr as well; ours carry libvirt's
         // message, so the duplicate is only noise.
         virt::error::clear_error_callback();
@@ -68,10 +88,21 @@ impl LibvirtDriver {
             uri: uri.to_owned(),
             reason: e.message().to_owned(),
         })?;
+        let kvm_usable = || {
+            // libvirt answers from what it found when it started QEMU with KVM on this host;
+            // an error means no usable KVM (missing, or present but refusing guests).
+            conn.domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0)
+                .is_ok()
+        };
+        let has_kvm = match virt_type {
+            VirtType::Auto => !is_test_uri(uri) && kvm_usable(),
+            VirtType::Kvm => true,
+            VirtType::Qemu => false,
+        };
         Ok(Self {
+            domain_type: domain_type_for(uri, has_kvm),
             conn,
             uri: uri.to_owned(),
-            domain_type: domain_type_for(uri, Path::new("/dev/kvm").exists()),
         })
     }
 
@@ -294,13 +325,17 @@ impl LibvirtDriver {
 
 /// `test` for libvirt's test driver, else `kvm` when the host can accelerate, else `qemu`.
 fn domain_type_for(uri: &str, has_kvm: bool) -> &'static str {
-    if uri.starts_with("test:") || uri.starts_with("test+") {
+    if is_test_uri(uri) {
         "test"
     } else if has_kvm {
         "kvm"
     } else {
         "qemu"
     }
+}
+
+fn is_test_uri(uri: &str) -> bool {
+    uri.starts_with("test:") || uri.starts_with("test+")
 }
 
 /// Nova's mapping of libvirt states (nova/virt/libvirt/driver.py, LIBVIRT_POWER_STATE).
@@ -359,7 +394,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::domain_xml::{domain_xml, instance_name, mac_address_for, DomainSpec};
+    use crate::domain_xml::{
+        domain_xml, instance_name, mac_address_for, DomainSpec, InstanceMetadata,
+    };
 
     const TEST_URI: &str = "test:///default";
 
@@ -378,10 +415,15 @@ mod tests {
             vcpus: 1,
             memory_mb: 128,
             domain_type: "test".into(),
-            disk_path: Some("/var/lib/zova/instances/test/disk".into()),
+            disks: vec!["/var/lib/zova/instances/test/disk".into()],
             network: None,
             bridge: None,
             display_name: "driver test <&>".into(),
+            console_log: None,
+            metadata: InstanceMetadata {
+                flavor_name: "m1.tiny".into(),
+                ..InstanceMetadata::default()
+            },
         }
     }
 

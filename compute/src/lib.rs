@@ -41,8 +41,8 @@ use proto::{
     FIXED_IP_EXHAUSTED,
 };
 
-use domain_xml::{domain_xml, instance_name, DomainSpec};
-use driver::{DriverError, LibvirtDriver};
+use domain_xml::{domain_xml, instance_name, DomainSpec, InstanceMetadata};
+use driver::{DriverError, LibvirtDriver, VirtType};
 use power::{DomainSeen, PowerAction, StopStep, SyncAction};
 use tracker::{ResourceTracker, Usage};
 
@@ -61,7 +61,10 @@ pub struct ComputeConfig {
     pub advertise: Option<String>,
     /// `test:///default` (libvirt's in-process test hypervisor) or `qemu:///system`.
     pub libvirt_uri: String,
-    /// Where instance disks live (one directory per instance).
+    /// `auto` (kvm when libvirt finds KVM usable, else qemu), `kvm` or `qemu`: the domain type
+    /// of QEMU domains (Nova's `[libvirt] virt_type`).
+    pub virt_type: VirtType,
+    /// Where instance disks live (one directory per instance, and `_base` for cached images).
     pub instances_path: PathBuf,
     /// Capacity overrides; unset values come from libvirt's node info (vCPUs, RAM) and the
     /// file system of `instances_path` (disk).
@@ -99,6 +102,7 @@ impl Default for ComputeConfig {
             bind: "tcp://127.0.0.1:5570".into(),
             advertise: None,
             libvirt_uri: "test:///default".into(),
+            virt_type: VirtType::Auto,
             instances_path: PathBuf::from("zova-state/instances"),
             vcpus: None,
             memory_mb: None,
@@ -364,7 +368,10 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
     let shutdown_timeout = shutdown_timeout(config.compute.shutdown_timeout)?;
     let sync_interval = sync_power_state_interval(config.compute.sync_power_state_interval)?;
     let uri = config.compute.libvirt_uri.clone();
-    let driver = Arc::new(blocking(move || LibvirtDriver::open(&uri)).await??);
+    let virt_type = config.compute.virt_type;
+    let driver = Arc::new(blocking(move || LibvirtDriver::open_with(&uri, virt_type)).await??);
+    info!(log, "libvirt connected"; "uri" => driver.uri(), "domain_type" => driver.domain_type(),
+        "host" => &config.compute.host);
     let node = {
         let driver = driver.clone();
         blocking(move || driver.node_info()).await??
@@ -1208,32 +1215,62 @@ impl Compute {
         let fixed_ip = self.allocate_fixed_ip(context, &uuid).await?;
         info!(log, "fixed IP allocated"; "instance" => &uuid, "address" => &fixed_ip.address, "mac" => &fixed_ip.mac, "network" => &fixed_ip.network);
         let name = instance_name(&uuid);
-        let disk_path = if self.driver.domain_type() == "test" {
-            // The test hypervisor runs no guest, so it needs no disk file.
-            None
-        } else {
-            let dir = self.config.instances_path.clone();
-            let disk_name = name.clone();
-            let size = spec.flavor.root_gb.max(1) as u64;
-            let backing = spec.image.location.clone().map(PathBuf::from);
-            let path = blocking(move || {
-                disk::create_instance_disk(&dir, &disk_name, size, backing.as_deref())
-            })
-            .await??;
-            Some(path.display().to_string())
-        };
-        let xml = domain_xml(&DomainSpec {
+        let mut spec_xml = DomainSpec {
             name: name.clone(),
             uuid: uuid.clone(),
             vcpus: u32::try_from(spec.flavor.vcpus.max(1)).unwrap_or(u32::MAX),
             memory_mb: spec.flavor.memory_mb.max(1) as u64,
             domain_type: self.driver.domain_type().to_string(),
-            disk_path,
+            disks: Vec::new(),
             mac_address: Some(fixed_ip.mac),
             network: None,
             bridge: fixed_ip.bridge,
             display_name: spec.display_name.clone(),
-        })?;
+            console_log: None,
+            metadata: InstanceMetadata {
+                creation_time: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string(),
+                flavor_name: spec.flavor.name.clone(),
+                root_gb: spec.flavor.root_gb,
+                ephemeral_gb: spec.flavor.ephemeral_gb,
+                swap_mb: spec.flavor.swap_mb,
+                user_id: context.user_id.clone(),
+                project_id: spec.project_id.clone(),
+                image_id: Some(spec.image.id.clone()).filter(|id| !id.is_empty()),
+            },
+        };
+        // The test hypervisor runs no guest, so it needs no disks and no instance directory.
+        let instance_dir = if self.driver.domain_type() == "test" {
+            None
+        } else {
+            let disks = self.create_disks(spec, &name).await?;
+            spec_xml.disks = [Some(disks.root), disks.ephemeral, disks.swap]
+                .into_iter()
+                .flatten()
+                .map(|p| p.display().to_string())
+                .collect();
+            spec_xml.console_log = Some(
+                disks
+                    .dir
+                    .join(disk::CONSOLE_LOG_FILE_NAME)
+                    .display()
+                    .to_string(),
+            );
+            Some(disks.dir)
+        };
+        let xml = domain_xml(&spec_xml)?;
+        if instance_dir.is_some() {
+            // Kept beside the disks, as Nova does, for an operator comparing what was asked
+            // with what libvirt made of it.
+            let (dir, name, xml) = (
+                self.config.instances_path.clone(),
+                name.clone(),
+                xml.clone(),
+            );
+            blocking(move || {
+                disk::write_instance_file(&dir, &name, disk::DOMAIN_XML_FILE_NAME, &xml)
+            })
+            .await??;
+        }
         let driver = self.driver.clone();
         blocking(move || driver.define_and_start(&xml)).await??;
         self.wait_until_running(&name).await?;
@@ -1258,6 +1295,43 @@ impl Compute {
                 Ok(())
             }
         }
+    }
+
+    /// The instance's disks over the node's cached image and blank bases (see [`disk`]).
+    async fn create_disks(
+        &self,
+        spec: &RequestSpec,
+        name: &str,
+    ) -> Result<disk::InstanceDisks, ComputeError> {
+        let dir = self.config.instances_path.clone();
+        let name = name.to_owned();
+        let image = spec.image.location.clone().map(|path| {
+            (
+                spec.image.id.clone(),
+                PathBuf::from(path),
+                spec.image.disk_format.clone(),
+            )
+        });
+        let (root_gb, ephemeral_gb, swap_mb) = (
+            non_negative(spec.flavor.root_gb),
+            non_negative(spec.flavor.ephemeral_gb),
+            non_negative(spec.flavor.swap_mb),
+        );
+        let disks = blocking(move || {
+            let request = disk::DiskRequest {
+                root_gb,
+                ephemeral_gb,
+                swap_mb,
+                image: image.as_ref().map(|(id, path, format)| disk::ImageSource {
+                    id,
+                    path,
+                    disk_format: format,
+                }),
+            };
+            disk::create_instance_disks(&dir, &name, &request)
+        })
+        .await??;
+        Ok(disks)
     }
 
     /// The instance's fixed IP and MAC from the conductor (the same ones on a retried build).
@@ -1481,6 +1555,10 @@ impl Compute {
             Err(e) => warn!(log, "instance action not finished"; "instance" => uuid, "error" => %e),
         }
     }
+}
+
+fn non_negative(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
 }
 
 /// The fault recorded for a failed stop, start or reboot; a domain that is gone is Nova's 404

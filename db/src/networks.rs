@@ -198,7 +198,7 @@ fn random_mac() -> String {
 
 impl Db {
     /// Creates network `name` with a pool of every host address of `cidr` but the gateway.
-    /// `bridge` is the host bridge its guests join (`None`: the hypervisor's default network).
+    /// `bridge` is the host bridge its guests join (`None`: QEMU's user-mode NIC, which needs nothing on the host).
     pub fn network_create(
         &self,
         name: &str,
