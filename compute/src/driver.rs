@@ -13,7 +13,7 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
 
-use crate::domain_xml::domain_name_in;
+use crate::domain_xml::{domain_name_in, domain_xml, DomainSpec, InstanceMetadata};
 
 /// The node's size as libvirt reports it (before allocation ratios).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +63,8 @@ pub struct LibvirtDriver {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum VirtType {
-    /// `kvm` when libvirt finds KVM usable (it tries QEMU with KVM acceleration when it probes
-    /// the host), else emulated `qemu`: a host whose `/dev/kvm` exists but cannot run guests
-    /// still boots them, only slower.
+    /// `kvm` when a KVM guest starts (tried once when the service starts), else emulated
+    /// `qemu`: a host whose `/dev/kvm` exists but cannot run guests still boots them, slower.
     #[default]
     Auto,
     Kvm,
@@ -88,14 +87,8 @@ impl LibvirtDriver {
             uri: uri.to_owned(),
             reason: e.message().to_owned(),
         })?;
-        let kvm_usable = || {
-            // libvirt answers from what it found when it started QEMU with KVM on this host;
-            // an error means no usable KVM (missing, or present but refusing guests).
-            conn.domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0)
-                .is_ok()
-        };
         let has_kvm = match virt_type {
-            VirtType::Auto => !is_test_uri(uri) && kvm_usable(),
+            VirtType::Auto => !is_test_uri(uri) && kvm_starts_a_guest(&conn),
             VirtType::Kvm => true,
             VirtType::Qemu => false,
         };
@@ -331,6 +324,44 @@ fn domain_type_for(uri: &str, has_kvm: bool) -> &'static str {
         "kvm"
     } else {
         "qemu"
+    }
+}
+
+/// Whether a KVM guest really starts here. libvirt's capabilities say KVM when `/dev/kvm`
+/// answered libvirt (root), yet QEMU runs as its own user and may not open it; so a tiny
+/// transient domain is started paused and destroyed at once (a fraction of a second, once).
+fn kvm_starts_a_guest(conn: &Connect) -> bool {
+    if conn
+        .domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0)
+        .is_err()
+    {
+        return false;
+    }
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let probe = DomainSpec {
+        name: format!("zova-kvm-probe-{uuid}"),
+        uuid,
+        vcpus: 1,
+        memory_mb: 16,
+        domain_type: "kvm".into(),
+        disks: Vec::new(),
+        mac_address: None,
+        network: None,
+        bridge: None,
+        display_name: "Zova's check that KVM guests can start".into(),
+        console_log: None,
+        metadata: InstanceMetadata::default(),
+    };
+    let Ok(xml) = domain_xml(&probe) else {
+        return false;
+    };
+    match conn.create_domain_xml(&xml, virt::sys::VIR_DOMAIN_START_PAUSED) {
+        Ok(domain) => {
+            // A transient domain vanishes once destroyed.
+            let _ = domain.destroy();
+            true
+        }
+        Err(_) => false,
     }
 }
 

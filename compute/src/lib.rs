@@ -61,7 +61,7 @@ pub struct ComputeConfig {
     pub advertise: Option<String>,
     /// `test:///default` (libvirt's in-process test hypervisor) or `qemu:///system`.
     pub libvirt_uri: String,
-    /// `auto` (kvm when libvirt finds KVM usable, else qemu), `kvm` or `qemu`: the domain type
+    /// `auto` (kvm when a KVM guest starts here, else qemu), `kvm` or `qemu`: the domain type
     /// of QEMU domains (Nova's `[libvirt] virt_type`).
     pub virt_type: VirtType,
     /// Where instance disks live (one directory per instance, and `_base` for cached images).

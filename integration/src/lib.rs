@@ -104,6 +104,14 @@ pub struct HostSpec {
     pub queue_name: Option<String>,
     /// `[compute] sync_power_state_interval` (the default when unset).
     pub sync_power_state_interval: Option<f64>,
+    /// `[compute] shutdown_timeout` (the default when unset).
+    pub shutdown_timeout: Option<f64>,
+    /// The hypervisor; unset, libvirt's in-process test driver (`test:///default`).
+    pub libvirt_uri: Option<String>,
+    /// Where the host keeps its disks; unset, a directory in the fabric's state.
+    pub instances_path: Option<std::path::PathBuf>,
+    /// `[compute] virt_type` (auto when unset).
+    pub virt_type: Option<compute::driver::VirtType>,
 }
 
 impl HostSpec {
@@ -116,6 +124,10 @@ impl HostSpec {
             cpu_allocation_ratio: 16.0,
             queue_name: None,
             sync_power_state_interval: None,
+            shutdown_timeout: None,
+            libvirt_uri: None,
+            instances_path: None,
+            virt_type: None,
         }
     }
 }
@@ -272,8 +284,14 @@ async fn start_compute(
             compute: compute::ComputeConfig {
                 host: host.name.clone(),
                 bind: "tcp://127.0.0.1:*".into(),
-                libvirt_uri: "test:///default".into(),
-                instances_path: state.join("instances").join(&host.name),
+                libvirt_uri: host
+                    .libvirt_uri
+                    .clone()
+                    .unwrap_or_else(|| "test:///default".into()),
+                instances_path: host
+                    .instances_path
+                    .clone()
+                    .unwrap_or_else(|| state.join("instances").join(&host.name)),
                 vcpus: Some(host.vcpus),
                 memory_mb: Some(host.memory_mb),
                 local_gb: Some(host.local_gb),
@@ -285,6 +303,10 @@ async fn start_compute(
                 sync_power_state_interval: host
                     .sync_power_state_interval
                     .unwrap_or(compute::ComputeConfig::default().sync_power_state_interval),
+                virt_type: host.virt_type.unwrap_or_default(),
+                shutdown_timeout: host
+                    .shutdown_timeout
+                    .unwrap_or(compute::ComputeConfig::default().shutdown_timeout),
                 ..Default::default()
             },
             ..Default::default()
