@@ -78,6 +78,15 @@ pub fn instance_name(uuid: &str) -> String {
     format!("instance-{uuid}")
 }
 
+/// The instance uuid of a domain named `instance-<uuid>`; None for any other domain (an
+/// operator's own, which Zova never touches).
+pub fn instance_uuid_of(domain_name: &str) -> Option<String> {
+    let uuid = uuid::Uuid::parse_str(domain_name.strip_prefix("instance-")?).ok()?;
+    let canonical = uuid.hyphenated().to_string();
+    // Only the exact form `instance_name` writes: "instance-{simple}" is someone else's name.
+    (instance_name(&canonical) == domain_name).then_some(canonical)
+}
+
 /// A stable MAC address for an instance: Nova's prefix `fa:16:3e` and three bytes of a hash of the
 /// uuid, so the same instance always gets the same MAC and tests can predict it.
 ///
@@ -739,6 +748,21 @@ mod tests {
         );
         assert_eq!(domain_name_in("<domain><uuid>u</uuid></domain>"), None);
         assert_eq!(domain_name_in("<domain><name>"), None);
+    }
+
+    #[test]
+    fn instance_uuids_come_back_from_instance_names_only() {
+        assert_eq!(instance_uuid_of(&instance_name(UUID)), Some(UUID.into()));
+        for other in [
+            "web-1",
+            "instance-",
+            "instance-not-a-uuid",
+            "instance-1b4e28ba2fa111d2883f0016d3cca427",
+            "instance-1B4E28BA-2FA1-11D2-883F-0016D3CCA427",
+            "zova-kvm-probe-1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        ] {
+            assert_eq!(instance_uuid_of(other), None, "{other}");
+        }
     }
 
     #[test]

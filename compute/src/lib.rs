@@ -11,7 +11,7 @@ pub mod driver;
 pub mod power;
 pub mod tracker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,13 +35,13 @@ use proto::service::{
 use proto::{
     power_state, task_state, vm_state, AllocateFixedIp, ComputeApi, ComputeNodeUpdate,
     ComputeRunInstance, ExtraResources, Fault, FixedIpInfo, Incoming, InstanceActionFinish,
-    InstanceDestroy, InstanceResources, InstanceState, InstanceUpdate, InstancesOnHost, Method,
-    Peers, Ping, RebootInstance, RequestContext, RequestSpec, RescheduleInstance, Rpc,
-    ServiceHeartbeat, ServiceRegister, StartInstance, StopInstance, TerminateInstance,
-    FIXED_IP_EXHAUSTED,
+    InstanceDestroy, InstanceHosts, InstanceResources, InstanceState, InstanceUpdate,
+    InstancesOnHost, Method, Peers, Ping, RebootInstance, RequestContext, RequestSpec,
+    RescheduleInstance, Rpc, ServiceHeartbeat, ServiceRegister, StartInstance, StopInstance,
+    TerminateInstance, FIXED_IP_EXHAUSTED,
 };
 
-use domain_xml::{domain_xml, instance_name, DomainSpec, InstanceMetadata};
+use domain_xml::{domain_xml, instance_name, instance_uuid_of, DomainSpec, InstanceMetadata};
 use driver::{DriverError, LibvirtDriver, VirtType};
 use power::{DomainSeen, PowerAction, StopStep, SyncAction};
 use tracker::{ResourceTracker, Usage};
@@ -93,6 +93,33 @@ pub struct ComputeConfig {
     /// off, started or removed behind Zova's back (Nova's `sync_power_state_interval`); 0
     /// disables them.
     pub sync_power_state_interval: f64,
+    /// What `init_host` does with a domain named like an instance that has no live instance
+    /// row (Nova's option of the same name): `noop`, `log` (the default), `shutdown` or
+    /// `reap` (destroy it and remove its files).
+    pub running_deleted_instance_action: RunningDeletedAction,
+}
+
+/// `[compute] running_deleted_instance_action`. The default is `log`, not Nova's `reap`: a
+/// domain is only destroyed when the operator asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RunningDeletedAction {
+    Noop,
+    #[default]
+    Log,
+    Shutdown,
+    Reap,
+}
+
+impl RunningDeletedAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunningDeletedAction::Noop => "noop",
+            RunningDeletedAction::Log => "log",
+            RunningDeletedAction::Shutdown => "shutdown",
+            RunningDeletedAction::Reap => "reap",
+        }
+    }
 }
 
 impl Default for ComputeConfig {
@@ -117,6 +144,7 @@ impl Default for ComputeConfig {
             boot_timeout: 300.0,
             shutdown_timeout: 60.0,
             sync_power_state_interval: 600.0,
+            running_deleted_instance_action: RunningDeletedAction::Log,
         }
     }
 }
@@ -601,13 +629,22 @@ impl Compute {
     /// ERROR hold nothing; the rest are counted against this host, and those whose stop, start
     /// or reboot was cut short take the state their domain is in.
     async fn init_host(&self, context: &RequestContext, instances: Vec<InstanceResources>) {
-        let (interrupted, rest): (Vec<_>, Vec<_>) = instances
+        let own: HashSet<String> = instances.iter().map(|i| i.uuid.clone()).collect();
+        let (building, rest): (Vec<_>, Vec<_>) = instances
             .into_iter()
             .partition(|i| i.vm_state == vm_state::BUILDING);
-        let holding: Vec<_> = rest
+        let mut holding: Vec<_> = rest
             .into_iter()
             .filter(|i| i.vm_state != vm_state::ERROR)
             .collect();
+        let mut interrupted = Vec::new();
+        for instance in building {
+            if self.resume_spawned(context, &instance).await {
+                holding.push(instance);
+            } else {
+                interrupted.push(instance);
+            }
+        }
         *self.tracker.lock().unwrap_or_else(|p| p.into_inner()) =
             ResourceTracker::from_instances(&holding);
         for instance in interrupted {
@@ -627,6 +664,114 @@ impl Compute {
         for instance in &holding {
             if power::is_power_task(instance.task_state.as_deref()) {
                 self.settle_interrupted(context, instance).await;
+            }
+        }
+        self.handle_unknown_domains(context, &own).await;
+    }
+
+    /// A build the restart cut short after its domain was started: only ACTIVE was not
+    /// recorded, so the instance is recorded ACTIVE instead of being thrown away.
+    async fn resume_spawned(&self, context: &RequestContext, instance: &InstanceResources) -> bool {
+        if instance.task_state.as_deref() != Some(task_state::SPAWNING) {
+            return false;
+        }
+        let name = instance_name(&instance.uuid);
+        if self.observed_power_state(&name).await != Some(power_state::RUNNING) {
+            return false;
+        }
+        let active = InstanceUpdate {
+            uuid: instance.uuid.clone(),
+            state: Some(InstanceState {
+                vm_state: vm_state::ACTIVE.into(),
+                task_state: None,
+                power_state: power_state::RUNNING,
+            }),
+            launched: true,
+            expected_vm_state: Some(vm_state::BUILDING.into()),
+            ..Default::default()
+        };
+        match self.record(context, &active).await {
+            Ok(()) => {
+                warn!(self.log, "build interrupted by a restart after its domain started; resumed as ACTIVE"; "instance" => &instance.uuid);
+                true
+            }
+            Err(e) => {
+                warn!(self.log, "could not resume the interrupted build"; "instance" => &instance.uuid, "error" => %e);
+                false
+            }
+        }
+    }
+
+    /// Domains named like an instance that the database does not place on this host. Those of
+    /// instances placed elsewhere are left alone (another host's, on a shared hypervisor); those
+    /// with no live instance at all are orphans (a delete that happened while this service was
+    /// down), handled as `[compute] running_deleted_instance_action` says.
+    async fn handle_unknown_domains(&self, context: &RequestContext, own: &HashSet<String>) {
+        let driver = self.driver.clone();
+        let listed = blocking(move || driver.domain_names().map_err(ComputeError::from)).await;
+        let names = match listed.and_then(|names| names) {
+            Ok(names) => names,
+            Err(e) => {
+                warn!(self.log, "cannot list domains to find orphans"; "error" => %e);
+                return;
+            }
+        };
+        let unknown: Vec<String> = names
+            .iter()
+            .filter_map(|name| instance_uuid_of(name))
+            .filter(|uuid| !own.contains(uuid))
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let placed = match self
+            .conductors
+            .call(
+                &self.rpc,
+                context,
+                &InstanceHosts {
+                    uuids: unknown.clone(),
+                },
+            )
+            .await
+        {
+            Ok(placed) => placed,
+            Err(e) => {
+                warn!(self.log, "cannot ask where unknown domains belong"; "domains" => unknown.len(), "error" => %e);
+                return;
+            }
+        };
+        let action = self.config.running_deleted_instance_action;
+        for uuid in unknown {
+            if placed.iter().any(|p| p.uuid == uuid) {
+                continue;
+            }
+            let name = instance_name(&uuid);
+            let outcome = match action {
+                RunningDeletedAction::Noop => continue,
+                RunningDeletedAction::Log => Ok(()),
+                RunningDeletedAction::Shutdown => {
+                    let driver = self.driver.clone();
+                    let target = name.clone();
+                    blocking(move || driver.power_off(&target).map_err(ComputeError::from))
+                        .await
+                        .and_then(|result| result)
+                }
+                RunningDeletedAction::Reap => {
+                    let result = self.destroy_domain(&uuid).await;
+                    if result.is_ok() {
+                        self.release_files_and_claim(&self.log, &uuid);
+                    }
+                    result
+                }
+            };
+            match outcome {
+                Ok(()) => warn!(self.log, "domain without an instance"; "domain" => &name,
+                    "action" => action.as_str()),
+                Err(e) => {
+                    warn!(self.log, "domain without an instance; the action failed"; "domain" => &name,
+                    "action" => action.as_str(), "error" => %e)
+                }
             }
         }
     }

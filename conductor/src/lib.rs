@@ -19,9 +19,10 @@ use proto::service::{
 };
 use proto::{
     AllocateFixedIp, BuildInstances, ComputeNodeUpdate, ConductorApi, FixedIpInfo, FlavorSpec,
-    ImageSpec, Incoming, InstanceActionFinish, InstanceDestroy, InstanceResources, InstanceUpdate,
-    InstancesOnHost, Method, Peers, Ping, RemoteError, RequestContext, RequestSpec,
-    RescheduleInstance, RetrySpec, Rpc, ScheduleRunInstance, ServiceHeartbeat, ServiceRegister,
+    ImageSpec, Incoming, InstanceActionFinish, InstanceDestroy, InstanceHost, InstanceHosts,
+    InstanceResources, InstanceUpdate, InstancesOnHost, Method, Peers, Ping, RemoteError,
+    RequestContext, RequestSpec, RescheduleInstance, RetrySpec, Rpc, ScheduleRunInstance,
+    ServiceHeartbeat, ServiceRegister,
 };
 
 pub const BINARY: &str = "zova-conductor";
@@ -235,6 +236,19 @@ impl Conductor {
             ConductorApi::InstanceDestroy(args) => {
                 self.answer::<InstanceDestroy>(request, args, |db, args| {
                     db.instance_destroy(&args.uuid)
+                })
+                .await
+            }
+            ConductorApi::InstanceHosts(args) => {
+                self.answer::<InstanceHosts>(request, args, |db, args| {
+                    Ok(db
+                        .instances_by_uuids(&args.uuids)?
+                        .into_iter()
+                        .map(|i| InstanceHost {
+                            uuid: i.uuid,
+                            host: i.host,
+                        })
+                        .collect())
                 })
                 .await
             }

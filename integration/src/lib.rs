@@ -112,6 +112,8 @@ pub struct HostSpec {
     pub instances_path: Option<std::path::PathBuf>,
     /// `[compute] virt_type` (auto when unset).
     pub virt_type: Option<compute::driver::VirtType>,
+    /// `[compute] running_deleted_instance_action` (the default when unset).
+    pub running_deleted_instance_action: Option<compute::RunningDeletedAction>,
 }
 
 impl HostSpec {
@@ -128,6 +130,7 @@ impl HostSpec {
             libvirt_uri: None,
             instances_path: None,
             virt_type: None,
+            running_deleted_instance_action: None,
         }
     }
 }
@@ -304,6 +307,9 @@ async fn start_compute(
                     .sync_power_state_interval
                     .unwrap_or(compute::ComputeConfig::default().sync_power_state_interval),
                 virt_type: host.virt_type.unwrap_or_default(),
+                running_deleted_instance_action: host
+                    .running_deleted_instance_action
+                    .unwrap_or_default(),
                 shutdown_timeout: host
                     .shutdown_timeout
                     .unwrap_or(compute::ComputeConfig::default().shutdown_timeout),

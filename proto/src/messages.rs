@@ -360,6 +360,22 @@ pub struct InstancesOnHost {
 }
 method!(InstancesOnHost, "instances_on_host", Vec<InstanceResources>);
 
+/// compute → conductor (call): where the database places each of these instances. A compute
+/// asks about the domains it found with no instance of its own behind them; a uuid missing
+/// from the answer has no live instance row at all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceHosts {
+    pub uuids: Vec<String>,
+}
+method!(InstanceHosts, "instance_hosts", Vec<InstanceHost>);
+
+/// A live instance and the host the database places it on (none while it is scheduled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceHost {
+    pub uuid: String,
+    pub host: Option<String>,
+}
+
 /// compute → conductor (call): register or refresh the service row with the RPC endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRegister {
@@ -503,6 +519,7 @@ rpc_surface!(
         InstanceActionFinish,
         InstanceDestroy,
         InstancesOnHost,
+        InstanceHosts,
         AllocateFixedIp,
         ServiceRegister,
         ServiceHeartbeat,
@@ -670,6 +687,13 @@ mod tests {
             InstancesOnHost,
             InstancesOnHost {
                 host: "node-1".into()
+            }
+        );
+        check!(
+            ConductorApi,
+            InstanceHosts,
+            InstanceHosts {
+                uuids: vec!["i-1".into(), "i-2".into()]
             }
         );
         check!(
