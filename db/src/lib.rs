@@ -40,7 +40,7 @@ pub use models::{
     ComputeNode, ComputeNodeValues, Flavor, Image, Instance, InstanceAction, InstanceChanges,
     InstanceFault, NewFault, NewInstance, Service,
 };
-pub use networks::{pool_addresses, FixedIp, Network};
+pub use networks::{pool_addresses, FixedIp, Network, NetworkUsage};
 pub use placement::{AllocationClaim, ClaimOutcome, Placed};
 pub use servers::{instances_that_fit, InstanceFilter, QuotaExceeded, QuotaLimits, QuotaUsage};
 

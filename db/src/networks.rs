@@ -31,6 +31,14 @@ pub struct Network {
     pub bridge: Option<String>,
 }
 
+/// A network and its pool: how many addresses it has, and how many instances hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkUsage {
+    pub network: Network,
+    pub pool: i64,
+    pub held: i64,
+}
+
 /// An address allocated to an instance, with what its NIC needs to know of the network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FixedIp {
@@ -208,6 +216,70 @@ impl Db {
     ) -> Result<Network> {
         let mut conn = self.conn()?;
         conn.immediate_transaction(|conn| insert_network(conn, name, cidr, gateway, bridge))
+    }
+
+    /// Each live network, oldest first, with the size of its pool and how many of its
+    /// addresses instances hold.
+    pub fn network_usage(&self) -> Result<Vec<NetworkUsage>> {
+        let mut conn = self.conn()?;
+        let networks: Vec<Network> = networks::table
+            .filter(networks::deleted.eq(0))
+            .order(networks::id.asc())
+            .select(Network::as_select())
+            .load(&mut conn)?;
+        let mut usage = Vec::with_capacity(networks.len());
+        for network in networks {
+            let pool: i64 = fixed_ips::table
+                .filter(fixed_ips::network_id.eq(network.id))
+                .count()
+                .get_result(&mut conn)?;
+            let held: i64 = fixed_ips::table
+                .filter(fixed_ips::network_id.eq(network.id))
+                .filter(fixed_ips::instance_uuid.is_not_null())
+                .count()
+                .get_result(&mut conn)?;
+            usage.push(NetworkUsage {
+                network,
+                pool,
+                held,
+            });
+        }
+        Ok(usage)
+    }
+
+    /// Deletes network `name` and its pool. Refused ([`DbError::Conflict`]) while an instance
+    /// holds one of its addresses: that instance's NIC would point at nothing.
+    pub fn network_delete(&self, name: &str) -> Result<Network> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let network: Network = networks::table
+                .filter(networks::deleted.eq(0))
+                .filter(networks::name.eq(name))
+                .select(Network::as_select())
+                .first(conn)
+                .optional()?
+                .ok_or_else(|| DbError::NotFound {
+                    kind: "network",
+                    id: name.to_string(),
+                })?;
+            let held: i64 = fixed_ips::table
+                .filter(fixed_ips::network_id.eq(network.id))
+                .filter(fixed_ips::instance_uuid.is_not_null())
+                .count()
+                .get_result(conn)?;
+            if held > 0 {
+                return Err(DbError::Conflict(format!(
+                    "network {name} has {held} address(es) held by instances; delete those first"
+                )));
+            }
+            diesel::delete(fixed_ips::table.filter(fixed_ips::network_id.eq(network.id)))
+                .execute(conn)?;
+            // Nova's soft delete: `deleted` takes the row id, so the name can be used again.
+            diesel::update(networks::table.filter(networks::id.eq(network.id)))
+                .set(networks::deleted.eq(network.id))
+                .execute(conn)?;
+            Ok(network)
+        })
     }
 
     /// The live networks, oldest first.
@@ -402,6 +474,38 @@ mod tests {
             db.network_create("private", "10.9.0.0/24", "10.9.0.1", None),
             Err(DbError::Duplicate { .. })
         ));
+    }
+
+    #[test]
+    fn networks_report_their_use_and_are_deleted_only_when_unused() {
+        let (_dir, db) = with_instances(&["a"]);
+        db.network_create("lab", "192.168.7.0/29", "192.168.7.1", Some("br-lab"))
+            .unwrap();
+        db.fixed_ip_allocate("a", Some("lab")).unwrap();
+        let usage = db.network_usage().unwrap();
+        let names: Vec<_> = usage.iter().map(|u| u.network.name.as_str()).collect();
+        assert_eq!(names, ["private", "lab"]);
+        assert_eq!((usage[0].pool, usage[0].held), (253, 0));
+        assert_eq!((usage[1].pool, usage[1].held), (5, 1));
+        assert_eq!(usage[1].network.bridge.as_deref(), Some("br-lab"));
+
+        assert!(matches!(
+            db.network_delete("lab"),
+            Err(DbError::Conflict(_))
+        ));
+        assert_eq!(db.network_usage().unwrap().len(), 2);
+        db.instance_destroy("a").unwrap();
+        let deleted = db.network_delete("lab").unwrap();
+        assert_eq!(deleted.cidr, "192.168.7.0/29");
+        assert_eq!(db.networks().unwrap().len(), 1);
+        assert!(matches!(
+            db.network_delete("lab"),
+            Err(DbError::NotFound { .. })
+        ));
+        // The name and the range can be used again.
+        db.network_create("lab", "192.168.7.0/29", "192.168.7.1", None)
+            .unwrap();
+        assert_eq!(db.network_usage().unwrap()[1].pool, 5);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod database;
 mod hosts;
 mod identity;
 mod keys;
+mod networks;
 mod queue;
 
 use std::path::{Path, PathBuf};
@@ -83,6 +84,9 @@ enum Command {
     /// Images in the image store.
     #[command(subcommand)]
     Image(catalog::ImageCommand),
+    /// Fixed-IP networks: address pools, gateways and bridges.
+    #[command(subcommand)]
+    Network(networks::NetworkCommand),
     /// CURVE keys for [rpc.curve].
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -234,6 +238,7 @@ fn run(
         Command::Hypervisor(command) => hosts::hypervisor(db, config, command, format),
         Command::Flavor(command) => catalog::flavor(db, command, format),
         Command::Image(command) => catalog::image(db, config, url, command, format),
+        Command::Network(command) => networks::run(db, command, format),
         Command::Keys(command) => keys::run(command, format),
         Command::Queue(command) => queue::run(&config.rpc, command, format),
     }
