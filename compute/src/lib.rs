@@ -81,8 +81,13 @@ pub struct ComputeConfig {
     pub reserved_host_disk_mb: i64,
     /// The host queue this host belongs to.
     pub queue_name: String,
-    /// Seconds between heartbeats and resource reports.
+    /// Seconds between heartbeats (and resource reports, unless `update_resources_interval`
+    /// says otherwise).
     pub report_interval: f64,
+    /// Seconds between resource reports (Nova's `update_resources_interval`); 0 reports with
+    /// every heartbeat. A build, delete or failed build reports at once in any case, so a
+    /// longer period only spares the conductor on a quiet host.
+    pub update_resources_interval: f64,
     /// Seconds a domain may take to reach RUNNING before the build (or a start or reboot)
     /// fails.
     pub boot_timeout: f64,
@@ -141,6 +146,7 @@ impl Default for ComputeConfig {
             reserved_host_disk_mb: 0,
             queue_name: "kvm".into(),
             report_interval: 10.0,
+            update_resources_interval: 0.0,
             boot_timeout: 300.0,
             shutdown_timeout: 60.0,
             sync_power_state_interval: 600.0,
@@ -223,6 +229,7 @@ impl Args {
         }
         shutdown_timeout(c.shutdown_timeout)?;
         sync_power_state_interval(c.sync_power_state_interval)?;
+        update_resources_interval(c.update_resources_interval)?;
         Ok(config)
     }
 }
@@ -395,6 +402,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
     let boot_timeout = seconds("boot_timeout", config.compute.boot_timeout)?;
     let shutdown_timeout = shutdown_timeout(config.compute.shutdown_timeout)?;
     let sync_interval = sync_power_state_interval(config.compute.sync_power_state_interval)?;
+    let resources_interval = update_resources_interval(config.compute.update_resources_interval)?;
     let uri = config.compute.libvirt_uri.clone();
     let virt_type = config.compute.virt_type;
     let driver = Arc::new(blocking(move || LibvirtDriver::open_with(&uri, virt_type)).await??);
@@ -464,6 +472,14 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
                 "vcpus" => capacity.vcpus, "memory_mb" => capacity.memory_mb, "local_gb" => capacity.local_gb);
             let mut report = tokio::time::interval(report_interval);
             report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Registration reported the resources; the next report comes one period later.
+            let mut resources = resources_interval.map(|period| {
+                let mut resources =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                resources.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                resources
+            });
+            let report_with_heartbeat = resources.is_none();
             // Periodic only: the first sync comes one interval after registration.
             let mut sync = sync_interval.map(|period| {
                 let mut sync =
@@ -477,7 +493,14 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     _ = report.tick() => {
                         let compute = compute.clone();
-                        tasks.spawn(async move { compute.periodic_report().await });
+                        tasks.spawn(async move { compute.periodic_report(report_with_heartbeat).await });
+                    }
+                    _ = next_tick(&mut resources) => {
+                        let compute = compute.clone();
+                        tasks.spawn(async move {
+                            let context = compute.context();
+                            compute.report_resources(&context).await
+                        });
                     }
                     _ = next_tick(&mut sync) => {
                         let compute = compute.clone();
@@ -526,6 +549,16 @@ fn sync_power_state_interval(seconds: f64) -> Result<Option<Duration>, ComputeEr
     proto::service::positive_seconds("sync_power_state_interval", seconds)
         .map(Some)
         .map_err(|e| ComputeError::Config(format!("{e} (0 disables it)")))
+}
+
+/// `[compute] update_resources_interval`: None (report with each heartbeat) for 0.
+fn update_resources_interval(seconds: f64) -> Result<Option<Duration>, ComputeError> {
+    if seconds == 0.0 {
+        return Ok(None);
+    }
+    proto::service::positive_seconds("update_resources_interval", seconds)
+        .map(Some)
+        .map_err(ComputeError::Config)
 }
 
 /// The next tick of an optional interval; never, without one.
@@ -1098,7 +1131,7 @@ impl Compute {
         self.release_files_and_claim(log, uuid);
     }
 
-    async fn periodic_report(&self) {
+    async fn periodic_report(&self, with_resources: bool) {
         let context = self.context();
         let heartbeat = ServiceHeartbeat {
             host: self.config.host.clone(),
@@ -1107,7 +1140,9 @@ impl Compute {
         if let Err(e) = self.conductors.call(&self.rpc, &context, &heartbeat).await {
             warn!(self.log, "heartbeat not recorded"; "error" => %e);
         }
-        self.report_resources(&context).await;
+        if with_resources {
+            self.report_resources(&context).await;
+        }
     }
 
     /// `update_available_resource`, where a failure is only worth a log line: the next periodic
@@ -1736,7 +1771,9 @@ fn vanished_or_rpc(err: proto::ProtoError) -> ComputeError {
 
 #[cfg(test)]
 mod tests {
-    use super::{advertised_endpoint, shutdown_timeout, sync_power_state_interval};
+    use super::{
+        advertised_endpoint, shutdown_timeout, sync_power_state_interval, update_resources_interval,
+    };
     use std::time::Duration;
 
     #[test]
@@ -1746,6 +1783,18 @@ mod tests {
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
             let err = shutdown_timeout(bad).expect_err("refused");
             assert!(err.to_string().contains("shutdown_timeout"), "{err}");
+        }
+    }
+
+    #[test]
+    fn update_resources_interval_zero_reports_with_heartbeats() {
+        assert_eq!(update_resources_interval(0.0).unwrap(), None);
+        assert_eq!(
+            update_resources_interval(60.0).unwrap(),
+            Some(Duration::from_secs(60))
+        );
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            assert!(update_resources_interval(bad).is_err(), "{bad}");
         }
     }
 
