@@ -68,6 +68,8 @@ pub enum DiskError {
     BadImage { image: String, reason: String },
     #[error("Flavor's disk is too small for the requested image: the flavor has {root_gb} GiB, the image needs {image_bytes} bytes")]
     FlavorDiskSmallerThanImage { root_gb: u64, image_bytes: u64 },
+    #[error("A disk of {count} × {unit} bytes is beyond any disk")]
+    TooLarge { count: u64, unit: u64 },
     #[error("Cannot remove instance directory {}: {source}", path.display())]
     Remove {
         path: PathBuf,
@@ -136,13 +138,13 @@ pub fn create_instance_disks(
     let root_bytes = match (request.root_gb, &image) {
         (0, Some(image)) => image.virtual_size,
         (0, None) => GIB,
-        (gb, Some(image)) if gb.saturating_mul(GIB) < image.virtual_size => {
+        (gb, Some(image)) if bytes_of(gb, GIB)? < image.virtual_size => {
             return Err(DiskError::FlavorDiskSmallerThanImage {
                 root_gb: gb,
                 image_bytes: image.virtual_size,
             })
         }
-        (gb, _) => gb.saturating_mul(GIB),
+        (gb, _) => bytes_of(gb, GIB)?,
     };
     let root = dir.join(DISK_FILE_NAME);
     create_overlay(&root, image.as_ref(), root_bytes)?;
@@ -150,7 +152,8 @@ pub fn create_instance_disks(
     let ephemeral = match request.ephemeral_gb {
         0 => None,
         gb => {
-            let base = blank_base(&base_dir, &format!("ephemeral_{gb}_ext4"), gb * GIB, |p| {
+            let bytes = bytes_of(gb, GIB)?;
+            let base = blank_base(&base_dir, &format!("ephemeral_{gb}_ext4"), bytes, |p| {
                 // Nova's default for a Linux guest: ext4 labelled ephemeral0, which cloud-init
                 // mounts on /mnt.
                 run("mkfs.ext4", p, |c| {
@@ -165,7 +168,8 @@ pub fn create_instance_disks(
     let swap = match request.swap_mb {
         0 => None,
         mb => {
-            let base = blank_base(&base_dir, &format!("swap_{mb}"), mb * MIB, |p| {
+            let bytes = bytes_of(mb, MIB)?;
+            let base = blank_base(&base_dir, &format!("swap_{mb}"), bytes, |p| {
                 run("mkswap", p, |c| {
                     c.arg("-q").arg(p);
                 })
@@ -181,6 +185,14 @@ pub fn create_instance_disks(
         ephemeral,
         swap,
     })
+}
+
+/// `count` units of `unit` bytes, refused when that does not fit in 64 bits (no real disk is
+/// that big; a flavor that asks is a mistake).
+fn bytes_of(count: u64, unit: u64) -> Result<u64, DiskError> {
+    count
+        .checked_mul(unit)
+        .ok_or(DiskError::TooLarge { count, unit })
 }
 
 /// Writes `contents` to `<instances_dir>/<name>/<file>` (the domain XML), replacing it.
@@ -219,22 +231,24 @@ pub fn cached_image(base_dir: &Path, image: &ImageSource<'_>) -> Result<BaseImag
             )))
         }
     };
-    let cached = base_dir.join(hex_sha256(image.id));
+    let cached = cached_image_path(base_dir, image.id);
     with_base_lock(base_dir, &cached, || {
         if !cached.exists() {
-            // Checked before the copy, so a bad image costs no disk space.
-            let info = image_info(image.path, format)?;
-            if let Some(backing) = info.get("backing-filename") {
-                return Err(bad(format!(
-                    "it has a backing file ({backing}); upload a flattened image"
-                )));
-            }
             let part = part_path(&cached);
-            std::fs::copy(image.path, &part).map_err(|source| DiskError::Write {
-                path: part.clone(),
-                source,
-            })?;
-            sync_and_rename(&part, &cached)?;
+            let made = (|| {
+                std::fs::copy(image.path, &part).map_err(|source| DiskError::Write {
+                    path: part.clone(),
+                    source,
+                })?;
+                // The copy is what guests will read, so the copy is what is checked: a file
+                // swapped at the source after a check would otherwise slip through.
+                refuse_external_files(&image_info(&part, format)?).map_err(bad)?;
+                sync_and_rename(&part, &cached)
+            })();
+            if made.is_err() {
+                let _ = std::fs::remove_file(&part);
+            }
+            made?;
         }
         let info = image_info(&cached, format)?;
         let virtual_size = info
@@ -249,6 +263,29 @@ pub fn cached_image(base_dir: &Path, image: &ImageSource<'_>) -> Result<BaseImag
     })
 }
 
+/// Refuses an image that makes QEMU open another file: a backing file, or a qcow2 external
+/// data file (OSSA-2024-001), either of which would hand the guest a host file (another
+/// instance's disk, `/etc/shadow`) to read.
+fn refuse_external_files(info: &serde_json::Value) -> Result<(), String> {
+    if let Some(backing) = info.get("backing-filename") {
+        return Err(format!(
+            "it has a backing file ({backing}); upload a flattened image"
+        ));
+    }
+    if let Some(data_file) = info.pointer("/format-specific/data/data-file") {
+        return Err(format!(
+            "it has an external data file ({data_file}); upload a self-contained image"
+        ));
+    }
+    Ok(())
+}
+
+/// Where image `image_id` is cached under `base_dir` (`_base`): named by the SHA-256 of the id,
+/// so no id can name a path.
+pub fn cached_image_path(base_dir: &Path, image_id: &str) -> PathBuf {
+    base_dir.join(hex_sha256(image_id))
+}
+
 /// A raw base of `bytes` under `_base/<file>`, prepared once by `prepare` (mkfs, mkswap).
 fn blank_base(
     base_dir: &Path,
@@ -260,18 +297,24 @@ fn blank_base(
     with_base_lock(base_dir, &path, || {
         if !path.exists() {
             let part = part_path(&path);
-            let file = File::create(&part).map_err(|source| DiskError::Write {
-                path: part.clone(),
-                source,
-            })?;
-            // Sparse: only what mkfs writes takes space.
-            file.set_len(bytes).map_err(|source| DiskError::Write {
-                path: part.clone(),
-                source,
-            })?;
-            drop(file);
-            prepare(&part)?;
-            sync_and_rename(&part, &path)?;
+            let made = (|| {
+                let file = File::create(&part).map_err(|source| DiskError::Write {
+                    path: part.clone(),
+                    source,
+                })?;
+                // Sparse: only what mkfs writes takes space.
+                file.set_len(bytes).map_err(|source| DiskError::Write {
+                    path: part.clone(),
+                    source,
+                })?;
+                drop(file);
+                prepare(&part)?;
+                sync_and_rename(&part, &path)
+            })();
+            if made.is_err() {
+                let _ = std::fs::remove_file(&part);
+            }
+            made?;
         }
         Ok(BaseImage {
             path: path.clone(),
@@ -581,7 +624,7 @@ mod tests {
     }
 
     #[test]
-    fn images_with_a_backing_file_or_a_wrong_format_are_refused_before_any_copy() {
+    fn images_with_a_backing_file_or_a_wrong_format_are_refused_and_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret.qcow2");
         qemu_img_create(&secret, "qcow2", "1G", None);
@@ -632,6 +675,91 @@ mod tests {
             .filter(|n| !n.ends_with(".lock"))
             .collect();
         assert!(cached.is_empty(), "{cached:?}");
+    }
+
+    #[test]
+    fn images_with_an_external_data_file_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.raw");
+        std::fs::write(&secret, b"host secret").unwrap();
+        let image = dir.path().join("data-file.qcow2");
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={},data_file_raw=on", secret.display()))
+            .arg(&image)
+            .arg("1M")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let base_dir = dir.path().join("_base");
+        std::fs::create_dir_all(&base_dir).unwrap();
+        let err = cached_image(
+            &base_dir,
+            &ImageSource {
+                id: "data-file",
+                path: &image,
+                disk_format: "qcow2",
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("external data file"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&base_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn concurrent_builds_of_one_image_copy_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image.raw");
+        std::fs::write(&image, vec![3u8; 4 * 1024 * 1024]).unwrap();
+        let instances = dir.path().join("instances");
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let (image, instances) = (image.clone(), instances.clone());
+                std::thread::spawn(move || {
+                    let request = DiskRequest {
+                        root_gb: 1,
+                        ephemeral_gb: 1,
+                        swap_mb: 16,
+                        image: Some(ImageSource {
+                            id: IMAGE_ID,
+                            path: &image,
+                            disk_format: "raw",
+                        }),
+                    };
+                    create_instance_disks(&instances, &format!("instance-{i}"), &request)
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap().unwrap();
+        }
+        let mut files: Vec<_> = std::fs::read_dir(instances.join(BASE_DIR_NAME))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        files.sort();
+        let mut expected = vec![
+            hex_sha256(IMAGE_ID),
+            "ephemeral_1_ext4".to_string(),
+            "swap_16".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(files, expected);
+        let base = instances.join(BASE_DIR_NAME).join(hex_sha256(IMAGE_ID));
+        assert_eq!(std::fs::read(base).unwrap(), vec![3u8; 4 * 1024 * 1024]);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = create_instance_disks(dir.path(), "instance-h", &no_image(u64::MAX)).unwrap_err();
+        assert!(matches!(err, DiskError::TooLarge { .. }), "{err}");
     }
 
     #[test]
