@@ -228,10 +228,8 @@ fn write_domain(w: &mut Writer<Vec<u8>>, spec: &DomainSpec) -> io::Result<()> {
                 .with_attribute(("unit", "MiB"))
                 .write_text_content(BytesText::new(&memory_mb))?;
             text_element(w, "vcpu", &vcpus)?;
-            // Nova's default CPU weight: 1024 per vCPU, so a bigger flavor gets a proportional
-            // share of a contended host.
             w.create_element("cputune").write_inner_content(|w| {
-                text_element(w, "shares", &(u64::from(spec.vcpus) * 1024).to_string())
+                text_element(w, "shares", &cpu_shares(spec.vcpus).to_string())
             })?;
             w.create_element("os").write_inner_content(|w| {
                 w.create_element("type")
@@ -317,8 +315,10 @@ fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> i
                 .create_element("serial")
                 .with_attribute(("type", "file"))
                 .write_inner_content(|w| {
+                    // append: a stop and start keeps the earlier boots' messages.
                     w.create_element("source")
                         .with_attribute(("path", path.as_str()))
+                        .with_attribute(("append", "on"))
                         .write_empty()?;
                     w.create_element("target")
                         .with_attribute(("port", "0"))
@@ -332,6 +332,17 @@ fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> i
         };
     }
     Ok(())
+}
+
+/// The most CPU shares libvirt takes on a cgroup v2 host (it maps them onto `cpu.weight`,
+/// 1..=10000); more fails the domain's start.
+pub const MAX_CPU_SHARES: u64 = 10_000;
+
+/// The CPU weight of a domain: 1024 per vCPU (cgroup v1's default per task), so a bigger flavor
+/// gets a proportional share of a contended host, capped at what cgroup v2 accepts (Nova stopped
+/// setting shares when 10 vCPUs broke there, bug 1917619).
+pub fn cpu_shares(vcpus: u32) -> u64 {
+    (u64::from(vcpus) * 1024).min(MAX_CPU_SHARES)
 }
 
 /// `vda`, `vdb`, … `vdz`, `vdaa`: the virtio names of the disks in order.
@@ -763,6 +774,14 @@ mod tests {
         ] {
             assert_eq!(instance_uuid_of(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn cpu_shares_grow_with_vcpus_up_to_what_cgroup_v2_takes() {
+        assert_eq!(cpu_shares(1), 1024);
+        assert_eq!(cpu_shares(9), 9216);
+        assert_eq!(cpu_shares(10), MAX_CPU_SHARES);
+        assert_eq!(cpu_shares(u32::MAX), MAX_CPU_SHARES);
     }
 
     #[test]
