@@ -56,6 +56,8 @@ pub struct LibvirtDriver {
     conn: Connect,
     uri: String,
     domain_type: &'static str,
+    /// Why domains are not `kvm`, for the log.
+    no_kvm_because: Option<String>,
 }
 
 /// Which `<domain type=…>` QEMU domains get (`[compute] virt_type`, Nova's
@@ -87,13 +89,15 @@ impl LibvirtDriver {
             uri: uri.to_owned(),
             reason: e.message().to_owned(),
         })?;
-        let has_kvm = match virt_type {
-            VirtType::Auto => !is_test_uri(uri) && kvm_starts_a_guest(&conn),
-            VirtType::Kvm => true,
-            VirtType::Qemu => false,
+        let kvm = match virt_type {
+            VirtType::Auto if is_test_uri(uri) => Err("the test driver".to_owned()),
+            VirtType::Auto => kvm_check(&conn),
+            VirtType::Kvm => Ok(()),
+            VirtType::Qemu => Err("[compute] virt_type = \"qemu\"".to_owned()),
         };
         Ok(Self {
-            domain_type: domain_type_for(uri, has_kvm),
+            domain_type: domain_type_for(uri, kvm.is_ok()),
+            no_kvm_because: kvm.err(),
             conn,
             uri: uri.to_owned(),
         })
@@ -101,6 +105,11 @@ impl LibvirtDriver {
 
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// Why this host's domains do not use KVM; None when they do.
+    pub fn no_kvm_because(&self) -> Option<&str> {
+        self.no_kvm_because.as_deref()
     }
 
     /// The `<domain type=…>` this host's domains get: `test` on the test driver, `kvm` when the
@@ -327,16 +336,13 @@ fn domain_type_for(uri: &str, has_kvm: bool) -> &'static str {
     }
 }
 
-/// Whether a KVM guest really starts here. libvirt's capabilities say KVM when `/dev/kvm`
-/// answered libvirt (root), yet QEMU runs as its own user and may not open it; so a tiny
-/// transient domain is started paused and destroyed at once (a fraction of a second, once).
-fn kvm_starts_a_guest(conn: &Connect) -> bool {
-    if conn
-        .domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0)
-        .is_err()
-    {
-        return false;
-    }
+/// Whether a KVM guest really runs here; Err says why not. libvirt's capabilities say KVM when
+/// `/dev/kvm` answered libvirt (root), yet QEMU runs as its own user and may not open it, or may
+/// open it and fail on the first instruction; so a tiny transient domain is started, left to run
+/// its firmware for a moment, and destroyed (well under a second, once per start of the service).
+fn kvm_check(conn: &Connect) -> Result<(), String> {
+    conn.domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0)
+        .map_err(|e| format!("libvirt reports no KVM: {}", e.message()))?;
     let uuid = uuid::Uuid::new_v4().to_string();
     let probe = DomainSpec {
         name: format!("zova-kvm-probe-{uuid}"),
@@ -348,22 +354,33 @@ fn kvm_starts_a_guest(conn: &Connect) -> bool {
         mac_address: None,
         network: None,
         bridge: None,
-        display_name: "Zova's check that KVM guests can start".into(),
+        display_name: "Zova's check that KVM guests can run".into(),
         console_log: None,
         metadata: InstanceMetadata::default(),
     };
-    let Ok(xml) = domain_xml(&probe) else {
-        return false;
-    };
-    match conn.create_domain_xml(&xml, virt::sys::VIR_DOMAIN_START_PAUSED) {
-        Ok(domain) => {
-            // A transient domain vanishes once destroyed.
-            let _ = domain.destroy();
-            true
-        }
-        Err(_) => false,
+    let xml = domain_xml(&probe).map_err(|e| e.to_string())?;
+    let domain = conn
+        .create_domain_xml(&xml, 0)
+        .map_err(|e| format!("a KVM guest does not start: {}", e.message()))?;
+    // A vCPU that cannot run (KVM_RUN failing) stops or crashes the guest within moments.
+    std::thread::sleep(KVM_PROBE_RUN);
+    let state = domain
+        .state()
+        .map(|(state, _)| state.known())
+        .map_err(|e| e.message().to_owned());
+    // A transient domain vanishes once destroyed.
+    let _ = domain.destroy();
+    match state {
+        Ok(Some(DomainState::Running | DomainState::Blocked)) => Ok(()),
+        Ok(other) => Err(format!(
+            "a KVM guest started but did not keep running (libvirt state {other:?})"
+        )),
+        Err(reason) => Err(format!("a KVM guest's state cannot be read: {reason}")),
     }
 }
+
+/// How long the KVM probe lets its guest run before looking.
+const KVM_PROBE_RUN: std::time::Duration = std::time::Duration::from_millis(300);
 
 fn is_test_uri(uri: &str) -> bool {
     uri.starts_with("test:") || uri.starts_with("test+")

@@ -395,7 +395,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Opens libvirt, binds the RPC endpoint, registers through the conductor (retrying until it
 /// answers) and serves until stopped.
-pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ComputeError> {
+pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, ComputeError> {
     let seconds =
         |name, value| proto::service::positive_seconds(name, value).map_err(ComputeError::Config);
     let report_interval = seconds("report_interval", config.compute.report_interval)?;
@@ -407,7 +407,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
     let virt_type = config.compute.virt_type;
     let driver = Arc::new(blocking(move || LibvirtDriver::open_with(&uri, virt_type)).await??);
     info!(log, "libvirt connected"; "uri" => driver.uri(), "domain_type" => driver.domain_type(),
-        "host" => &config.compute.host);
+        "no_kvm_because" => driver.no_kvm_because(), "host" => &config.compute.host);
     let node = {
         let driver = driver.clone();
         blocking(move || driver.node_info()).await??
@@ -418,6 +418,15 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Compute
             config.compute.instances_path.display()
         ))
     })?;
+    // Disk and console paths go into the domain XML, which libvirtd and QEMU read from their own
+    // working directory: a relative path there would point elsewhere.
+    config.compute.instances_path =
+        std::path::absolute(&config.compute.instances_path).map_err(|e| {
+            ComputeError::Config(format!(
+                "cannot make {} absolute: {e}",
+                config.compute.instances_path.display()
+            ))
+        })?;
     let capacity = Capacity {
         vcpus: config.compute.vcpus.unwrap_or(node.vcpus),
         memory_mb: config.compute.memory_mb.unwrap_or(node.memory_mb),
@@ -1123,12 +1132,19 @@ impl Compute {
             .release(uuid);
     }
 
-    /// Destroys the domain and the disk of `uuid` if they exist, and releases its claim.
+    /// Destroys the domain and the disk of `uuid` if they exist, and releases its claim. When
+    /// the domain cannot be destroyed its files stay: a guest that may still run keeps its disks.
     async fn remove_leftovers(&self, log: &Logger, uuid: &str) {
-        if let Err(e) = self.destroy_domain(uuid).await {
-            warn!(log, "domain not removed"; "instance" => uuid, "error" => %e);
+        match self.destroy_domain(uuid).await {
+            Ok(()) => self.release_files_and_claim(log, uuid),
+            Err(e) => {
+                warn!(log, "domain not removed; its files are kept"; "instance" => uuid, "error" => %e);
+                self.tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(uuid);
+            }
         }
-        self.release_files_and_claim(log, uuid);
     }
 
     async fn periodic_report(&self, with_resources: bool) {
