@@ -123,6 +123,16 @@ pub fn pool_addresses(cidr: &str, gateway: &str) -> Result<Vec<Ipv4Addr>> {
         .collect())
 }
 
+/// The first and last address of an IPv4 `address/prefix`, None when it is not one.
+fn cidr_range(cidr: &str) -> Option<(u32, u32)> {
+    let (base, prefix) = cidr.split_once('/')?;
+    let base = u32::from(base.parse::<Ipv4Addr>().ok()?);
+    let prefix: u32 = prefix.parse().ok()?;
+    let mask = u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0);
+    let first = base & mask;
+    Some((first, first | !mask))
+}
+
 /// Creates a network and its pool inside the caller's transaction.
 pub(crate) fn insert_network(
     conn: &mut SqliteConnection,
@@ -132,6 +142,21 @@ pub(crate) fn insert_network(
     bridge: Option<&str>,
 ) -> Result<Network> {
     let addresses = pool_addresses(cidr, gateway)?;
+    // Two pools over one range would give two instances the same address.
+    if let Some(new) = cidr_range(cidr) {
+        let live: Vec<(String, String)> = networks::table
+            .filter(networks::deleted.eq(0))
+            .select((networks::name, networks::cidr))
+            .load(conn)?;
+        let overlapping = live.iter().find(|(_, other)| {
+            cidr_range(other).is_some_and(|(first, last)| first <= new.1 && new.0 <= last)
+        });
+        if let Some((other_name, other_cidr)) = overlapping {
+            return Err(DbError::Invalid(format!(
+                "network {cidr} overlaps network {other_name} ({other_cidr})"
+            )));
+        }
+    }
     let taken: i64 = networks::table
         .filter(networks::deleted.eq(0))
         .filter(networks::name.eq(name))
@@ -493,6 +518,23 @@ mod tests {
             db.network_delete("lab"),
             Err(DbError::Conflict(_))
         ));
+        for (overlapping, gateway) in [
+            ("192.168.7.0/29", "192.168.7.1"),
+            ("192.168.7.4/30", "192.168.7.5"),
+            ("192.168.0.0/16", "192.168.0.1"),
+            ("10.0.0.0/16", "10.0.0.1"),
+        ] {
+            assert!(
+                matches!(
+                    db.network_create("other", overlapping, gateway, None),
+                    Err(DbError::Invalid(ref why)) if why.contains("overlaps")
+                ),
+                "{overlapping}"
+            );
+        }
+        db.network_create("next", "192.168.7.8/29", "192.168.7.9", None)
+            .unwrap();
+        db.network_delete("next").unwrap();
         assert_eq!(db.network_usage().unwrap().len(), 2);
         db.instance_destroy("a").unwrap();
         let deleted = db.network_delete("lab").unwrap();
