@@ -889,19 +889,21 @@ impl IoThread {
         }
         let _close_on_exit = CloseOnExit(self.commands.clone());
         loop {
-            if !self.drain_commands() {
-                break;
-            }
             let readable = match self.poll() {
                 Ok(readable) => readable,
                 // A signal woke the poll: nothing is wrong.
-                Err(zmq::Error::EINTR) => continue,
+                Err(zmq::Error::EINTR) => Vec::new(),
                 Err(e) => {
                     warn!(self.log, "zmq poll failed"; "error" => %e);
                     std::thread::sleep(Duration::from_millis(10));
-                    continue;
+                    Vec::new()
                 }
             };
+            // Commands before frames: what a caller asked before a frame arrived applies to
+            // it (a `stop_serving` followed by a request must see the request refused).
+            if !self.drain_commands() {
+                break;
+            }
             for source in readable {
                 match source {
                     Source::Commands => {}
