@@ -25,6 +25,15 @@ struct Args {
     /// Casts in flight at once.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     in_flight: u32,
+    /// Run only this measurement (the other reports zeros): to profile one of them.
+    #[arg(long, value_enum)]
+    only: Option<Phase>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Casts,
+    Calls,
 }
 
 /// CPU time and context switches of the whole process so far: per operation, they show what a
@@ -114,6 +123,10 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let (client, _) = Rpc::start(log, None, client_options).map_err(|e| e.to_string())?;
     let client = Arc::new(client);
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
+    let phase = |phase: Phase| match args.only {
+        Some(only) if only != phase => Duration::ZERO,
+        _ => duration,
+    };
 
     // Warm up the connection.
     client
@@ -128,7 +141,12 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let usage = Usage::now();
     let started = Instant::now();
     let mut casters = tokio::task::JoinSet::new();
-    for _ in 0..args.in_flight {
+    let casters_n = if phase(Phase::Casts).is_zero() {
+        0
+    } else {
+        args.in_flight
+    };
+    for _ in 0..casters_n {
         let (client, endpoint, acked, failed, stop) = (
             client.clone(),
             endpoint.clone(),
@@ -146,7 +164,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             }
         });
     }
-    tokio::time::sleep(duration).await;
+    tokio::time::sleep(phase(Phase::Casts)).await;
     stop.store(true, Ordering::Relaxed);
     let acked_in_time = acked.load(Ordering::Relaxed);
     let elapsed = started.elapsed();
@@ -158,7 +176,8 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let context = context();
     let usage = Usage::now();
     let started = Instant::now();
-    while started.elapsed() < duration {
+    let calls_for = phase(Phase::Calls);
+    while started.elapsed() < calls_for {
         let sent = Instant::now();
         client
             .call(&endpoint, &context, &Ping {})
