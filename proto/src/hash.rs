@@ -1,7 +1,8 @@
 //! A fast hasher for the maps the hot path looks up per message (pending requests by message id,
-//! metrics by method name). SipHash, the standard one, guards against keys chosen to collide;
-//! these maps only ever hold keys this process chose (its own message ids, the fixed method
-//! names), so a peer's bytes can only be looked up in them, never grow a chain.
+//! requests and connections by peer endpoint, metrics by method name). SipHash, the standard
+//! one, guards against keys chosen to collide; these maps only ever hold keys this process chose
+//! (its own message ids, the endpoints its callers name, the fixed method names), so a peer's
+//! bytes can only be looked up in them, never grow a chain.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};

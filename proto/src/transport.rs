@@ -153,7 +153,7 @@ struct Pending {
 /// metrics' gauges).
 struct PendingTable {
     requests: FastMap<Uuid, Pending>,
-    per_peer: HashMap<Arc<str>, usize>,
+    per_peer: FastMap<Arc<str>, usize>,
     metrics: RpcMetrics,
 }
 
@@ -161,7 +161,7 @@ impl PendingTable {
     fn new(metrics: RpcMetrics) -> Self {
         PendingTable {
             requests: FastMap::default(),
-            per_peer: HashMap::new(),
+            per_peer: FastMap::default(),
             metrics,
         }
     }
@@ -570,7 +570,7 @@ impl Rpc {
             options: options.clone(),
             router,
             zap,
-            dealers: HashMap::new(),
+            dealers: FastMap::default(),
             connections_opened: 0,
             curve,
             peer_keys: peer_keys.clone(),
@@ -856,7 +856,7 @@ struct IoThread {
     // Declared (so dropped) before `zap`, so no handshake is let in unchecked while closing.
     router: Option<zmq::Socket>,
     zap: Option<zmq::Socket>,
-    dealers: HashMap<String, Dealer>,
+    dealers: FastMap<String, Dealer>,
     connections_opened: u64,
     curve: Option<CurveKeys>,
     peer_keys: PeerKeys,
@@ -1338,20 +1338,18 @@ impl IoThread {
         for envelope in answers {
             match envelope.kind {
                 Kind::Ack => {
-                    let answered = self.complete_ack(envelope.msg_id);
-                    self.count_answer(answered, Kind::Ack);
+                    let mut ids = Vec::new();
                     if !envelope.payload.is_empty() {
                         match decode_ack_ids(&envelope.payload) {
-                            Ok(more) => more.into_iter().for_each(|id| {
-                                let answered = self.complete_ack(id);
-                                self.count_answer(answered, Kind::Ack);
-                            }),
+                            Ok(more) => ids = more,
                             Err(e) => {
                                 self.metrics.dropped(DroppedFrame::Malformed);
                                 warn!(self.log, "malformed ack dropped"; "peer" => endpoint, "error" => %e)
                             }
                         }
                     }
+                    ids.push(envelope.msg_id);
+                    self.complete_acks(&ids);
                 }
                 Kind::Reply => {
                     let answered = match decode::<ReplyBody>(&envelope.payload) {
@@ -1377,26 +1375,42 @@ impl IoThread {
         }
     }
 
-    /// Ends the cast `msg_id` waits on; returns its method, or None if nobody waits for it.
-    fn complete_ack(&self, msg_id: Uuid) -> Option<&'static str> {
-        let mut pending = lock(&self.pending);
-        // A call's ack only says the peer is there; the caller keeps waiting for the reply.
-        if let Some(Pending {
-            waiter: Waiter::Ack(_),
-            ..
-        }) = pending.requests.get(&msg_id)
+    /// Ends the casts `ids` acknowledge, under one lock for the whole ack frame (one frame
+    /// answers up to ACK_BATCH casts, and their callers insert under the same lock); their
+    /// callers are woken after it is released.
+    fn complete_acks(&self, ids: &[Uuid]) {
+        let mut acked = Vec::with_capacity(ids.len());
         {
-            if let Some(Pending {
-                waiter: Waiter::Ack(tx),
-                method,
-                ..
-            }) = pending.remove(&msg_id)
-            {
-                let _ = tx.send(Ok(()));
-                return Some(method);
+            let mut pending = lock(&self.pending);
+            for id in ids {
+                // A call's ack only says the peer is there; the caller keeps waiting for the
+                // reply.
+                if !matches!(
+                    pending.requests.get(id),
+                    Some(Pending {
+                        waiter: Waiter::Ack(_),
+                        ..
+                    })
+                ) {
+                    continue;
+                }
+                if let Some(Pending {
+                    waiter: Waiter::Ack(tx),
+                    method,
+                    ..
+                }) = pending.remove(id)
+                {
+                    acked.push((tx, method));
+                }
             }
         }
-        None
+        for _ in acked.len()..ids.len() {
+            self.count_answer(None, Kind::Ack);
+        }
+        for (tx, method) in acked {
+            let _ = tx.send(Ok(()));
+            self.count_answer(Some(method), Kind::Ack);
+        }
     }
 
     /// Ends the request `msg_id` with `result`; returns its method, or None if nobody waits
