@@ -34,12 +34,12 @@ impl Kind {
         }
     }
 
-    fn from_name(name: &str) -> Option<Kind> {
+    fn from_name(name: &[u8]) -> Option<Kind> {
         Some(match name {
-            "cast" => Kind::Cast,
-            "call" => Kind::Call,
-            "reply" => Kind::Reply,
-            "ack" => Kind::Ack,
+            b"cast" => Kind::Cast,
+            b"call" => Kind::Call,
+            b"reply" => Kind::Reply,
+            b"ack" => Kind::Ack,
             _ => return None,
         })
     }
@@ -425,15 +425,14 @@ fn read_envelope(bytes: &[u8]) -> Option<Envelope> {
     let (mut version, mut msg_id, mut kind, mut context) = (None, None, None, None);
     let (mut method, mut payload, mut budget_ms) = (String::new(), Vec::new(), None);
     for _ in 0..fields {
-        let key = reader.str()?;
-        let bit = match key {
-            "version" => 1,
-            "msg_id" => 2,
-            "kind" => 4,
-            "method" => 8,
-            "context" => 16,
-            "payload" => 32,
-            "budget_ms" => 64,
+        let bit = match reader.raw_str()? {
+            b"version" => 1,
+            b"msg_id" => 2,
+            b"kind" => 4,
+            b"method" => 8,
+            b"context" => 16,
+            b"payload" => 32,
+            b"budget_ms" => 64,
             // A field of a newer minor version: serde skips it.
             _ => return None,
         };
@@ -451,7 +450,7 @@ fn read_envelope(bytes: &[u8]) -> Option<Envelope> {
                 version = Some((major, minor));
             }
             2 => msg_id = Some(Uuid::from_slice(reader.bin()?).ok()?),
-            4 => kind = Some(Kind::from_name(reader.str()?)?),
+            4 => kind = Some(Kind::from_name(reader.raw_str()?)?),
             8 => method = reader.str()?.to_owned(),
             16 => context = Some(read_context(&mut reader)?),
             32 => payload = reader.bin()?.to_vec(),
@@ -475,13 +474,12 @@ fn read_context(reader: &mut Reader<'_>) -> Option<RequestContext> {
     let mut request_id = None;
     let mut context = RequestContext::default();
     for _ in 0..fields {
-        let key = reader.str()?;
-        let bit = match key {
-            "request_id" => 1,
-            "user_id" => 2,
-            "project_id" => 4,
-            "roles" => 8,
-            "deadline_ms" => 16,
+        let bit = match reader.raw_str()? {
+            b"request_id" => 1,
+            b"user_id" => 2,
+            b"project_id" => 4,
+            b"roles" => 8,
+            b"deadline_ms" => 16,
             _ => return None,
         };
         if seen & bit != 0 {

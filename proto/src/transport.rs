@@ -235,11 +235,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct PendingGuard<'a> {
     pending: &'a PendingMap,
     msg_id: Uuid,
+    armed: bool,
+}
+
+impl PendingGuard<'_> {
+    /// The request was answered: whoever answered it took its entry out first, so dropping
+    /// the guard need not take the lock the I/O thread works under.
+    fn answered(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        lock(self.pending).remove(&self.msg_id);
+        if self.armed {
+            lock(self.pending).remove(&self.msg_id);
+        }
     }
 }
 /// What callers ask of the I/O thread.
@@ -642,7 +653,7 @@ impl Rpc {
         let deadline = deadline_in(context, self.options.cast_timeout);
         let (msg_id, bytes) = encode_request(Kind::Cast, M::NAME, context, deadline, args)?;
         let (tx, mut rx) = oneshot::channel();
-        let _guard = self.send(
+        let guard = self.send(
             endpoint,
             M::NAME,
             Kind::Cast,
@@ -651,7 +662,10 @@ impl Rpc {
             Waiter::Ack(tx),
         )?;
         match tokio::time::timeout(self.options.cast_timeout, &mut rx).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => {
+                guard.answered();
+                result
+            }
             Ok(Err(_)) => Err(ProtoError::Closed),
             Err(_) => {
                 // Taking the entry out first means the I/O thread will not send it if it has not.
@@ -701,7 +715,7 @@ impl Rpc {
         let (msg_id, bytes) = encode_request(Kind::Call, M::NAME, context, deadline, args)?;
         let (tx, rx) = oneshot::channel();
         let sent = Instant::now();
-        let _guard = self.send(
+        let guard = self.send(
             endpoint,
             M::NAME,
             Kind::Call,
@@ -711,6 +725,7 @@ impl Rpc {
         )?;
         let body = match tokio::time::timeout(self.options.call_timeout, rx).await {
             Ok(Ok(result)) => {
+                guard.answered();
                 if result.is_ok() {
                     self.metrics.call_answered(M::NAME, sent.elapsed());
                 }
@@ -771,6 +786,7 @@ impl Rpc {
         let guard = PendingGuard {
             pending: &self.pending,
             msg_id,
+            armed: true,
         };
         // The queue to the I/O thread is unbounded (the in-flight limit bounds it per peer): it
         // refuses only once the thread is gone.

@@ -133,6 +133,12 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.raw_str()?).ok()
+    }
+
+    /// A string's bytes, not checked as UTF-8: for comparing with names known in advance
+    /// (keys, kinds), which match only valid UTF-8.
+    pub(crate) fn raw_str(&mut self) -> Option<&'a [u8]> {
         let len = match self.byte()? {
             m @ 0xa0..=0xbf => usize::from(m & 0x1f),
             0xd9 => self.be(1)? as usize,
@@ -140,7 +146,7 @@ impl<'a> Reader<'a> {
             0xdb => self.be(4)? as usize,
             _ => return None,
         };
-        std::str::from_utf8(self.take(len)?).ok()
+        self.take(len)
     }
 
     pub(crate) fn bin(&mut self) -> Option<&'a [u8]> {
