@@ -3,6 +3,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::wire::{self, Reader};
 use crate::ProtoError;
 
 /// Major protocol version: peers with another major refuse the frame; minor versions only add
@@ -12,6 +13,7 @@ pub const PROTOCOL_MINOR: u16 = 0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+// The names are also spelled out in `Kind::name` and `Kind::from_name`, for the fast path.
 pub enum Kind {
     /// One-way request: the sender waits only for the peer's `Ack`.
     Cast,
@@ -20,6 +22,27 @@ pub enum Kind {
     Reply,
     /// The peer's I/O thread has taken the message (sent for casts and calls alike).
     Ack,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Cast => "cast",
+            Kind::Call => "call",
+            Kind::Reply => "reply",
+            Kind::Ack => "ack",
+        }
+    }
+
+    fn from_name(name: &[u8]) -> Option<Kind> {
+        Some(match name {
+            b"cast" => Kind::Cast,
+            b"call" => Kind::Call,
+            b"reply" => Kind::Reply,
+            b"ack" => Kind::Ack,
+            _ => return None,
+        })
+    }
 }
 
 /// Who asked, carried from the HTTP request through every service so each log line shows it.
@@ -221,14 +244,31 @@ impl Envelope {
         }
     }
 
+    /// The frame: the same bytes rmp-serde writes for `Envelope` (a map with field names),
+    /// written by hand because every message pays for it.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
-        encode(self)
+        Ok(write_envelope(&Fields {
+            version: self.version,
+            msg_id: self.msg_id,
+            kind: self.kind,
+            method: &self.method,
+            context: &self.context,
+            deadline_ms: self.context.deadline_ms,
+            payload: &self.payload,
+            budget_ms: self.budget_ms,
+        }))
     }
 
     /// Parses a frame from the network; anything malformed or of another major version is an error,
     /// never a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtoError> {
-        let mut envelope: Envelope = decode(bytes)?;
+        // Frames of the shape this version writes are read by hand; anything else (a newer
+        // peer's extra fields, other but valid encodings, garbage) by serde, which skips what
+        // it does not know and says what is wrong.
+        let mut envelope: Envelope = match read_envelope(bytes) {
+            Some(envelope) => envelope,
+            None => decode(bytes)?,
+        };
         if envelope.version.0 != PROTOCOL_MAJOR {
             return Err(ProtoError::Version(envelope.version.0));
         }
@@ -241,6 +281,229 @@ impl Envelope {
     pub fn args<A: DeserializeOwned>(&self) -> Result<A, ProtoError> {
         decode(&self.payload)
     }
+}
+
+/// What an envelope frame holds, borrowed: a request is written from its caller's context (with
+/// its own deadline) and a reply from the request's, without building an `Envelope` first.
+pub(crate) struct Fields<'a> {
+    pub version: (u16, u16),
+    pub msg_id: Uuid,
+    pub kind: Kind,
+    pub method: &'a str,
+    pub context: &'a RequestContext,
+    /// Written in place of `context.deadline_ms`.
+    pub deadline_ms: Option<u64>,
+    pub payload: &'a [u8],
+    pub budget_ms: Option<u64>,
+}
+
+fn put_opt_uint(buf: &mut Vec<u8>, value: Option<u64>) {
+    match value {
+        Some(value) => wire::put_uint(buf, value),
+        None => wire::put_nil(buf),
+    }
+}
+
+/// Writes `fields` as rmp-serde writes `Envelope`: the same keys in the same order, the same
+/// smallest forms, so the format on the wire is the documented one whichever path wrote it.
+pub(crate) fn write_envelope(fields: &Fields<'_>) -> Vec<u8> {
+    let context = fields.context;
+    let strings = fields.method.len()
+        + context.request_id.len()
+        + context.user_id.len()
+        + context.project_id.len()
+        + context.roles.iter().map(|r| r.len() + 5).sum::<usize>();
+    let mut buf = Vec::with_capacity(128 + strings + fields.payload.len());
+    wire::put_map_len(&mut buf, 7);
+    wire::put_str(&mut buf, "version");
+    wire::put_array_len(&mut buf, 2);
+    wire::put_uint(&mut buf, fields.version.0.into());
+    wire::put_uint(&mut buf, fields.version.1.into());
+    wire::put_str(&mut buf, "msg_id");
+    wire::put_bin(&mut buf, fields.msg_id.as_bytes());
+    wire::put_str(&mut buf, "kind");
+    wire::put_str(&mut buf, fields.kind.name());
+    wire::put_str(&mut buf, "method");
+    wire::put_str(&mut buf, fields.method);
+    wire::put_str(&mut buf, "context");
+    wire::put_map_len(&mut buf, 5);
+    wire::put_str(&mut buf, "request_id");
+    wire::put_str(&mut buf, &context.request_id);
+    wire::put_str(&mut buf, "user_id");
+    wire::put_str(&mut buf, &context.user_id);
+    wire::put_str(&mut buf, "project_id");
+    wire::put_str(&mut buf, &context.project_id);
+    wire::put_str(&mut buf, "roles");
+    wire::put_array_len(&mut buf, context.roles.len());
+    for role in &context.roles {
+        wire::put_str(&mut buf, role);
+    }
+    wire::put_str(&mut buf, "deadline_ms");
+    put_opt_uint(&mut buf, fields.deadline_ms);
+    wire::put_str(&mut buf, "payload");
+    wire::put_bin(&mut buf, fields.payload);
+    wire::put_str(&mut buf, "budget_ms");
+    put_opt_uint(&mut buf, fields.budget_ms);
+    buf
+}
+
+/// Encodes a request to send: its message id and frame. The context is written as is but with
+/// `deadline_ms` (the earlier of its own and the sender's timeout), without a copy of it.
+pub(crate) fn encode_request<A: Serialize>(
+    kind: Kind,
+    method: &str,
+    context: &RequestContext,
+    deadline_ms: Option<u64>,
+    args: &A,
+) -> Result<(Uuid, Vec<u8>), ProtoError> {
+    let payload = encode(args)?;
+    let msg_id = next_msg_id();
+    let bytes = write_envelope(&Fields {
+        version: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
+        msg_id,
+        kind,
+        method,
+        context,
+        deadline_ms,
+        payload: &payload,
+        budget_ms: deadline_ms.map(|deadline| deadline.saturating_sub(now_ms())),
+    });
+    Ok((msg_id, bytes))
+}
+
+/// The frame acknowledging `ids` (as `Envelope::acks`): the first id in `msg_id`, the others
+/// as a list in the payload.
+pub(crate) fn encode_acks(ids: &[Uuid]) -> Result<Vec<u8>, ProtoError> {
+    let Some((first, others)) = ids.split_first() else {
+        return Err(ProtoError::Encode("an ack for no message".into()));
+    };
+    let mut payload = Vec::new();
+    if !others.is_empty() {
+        payload.reserve(5 + others.len() * 18);
+        wire::put_array_len(&mut payload, others.len());
+        for id in others {
+            wire::put_bin(&mut payload, id.as_bytes());
+        }
+    }
+    Ok(write_envelope(&Fields {
+        version: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
+        msg_id: *first,
+        kind: Kind::Ack,
+        method: "",
+        context: &RequestContext::default(),
+        deadline_ms: None,
+        payload: &payload,
+        budget_ms: None,
+    }))
+}
+
+/// The ids an ack's payload lists after its first.
+pub(crate) fn decode_ack_ids(payload: &[u8]) -> Result<Vec<Uuid>, ProtoError> {
+    let fast = || -> Option<Vec<Uuid>> {
+        let mut reader = Reader::new(payload);
+        let len = reader.array_len()?;
+        // Never trust a length from the wire for an allocation: each id takes 18 bytes.
+        let mut ids = Vec::with_capacity(len.min(payload.len() / 18));
+        for _ in 0..len {
+            ids.push(Uuid::from_slice(reader.bin()?).ok()?);
+        }
+        Some(ids)
+    };
+    match fast() {
+        Some(ids) => Ok(ids),
+        None => decode(payload),
+    }
+}
+
+/// Reads a frame of exactly the shape `write_envelope` writes (its keys in any order, each at
+/// most once, in the forms rmp-serde writes); None for anything else, which serde then reads
+/// or refuses. Never panics.
+fn read_envelope(bytes: &[u8]) -> Option<Envelope> {
+    let mut reader = Reader::new(bytes);
+    let fields = reader.map_len()?;
+    let mut seen = 0u8;
+    let (mut version, mut msg_id, mut kind, mut context) = (None, None, None, None);
+    let (mut method, mut payload, mut budget_ms) = (String::new(), Vec::new(), None);
+    for _ in 0..fields {
+        let bit = match reader.raw_str()? {
+            b"version" => 1,
+            b"msg_id" => 2,
+            b"kind" => 4,
+            b"method" => 8,
+            b"context" => 16,
+            b"payload" => 32,
+            b"budget_ms" => 64,
+            // A field of a newer minor version: serde skips it.
+            _ => return None,
+        };
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        match bit {
+            1 => {
+                if reader.array_len()? != 2 {
+                    return None;
+                }
+                let major = u16::try_from(reader.uint()?).ok()?;
+                let minor = u16::try_from(reader.uint()?).ok()?;
+                version = Some((major, minor));
+            }
+            2 => msg_id = Some(Uuid::from_slice(reader.bin()?).ok()?),
+            4 => kind = Some(Kind::from_name(reader.raw_str()?)?),
+            8 => method = reader.str()?.to_owned(),
+            16 => context = Some(read_context(&mut reader)?),
+            32 => payload = reader.bin()?.to_vec(),
+            _ => budget_ms = reader.opt_uint()?,
+        }
+    }
+    Some(Envelope {
+        version: version?,
+        msg_id: msg_id?,
+        kind: kind?,
+        method,
+        context: context?,
+        payload,
+        budget_ms,
+    })
+}
+
+fn read_context(reader: &mut Reader<'_>) -> Option<RequestContext> {
+    let fields = reader.map_len()?;
+    let mut seen = 0u8;
+    let mut request_id = None;
+    let mut context = RequestContext::default();
+    for _ in 0..fields {
+        let bit = match reader.raw_str()? {
+            b"request_id" => 1,
+            b"user_id" => 2,
+            b"project_id" => 4,
+            b"roles" => 8,
+            b"deadline_ms" => 16,
+            _ => return None,
+        };
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        match bit {
+            1 => request_id = Some(reader.str()?.to_owned()),
+            2 => context.user_id = reader.str()?.to_owned(),
+            4 => context.project_id = reader.str()?.to_owned(),
+            8 => {
+                let len = reader.array_len()?;
+                // Each role takes at least one byte, so a lying length fails before it costs.
+                let mut roles = Vec::with_capacity(len.min(16));
+                for _ in 0..len {
+                    roles.push(reader.str()?.to_owned());
+                }
+                context.roles = roles;
+            }
+            _ => context.deadline_ms = reader.opt_uint()?,
+        }
+    }
+    context.request_id = request_id?;
+    Some(context)
 }
 
 /// MessagePack with field names, so a newer peer's extra optional fields are ignored.
@@ -378,6 +641,126 @@ mod tests {
             Err(ProtoError::Version(v)) => assert_eq!(v, PROTOCOL_MAJOR + 1),
             other => panic!("expected a version error, got {other:?}"),
         }
+    }
+
+    /// Contexts and envelopes of every shape the fast path writes: empty and long strings,
+    /// many roles, with and without deadlines, small and large payloads.
+    fn samples() -> Vec<Envelope> {
+        let long = "x".repeat(300);
+        let mut out = Vec::new();
+        for (roles, deadline) in [(0, None), (1, Some(5)), (20, Some(u64::MAX))] {
+            for kind in [Kind::Cast, Kind::Call, Kind::Reply, Kind::Ack] {
+                let context = RequestContext {
+                    request_id: long.clone(),
+                    user_id: String::new(),
+                    project_id: "p".into(),
+                    roles: (0..roles).map(|i| format!("role-{i}")).collect(),
+                    deadline_ms: deadline,
+                };
+                let mut env = Envelope::request(kind, "m", &context, &vec![7u8; 70_000]).unwrap();
+                env.budget_ms = deadline.map(|d| d / 2);
+                out.push(env.clone());
+                env.payload.clear();
+                env.method = long.clone();
+                out.push(env);
+            }
+        }
+        out.push(Envelope::ack(next_msg_id()));
+        out
+    }
+
+    #[test]
+    fn the_fast_path_writes_what_serde_writes_and_reads_it_back() {
+        for env in samples() {
+            let bytes = env.to_bytes().unwrap();
+            assert_eq!(bytes, encode(&env).unwrap(), "{env:?}");
+            assert_eq!(read_envelope(&bytes), Some(env.clone()));
+            let serde: Envelope = decode(&bytes).unwrap();
+            assert_eq!(serde, env);
+        }
+        let ids: Vec<Uuid> = (0..20).map(|_| next_msg_id()).collect();
+        let fast = encode_acks(&ids).unwrap();
+        assert_eq!(fast, Envelope::acks(&ids).unwrap().to_bytes().unwrap());
+        let ack = Envelope::from_bytes(&fast).unwrap();
+        assert_eq!(decode_ack_ids(&ack.payload).unwrap(), ids[1..]);
+        assert_eq!(decode_ack_ids(&encode(&ids).unwrap()).unwrap(), ids);
+        assert!(decode_ack_ids(b"\x92\xc4\x01").is_err());
+    }
+
+    #[test]
+    fn a_request_is_written_with_its_own_deadline_and_no_copy_of_the_context() {
+        let context = ctx();
+        let (msg_id, bytes) =
+            encode_request(Kind::Cast, "m", &context, Some(now_ms() + 60_000), &()).unwrap();
+        let env = Envelope::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            (env.msg_id, env.kind, env.method.as_str()),
+            (msg_id, Kind::Cast, "m")
+        );
+        assert_eq!(env.context.request_id, context.request_id);
+        let left = env.context.deadline_ms.unwrap().saturating_sub(now_ms());
+        assert!((50_000..=60_000).contains(&left), "{left} ms left");
+    }
+
+    /// A newer minor version's envelope: extra fields, at the top and in the context, in
+    /// another order. The fast path leaves it to serde, which ignores what it does not know.
+    #[derive(Serialize)]
+    struct NewerContext {
+        trace_id: String,
+        request_id: String,
+        roles: Vec<String>,
+    }
+
+    #[derive(Serialize)]
+    struct NewerEnvelope {
+        priority: u8,
+        kind: Kind,
+        #[serde(with = "serde_bytes")]
+        msg_id: Vec<u8>,
+        version: (u16, u16),
+        context: NewerContext,
+        method: String,
+    }
+
+    #[test]
+    fn a_newer_minor_version_with_extra_fields_still_decodes() {
+        let id = next_msg_id();
+        let newer = NewerEnvelope {
+            priority: 3,
+            kind: Kind::Call,
+            msg_id: id.as_bytes().to_vec(),
+            version: (PROTOCOL_MAJOR, PROTOCOL_MINOR + 3),
+            context: NewerContext {
+                trace_id: "t".into(),
+                request_id: "req-9".into(),
+                roles: vec!["admin".into()],
+            },
+            method: "ping".into(),
+        };
+        let bytes = encode(&newer).unwrap();
+        assert_eq!(read_envelope(&bytes), None, "left to serde");
+        let env = Envelope::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            (env.msg_id, env.kind, env.method.as_str()),
+            (id, Kind::Call, "ping")
+        );
+        assert_eq!(env.context.request_id, "req-9");
+        assert!(env.context.is_admin());
+        assert!(env.payload.is_empty());
+    }
+
+    #[test]
+    fn truncated_and_duplicated_frames_are_errors_on_both_paths() {
+        let bytes = samples()[2].to_bytes().unwrap();
+        for cut in 0..bytes.len().min(200) {
+            assert!(Envelope::from_bytes(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        // The same key twice: serde refuses it, so the fast path must not take it.
+        let mut twice = bytes.clone();
+        twice[0] = 0x88;
+        twice.extend_from_slice(b"\xa4kind\xa4cast");
+        assert_eq!(read_envelope(&twice), None);
+        assert!(Envelope::from_bytes(&twice).is_err());
     }
 
     #[test]

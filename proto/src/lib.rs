@@ -6,11 +6,13 @@
 
 pub mod curve;
 pub mod envelope;
+mod hash;
 pub mod messages;
 pub mod metrics;
 pub mod peers;
 pub mod service;
 pub mod transport;
+mod wire;
 
 pub use curve::CurveConfig;
 pub use envelope::{new_request_id, Envelope, Kind, RemoteError, RequestContext};

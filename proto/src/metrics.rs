@@ -6,7 +6,6 @@
 //!
 //! The messaging metrics live here, in [`RpcMetrics`], so every service has them.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -418,7 +417,7 @@ struct RpcInner {
     calls_in_flight: Gauge,
     /// Every method of the three surfaces; anything else a peer sends counts as `other`, so
     /// a stray or hostile peer cannot grow the label sets.
-    methods: HashMap<&'static str, MethodCounters>,
+    methods: crate::hash::FastMap<&'static str, MethodCounters>,
     other: MethodCounters,
 }
 

@@ -14,8 +14,10 @@ use uuid::Uuid;
 
 use crate::curve::{self, CurveConfig, CurveKeys, Key};
 use crate::envelope::{
-    decode, encode, Envelope, Header, Kind, RemoteError, ReplyBody, RequestContext, PROTOCOL_MAJOR,
+    decode, decode_ack_ids, encode, encode_acks, encode_request, now_ms, write_envelope, Envelope,
+    Fields, Header, Kind, RemoteError, ReplyBody, RequestContext, PROTOCOL_MAJOR,
 };
+use crate::hash::FastMap;
 use crate::messages::Method;
 use crate::metrics::{DroppedFrame, RpcMetrics};
 use crate::ProtoError;
@@ -140,7 +142,8 @@ impl Waiter {
 /// A request waiting for its ack or reply, the peer it goes to, its method (for the metrics)
 /// and the connection (DEALER) it went out on once the I/O thread has sent it.
 struct Pending {
-    endpoint: String,
+    /// Shared with the command that sends it: one allocation per request, not two.
+    endpoint: Arc<str>,
     method: &'static str,
     waiter: Waiter,
     connection: Option<u64>,
@@ -149,16 +152,16 @@ struct Pending {
 /// The requests waiting for an answer, and how many wait on each peer (and in all, in the
 /// metrics' gauges).
 struct PendingTable {
-    requests: HashMap<Uuid, Pending>,
-    per_peer: HashMap<String, usize>,
+    requests: FastMap<Uuid, Pending>,
+    per_peer: FastMap<Arc<str>, usize>,
     metrics: RpcMetrics,
 }
 
 impl PendingTable {
     fn new(metrics: RpcMetrics) -> Self {
         PendingTable {
-            requests: HashMap::new(),
-            per_peer: HashMap::new(),
+            requests: FastMap::default(),
+            per_peer: FastMap::default(),
             metrics,
         }
     }
@@ -168,7 +171,12 @@ impl PendingTable {
     }
 
     fn insert(&mut self, msg_id: Uuid, pending: Pending) {
-        *self.per_peer.entry(pending.endpoint.clone()).or_default() += 1;
+        match self.per_peer.get_mut(&pending.endpoint) {
+            Some(count) => *count += 1,
+            None => {
+                self.per_peer.insert(pending.endpoint.clone(), 1);
+            }
+        }
         self.metrics.waiting(pending.waiter.kind()).inc();
         if let Some(replaced) = self.requests.insert(msg_id, pending) {
             self.uncount(&replaced);
@@ -203,10 +211,10 @@ impl PendingTable {
 
     fn uncount(&mut self, pending: &Pending) {
         self.metrics.waiting(pending.waiter.kind()).dec();
-        if let Some(count) = self.per_peer.get_mut(&pending.endpoint) {
+        if let Some(count) = self.per_peer.get_mut(&*pending.endpoint) {
             *count -= 1;
             if *count == 0 {
-                self.per_peer.remove(&pending.endpoint);
+                self.per_peer.remove(&*pending.endpoint);
             }
         }
     }
@@ -227,17 +235,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct PendingGuard<'a> {
     pending: &'a PendingMap,
     msg_id: Uuid,
+    armed: bool,
+}
+
+impl PendingGuard<'_> {
+    /// The request was answered: whoever answered it took its entry out first, so dropping
+    /// the guard need not take the lock the I/O thread works under.
+    fn answered(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        lock(self.pending).remove(&self.msg_id);
+        if self.armed {
+            lock(self.pending).remove(&self.msg_id);
+        }
     }
 }
 /// What callers ask of the I/O thread.
 enum Command {
     Send {
-        endpoint: String,
+        endpoint: Arc<str>,
         msg_id: Uuid,
         method: &'static str,
         kind: Kind,
@@ -435,8 +454,20 @@ impl Incoming {
         });
     }
 
+    /// The reply frame: the request's id, method and context (as `Envelope::answer`), written
+    /// from the request without copying it.
     fn reply_bytes(&self, body: ReplyBody) -> Result<Vec<u8>, ProtoError> {
-        self.envelope.answer(Kind::Reply, encode(&body)?).to_bytes()
+        let envelope = &self.envelope;
+        Ok(write_envelope(&Fields {
+            version: (PROTOCOL_MAJOR, crate::envelope::PROTOCOL_MINOR),
+            msg_id: envelope.msg_id,
+            kind: Kind::Reply,
+            method: &envelope.method,
+            context: &envelope.context,
+            deadline_ms: envelope.context.deadline_ms,
+            payload: &encode(&body)?,
+            budget_ms: None,
+        }))
     }
 }
 
@@ -550,7 +581,7 @@ impl Rpc {
             options: options.clone(),
             router,
             zap,
-            dealers: HashMap::new(),
+            dealers: FastMap::default(),
             connections_opened: 0,
             curve,
             peer_keys: peer_keys.clone(),
@@ -619,16 +650,26 @@ impl Rpc {
         context: &RequestContext,
         args: &M,
     ) -> Result<(), ProtoError> {
-        let context = context.with_deadline_in(self.options.cast_timeout);
-        let envelope = Envelope::request(Kind::Cast, M::NAME, &context, args)?;
+        let deadline = deadline_in(context, self.options.cast_timeout);
+        let (msg_id, bytes) = encode_request(Kind::Cast, M::NAME, context, deadline, args)?;
         let (tx, mut rx) = oneshot::channel();
-        let _guard = self.send(endpoint, M::NAME, &envelope, Waiter::Ack(tx))?;
+        let guard = self.send(
+            endpoint,
+            M::NAME,
+            Kind::Cast,
+            msg_id,
+            bytes,
+            Waiter::Ack(tx),
+        )?;
         match tokio::time::timeout(self.options.cast_timeout, &mut rx).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => {
+                guard.answered();
+                result
+            }
             Ok(Err(_)) => Err(ProtoError::Closed),
             Err(_) => {
                 // Taking the entry out first means the I/O thread will not send it if it has not.
-                let Some(entry) = lock(&self.pending).remove(&envelope.msg_id) else {
+                let Some(entry) = lock(&self.pending).remove(&msg_id) else {
                     // The I/O thread finished it as the deadline passed: its answer is final.
                     // Its sender is about to send (or dropped, at shutdown).
                     return rx.await.unwrap_or(Err(ProtoError::Closed));
@@ -670,13 +711,21 @@ impl Rpc {
         context: &RequestContext,
         args: &M,
     ) -> Result<M::Reply, ProtoError> {
-        let context = context.with_deadline_in(self.options.call_timeout);
-        let envelope = Envelope::request(Kind::Call, M::NAME, &context, args)?;
+        let deadline = deadline_in(context, self.options.call_timeout);
+        let (msg_id, bytes) = encode_request(Kind::Call, M::NAME, context, deadline, args)?;
         let (tx, rx) = oneshot::channel();
         let sent = Instant::now();
-        let _guard = self.send(endpoint, M::NAME, &envelope, Waiter::Reply(tx))?;
+        let guard = self.send(
+            endpoint,
+            M::NAME,
+            Kind::Call,
+            msg_id,
+            bytes,
+            Waiter::Reply(tx),
+        )?;
         let body = match tokio::time::timeout(self.options.call_timeout, rx).await {
             Ok(Ok(result)) => {
+                guard.answered();
                 if result.is_ok() {
                     self.metrics.call_answered(M::NAME, sent.elapsed());
                 }
@@ -701,10 +750,11 @@ impl Rpc {
         &self,
         endpoint: &str,
         method: &'static str,
-        envelope: &Envelope,
+        kind: Kind,
+        msg_id: Uuid,
+        bytes: Vec<u8>,
         waiter: Waiter,
     ) -> Result<PendingGuard<'_>, ProtoError> {
-        let bytes = envelope.to_bytes()?;
         let limit = self.options.max_message_bytes;
         if bytes.len() as u64 > limit {
             return Err(ProtoError::TooLarge {
@@ -712,6 +762,7 @@ impl Rpc {
                 limit,
             });
         }
+        let shared_endpoint: Arc<str> = Arc::from(endpoint);
         {
             let mut pending = lock(&self.pending);
             let waiting = pending.waiting_on(endpoint);
@@ -725,24 +776,25 @@ impl Rpc {
                 });
             }
             let entry = Pending {
-                endpoint: endpoint.to_string(),
+                endpoint: shared_endpoint.clone(),
                 method,
                 waiter,
                 connection: None,
             };
-            pending.insert(envelope.msg_id, entry);
+            pending.insert(msg_id, entry);
         }
         let guard = PendingGuard {
             pending: &self.pending,
-            msg_id: envelope.msg_id,
+            msg_id,
+            armed: true,
         };
         // The queue to the I/O thread is unbounded (the in-flight limit bounds it per peer): it
         // refuses only once the thread is gone.
         self.commands.push(Command::Send {
-            endpoint: endpoint.to_string(),
-            msg_id: envelope.msg_id,
+            endpoint: shared_endpoint,
+            msg_id,
             method,
-            kind: envelope.kind,
+            kind,
             bytes,
         })?;
         Ok(guard)
@@ -820,7 +872,7 @@ struct IoThread {
     // Declared (so dropped) before `zap`, so no handshake is let in unchecked while closing.
     router: Option<zmq::Socket>,
     zap: Option<zmq::Socket>,
-    dealers: HashMap<String, Dealer>,
+    dealers: FastMap<String, Dealer>,
     connections_opened: u64,
     curve: Option<CurveKeys>,
     peer_keys: PeerKeys,
@@ -853,19 +905,21 @@ impl IoThread {
         }
         let _close_on_exit = CloseOnExit(self.commands.clone());
         loop {
-            if !self.drain_commands() {
-                break;
-            }
             let readable = match self.poll() {
                 Ok(readable) => readable,
                 // A signal woke the poll: nothing is wrong.
-                Err(zmq::Error::EINTR) => continue,
+                Err(zmq::Error::EINTR) => Vec::new(),
                 Err(e) => {
                     warn!(self.log, "zmq poll failed"; "error" => %e);
                     std::thread::sleep(Duration::from_millis(10));
-                    continue;
+                    Vec::new()
                 }
             };
+            // Commands before frames: what a caller asked before a frame arrived applies to
+            // it (a `stop_serving` followed by a request must see the request refused).
+            if !self.drain_commands() {
+                break;
+            }
             for source in readable {
                 match source {
                     Source::Commands => {}
@@ -897,23 +951,32 @@ impl IoThread {
             sources.push(Source::Zap);
             items.push(zap.as_poll_item(zmq::POLLIN));
         }
-        for (endpoint, dealer) in &self.dealers {
-            sources.push(Source::Dealer(endpoint.clone()));
+        let fixed = items.len();
+        for dealer in self.dealers.values() {
             items.push(dealer.socket.as_poll_item(zmq::POLLIN));
         }
         let polled = zmq::poll(&mut items, timeout);
         self.commands.sleeping.store(false, Ordering::SeqCst);
         polled?;
-        let flags: Vec<bool> = items.iter().map(|item| item.is_readable()).collect();
-        if flags.first() == Some(&true) {
+        if items[0].is_readable() {
             self.commands.reset_wake();
         }
-        Ok(sources
+        let mut readable: Vec<Source> = sources
             .into_iter()
-            .zip(flags)
-            .filter(|(_, readable)| *readable)
+            .zip(&items)
+            .filter(|(_, item)| item.is_readable())
             .map(|(s, _)| s)
-            .collect())
+            .collect();
+        // The map is not changed between building the items and here, so its order matches;
+        // only the endpoints with something to read are copied.
+        readable.extend(
+            self.dealers
+                .keys()
+                .zip(&items[fixed..])
+                .filter(|(_, item)| item.is_readable())
+                .map(|(endpoint, _)| Source::Dealer(endpoint.clone())),
+        );
+        Ok(readable)
     }
 
     /// Carries out every queued command; returns false when asked to stop.
@@ -980,7 +1043,7 @@ impl IoThread {
 
     fn send_to_peer(
         &mut self,
-        endpoint: String,
+        endpoint: Arc<str>,
         msg_id: Uuid,
         bytes: &[u8],
         method: &'static str,
@@ -990,6 +1053,7 @@ impl IoThread {
             Ok(true) => self.metrics.sent(method, kind),
             Ok(false) => {}
             Err(reason) => {
+                let endpoint = endpoint.to_string();
                 self.complete(msg_id, Err(ProtoError::Refused { endpoint, reason }));
             }
         }
@@ -1122,17 +1186,35 @@ impl IoThread {
         // Casts taken in this pass, by sender, acknowledged together at the end: under load one
         // ack frame answers many casts.
         let mut acks: Vec<(Vec<u8>, Vec<Uuid>)> = Vec::new();
+        // Received into these, reused, rather than into fresh vectors per frame.
+        let (mut first, mut second, mut extra) = (
+            zmq::Message::new(),
+            zmq::Message::new(),
+            zmq::Message::new(),
+        );
         let mut taken = 0;
         while taken < ACK_BATCH {
-            let Ok(frames) = router.recv_multipart(zmq::DONTWAIT) else {
+            if router.recv(&mut first, zmq::DONTWAIT).is_err() {
                 break;
-            };
+            }
             taken += 1;
-            let [identity, payload] = frames.as_slice() else {
+            // A request is two frames: the sender's identity (the ROUTER adds it) and the
+            // envelope. A message's frames arrive together, so the others are there already.
+            let mut parts = 1;
+            if first.get_more() && router.recv(&mut second, zmq::DONTWAIT).is_ok() {
+                parts = 2;
+                let mut more = second.get_more();
+                while more && router.recv(&mut extra, zmq::DONTWAIT).is_ok() {
+                    parts += 1;
+                    more = extra.get_more();
+                }
+            }
+            if parts != 2 {
                 self.metrics.dropped(DroppedFrame::Parts);
-                warn!(self.log, "frame with unexpected parts dropped"; "parts" => frames.len());
+                warn!(self.log, "frame with unexpected parts dropped"; "parts" => parts);
                 continue;
-            };
+            }
+            let (identity, payload): (&[u8], &[u8]) = (&first, &second);
             let envelope = match Envelope::from_bytes(payload) {
                 Ok(envelope) => envelope,
                 Err(ProtoError::Version(major)) => {
@@ -1200,7 +1282,7 @@ impl IoThread {
             let method = self.metrics.method_label(&envelope.method);
             let request = Incoming {
                 envelope,
-                identity: identity.clone(),
+                identity: identity.to_vec(),
                 commands: self.commands.clone(),
                 metrics: self.metrics.clone(),
                 max_message_bytes: self.options.max_message_bytes,
@@ -1211,9 +1293,9 @@ impl IoThread {
                 // is its reply.
                 Ok(()) if is_cast => {
                     self.metrics.sent(method, Kind::Ack);
-                    match acks.iter_mut().find(|(to, _)| to == identity) {
+                    match acks.iter_mut().find(|(to, _)| to.as_slice() == identity) {
                         Some((_, ids)) => ids.push(msg_id),
-                        None => acks.push((identity.clone(), vec![msg_id])),
+                        None => acks.push((identity.to_vec(), vec![msg_id])),
                     }
                 }
                 Ok(()) => {}
@@ -1226,7 +1308,7 @@ impl IoThread {
             }
         }
         for (identity, ids) in acks {
-            if let Ok(ack) = Envelope::acks(&ids).and_then(|e| e.to_bytes()) {
+            if let Ok(ack) = encode_acks(&ids) {
                 // Never block the I/O thread on a peer that does not read: it will time out.
                 if let Err(e) = router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT) {
                     debug!(self.log, "ack not delivered"; "error" => %e);
@@ -1241,12 +1323,14 @@ impl IoThread {
         };
         let mut answers = Vec::new();
         let mut refused = Vec::new();
-        while let Ok(bytes) = dealer.socket.recv_bytes(zmq::DONTWAIT) {
-            match Envelope::from_bytes(&bytes) {
+        let mut frame = zmq::Message::new();
+        while dealer.socket.recv(&mut frame, zmq::DONTWAIT).is_ok() {
+            let bytes: &[u8] = &frame;
+            match Envelope::from_bytes(bytes) {
                 Ok(envelope) => answers.push(envelope),
                 // A peer of another major version refusing what we sent: its header is the
                 // one part every version shares, so the request can end now.
-                Err(ProtoError::Version(major)) => match Header::peek(&bytes) {
+                Err(ProtoError::Version(major)) => match Header::peek(bytes) {
                     Some(header) if header.kind == Kind::Reply => refused.push((header, major)),
                     _ => {
                         self.metrics.dropped(DroppedFrame::Version);
@@ -1270,20 +1354,18 @@ impl IoThread {
         for envelope in answers {
             match envelope.kind {
                 Kind::Ack => {
-                    let answered = self.complete_ack(envelope.msg_id);
-                    self.count_answer(answered, Kind::Ack);
+                    let mut ids = Vec::new();
                     if !envelope.payload.is_empty() {
-                        match decode::<Vec<Uuid>>(&envelope.payload) {
-                            Ok(more) => more.into_iter().for_each(|id| {
-                                let answered = self.complete_ack(id);
-                                self.count_answer(answered, Kind::Ack);
-                            }),
+                        match decode_ack_ids(&envelope.payload) {
+                            Ok(more) => ids = more,
                             Err(e) => {
                                 self.metrics.dropped(DroppedFrame::Malformed);
                                 warn!(self.log, "malformed ack dropped"; "peer" => endpoint, "error" => %e)
                             }
                         }
                     }
+                    ids.push(envelope.msg_id);
+                    self.complete_acks(&ids);
                 }
                 Kind::Reply => {
                     let answered = match decode::<ReplyBody>(&envelope.payload) {
@@ -1309,26 +1391,42 @@ impl IoThread {
         }
     }
 
-    /// Ends the cast `msg_id` waits on; returns its method, or None if nobody waits for it.
-    fn complete_ack(&self, msg_id: Uuid) -> Option<&'static str> {
-        let mut pending = lock(&self.pending);
-        // A call's ack only says the peer is there; the caller keeps waiting for the reply.
-        if let Some(Pending {
-            waiter: Waiter::Ack(_),
-            ..
-        }) = pending.requests.get(&msg_id)
+    /// Ends the casts `ids` acknowledge, under one lock for the whole ack frame (one frame
+    /// answers up to ACK_BATCH casts, and their callers insert under the same lock); their
+    /// callers are woken after it is released.
+    fn complete_acks(&self, ids: &[Uuid]) {
+        let mut acked = Vec::with_capacity(ids.len());
         {
-            if let Some(Pending {
-                waiter: Waiter::Ack(tx),
-                method,
-                ..
-            }) = pending.remove(&msg_id)
-            {
-                let _ = tx.send(Ok(()));
-                return Some(method);
+            let mut pending = lock(&self.pending);
+            for id in ids {
+                // A call's ack only says the peer is there; the caller keeps waiting for the
+                // reply.
+                if !matches!(
+                    pending.requests.get(id),
+                    Some(Pending {
+                        waiter: Waiter::Ack(_),
+                        ..
+                    })
+                ) {
+                    continue;
+                }
+                if let Some(Pending {
+                    waiter: Waiter::Ack(tx),
+                    method,
+                    ..
+                }) = pending.remove(id)
+                {
+                    acked.push((tx, method));
+                }
             }
         }
-        None
+        for _ in acked.len()..ids.len() {
+            self.count_answer(None, Kind::Ack);
+        }
+        for (tx, method) in acked {
+            let _ = tx.send(Ok(()));
+            self.count_answer(Some(method), Kind::Ack);
+        }
     }
 
     /// Ends the request `msg_id` with `result`; returns its method, or None if nobody waits
@@ -1345,7 +1443,7 @@ impl IoThread {
             let result = match result {
                 Ok(ReplyBody::Err(err)) if REFUSALS.contains(&err.kind.as_str()) => {
                     Err(ProtoError::Refused {
-                        endpoint: entry.endpoint.clone(),
+                        endpoint: entry.endpoint.to_string(),
                         reason: err.to_string(),
                     })
                 }
@@ -1385,4 +1483,15 @@ fn finish(waiter: Waiter, result: Result<ReplyBody, ProtoError>) {
             });
         }
     }
+}
+
+/// The deadline a request to send carries: `timeout` from now, or the context's own if earlier
+/// (as `RequestContext::with_deadline_in`, without copying the context).
+fn deadline_in(context: &RequestContext, timeout: Duration) -> Option<u64> {
+    let deadline = now_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+    Some(
+        context
+            .deadline_ms
+            .map_or(deadline, |own| own.min(deadline)),
+    )
 }

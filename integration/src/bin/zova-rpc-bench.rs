@@ -25,6 +25,53 @@ struct Args {
     /// Casts in flight at once.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     in_flight: u32,
+    /// Run only this measurement (the other reports zeros): to profile one of them.
+    #[arg(long, value_enum)]
+    only: Option<Phase>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Casts,
+    Calls,
+}
+
+/// CPU time and context switches of the whole process so far: per operation, they show what a
+/// phase costs apart from how busy the host was (wall-clock figures move with other load; a
+/// context switch is a thread going to sleep, which a round trip pays for every hop).
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+}
+
+impl Usage {
+    fn now() -> Usage {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let time = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        Usage {
+            cpu: time(usage.ru_utime) + time(usage.ru_stime),
+            switches: (usage.ru_nvcsw.max(0) + usage.ru_nivcsw.max(0)) as u64,
+        }
+    }
+
+    /// CPU µs and context switches per operation since `self`.
+    fn per_op(self, ops: u64) -> (f64, f64) {
+        let now = Usage::now();
+        let ops = ops.max(1) as f64;
+        (
+            micros(now.cpu.saturating_sub(self.cpu)) / ops,
+            ((now.switches.saturating_sub(self.switches)) as f64 / ops * 100.0).round() / 100.0,
+        )
+    }
 }
 
 fn context() -> RequestContext {
@@ -76,6 +123,10 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let (client, _) = Rpc::start(log, None, client_options).map_err(|e| e.to_string())?;
     let client = Arc::new(client);
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
+    let phase = |phase: Phase| match args.only {
+        Some(only) if only != phase => Duration::ZERO,
+        _ => duration,
+    };
 
     // Warm up the connection.
     client
@@ -87,9 +138,15 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let acked = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let usage = Usage::now();
     let started = Instant::now();
     let mut casters = tokio::task::JoinSet::new();
-    for _ in 0..args.in_flight {
+    let casters_n = if phase(Phase::Casts).is_zero() {
+        0
+    } else {
+        args.in_flight
+    };
+    for _ in 0..casters_n {
         let (client, endpoint, acked, failed, stop) = (
             client.clone(),
             endpoint.clone(),
@@ -107,17 +164,20 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             }
         });
     }
-    tokio::time::sleep(duration).await;
+    tokio::time::sleep(phase(Phase::Casts)).await;
     stop.store(true, Ordering::Relaxed);
     let acked_in_time = acked.load(Ordering::Relaxed);
     let elapsed = started.elapsed();
+    let (cast_cpu_us, cast_switches) = usage.per_op(acked_in_time);
     while casters.join_next().await.is_some() {}
 
     // Calls, one at a time.
     let mut latencies = Vec::new();
     let context = context();
+    let usage = Usage::now();
     let started = Instant::now();
-    while started.elapsed() < duration {
+    let calls_for = phase(Phase::Calls);
+    while started.elapsed() < calls_for {
         let sent = Instant::now();
         client
             .call(&endpoint, &context, &Ping {})
@@ -125,6 +185,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             .map_err(|e| e.to_string())?;
         latencies.push(sent.elapsed());
     }
+    let (call_cpu_us, call_switches) = usage.per_op(latencies.len() as u64);
     latencies.sort();
 
     client.shutdown();
@@ -139,6 +200,10 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "call_p50_us": micros(percentile(&latencies, 0.5)),
         "call_p99_us": micros(percentile(&latencies, 0.99)),
         "call_max_us": micros(percentile(&latencies, 1.0)),
+        "cast_cpu_us": (cast_cpu_us * 100.0).round() / 100.0,
+        "cast_switches": cast_switches,
+        "call_cpu_us": (call_cpu_us * 100.0).round() / 100.0,
+        "call_switches": call_switches,
         "served": served.load(Ordering::Relaxed),
     }))
 }
