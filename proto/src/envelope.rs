@@ -775,4 +775,49 @@ mod tests {
         let back: ReplyBody = decode(&encode(&err).expect("encode")).expect("decode");
         assert_eq!(back, err);
     }
+
+    /// The samples' frames, encoded once for all the property cases.
+    static SAMPLE_FRAMES: std::sync::LazyLock<Vec<Vec<u8>>> = std::sync::LazyLock::new(|| {
+        samples()
+            .iter()
+            .map(|env| env.to_bytes().expect("bytes"))
+            .collect()
+    });
+
+    proptest::proptest! {
+        /// The hand-written reader may only ever agree with serde: on any frame (valid ones
+        /// with bytes flipped, cut or appended, and pure noise) it either declines, or reads
+        /// exactly what serde reads. It never panics.
+        #[test]
+        fn the_fast_reader_agrees_with_serde_on_mutated_frames(
+            sample in 0usize..25,
+            flips in proptest::collection::vec((0usize..100_000, proptest::prelude::any::<u8>()), 0..4),
+            cut in proptest::option::of(0usize..100_000),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+        ) {
+            let mut bytes = SAMPLE_FRAMES[sample % SAMPLE_FRAMES.len()].clone();
+            for (at, value) in flips {
+                let len = bytes.len();
+                bytes[at % len] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            bytes.extend(tail);
+            if let Some(fast) = read_envelope(&bytes) {
+                let serde: Result<Envelope, _> = decode(&bytes);
+                proptest::prop_assert_eq!(serde.ok(), Some(fast));
+            }
+            let _ = Envelope::from_bytes(&bytes);
+        }
+
+        #[test]
+        fn noise_is_never_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Some(fast) = read_envelope(&bytes) {
+                let serde: Result<Envelope, _> = decode(&bytes);
+                proptest::prop_assert_eq!(serde.ok(), Some(fast));
+            }
+            let _ = Envelope::from_bytes(&bytes);
+        }
+    }
 }
