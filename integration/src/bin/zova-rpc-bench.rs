@@ -1,6 +1,7 @@
 //! Measures the messaging layer on loopback: one client `Rpc`, one server `Rpc`, small messages.
 //! Acknowledged casts per second with many in flight (pipelined), then call round trips one at a
-//! time (p50/p99). The last line is one JSON object for scripts.
+//! time (p50/p99), then bare ZeroMQ round trips for scale. The last line is one JSON object for
+//! scripts.
 //!
 //!     cargo run --release -p integration --bin zova-rpc-bench -- --seconds 5 [--curve]
 
@@ -16,7 +17,7 @@ use proto::{CurveConfig, Method, Ping, RequestContext, Rpc, RpcOptions};
 #[derive(Debug, Parser)]
 #[command(about = "Time Zova's acknowledged casts and call round trips over loopback ZeroMQ")]
 struct Args {
-    /// Seconds for each of the two measurements.
+    /// Seconds for each of the three measurements (casts, calls, bare ZeroMQ).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// CURVE on both sockets (the server trusts only the client's key).
@@ -34,6 +35,54 @@ struct Args {
 enum Phase {
     Casts,
     Calls,
+    /// Bare ZeroMQ, no Zova code: the floor under a call's round trip on this machine.
+    Zmq,
+}
+
+/// Round trips of bare ZeroMQ over loopback TCP, one at a time, between this thread (a DEALER)
+/// and an echoing thread (a ROUTER): what a call would cost if Zova added nothing. A call adds
+/// the hand-overs between the caller's task, the I/O threads and the serving task.
+fn zmq_floor(duration: Duration) -> Result<Vec<Duration>, String> {
+    let zmq_err = |e: zmq::Error| e.to_string();
+    let context = zmq::Context::new();
+    let router = context.socket(zmq::ROUTER).map_err(zmq_err)?;
+    router.set_linger(0).map_err(zmq_err)?;
+    router.bind("tcp://127.0.0.1:*").map_err(zmq_err)?;
+    let endpoint = router
+        .get_last_endpoint()
+        .map_err(zmq_err)?
+        .map_err(|_| "the ROUTER's endpoint is not UTF-8".to_string())?;
+    let echo = std::thread::spawn(move || {
+        // Ends when the client's "stop" arrives (or the socket fails).
+        while let Ok(frames) = router.recv_multipart(0) {
+            let stop = frames.last().is_some_and(|f| f == b"stop");
+            if router.send_multipart(frames, 0).is_err() || stop {
+                break;
+            }
+        }
+    });
+    let dealer = context.socket(zmq::DEALER).map_err(zmq_err)?;
+    dealer.set_linger(0).map_err(zmq_err)?;
+    dealer.connect(&endpoint).map_err(zmq_err)?;
+    let payload = [0u8; 64];
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let sent = Instant::now();
+        dealer.send(&payload[..], 0).map_err(zmq_err)?;
+        dealer.recv_bytes(0).map_err(zmq_err)?;
+        latencies.push(sent.elapsed());
+    }
+    dealer.send("stop", 0).map_err(zmq_err)?;
+    dealer.recv_bytes(0).map_err(zmq_err)?;
+    echo.join()
+        .map_err(|_| "the echo thread panicked".to_string())?;
+    // The first round trip pays for the connection.
+    if !latencies.is_empty() {
+        latencies.remove(0);
+    }
+    latencies.sort();
+    Ok(latencies)
 }
 
 /// CPU time and context switches of the whole process so far: per operation, they show what a
@@ -191,6 +240,11 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     client.shutdown();
     server.shutdown();
     let _ = serving.await;
+
+    let floor_for = phase(Phase::Zmq);
+    let floor = tokio::task::spawn_blocking(move || zmq_floor(floor_for))
+        .await
+        .map_err(|e| e.to_string())??;
     Ok(serde_json::json!({
         "curve": curve,
         "in_flight": args.in_flight,
@@ -205,6 +259,8 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "call_cpu_us": (call_cpu_us * 100.0).round() / 100.0,
         "call_switches": call_switches,
         "served": served.load(Ordering::Relaxed),
+        "zmq_floor_p50_us": micros(percentile(&floor, 0.5)),
+        "zmq_floor_p99_us": micros(percentile(&floor, 0.99)),
     }))
 }
 
