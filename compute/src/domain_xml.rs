@@ -29,6 +29,9 @@ pub struct DomainSpec {
     /// The instance's qcow2 disks in boot order (root, ephemeral, swap): `vda`, `vdb`, … on
     /// virtio. Empty gives a domain without a `<disk>` (the test hypervisor runs no guest).
     pub disks: Vec<String>,
+    /// How QEMU caches the disks: `none` (O_DIRECT, Nova's choice where the file system takes
+    /// it) or `writethrough` (where it does not).
+    pub disk_cache: DiskCache,
     /// `None` gives a domain without an `<interface>`.
     pub mac_address: Option<String>,
     /// The libvirt network of the interface when there is no bridge; with neither, the NIC is
@@ -43,6 +46,23 @@ pub struct DomainSpec {
     pub console_log: Option<String>,
     /// What Nova records in the domain's `<nova:instance>` block.
     pub metadata: InstanceMetadata,
+}
+
+/// The `<driver cache=…>` of the disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiskCache {
+    #[default]
+    None,
+    Writethrough,
+}
+
+impl DiskCache {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskCache::None => "none",
+            DiskCache::Writethrough => "writethrough",
+        }
+    }
 }
 
 /// Nova's `<nova:instance>` metadata: who owns the instance and what it was built from, so an
@@ -270,7 +290,7 @@ fn write_devices(w: &mut Writer<Vec<u8>>, spec: &DomainSpec, is_qemu: bool) -> i
                 w.create_element("driver")
                     .with_attribute(("name", "qemu"))
                     .with_attribute(("type", "qcow2"))
-                    .with_attribute(("cache", "none"))
+                    .with_attribute(("cache", spec.disk_cache.as_str()))
                     .write_empty()?;
                 w.create_element("source")
                     .with_attribute(("file", disk_path.as_str()))
@@ -428,6 +448,7 @@ mod tests {
             memory_mb: 512,
             domain_type: "test".into(),
             disks: vec!["/var/lib/zova/instances/instance-x/disk".into()],
+            disk_cache: DiskCache::None,
             mac_address: Some(mac_address_for(UUID)),
             network: None,
             bridge: None,
@@ -571,6 +592,16 @@ mod tests {
             "/var/lib/zova/instances/instance-x/disk"
         );
         assert_eq!(parsed.attrs["domain/devices/disk/driver"]["type"], "qcow2");
+        assert_eq!(parsed.attrs["domain/devices/disk/driver"]["cache"], "none");
+        let writethrough = DomainSpec {
+            disk_cache: DiskCache::Writethrough,
+            ..spec.clone()
+        };
+        let parsed_wt = parse(&domain_xml(&writethrough).unwrap());
+        assert_eq!(
+            parsed_wt.attrs["domain/devices/disk/driver"]["cache"],
+            "writethrough"
+        );
         assert_eq!(parsed.attrs["domain/devices/disk/target"]["dev"], "vda");
         assert_eq!(
             parsed.attrs["domain/devices/interface/mac"]["address"],

@@ -13,7 +13,7 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
 
-use crate::domain_xml::{domain_name_in, domain_xml, DomainSpec, InstanceMetadata};
+use crate::domain_xml::{domain_name_in, domain_xml, DiskCache, DomainSpec, InstanceMetadata};
 
 /// The node's size as libvirt reports it (before allocation ratios).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,6 +351,7 @@ fn kvm_check(conn: &Connect) -> Result<(), String> {
         memory_mb: 16,
         domain_type: "kvm".into(),
         disks: Vec::new(),
+        disk_cache: DiskCache::None,
         mac_address: None,
         network: None,
         bridge: None,
@@ -464,6 +465,7 @@ mod tests {
             memory_mb: 128,
             domain_type: "test".into(),
             disks: vec!["/var/lib/zova/instances/test/disk".into()],
+            disk_cache: DiskCache::None,
             network: None,
             bridge: None,
             display_name: "driver test <&>".into(),

@@ -41,7 +41,9 @@ use proto::{
     TerminateInstance, FIXED_IP_EXHAUSTED,
 };
 
-use domain_xml::{domain_xml, instance_name, instance_uuid_of, DomainSpec, InstanceMetadata};
+use domain_xml::{
+    domain_xml, instance_name, instance_uuid_of, DiskCache, DomainSpec, InstanceMetadata,
+};
 use driver::{DriverError, LibvirtDriver, VirtType};
 use power::{DomainSeen, PowerAction, StopStep, SyncAction};
 use tracker::{ResourceTracker, Usage};
@@ -373,6 +375,8 @@ struct Compute {
     rpc: Rpc,
     driver: Arc<LibvirtDriver>,
     capacity: Capacity,
+    /// `none` where `instances_path` takes O_DIRECT, else `writethrough`.
+    disk_cache: DiskCache,
     boot_timeout: Duration,
     shutdown_timeout: Duration,
     tracker: Mutex<ResourceTracker>,
@@ -450,6 +454,13 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
     let log = log.new(slog::o!("host" => config.compute.host.clone()));
     let metrics_server =
         proto::metrics::serve(&config.metrics, default_port::COMPUTE, registry, &log).await?;
+    let disk_cache = if disk::supports_direct_io(&config.compute.instances_path) {
+        DiskCache::None
+    } else {
+        warn!(log, "the instances path does not take O_DIRECT; disks use cache=writethrough";
+            "instances_path" => %config.compute.instances_path.display());
+        DiskCache::Writethrough
+    };
     let compute = Arc::new(Compute {
         log: log.clone(),
         conductors: Peers::new(config.rpc.conductor_endpoints()),
@@ -458,6 +469,7 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         rpc,
         driver,
         capacity,
+        disk_cache,
         boot_timeout,
         shutdown_timeout,
         tracker: Mutex::new(ResourceTracker::default()),
@@ -1418,6 +1430,7 @@ impl Compute {
             memory_mb: spec.flavor.memory_mb.max(1) as u64,
             domain_type: self.driver.domain_type().to_string(),
             disks: Vec::new(),
+            disk_cache: self.disk_cache,
             mac_address: Some(fixed_ip.mac),
             network: None,
             bridge: fixed_ip.bridge,

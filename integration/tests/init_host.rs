@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use compute::domain_xml::{domain_xml, instance_name, DomainSpec, InstanceMetadata};
+use compute::domain_xml::{domain_xml, instance_name, DiskCache, DomainSpec, InstanceMetadata};
 use compute::driver::LibvirtDriver;
 use compute::RunningDeletedAction;
 use db::InstanceChanges;
@@ -26,6 +26,7 @@ fn start_domain(driver: &LibvirtDriver, uuid: &str) {
         memory_mb: 128,
         domain_type: "test".into(),
         disks: Vec::new(),
+        disk_cache: DiskCache::None,
         mac_address: None,
         network: None,
         bridge: None,
