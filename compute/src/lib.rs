@@ -733,17 +733,7 @@ impl Compute {
         if self.observed_power_state(&name).await != Some(power_state::RUNNING) {
             return false;
         }
-        let active = InstanceUpdate {
-            uuid: instance.uuid.clone(),
-            state: Some(InstanceState {
-                vm_state: vm_state::ACTIVE.into(),
-                task_state: None,
-                power_state: power_state::RUNNING,
-            }),
-            launched: true,
-            expected_vm_state: Some(vm_state::BUILDING.into()),
-            ..Default::default()
-        };
+        let active = spawned(&instance.uuid);
         match self.record(context, &active).await {
             Ok(()) => {
                 warn!(self.log, "build interrupted by a restart after its domain started; resumed as ACTIVE"; "instance" => &instance.uuid);
@@ -1483,17 +1473,7 @@ impl Compute {
         let driver = self.driver.clone();
         blocking(move || driver.define_and_start(&xml)).await??;
         self.wait_until_running(&name).await?;
-        let active = InstanceUpdate {
-            uuid: uuid.clone(),
-            state: Some(InstanceState {
-                vm_state: vm_state::ACTIVE.into(),
-                task_state: None,
-                power_state: power_state::RUNNING,
-            }),
-            launched: true,
-            expected_vm_state: Some(vm_state::BUILDING.into()),
-            ..Default::default()
-        };
+        let active = spawned(&uuid);
         match self.record(context, &active).await.map_err(vanished_or_rpc) {
             Ok(()) => Ok(()),
             Err(e @ ComputeError::Vanished(_)) => Err(e),
@@ -1763,6 +1743,22 @@ impl Compute {
             }
             Err(e) => warn!(log, "instance action not finished"; "instance" => uuid, "error" => %e),
         }
+    }
+}
+
+/// The record of a build whose domain runs: ACTIVE and launched, only from `building` (a delete
+/// or an error recorded meanwhile wins).
+fn spawned(uuid: &str) -> InstanceUpdate {
+    InstanceUpdate {
+        uuid: uuid.to_owned(),
+        state: Some(InstanceState {
+            vm_state: vm_state::ACTIVE.into(),
+            task_state: None,
+            power_state: power_state::RUNNING,
+        }),
+        launched: true,
+        expected_vm_state: Some(vm_state::BUILDING.into()),
+        ..Default::default()
     }
 }
 

@@ -613,6 +613,53 @@ impl Fabric {
         }
     }
 
+    /// Polls the API until the server shows `status` with no task under way and returns it.
+    /// A server that goes to ERROR when something else is wanted is an error at once, with its
+    /// fault.
+    pub async fn wait_for_status(
+        &self,
+        id: &str,
+        status: &str,
+        limit: Duration,
+    ) -> Result<Value, FabricError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let shown = self.show_server(id).await?;
+            let server = shown.body["server"].clone();
+            if shown.status == StatusCode::OK
+                && server["status"] == status
+                && server["OS-EXT-STS:task_state"].is_null()
+            {
+                return Ok(server);
+            }
+            if server["status"] == "ERROR" && status != "ERROR" {
+                return Err(FabricError::Http(format!(
+                    "server {id} went to ERROR instead of {status}: {}",
+                    server["fault"]
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FabricError::Timeout(format!(
+                    "server {id} to reach {status} (last: {server})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// POSTs a server action (`{"os-stop": null}`, …); an answer other than 202 is an error.
+    pub async fn server_action(&self, id: &str, body: &Value) -> Result<(), FabricError> {
+        let path = format!("/v2.1/servers/{id}/action");
+        let answer = self.http(Method::POST, &path, Some(body)).await?;
+        if answer.status != StatusCode::ACCEPTED {
+            return Err(FabricError::Http(format!(
+                "{body} answered {}: {}",
+                answer.status, answer.body
+            )));
+        }
+        Ok(())
+    }
+
     /// Stops every service, API first, so no request is left half done.
     pub async fn stop(mut self) {
         while let Some((_, service)) = self.services.pop() {

@@ -393,38 +393,6 @@ async fn a_domain_destroyed_behind_zovas_back_fails_the_stop_and_nothing_else() 
     fabric.stop().await;
 }
 
-/// Polls the API until `uuid` shows `status` with no task under way; returns the server.
-async fn wait_for_status(fabric: &Fabric, uuid: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let shown = fabric.show_server(uuid).await.expect("show");
-        let server = shown.body["server"].clone();
-        if server["status"] == status && server["OS-EXT-STS:task_state"].is_null() {
-            return server;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server {uuid} never reached {status}: {server}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// POSTs a server action (`{"os-stop": null}`, …) and checks the API accepted it.
-async fn act(fabric: &Fabric, uuid: &str, body: Value) {
-    let path = format!("/v2.1/servers/{uuid}/action");
-    let answer = fabric
-        .http(Method::POST, &path, Some(&body))
-        .await
-        .expect("answered");
-    assert_eq!(
-        answer.status,
-        StatusCode::ACCEPTED,
-        "{body}: {}",
-        answer.body
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_power_state_sync_corrects_domains_changed_behind_zovas_back() {
     let syncing_host = HostSpec {
@@ -440,16 +408,31 @@ async fn the_power_state_sync_corrects_domains_changed_behind_zovas_back() {
 
     // Shut off behind Zova's back: the sync records the server stopped, its domain kept.
     driver.power_off(&name).expect("powered off");
-    let server = wait_for_status(&fabric, &uuid, "SHUTOFF").await;
+    let server = fabric
+        .wait_for_status(&uuid, "SHUTOFF", LIMIT)
+        .await
+        .expect("status");
     assert_eq!(server["OS-EXT-STS:power_state"], power_state::SHUTDOWN);
     assert_eq!(server["OS-EXT-STS:vm_state"], vm_state::STOPPED);
-    act(&fabric, &uuid, serde_json::json!({"os-start": null})).await;
-    let server = wait_for_status(&fabric, &uuid, "ACTIVE").await;
+    fabric
+        .server_action(&uuid, &serde_json::json!({"os-start": null}))
+        .await
+        .expect("action accepted");
+    let server = fabric
+        .wait_for_status(&uuid, "ACTIVE", LIMIT)
+        .await
+        .expect("status");
     assert_eq!(server["OS-EXT-STS:power_state"], power_state::RUNNING);
 
     // Started behind Zova's back while the user wants it stopped: the sync powers it off again.
-    act(&fabric, &uuid, serde_json::json!({"os-stop": null})).await;
-    wait_for_status(&fabric, &uuid, "SHUTOFF").await;
+    fabric
+        .server_action(&uuid, &serde_json::json!({"os-stop": null}))
+        .await
+        .expect("action accepted");
+    fabric
+        .wait_for_status(&uuid, "SHUTOFF", LIMIT)
+        .await
+        .expect("status");
     driver.power_on(&name).expect("started behind Zova's back");
     assert_eq!(
         driver.power_state(&name).expect("domain"),
@@ -461,14 +444,26 @@ async fn the_power_state_sync_corrects_domains_changed_behind_zovas_back() {
         })
         .await
         .expect("powered off by the sync");
-    let server = wait_for_status(&fabric, &uuid, "SHUTOFF").await;
+    let server = fabric
+        .wait_for_status(&uuid, "SHUTOFF", LIMIT)
+        .await
+        .expect("status");
     assert_eq!(server["OS-EXT-STS:power_state"], power_state::SHUTDOWN);
 
     // Removed behind Zova's back: the server goes to ERROR, says why, and holds nothing.
-    act(&fabric, &uuid, serde_json::json!({"os-start": null})).await;
-    wait_for_status(&fabric, &uuid, "ACTIVE").await;
+    fabric
+        .server_action(&uuid, &serde_json::json!({"os-start": null}))
+        .await
+        .expect("action accepted");
+    fabric
+        .wait_for_status(&uuid, "ACTIVE", LIMIT)
+        .await
+        .expect("status");
     driver.destroy_and_undefine(&name).expect("domain removed");
-    let server = wait_for_status(&fabric, &uuid, "ERROR").await;
+    let server = fabric
+        .wait_for_status(&uuid, "ERROR", LIMIT)
+        .await
+        .expect("status");
     let fault = server["fault"]["message"].as_str().unwrap_or_default();
     assert!(fault.contains("is gone from the hypervisor"), "{server}");
     fabric

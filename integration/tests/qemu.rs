@@ -72,41 +72,6 @@ async fn server_status(fabric: &Fabric, id: &str) -> (StatusCode, Value) {
     (answer.status, answer.body["server"].clone())
 }
 
-async fn wait_for_status(fabric: &Fabric, id: &str, wanted: &str) -> Value {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let (code, server) = server_status(fabric, id).await;
-        let status = server["status"].as_str().unwrap_or_default();
-        if code == StatusCode::OK && status == wanted && server["OS-EXT-STS:task_state"].is_null() {
-            return server;
-        }
-        assert!(
-            status != "ERROR",
-            "server {id} went to ERROR: {}",
-            server["fault"]
-        );
-        assert!(
-            Instant::now() < deadline,
-            "server {id} did not reach {wanted}: {server}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn act(fabric: &Fabric, id: &str, body: Value) {
-    let path = format!("/v2.1/servers/{id}/action");
-    let answer = fabric
-        .http(Method::POST, &path, Some(&body))
-        .await
-        .expect("answered");
-    assert_eq!(
-        answer.status,
-        StatusCode::ACCEPTED,
-        "{body}: {}",
-        answer.body
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_boot_on_real_qemu_and_leave_nothing_behind_when_deleted() {
     let driver = libvirtd();
@@ -187,7 +152,10 @@ async fn boot_stop_start_delete(
     });
     let started = Instant::now();
     let id = fabric.create_server(&body).await.expect("create accepted");
-    let server = wait_for_status(fabric, &id, "ACTIVE").await;
+    let server = fabric
+        .wait_for_status(&id, "ACTIVE", LIMIT)
+        .await
+        .expect("status");
     let boot_time = started.elapsed();
     assert_eq!(server["OS-EXT-SRV-ATTR:host"], host.name.as_str());
     let name = instance_name(&id);
@@ -245,15 +213,27 @@ async fn boot_stop_start_delete(
     );
 
     // Stop (the guest ignores ACPI, so the compute powers it off), then start again.
-    act(fabric, &id, json!({"os-stop": null})).await;
-    wait_for_status(fabric, &id, "SHUTOFF").await;
+    fabric
+        .server_action(&id, &json!({"os-stop": null}))
+        .await
+        .expect("action accepted");
+    fabric
+        .wait_for_status(&id, "SHUTOFF", LIMIT)
+        .await
+        .expect("status");
     assert_eq!(
         driver.power_state(&name).expect("domain state"),
         proto::power_state::SHUTDOWN
     );
     assert!(qemu_processes(&name).is_empty(), "QEMU exits on power-off");
-    act(fabric, &id, json!({"os-start": null})).await;
-    wait_for_status(fabric, &id, "ACTIVE").await;
+    fabric
+        .server_action(&id, &json!({"os-start": null}))
+        .await
+        .expect("action accepted");
+    fabric
+        .wait_for_status(&id, "ACTIVE", LIMIT)
+        .await
+        .expect("status");
     assert_eq!(
         driver.power_state(&name).expect("domain state"),
         proto::power_state::RUNNING
