@@ -156,10 +156,54 @@ impl Db {
         Ok(())
     }
 
+    /// How many rows (live and soft-deleted) the tables the compute API writes hold, in the
+    /// order of [`API_TABLES`]. Tests compare them around a refused request, which must change
+    /// nothing.
+    pub fn api_row_counts(&self) -> Result<Vec<i64>> {
+        use diesel::dsl::count_star;
+        let mut conn = self.conn()?;
+        Ok(vec![
+            schema::instances::table
+                .select(count_star())
+                .first(&mut conn)?,
+            schema::instance_actions::table
+                .select(count_star())
+                .first(&mut conn)?,
+            schema::key_pairs::table
+                .select(count_star())
+                .first(&mut conn)?,
+            schema::flavors::table
+                .select(count_star())
+                .first(&mut conn)?,
+            schema::flavor_extra_specs::table
+                .select(count_star())
+                .first(&mut conn)?,
+            schema::users::table.select(count_star()).first(&mut conn)?,
+            schema::projects::table
+                .select(count_star())
+                .first(&mut conn)?,
+            schema::quotas::table
+                .select(count_star())
+                .first(&mut conn)?,
+        ])
+    }
+
     fn conn(&self) -> Result<Conn> {
         self.pool.get().map_err(|e| DbError::Pool(e.to_string()))
     }
 }
+
+/// The tables [`Db::api_row_counts`] counts.
+pub const API_TABLES: [&str; 8] = [
+    "instances",
+    "instance_actions",
+    "key_pairs",
+    "flavors",
+    "flavor_extra_specs",
+    "users",
+    "projects",
+    "quotas",
+];
 
 /// The current time as stored in every timestamp column.
 fn now() -> NaiveDateTime {
