@@ -76,32 +76,7 @@ async fn a_restarted_compute_resumes_fails_reaps_and_leaves_alone_what_it_finds(
         start_domain(&driver, uuid);
     }
 
-    let before = fabric
-        .db
-        .service_get("node-1", compute::BINARY)
-        .expect("db")
-        .map(|s| s.rpc_endpoint);
-    fabric.start_compute(&host).await.expect("node-1 restarts");
-    let mut endpoint = None;
-    fabric
-        .wait_for("node-1 to register again", LIMIT, || {
-            endpoint = fabric
-                .db
-                .service_get("node-1", compute::BINARY)?
-                .map(|s| s.rpc_endpoint)
-                .filter(|e| Some(e) != before.as_ref());
-            Ok(endpoint.is_some())
-        })
-        .await
-        .expect("registered");
-    // A compute answers only once init_host is done.
-    let (rpc, _) = Rpc::start(test_log(), None, RpcOptions::default()).expect("rpc");
-    let context = RequestContext::internal("default");
-    let answer = rpc
-        .call(&endpoint.expect("endpoint"), &context, &Ping {})
-        .await
-        .expect("ping");
-    assert_eq!(answer, "node-1");
+    restart(&mut fabric, &host).await;
 
     let row = |uuid: &str| fabric.db.instance_get(uuid).expect("db").expect("row");
     let resumed = row(&spawned);
@@ -137,6 +112,70 @@ async fn a_restarted_compute_resumes_fails_reaps_and_leaves_alone_what_it_finds(
         .expect("node-1");
     assert_eq!((node.running_vms, node.memory_mb_used), (1, 512));
 
-    rpc.shutdown();
+    // The other actions, on two fresh orphans: log and noop leave them running, shutdown powers
+    // them off and keeps their definitions.
+    let orphans = [new_uuid(), new_uuid()];
+    let state = |uuid: &String| driver.power_state(&instance_name(uuid)).expect("state");
+    for (action, expected) in [
+        (RunningDeletedAction::Log, power_state::RUNNING),
+        (RunningDeletedAction::Noop, power_state::RUNNING),
+        (RunningDeletedAction::Shutdown, power_state::SHUTDOWN),
+    ] {
+        assert!(fabric.kill("node-1").await);
+        for uuid in &orphans {
+            if driver
+                .domain_names()
+                .expect("domains")
+                .contains(&instance_name(uuid))
+            {
+                continue;
+            }
+            start_domain(&driver, uuid);
+        }
+        let host = HostSpec {
+            running_deleted_instance_action: Some(action),
+            ..host.clone()
+        };
+        restart(&mut fabric, &host).await;
+        for uuid in &orphans {
+            assert_eq!(state(uuid), expected, "{action:?}");
+        }
+    }
+    for uuid in &orphans {
+        driver
+            .destroy_and_undefine(&instance_name(uuid))
+            .expect("cleaned up");
+    }
+
     fabric.stop().await;
+}
+
+/// Starts node-1 again and returns once it answers, which is after its init_host.
+async fn restart(fabric: &mut Fabric, host: &HostSpec) {
+    let before = fabric
+        .db
+        .service_get("node-1", compute::BINARY)
+        .expect("db")
+        .map(|s| s.rpc_endpoint);
+    fabric.start_compute(host).await.expect("node-1 restarts");
+    let mut endpoint = None;
+    fabric
+        .wait_for("node-1 to register again", LIMIT, || {
+            endpoint = fabric
+                .db
+                .service_get("node-1", compute::BINARY)?
+                .map(|s| s.rpc_endpoint)
+                .filter(|e| Some(e) != before.as_ref());
+            Ok(endpoint.is_some())
+        })
+        .await
+        .expect("registered");
+    let (rpc, _) = Rpc::start(test_log(), None, RpcOptions::default()).expect("rpc");
+    let context = RequestContext::internal("default");
+    let answer = rpc
+        .call(&endpoint.expect("endpoint"), &context, &Ping {})
+        .await
+        .expect("ping");
+    assert_eq!(answer, "node-1");
+    rpc.shutdown();
 }
