@@ -53,6 +53,11 @@ const POOL_SIZE: u32 = 8;
 /// How long a writer waits for SQLite's lock before giving up with "database is locked".
 const BUSY_TIMEOUT_MS: u32 = 5000;
 
+/// Tries of the open-time set-up when a concurrent opener holds SQLite's lock, and the pause
+/// between them.
+const OPEN_ATTEMPTS: u32 = 20;
+const OPEN_RETRY_DELAY: Duration = Duration::from_millis(50);
+
 /// How long a caller waits for a free pooled connection.
 const POOL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -134,11 +139,27 @@ impl Db {
 
         // Set up on one plain connection first: a bad path then fails at once with SQLite's
         // own reason, rather than after the pool's timeout with a generic one.
-        let mut conn =
-            SqliteConnection::establish(path).map_err(|e| connection_error(e.to_string()))?;
-        Pragmas::apply(&mut conn).map_err(|e| connection_error(e.to_string()))?;
-        migrate_and_seed(&mut conn)?;
-        drop(conn);
+        let set_up = || -> Result<()> {
+            let mut conn =
+                SqliteConnection::establish(path).map_err(|e| connection_error(e.to_string()))?;
+            Pragmas::apply(&mut conn).map_err(|e| connection_error(e.to_string()))?;
+            migrate_and_seed(&mut conn)
+        };
+        // Two openers of a fresh file can both ask to switch it to WAL; SQLite then fails one at
+        // once with "database is locked" rather than wait (the busy handler would deadlock).
+        // The switch is done by then, so trying again succeeds.
+        let mut attempts = 1;
+        loop {
+            match set_up() {
+                Err(e)
+                    if attempts < OPEN_ATTEMPTS && e.to_string().contains("database is locked") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(OPEN_RETRY_DELAY);
+                }
+                other => break other?,
+            }
+        }
 
         let pool = Pool::builder()
             .max_size(POOL_SIZE)
