@@ -511,6 +511,17 @@ mod tests {
         assert!(status.success());
     }
 
+    /// The files under a `_base` directory but its lock files, sorted.
+    fn base_files(base_dir: &Path) -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(base_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        files.sort();
+        files
+    }
+
     const IMAGE_ID: &str = "155d900f-4e14-4e4c-a73d-069cbf4541e6";
 
     fn no_image(root_gb: u64) -> DiskRequest<'static> {
@@ -586,12 +597,8 @@ mod tests {
             assert_eq!(info["backing-filename"], base.to_str().unwrap());
             assert_eq!(info["backing-filename-format"], "raw");
         }
-        let leftovers: Vec<_> = std::fs::read_dir(instances.join(BASE_DIR_NAME))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".part"))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let files = base_files(&instances.join(BASE_DIR_NAME));
+        assert!(!files.iter().any(|n| n.ends_with(".part")), "{files:?}");
     }
 
     #[test]
@@ -695,11 +702,7 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("not supported"), "{err}");
 
-        let cached: Vec<_> = std::fs::read_dir(&base_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".lock"))
-            .collect();
+        let cached = base_files(&base_dir);
         assert!(cached.is_empty(), "{cached:?}");
     }
 
@@ -729,11 +732,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("external data file"), "{err}");
-        let left: Vec<_> = std::fs::read_dir(&base_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".lock"))
-            .collect();
+        let left = base_files(&base_dir);
         assert!(left.is_empty(), "{left:?}");
     }
 
@@ -764,12 +763,7 @@ mod tests {
         for thread in threads {
             thread.join().unwrap().unwrap();
         }
-        let mut files: Vec<_> = std::fs::read_dir(instances.join(BASE_DIR_NAME))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".lock"))
-            .collect();
-        files.sort();
+        let files = base_files(&instances.join(BASE_DIR_NAME));
         let mut expected = vec![
             hex_sha256(IMAGE_ID),
             "ephemeral_1_ext4".to_string(),
