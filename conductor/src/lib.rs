@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use slog::{info, warn, Logger};
@@ -34,6 +35,43 @@ pub struct Config {
     pub rpc: RpcConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub conductor: ConductorConfig,
+}
+
+/// `[conductor]`: the periodic check that ends what a dead service left half done.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConductorConfig {
+    /// Seconds a build may take, from its creation, before the conductor puts it in ERROR
+    /// (Nova's `instance_build_timeout`). A stop, start, reboot or delete untouched for as long
+    /// has its task cleared. 0 turns the check off.
+    pub build_timeout: f64,
+    /// Seconds between two checks.
+    pub stuck_check_interval: f64,
+}
+
+impl Default for ConductorConfig {
+    fn default() -> Self {
+        ConductorConfig {
+            build_timeout: 600.0,
+            stuck_check_interval: 30.0,
+        }
+    }
+}
+
+impl ConductorConfig {
+    /// (timeout, interval) of the stuck-task check, or None when it is off.
+    fn stuck_check(&self) -> Result<Option<(Duration, Duration)>, ConductorError> {
+        if self.build_timeout == 0.0 {
+            return Ok(None);
+        }
+        let timeout = proto::service::positive_seconds("build_timeout", self.build_timeout)
+            .map_err(ConductorError::Config)?;
+        let interval =
+            proto::service::positive_seconds("stuck_check_interval", self.stuck_check_interval)
+                .map_err(ConductorError::Config)?;
+        Ok(Some((timeout, interval)))
+    }
 }
 
 #[derive(Debug, clap::Parser)]
@@ -98,6 +136,9 @@ struct ConductorMetrics {
     /// Instances a compute refused: sent back to a scheduler, put in ERROR, or not rescheduled
     /// because they were deleted or no longer building meanwhile.
     reschedules: [Counter; 3],
+    /// What the stuck-task check ended: builds put in ERROR, other tasks cleared.
+    stuck_builds_ended: Counter,
+    stuck_tasks_cleared: Counter,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,16 +162,25 @@ impl ConductorMetrics {
             "Instances a compute refused: sent to a scheduler again, put in ERROR, or skipped (deleted or no longer building)",
             ["scheduled", "failed", "skipped"],
         );
+        let [stuck_builds_ended, stuck_tasks_cleared] = outcome_counters(
+            registry,
+            "zova_conductor_stuck_tasks",
+            "Instances the stuck-task check found past build_timeout: builds put in ERROR, other tasks cleared",
+            ["build_ended", "task_cleared"],
+        );
         ConductorMetrics {
             builds_scheduled,
             builds_failed,
             reschedules,
+            stuck_builds_ended,
+            stuck_tasks_cleared,
         }
     }
 }
 
 /// Opens the database, binds `[rpc] conductor` and serves until stopped.
 pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ConductorError> {
+    let stuck_check = config.conductor.stuck_check()?;
     let url = config.database.url.clone();
     let db = tokio::task::spawn_blocking(move || Db::open(&url))
         .await
@@ -157,6 +207,14 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
         metrics,
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    let checker = stuck_check.map(|(timeout, interval)| {
+        info!(conductor.log, "stuck-task check on"; "build_timeout_s" => timeout.as_secs_f64(), "interval_s" => interval.as_secs_f64());
+        tokio::spawn(
+            conductor
+                .clone()
+                .check_stuck_tasks(timeout, interval, stop_rx.clone()),
+        )
+    });
     let task = tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
         loop {
@@ -175,6 +233,10 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
         conductor.rpc.stop_serving();
         while let Some(request) = incoming.recv().await {
             tasks.spawn(conductor.clone().dispatch(request));
+        }
+        if let Some(checker) = checker {
+            // It only stops between two passes; a pass is short and each of its updates whole.
+            let _ = checker.await;
         }
         let abandoned = finish_in_flight(&mut tasks).await;
         if abandoned > 0 {
@@ -327,6 +389,33 @@ impl Conductor {
                 .await
             }
             ConductorApi::Ping(_) => request.reply::<Ping>(Ok(BINARY.to_string())),
+        }
+    }
+
+    /// Every `interval`, ends what has been in a transitional state longer than `timeout`:
+    /// after a service died (kill -9, a lost host), nothing else would.
+    async fn check_stuck_tasks(
+        self: Arc<Self>,
+        timeout: Duration,
+        interval: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopped(&mut stop) => return,
+                _ = ticks.tick() => {}
+            }
+            let (db, log) = (self.db.clone(), self.log.clone());
+            match tokio::task::spawn_blocking(move || end_stuck_tasks(&db, &log, timeout)).await {
+                Ok(Ok(ended)) => {
+                    self.metrics.stuck_builds_ended.inc_by(ended.builds);
+                    self.metrics.stuck_tasks_cleared.inc_by(ended.tasks);
+                }
+                Ok(Err(e)) => warn!(self.log, "stuck-task check failed"; "error" => %e),
+                Err(e) => warn!(self.log, "stuck-task check failed"; "error" => %e),
+            }
         }
     }
 
@@ -518,6 +607,76 @@ impl Conductor {
     }
 }
 
+/// What one pass of the stuck-task check ended.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct StuckEnded {
+    builds: u64,
+    tasks: u64,
+}
+
+/// One pass of the stuck-task check. A build created more than `timeout` ago goes to ERROR
+/// with a fault that names its last task; only while it still builds, so a compute finishing
+/// at that moment keeps its ACTIVE (and one finishing just after finds the ERROR and cleans
+/// up, as after a delete). Any other task untouched that long is cleared, so the instance
+/// takes actions again. Several conductors may run it at once: every change is conditional.
+fn end_stuck_tasks(db: &Db, log: &Logger, timeout: Duration) -> Result<StuckEnded, DbError> {
+    let mut ended = StuckEnded::default();
+    let age = chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+    let cutoff = chrono::Utc::now()
+        .naive_utc()
+        .checked_sub_signed(age)
+        .unwrap_or(chrono::NaiveDateTime::MIN);
+    let seconds = timeout.as_secs_f64();
+    for instance in db.instances_building_since_before(cutoff)? {
+        let task = instance.task_state.as_deref().unwrap_or("none");
+        let fault = NewFault {
+            instance_uuid: instance.uuid.clone(),
+            code: 500,
+            message: format!(
+                "Build of instance {} timed out after {seconds} s (in task {task}); set to error state.",
+                instance.uuid
+            ),
+            details: String::new(),
+            host: instance.host.clone(),
+        };
+        match db.instance_set_error_if_building(&instance.uuid, &fault) {
+            Ok(true) => {
+                ended.builds += 1;
+                warn!(log, "build timed out; instance set to error"; "instance" => &instance.uuid, "task_state" => task, "host" => instance.host.as_deref().unwrap_or("-"));
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(log, "could not end a stuck build"; "instance" => &instance.uuid, "error" => %e)
+            }
+        }
+    }
+    for instance in db.instances_in_task_since_before(cutoff)? {
+        let Some(task) = instance.task_state.as_deref() else {
+            continue;
+        };
+        let cleared = db.instance_update_expecting_task(
+            &instance.uuid,
+            &InstanceChanges {
+                task_state: Some(None),
+                ..Default::default()
+            },
+            Some(&instance.vm_state),
+            ExpectedTask::Is(task),
+        );
+        match cleared {
+            Ok(_) => {
+                ended.tasks += 1;
+                warn!(log, "task timed out and was cleared"; "instance" => &instance.uuid, "task_state" => task, "vm_state" => &instance.vm_state);
+            }
+            Err(DbError::Conflict(_) | DbError::NotFound { .. }) => {}
+            Err(e) => {
+                warn!(log, "could not clear a stuck task"; "instance" => &instance.uuid, "error" => %e)
+            }
+        }
+    }
+    Ok(ended)
+}
+
 /// The request spec for one instance, from its row and its image (as Nova's conductor builds it).
 fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<RequestSpec, DbError> {
     let instance = db.instance_get(uuid)?.ok_or_else(|| DbError::NotFound {
@@ -647,6 +806,136 @@ mod tests {
         };
         db.instance_create(&row, "req-create").expect("row");
         (dir, db)
+    }
+
+    /// Adds a row like `stopping`'s in another state.
+    fn add_instance(db: &Db, uuid: &str, vm: &str, task: Option<&str>) {
+        let mut row = db
+            .instance_get("i-1")
+            .expect("read")
+            .map(|i| db::NewInstance {
+                uuid: uuid.into(),
+                display_name: i.display_name,
+                project_id: i.project_id,
+                user_id: i.user_id,
+                flavorid: i.flavorid,
+                image_ref: i.image_ref,
+                vcpus: i.vcpus,
+                memory_mb: i.memory_mb,
+                root_gb: i.root_gb,
+                ephemeral_gb: i.ephemeral_gb,
+                swap_mb: i.swap_mb,
+                vm_state: String::new(),
+                task_state: None,
+                power_state: 0,
+                scheduler_hints: "{}".into(),
+                metadata: "{}".into(),
+                reservation_id: "r-2".into(),
+                launch_index: 0,
+                description: None,
+                key_name: None,
+                flavor_snapshot: "{}".into(),
+            })
+            .expect("i-1 exists");
+        row.vm_state = vm.into();
+        row.task_state = task.map(String::from);
+        db.instance_create(&row, "req-create").expect("row");
+    }
+
+    #[test]
+    fn the_stuck_task_check_ends_old_builds_and_clears_old_tasks_only() {
+        let (_dir, db) = stopping();
+        add_instance(&db, "scheduling", vm_state::BUILDING, Some("scheduling"));
+        add_instance(&db, "spawning", vm_state::BUILDING, Some("spawning"));
+        add_instance(&db, "idle", vm_state::ACTIVE, None);
+        let log = Logger::root(slog::Discard, slog::o!());
+
+        // Nothing is that old yet.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            end_stuck_tasks(&db, &log, hour).unwrap(),
+            StuckEnded::default()
+        );
+        assert_eq!(
+            db.instance_get("spawning").unwrap().unwrap().vm_state,
+            "building"
+        );
+
+        std::thread::sleep(Duration::from_millis(20));
+        let ended = end_stuck_tasks(&db, &log, Duration::from_millis(1)).unwrap();
+        assert_eq!(
+            ended,
+            StuckEnded {
+                builds: 2,
+                tasks: 1
+            }
+        );
+        for uuid in ["scheduling", "spawning"] {
+            let instance = db.instance_get(uuid).unwrap().unwrap();
+            assert_eq!(
+                (instance.vm_state.as_str(), instance.task_state),
+                ("error", None)
+            );
+            let fault = db.instance_fault_latest(uuid).unwrap().unwrap();
+            assert!(fault.message.contains("timed out"), "{}", fault.message);
+            assert!(
+                fault.message.contains(uuid),
+                "names its last task: {}",
+                fault.message
+            );
+        }
+        let stopped = db.instance_get("i-1").unwrap().unwrap();
+        assert_eq!(
+            (stopped.vm_state.as_str(), stopped.task_state),
+            ("active", None)
+        );
+        assert!(db.instance_fault_latest("i-1").unwrap().is_none());
+        let idle = db.instance_get("idle").unwrap().unwrap();
+        assert_eq!((idle.vm_state.as_str(), idle.task_state), ("active", None));
+
+        // A second pass (another conductor's) finds nothing left to end.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            end_stuck_tasks(&db, &log, Duration::from_millis(1)).unwrap(),
+            StuckEnded::default()
+        );
+    }
+
+    #[test]
+    fn the_example_configuration_reads_into_the_conductor_config() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/zova.toml");
+        let config: Config = proto::service::load_config(Some(&file)).expect("parses");
+        assert_eq!(
+            config.conductor.stuck_check().unwrap(),
+            Some((Duration::from_secs(600), Duration::from_secs(30)))
+        );
+    }
+
+    #[test]
+    fn the_stuck_task_check_is_off_at_zero_and_refuses_nonsense() {
+        let off = ConductorConfig {
+            build_timeout: 0.0,
+            ..Default::default()
+        };
+        assert!(off.stuck_check().unwrap().is_none());
+        let on = ConductorConfig::default().stuck_check().unwrap();
+        assert_eq!(
+            on,
+            Some((Duration::from_secs(600), Duration::from_secs(30)))
+        );
+        for (build_timeout, stuck_check_interval) in [
+            (-1.0, 30.0),
+            (f64::NAN, 30.0),
+            (600.0, 0.0),
+            (600.0, f64::INFINITY),
+        ] {
+            let config = ConductorConfig {
+                build_timeout,
+                stuck_check_interval,
+            };
+            let err = config.stuck_check().unwrap_err().to_string();
+            assert!(err.contains("must be a positive number"), "{err}");
+        }
     }
 
     fn stopped() -> InstanceUpdate {

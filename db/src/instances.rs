@@ -1,5 +1,6 @@
 //! Instances and their history (actions and faults).
 
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
 use crate::networks::release_fixed_ip;
@@ -259,6 +260,73 @@ impl Db {
         })
     }
 
+    /// Live builds created before `created_before`: what the conductor's stuck-build check
+    /// ends (Nova's `instance_build_timeout` counts from creation too).
+    pub fn instances_building_since_before(
+        &self,
+        created_before: NaiveDateTime,
+    ) -> Result<Vec<Instance>> {
+        let mut conn = self.conn()?;
+        Ok(instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::vm_state.eq("building"))
+            .filter(instances::created_at.lt(created_before))
+            .order(instances::id.asc())
+            .select(Instance::as_select())
+            .load(&mut conn)?)
+    }
+
+    /// Live instances outside a build whose task (a stop, start, reboot or delete) was last
+    /// touched before `touched_before`: a task whose service died with it.
+    pub fn instances_in_task_since_before(
+        &self,
+        touched_before: NaiveDateTime,
+    ) -> Result<Vec<Instance>> {
+        let mut conn = self.conn()?;
+        Ok(instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::vm_state.ne("building"))
+            .filter(instances::task_state.is_not_null())
+            .filter(
+                instances::updated_at
+                    .lt(touched_before)
+                    .or(instances::updated_at
+                        .is_null()
+                        .and(instances::created_at.lt(touched_before))),
+            )
+            .order(instances::id.asc())
+            .select(Instance::as_select())
+            .load(&mut conn)?)
+    }
+
+    /// As [`Db::instance_set_error`], but only while the instance is still `building`: false
+    /// (and nothing changed) when it is gone or finished its build meanwhile, so a build that
+    /// ends just as it is declared stuck keeps its outcome.
+    pub fn instance_set_error_if_building(&self, uuid: &str, fault: &NewFault) -> Result<bool> {
+        let mut conn = self.conn()?;
+        conn.immediate_transaction(|conn| {
+            let updated = diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid))
+                    .filter(instances::vm_state.eq("building")),
+            )
+            .set((
+                instances::vm_state.eq("error"),
+                instances::task_state.eq(None::<String>),
+                instances::updated_at.eq(now()),
+            ))
+            .execute(conn)?;
+            if updated == 0 {
+                return Ok(false);
+            }
+            insert_fault(conn, fault)?;
+            release_allocation(conn, uuid)?;
+            release_fixed_ip(conn, uuid)?;
+            Ok(true)
+        })
+    }
+
     /// Records a fault without changing the instance's state.
     pub fn instance_fault_create(&self, fault: &NewFault) -> Result<InstanceFault> {
         let mut conn = self.conn()?;
@@ -418,6 +486,88 @@ mod tests {
         );
         assert_eq!(action.start_time, created.created_at);
         assert_eq!(action.finish_time, None);
+    }
+
+    fn uuids(instances: Vec<Instance>) -> Vec<String> {
+        instances.into_iter().map(|i| i.uuid).collect()
+    }
+
+    #[test]
+    fn stuck_builds_are_found_by_age_and_ended_only_while_building() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("old", "p1"), "req-1")
+            .unwrap();
+        let mut done = new_instance("done", "p1");
+        done.vm_state = "active".into();
+        done.task_state = None;
+        db.instance_create(&done, "req-2").unwrap();
+        let past = now() - chrono::Duration::seconds(60);
+        let future = now() + chrono::Duration::seconds(60);
+        assert!(db.instances_building_since_before(past).unwrap().is_empty());
+        assert_eq!(
+            uuids(db.instances_building_since_before(future).unwrap()),
+            ["old"]
+        );
+
+        assert!(db
+            .instance_set_error_if_building("old", &fault("old"))
+            .unwrap());
+        let ended = db.instance_get("old").unwrap().unwrap();
+        assert_eq!((ended.vm_state.as_str(), ended.task_state), ("error", None));
+        assert_eq!(
+            db.instance_fault_latest("old").unwrap().unwrap().message,
+            "No valid host was found."
+        );
+        // Once ended, or never building, or gone: nothing changes and no fault is added.
+        assert!(!db
+            .instance_set_error_if_building("old", &fault("old"))
+            .unwrap());
+        assert!(!db
+            .instance_set_error_if_building("done", &fault("done"))
+            .unwrap());
+        assert!(!db
+            .instance_set_error_if_building("nobody", &fault("nobody"))
+            .unwrap());
+        assert_eq!(db.instance_get("done").unwrap().unwrap().vm_state, "active");
+        assert!(db.instance_fault_latest("done").unwrap().is_none());
+        assert!(db
+            .instances_building_since_before(future)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn tasks_outside_builds_are_found_by_their_last_touch() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("building", "p1"), "req-1")
+            .unwrap();
+        for (uuid, task) in [("stopping", Some("powering-off")), ("idle", None)] {
+            let mut row = new_instance(uuid, "p1");
+            row.vm_state = "active".into();
+            row.task_state = task.map(String::from);
+            db.instance_create(&row, "req-2").unwrap();
+        }
+        let past = now() - chrono::Duration::seconds(60);
+        let future = now() + chrono::Duration::seconds(60);
+        assert!(db.instances_in_task_since_before(past).unwrap().is_empty());
+        assert_eq!(
+            uuids(db.instances_in_task_since_before(future).unwrap()),
+            ["stopping"]
+        );
+        // A touch moves it out of the window that starts now.
+        let just_now = now();
+        db.instance_update(
+            "stopping",
+            &InstanceChanges {
+                power_state: Some(4),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(db
+            .instances_in_task_since_before(just_now)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
