@@ -149,6 +149,8 @@ pub struct FabricOptions {
     /// Every service serves `GET /metrics` on an ephemeral loopback port
     /// ([`Fabric::metrics_address`], [`Fabric::scrape`]).
     pub metrics: bool,
+    /// The conductor's `[conductor]` (its stuck-task check).
+    pub conductor: conductor::ConductorConfig,
 }
 
 impl Default for FabricOptions {
@@ -158,6 +160,7 @@ impl Default for FabricOptions {
             scheduler: scheduler::SchedulerConfig::default(),
             curve: false,
             metrics: false,
+            conductor: conductor::ConductorConfig::default(),
         }
     }
 }
@@ -384,6 +387,7 @@ impl Fabric {
                 database: database.clone(),
                 rpc: keys.apply("control", &rpc_config(any, &scheduler_endpoints)),
                 metrics: metrics.clone(),
+                conductor: options.conductor.clone(),
                 ..Default::default()
             },
             log.new(slog::o!("service" => "zova-conductor")),

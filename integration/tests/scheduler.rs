@@ -97,10 +97,18 @@ fn admin() -> RequestContext {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_schedulers_and_a_burst_of_500_creates_never_overcommit_a_host() {
-    let hosts = small_hosts(10);
+async fn two_schedulers_and_a_burst_of_1000_creates_on_20_hosts_never_overcommit() {
+    // Issue 10's burst: 1,000 creates on 20 small hosts, two schedulers racing. The stuck-build
+    // check runs as in production, with a timeout the burst must settle within: an instance
+    // it ended would show up below as an error without a "No valid host" fault.
+    let hosts = small_hosts(20);
+    let settle_limit = Duration::from_secs(120);
     let options = FabricOptions {
         schedulers: 2,
+        conductor: conductor::ConductorConfig {
+            build_timeout: settle_limit.as_secs_f64(),
+            stuck_check_interval: 1.0,
+        },
         ..Default::default()
     };
     let fabric = Arc::new(
@@ -108,7 +116,7 @@ async fn two_schedulers_and_a_burst_of_500_creates_never_overcommit_a_host() {
             .await
             .expect("fabric starts"),
     );
-    let creates = 500;
+    let creates = 1000;
     let concurrency = 50;
     let (next, ids) = (
         Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -136,7 +144,7 @@ async fn two_schedulers_and_a_burst_of_500_creates_never_overcommit_a_host() {
     }
     let uuids = ids.lock().expect("ids").clone();
     assert_eq!(uuids.len(), creates);
-    wait_until_settled(&fabric, &uuids, Duration::from_secs(120)).await;
+    wait_until_settled(&fabric, &uuids, settle_limit).await;
 
     let instances = fabric.db.instances_by_uuids(&uuids).expect("instances");
     let mut active_per_host: BTreeMap<String, i64> = BTreeMap::new();
@@ -158,7 +166,7 @@ async fn two_schedulers_and_a_burst_of_500_creates_never_overcommit_a_host() {
                 assert!(
                     fault
                         .message
-                        .starts_with("No valid host was found. 0/10 hosts in queue 'kvm'"),
+                        .starts_with("No valid host was found. 0/20 hosts in queue 'kvm'"),
                     "{}",
                     fault.message
                 );
@@ -166,17 +174,17 @@ async fn two_schedulers_and_a_burst_of_500_creates_never_overcommit_a_host() {
             other => panic!("instance {} ended {other}", instance.uuid),
         }
     }
-    // Ten hosts with room for two each: exactly twenty fit, no host holds more than two.
+    // Twenty hosts with room for two each: exactly forty fit, no host holds more than two.
     assert_eq!(
         active_per_host.values().sum::<i64>(),
-        20,
+        40,
         "{active_per_host:?}"
     );
     assert!(
         active_per_host.values().all(|&n| n <= 2),
         "{active_per_host:?}"
     );
-    assert_eq!(errors, creates - 20);
+    assert_eq!(errors, creates - 40);
     let placed = check_placed_within_capacity(&fabric);
     assert_eq!(
         placed, active_per_host,
