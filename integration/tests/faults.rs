@@ -18,10 +18,14 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use serde_json::Value;
 
-use integration::{http_request, issue_token, server_body, HttpResponse, ADMIN_PASSWORD};
+use integration::{
+    http_request, issue_token, server_body, with_hints, HttpResponse, ADMIN_PASSWORD,
+};
 
 /// Short, so the test sees the stuck-build check end what the kills leave behind.
 const BUILD_TIMEOUT_S: f64 = 6.0;
+/// A compute silent this long is down (heartbeats every second).
+const SERVICE_DOWN_TIME_S: u64 = 3;
 const HOSTS: [&str; 3] = ["node-1", "node-2", "node-3"];
 /// At most this many creates while each service kind is killed and restarted: all of them fit
 /// on the hosts (768 m1.tiny) and in the address pools, so every ERROR comes from a kill.
@@ -92,6 +96,7 @@ call_timeout_ms = 5000
 
 [api]
 listen = "{api_address}"
+service_down_time = {SERVICE_DOWN_TIME_S}
 
 [quota]
 instances = -1
@@ -100,6 +105,7 @@ ram = -1
 
 [scheduler]
 build_queue_period = 0.5
+service_down_time = {SERVICE_DOWN_TIME_S}
 
 [conductor]
 build_timeout = {BUILD_TIMEOUT_S}
@@ -181,6 +187,19 @@ report_interval = 1.0
         child.wait().expect("reaped");
     }
 
+    /// SIGSTOP or SIGCONT: a process that stops answering (a hung host, a full disk, a
+    /// paused VM) with its sockets still open, and its return.
+    fn signal(&self, name: &str, signal: libc::c_int) {
+        let child = self
+            .processes
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        let pid = libc::pid_t::try_from(child.id()).expect("pid");
+        // SAFETY: kill(2) on a child of this process, which has not been reaped.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "signal {signal} to {name}");
+    }
+
     /// Fails the test if a service exited on its own.
     fn check_alive(&mut self) {
         let exited = self
@@ -230,6 +249,39 @@ report_interval = 1.0
         )
         .await
         .ok()
+    }
+
+    /// A deployment with every service running, its admin bootstrapped, and an admin token.
+    async fn start_all() -> (Deployment, db::Db, String) {
+        let mut deployment = Deployment::new();
+        let db = deployment.db();
+        let hash = api::identity::hash_password(ADMIN_PASSWORD).expect("hash");
+        db.identity_bootstrap(&hash).expect("bootstrap");
+        // The seeded /24 holds 253 addresses; this pool takes the rest.
+        db.network_create("more", "172.16.0.0/16", "172.16.0.1", None)
+            .expect("network");
+        for name in ["scheduler-1", "scheduler-2", "conductor"] {
+            deployment.start(name);
+        }
+        for host in HOSTS {
+            deployment.start(host);
+        }
+        deployment.start("api");
+        deployment.wait_for_api().await;
+        deployment
+            .wait_until("every compute to report", Duration::from_secs(30), |db| {
+                let nodes = db.compute_nodes().map_err(|e| e.to_string())?.len();
+                (nodes == HOSTS.len())
+                    .then_some(())
+                    .ok_or(format!("{nodes} nodes"))
+            })
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let token = issue_token(&deployment.api_address, "admin", ADMIN_PASSWORD, "admin")
+            .await
+            .expect("token");
+
+        (deployment, db, token)
     }
 
     /// Waits until the API answers again after a (re)start.
@@ -428,33 +480,7 @@ fn books_balance(db: &db::Db) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_each_service_kind_during_a_burst_and_nothing_stays_stuck_or_leaks() {
-    let mut deployment = Deployment::new();
-    let db = deployment.db();
-    let hash = api::identity::hash_password(ADMIN_PASSWORD).expect("hash");
-    db.identity_bootstrap(&hash).expect("bootstrap");
-    // The seeded /24 holds 253 addresses; this pool takes the rest.
-    db.network_create("more", "172.16.0.0/16", "172.16.0.1", None)
-        .expect("network");
-    for name in ["scheduler-1", "scheduler-2", "conductor"] {
-        deployment.start(name);
-    }
-    for host in HOSTS {
-        deployment.start(host);
-    }
-    deployment.start("api");
-    deployment.wait_for_api().await;
-    deployment
-        .wait_until("every compute to report", Duration::from_secs(30), |db| {
-            let nodes = db.compute_nodes().map_err(|e| e.to_string())?.len();
-            (nodes == HOSTS.len())
-                .then_some(())
-                .ok_or(format!("{nodes} nodes"))
-        })
-        .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let token = issue_token(&deployment.api_address, "admin", ADMIN_PASSWORD, "admin")
-        .await
-        .expect("token");
+    let (mut deployment, db, token) = Deployment::start_all().await;
 
     let mut accepted = 0;
     for (round, victim) in [
@@ -591,5 +617,175 @@ async fn kill_nine_each_service_kind_during_a_burst_and_nothing_stays_stuck_or_l
             },
         )
         .await;
+    deployment.check_alive();
+}
+
+/// The `state` of `host`'s compute service in `GET /os-services`.
+async fn compute_state(deployment: &Deployment, token: &str, host: &str) -> Option<String> {
+    let services = deployment
+        .http(token, Method::GET, "/v2.1/os-services", None)
+        .await?;
+    services.body["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["host"] == host && s["binary"] == "zova-compute")
+        .and_then(|s| s["state"].as_str())
+        .map(str::to_string)
+}
+
+/// Creates `count` servers with `hints`; returns the ids of those accepted.
+async fn create_many(
+    deployment: &Deployment,
+    token: &str,
+    name: &str,
+    count: usize,
+    hints: Value,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let body = with_hints(&format!("{name}-{n}"), "1", hints.clone());
+        let created = deployment
+            .http(token, Method::POST, "/v2.1/servers", Some(&body))
+            .await
+            .expect("the API answers");
+        assert_eq!(created.status, StatusCode::ACCEPTED, "{}", created.body);
+        ids.push(
+            created.body["server"]["id"]
+                .as_str()
+                .expect("id")
+                .to_string(),
+        );
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_that_stops_answering_is_marked_down_gets_no_work_and_builds_nothing_late() {
+    let (mut deployment, db, token) = Deployment::start_all().await;
+    let on_node_2 = serde_json::json!({"scheduler_host": "node-2"});
+    let warm = create_many(&deployment, &token, "warm", 1, on_node_2.clone()).await;
+    deployment
+        .wait_until(
+            "the first server ACTIVE on node-2",
+            Duration::from_secs(30),
+            |db| {
+                let vm = db
+                    .instance_get(&warm[0])
+                    .map_err(|e| e.to_string())?
+                    .map(|i| i.vm_state);
+                (vm.as_deref() == Some("active"))
+                    .then_some(())
+                    .ok_or(format!("{vm:?}"))
+            },
+        )
+        .await;
+
+    deployment.signal("node-2", libc::SIGSTOP);
+    // Work sent while nobody knows yet: forced onto node-2, and placed by the scheduler.
+    let forced = create_many(&deployment, &token, "forced", 3, on_node_2.clone()).await;
+    let placed = create_many(&deployment, &token, "placed", 15, serde_json::json!({})).await;
+    let limit = Duration::from_secs(SERVICE_DOWN_TIME_S + 10);
+    let deadline = tokio::time::Instant::now() + limit;
+    while compute_state(&deployment, &token, "node-2")
+        .await
+        .as_deref()
+        != Some("down")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-2 is not reported down:\n{}",
+            deployment.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let later = create_many(&deployment, &token, "later", 15, serde_json::json!({})).await;
+    let settle = Duration::from_secs_f64(BUILD_TIMEOUT_S * 2.0 + 10.0);
+    deployment
+        .wait_until(
+            "nothing transitional while node-2 is frozen",
+            settle,
+            transitional,
+        )
+        .await;
+    for uuid in &forced {
+        let instance = db.instance_get(uuid).expect("read").expect("live");
+        assert_eq!(
+            instance.vm_state, "error",
+            "{uuid} forced onto a frozen host"
+        );
+        let fault = db
+            .instance_fault_latest(uuid)
+            .expect("fault")
+            .expect("a fault");
+        assert!(
+            fault.message.contains("node-2"),
+            "the fault names the host: {}",
+            fault.message
+        );
+    }
+    for uuid in placed.iter().chain(&later) {
+        let instance = db.instance_get(uuid).expect("read").expect("live");
+        assert_eq!(instance.vm_state, "active", "{uuid} went elsewhere");
+        assert_ne!(
+            instance.node.as_deref(),
+            Some("node-2"),
+            "{uuid} was given to the frozen host"
+        );
+    }
+    deployment
+        .wait_until("the books balance", Duration::from_secs(10), books_balance)
+        .await;
+
+    // Back: it is up again, what it had queued builds nothing, and it takes work again.
+    deployment.signal("node-2", libc::SIGCONT);
+    let deadline = tokio::time::Instant::now() + limit;
+    while compute_state(&deployment, &token, "node-2")
+        .await
+        .as_deref()
+        != Some("up")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-2 is not back up:\n{}",
+            deployment.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The scheduler counts a host that missed a cast as down until its next heartbeat.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let back = create_many(&deployment, &token, "back", 1, on_node_2).await;
+    deployment
+        .wait_until(
+            "a server ACTIVE on node-2 again",
+            Duration::from_secs(30),
+            |db| {
+                let vm = db
+                    .instance_get(&back[0])
+                    .map_err(|e| e.to_string())?
+                    .map(|i| i.vm_state);
+                (vm.as_deref() == Some("active"))
+                    .then_some(())
+                    .ok_or(format!("{vm:?}"))
+            },
+        )
+        .await;
+    deployment
+        .wait_until("the books balance", Duration::from_secs(10), books_balance)
+        .await;
+    let on_node_2: Vec<String> = db
+        .instances_list(None)
+        .expect("instances")
+        .into_iter()
+        .filter(|i| i.node.as_deref() == Some("node-2") && i.vm_state == "active")
+        .map(|i| i.uuid)
+        .collect();
+    let mut expected = vec![warm[0].clone(), back[0].clone()];
+    expected.sort();
+    let mut found = on_node_2;
+    found.sort();
+    assert_eq!(
+        found, expected,
+        "node-2 runs only what it was given while it answered"
+    );
     deployment.check_alive();
 }
