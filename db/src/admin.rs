@@ -7,11 +7,13 @@ use std::path::Path;
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::sql_types::{Integer, Text, Timestamp};
-use diesel_migrations::MigrationHarness;
 use serde::Serialize;
 
 use crate::schema::images;
-use crate::{now, seed, Db, DbError, Image, Pragmas, Result, MIGRATIONS};
+use crate::{
+    establish, migrate_and_seed, now, redacted, Backend, Db, DbError, Image, Result, MIGRATIONS,
+};
+use crate::{AnyConnection, DbBackend};
 
 /// One schema migration: its version (the digits of its directory's date) and its directory
 /// name.
@@ -101,12 +103,20 @@ struct Column {
 }
 
 /// A table's columns in their order: name, declared type, NOT NULL.
-fn columns(conn: &mut SqliteConnection, table: &str) -> QueryResult<Vec<(String, String, bool)>> {
-    let rows: Vec<Column> = diesel::sql_query(
-        "SELECT name, type AS column_type, \"notnull\" AS not_null FROM pragma_table_info(?1)",
-    )
-    .bind::<Text, _>(table)
-    .load(conn)?;
+fn columns(conn: &mut AnyConnection, table: &str) -> QueryResult<Vec<(String, String, bool)>> {
+    let query = match conn.backend() {
+        Backend::Sqlite => {
+            "SELECT name, type AS column_type, \"notnull\" AS not_null FROM pragma_table_info(?1)"
+        }
+        Backend::Postgres => {
+            "SELECT column_name::text AS name, data_type::text AS column_type,
+                    CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END AS not_null
+             FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = $1
+             ORDER BY ordinal_position"
+        }
+    };
+    let rows: Vec<Column> = diesel::sql_query(query).bind::<Text, _>(table).load(conn)?;
     Ok(rows
         .into_iter()
         .map(|c| (c.name, c.column_type, c.not_null != 0))
@@ -117,15 +127,19 @@ fn database_path(url: &str) -> &str {
     url.strip_prefix("sqlite://").unwrap_or(url)
 }
 
-fn connect(url: &str) -> Result<SqliteConnection> {
-    let connection_error = |reason: String| DbError::Connection {
-        url: url.to_string(),
+fn connect(url: &str) -> Result<AnyConnection> {
+    establish(url).map_err(|reason| DbError::Connection {
+        url: redacted(url),
         reason,
-    };
-    let mut conn = SqliteConnection::establish(database_path(url))
-        .map_err(|e| connection_error(e.to_string()))?;
-    Pragmas::apply(&mut conn).map_err(|e| connection_error(e.to_string()))?;
-    Ok(conn)
+    })
+}
+
+/// `sql` with SQLite's numbered parameters (`?1`) spelled for the connection's database.
+fn placeholders(conn: &AnyConnection, sql: &str) -> String {
+    match conn.backend() {
+        Backend::Sqlite => sql.to_string(),
+        Backend::Postgres => sql.replace('?', "$"),
+    }
 }
 
 fn migration_error(e: impl std::fmt::Display) -> DbError {
@@ -161,19 +175,14 @@ impl Db {
     /// not created.
     pub fn schema_status(url: &str) -> Result<SchemaStatus> {
         let known = known_migrations()?;
-        if !Path::new(database_path(url)).exists() {
+        if Backend::of(url) == Backend::Sqlite && !Path::new(database_path(url)).exists() {
             return Ok(SchemaStatus {
                 applied: Vec::new(),
                 pending: known,
             });
         }
         let mut conn = connect(url)?;
-        let mut applied: Vec<String> = conn
-            .applied_migrations()
-            .map_err(migration_error)?
-            .into_iter()
-            .map(|v| v.to_string())
-            .collect();
+        let mut applied = conn.applied_migrations_list()?;
         applied.sort();
         let pending = known
             .iter()
@@ -189,7 +198,11 @@ impl Db {
     /// one exclusive lock, as at every service's start.
     pub fn sync(url: &str) -> Result<(Db, Vec<MigrationInfo>)> {
         let known = known_migrations()?;
-        if let Some(parent) = Path::new(database_path(url)).parent() {
+        let parent = match Backend::of(url) {
+            Backend::Sqlite => Path::new(database_path(url)).parent(),
+            Backend::Postgres => None,
+        };
+        if let Some(parent) = parent {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent).map_err(|e| DbError::Connection {
                     url: url.to_string(),
@@ -198,16 +211,7 @@ impl Db {
             }
         }
         let mut conn = connect(url)?;
-        let applied: Vec<String> = conn.exclusive_transaction(|conn| {
-            let applied = conn
-                .run_pending_migrations(MIGRATIONS)
-                .map_err(migration_error)?
-                .into_iter()
-                .map(|v| v.to_string())
-                .collect();
-            seed(conn)?;
-            Ok::<_, DbError>(applied)
-        })?;
+        let applied = migrate_and_seed(&mut conn)?;
         drop(conn);
         let applied = applied.into_iter().map(|v| named(&known, v)).collect();
         Ok((Db::open(url)?, applied))
@@ -222,7 +226,8 @@ impl Db {
         let mut conn = self.conn()?;
         let mut done = Vec::with_capacity(ARCHIVABLE.len());
         for (table, condition) in ARCHIVABLE {
-            let rows = conn.immediate_transaction(|conn| {
+            let rows = conn.write_transaction(|conn| {
+                let condition = placeholders(conn, condition);
                 let delete = format!("DELETE FROM {table} WHERE {condition}");
                 if purge {
                     return Ok(diesel::sql_query(delete)
@@ -284,7 +289,7 @@ impl Db {
                 images::location.eq(Some(&new.location)),
                 images::created_at.eq(now()),
             ))
-            .returning(Image::as_returning())
+            .returning(<Image as Selectable<DbBackend>>::construct_selection())
             .get_result(&mut conn)?)
     }
 }
@@ -347,8 +352,15 @@ mod tests {
             Some("2025-06-01-000000_networks")
         );
         {
+            use diesel_migrations::MigrationHarness;
             let mut conn = connect(&url).unwrap();
-            conn.run_next_migration(MIGRATIONS).unwrap();
+            let first = match &mut conn {
+                AnyConnection::Sqlite(c) => c.run_next_migration(MIGRATIONS).map(drop),
+                AnyConnection::Postgresql(c) => {
+                    c.run_next_migration(crate::POSTGRES_MIGRATIONS).map(drop)
+                }
+            };
+            first.unwrap();
         }
         let status = Db::schema_status(&url).unwrap();
         assert_eq!(status.applied, known[..1]);
@@ -367,14 +379,14 @@ mod tests {
 
     #[test]
     fn a_version_this_binary_does_not_know_is_shown_without_a_name() {
-        let (dir, db) = open_temp();
+        let (_dir, db) = open_temp();
         let mut conn = db.conn().unwrap();
         diesel::sql_query(
             "INSERT INTO __diesel_schema_migrations (version) VALUES ('20990101000000')",
         )
         .execute(&mut conn)
         .unwrap();
-        let status = Db::schema_status(dir.path().join("zova.sqlite").to_str().unwrap()).unwrap();
+        let status = Db::schema_status(db.url()).unwrap();
         assert!(status.pending.is_empty());
         assert_eq!(
             status.current(),

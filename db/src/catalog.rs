@@ -4,6 +4,7 @@ use diesel::prelude::*;
 
 use crate::schema::{flavor_extra_specs, flavors, images};
 use crate::{now, Db, DbError, Flavor, Image, Result};
+use crate::{AnyConnection, DbBackend};
 
 /// A flavor to create (`os-flavor-manage`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +20,7 @@ pub struct NewFlavor {
 }
 
 /// The row id of the live flavor with this flavorid.
-pub(crate) fn flavor_row_id(conn: &mut SqliteConnection, flavorid: &str) -> Result<i64> {
+pub(crate) fn flavor_row_id(conn: &mut AnyConnection, flavorid: &str) -> Result<i64> {
     flavors::table
         .filter(flavors::deleted.eq(0))
         .filter(flavors::flavorid.eq(flavorid))
@@ -70,7 +71,7 @@ impl Db {
     /// Creates a flavor; [`DbError::Conflict`] if its id or name is taken.
     pub fn flavor_create(&self, new: &NewFlavor) -> Result<Flavor> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let taken: i64 = flavors::table
                 .filter(flavors::deleted.eq(0))
                 .filter(
@@ -99,7 +100,7 @@ impl Db {
                     flavors::disabled.eq(false),
                     flavors::created_at.eq(now()),
                 ))
-                .returning(Flavor::as_returning())
+                .returning(<Flavor as Selectable<DbBackend>>::construct_selection())
                 .get_result(conn)?)
         })
     }
@@ -108,7 +109,7 @@ impl Db {
     /// can be used again; servers keep their own copy of what they were built with.
     pub fn flavor_delete(&self, flavorid: &str) -> Result<()> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let id = flavor_row_id(conn, flavorid)?;
             diesel::delete(flavor_extra_specs::table.filter(flavor_extra_specs::flavor_id.eq(id)))
                 .execute(conn)?;
@@ -120,7 +121,7 @@ impl Db {
     /// Removes one extra spec of a flavor; NotFound if the flavor or the key does not exist.
     pub fn flavor_extra_spec_delete(&self, flavorid: &str, key: &str) -> Result<()> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let id = flavor_row_id(conn, flavorid)?;
             let removed = diesel::delete(
                 flavor_extra_specs::table

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::schema::{projects, role_assignments, tokens, users};
 use crate::{now, Db, DbError, Result};
+use crate::{AnyConnection, DbBackend};
 
 /// The one domain Zova has: Keystone's default domain.
 pub const DEFAULT_DOMAIN_ID: &str = "default";
@@ -81,7 +82,7 @@ fn unknown_role(name: &str) -> DbError {
 
 /// A project: what owns instances, and what a token is scoped to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = projects, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = projects, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct Project {
     pub id: i64,
     /// Keystone's id: 32 lowercase hex digits.
@@ -96,7 +97,7 @@ pub struct Project {
 
 /// A user who signs in with a password.
 #[derive(Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = users, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = users, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct User {
     pub id: i64,
     /// Keystone's id: 32 lowercase hex digits.
@@ -132,7 +133,7 @@ impl std::fmt::Debug for User {
 
 /// A role a user holds on a project (as assigned, without the implied ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = role_assignments, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = role_assignments, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct RoleAssignment {
     pub id: i64,
     pub user_uuid: String,
@@ -143,7 +144,7 @@ pub struct RoleAssignment {
 
 /// An issued token, known by the hex SHA-256 of its text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = tokens, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = tokens, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct Token {
     pub id: i64,
     pub token_hash: String,
@@ -179,7 +180,7 @@ pub struct Bootstrap {
     pub role_assigned: bool,
 }
 
-fn live_project(conn: &mut SqliteConnection, uuid: &str) -> Result<Option<Project>> {
+fn live_project(conn: &mut AnyConnection, uuid: &str) -> Result<Option<Project>> {
     Ok(projects::table
         .filter(projects::deleted.eq(0))
         .filter(projects::uuid.eq(uuid))
@@ -188,7 +189,7 @@ fn live_project(conn: &mut SqliteConnection, uuid: &str) -> Result<Option<Projec
         .optional()?)
 }
 
-fn live_project_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Option<Project>> {
+fn live_project_by_name(conn: &mut AnyConnection, name: &str) -> Result<Option<Project>> {
     Ok(projects::table
         .filter(projects::deleted.eq(0))
         .filter(projects::domain_id.eq(DEFAULT_DOMAIN_ID))
@@ -198,7 +199,7 @@ fn live_project_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Optio
         .optional()?)
 }
 
-fn live_user(conn: &mut SqliteConnection, uuid: &str) -> Result<Option<User>> {
+fn live_user(conn: &mut AnyConnection, uuid: &str) -> Result<Option<User>> {
     Ok(users::table
         .filter(users::deleted.eq(0))
         .filter(users::uuid.eq(uuid))
@@ -207,7 +208,7 @@ fn live_user(conn: &mut SqliteConnection, uuid: &str) -> Result<Option<User>> {
         .optional()?)
 }
 
-fn live_user_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>> {
+fn live_user_by_name(conn: &mut AnyConnection, name: &str) -> Result<Option<User>> {
     Ok(users::table
         .filter(users::deleted.eq(0))
         .filter(users::domain_id.eq(DEFAULT_DOMAIN_ID))
@@ -222,7 +223,7 @@ fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-fn insert_project(conn: &mut SqliteConnection, name: &str, description: &str) -> Result<Project> {
+fn insert_project(conn: &mut AnyConnection, name: &str, description: &str) -> Result<Project> {
     if live_project_by_name(conn, name)?.is_some() {
         return Err(DbError::Duplicate {
             kind: "project",
@@ -238,12 +239,12 @@ fn insert_project(conn: &mut SqliteConnection, name: &str, description: &str) ->
             projects::enabled.eq(true),
             projects::created_at.eq(now()),
         ))
-        .returning(Project::as_returning())
+        .returning(<Project as Selectable<DbBackend>>::construct_selection())
         .get_result(conn)?)
 }
 
 fn insert_user(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
     password_hash: &str,
     default_project_uuid: Option<&str>,
@@ -267,18 +268,18 @@ fn insert_user(
             users::enabled.eq(true),
             users::created_at.eq(now()),
         ))
-        .returning(User::as_returning())
+        .returning(<User as Selectable<DbBackend>>::construct_selection())
         .get_result(conn)?)
 }
 
-fn require_project(conn: &mut SqliteConnection, uuid: &str) -> Result<Project> {
+fn require_project(conn: &mut AnyConnection, uuid: &str) -> Result<Project> {
     live_project(conn, uuid)?.ok_or_else(|| DbError::NotFound {
         kind: "project",
         id: uuid.to_string(),
     })
 }
 
-fn require_user(conn: &mut SqliteConnection, uuid: &str) -> Result<User> {
+fn require_user(conn: &mut AnyConnection, uuid: &str) -> Result<User> {
     live_user(conn, uuid)?.ok_or_else(|| DbError::NotFound {
         kind: "user",
         id: uuid.to_string(),
@@ -287,27 +288,37 @@ fn require_user(conn: &mut SqliteConnection, uuid: &str) -> Result<User> {
 
 /// Assigns `role`; true if the user did not hold it already.
 fn assign(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_uuid: &str,
     project_uuid: &str,
     role: Role,
 ) -> Result<bool> {
     require_user(conn, user_uuid)?;
     require_project(conn, project_uuid)?;
-    let inserted = diesel::insert_into(role_assignments::table)
+    // Looked up, not ON CONFLICT: the callers hold a write transaction, and the query stays one
+    // that both databases take.
+    let held: i64 = role_assignments::table
+        .filter(role_assignments::user_uuid.eq(user_uuid))
+        .filter(role_assignments::project_uuid.eq(project_uuid))
+        .filter(role_assignments::role.eq(role.name()))
+        .count()
+        .get_result(conn)?;
+    if held > 0 {
+        return Ok(false);
+    }
+    diesel::insert_into(role_assignments::table)
         .values((
             role_assignments::user_uuid.eq(user_uuid),
             role_assignments::project_uuid.eq(project_uuid),
             role_assignments::role.eq(role.name()),
             role_assignments::created_at.eq(now()),
         ))
-        .on_conflict_do_nothing()
         .execute(conn)?;
-    Ok(inserted == 1)
+    Ok(true)
 }
 
 fn effective_roles_on(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_uuid: &str,
     project_uuid: &str,
 ) -> Result<Vec<Role>> {
@@ -324,11 +335,7 @@ fn effective_roles_on(
 
 /// Replaces the password hash; if it changed, the user's tokens stop working, as in Keystone.
 /// True if it changed.
-fn set_password_hash(
-    conn: &mut SqliteConnection,
-    user: &User,
-    password_hash: &str,
-) -> Result<bool> {
+fn set_password_hash(conn: &mut AnyConnection, user: &User, password_hash: &str) -> Result<bool> {
     if user.password_hash == password_hash {
         return Ok(false);
     }
@@ -349,7 +356,7 @@ impl Db {
     /// Creates a project in the default domain; its name must not be taken by a live project.
     pub fn project_create(&self, name: &str, description: &str) -> Result<Project> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| insert_project(conn, name, description))
+        conn.write_transaction(|conn| insert_project(conn, name, description))
     }
 
     /// The live project with this id.
@@ -381,9 +388,7 @@ impl Db {
         default_project_uuid: Option<&str>,
     ) -> Result<User> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
-            insert_user(conn, name, password_hash, default_project_uuid)
-        })
+        conn.write_transaction(|conn| insert_user(conn, name, password_hash, default_project_uuid))
     }
 
     /// The live user with this id.
@@ -410,7 +415,7 @@ impl Db {
     /// does), so a reset after a leak locks the old sessions out. True if the hash changed.
     pub fn user_set_password_hash(&self, user_uuid: &str, password_hash: &str) -> Result<bool> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let user = require_user(conn, user_uuid)?;
             set_password_hash(conn, &user, password_hash)
         })
@@ -421,7 +426,7 @@ impl Db {
     pub fn role_assign(&self, user_uuid: &str, project_uuid: &str, role: &str) -> Result<bool> {
         let role = Role::from_name(role).ok_or_else(|| unknown_role(role))?;
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| assign(conn, user_uuid, project_uuid, role))
+        conn.write_transaction(|conn| assign(conn, user_uuid, project_uuid, role))
     }
 
     /// Takes `role` away from a user on a project; the user must hold it (as assigned, not
@@ -475,7 +480,7 @@ impl Db {
         expires_at: NaiveDateTime,
     ) -> Result<Token> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             diesel::delete(tokens::table.filter(tokens::expires_at.le(issued_at))).execute(conn)?;
             Ok(diesel::insert_into(tokens::table)
                 .values((
@@ -485,7 +490,7 @@ impl Db {
                     tokens::issued_at.eq(issued_at),
                     tokens::expires_at.eq(expires_at),
                 ))
-                .returning(Token::as_returning())
+                .returning(<Token as Selectable<DbBackend>>::construct_selection())
                 .get_result(conn)?)
         })
     }
@@ -555,13 +560,13 @@ impl Db {
     /// on project `admin`. A changed hash revokes the admin's tokens.
     pub fn identity_bootstrap(&self, admin_password_hash: &str) -> Result<Bootstrap> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let (project, project_created) = match live_project_by_name(conn, BOOTSTRAP_NAME)? {
                 Some(project) if project.enabled => (project, false),
                 Some(project) => {
                     let project = diesel::update(projects::table.find(project.id))
                         .set(projects::enabled.eq(true))
-                        .returning(Project::as_returning())
+                        .returning(<Project as Selectable<DbBackend>>::construct_selection())
                         .get_result(conn)?;
                     (project, false)
                 }
@@ -583,7 +588,7 @@ impl Db {
                                 users::enabled.eq(true),
                                 users::default_project_uuid.eq(default_project),
                             ))
-                            .returning(User::as_returning())
+                            .returning(<User as Selectable<DbBackend>>::construct_selection())
                             .get_result(conn)?;
                         (user, false, password_changed)
                     }

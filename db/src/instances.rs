@@ -10,6 +10,7 @@ use crate::{
     check_json_object, now, Db, DbError, Instance, InstanceAction, InstanceChanges, InstanceFault,
     NewFault, NewInstance, Result,
 };
+use crate::{AnyConnection, DbBackend};
 
 /// What a conditional update expects of the instance's task_state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,16 +30,16 @@ fn instance_not_found(uuid: &str) -> DbError {
     }
 }
 
-fn insert_fault(conn: &mut SqliteConnection, fault: &NewFault) -> QueryResult<InstanceFault> {
+fn insert_fault(conn: &mut AnyConnection, fault: &NewFault) -> QueryResult<InstanceFault> {
     diesel::insert_into(instance_faults::table)
         .values((fault, instance_faults::created_at.eq(now())))
-        .returning(InstanceFault::as_returning())
+        .returning(<InstanceFault as Selectable<DbBackend>>::construct_selection())
         .get_result(conn)
 }
 
 /// Inserts instances and their `create` actions inside the caller's transaction.
 pub(crate) fn insert_with_actions(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     new: &[NewInstance],
     request_id: &str,
 ) -> QueryResult<Vec<Instance>> {
@@ -48,7 +49,7 @@ pub(crate) fn insert_with_actions(
         created.push(
             diesel::insert_into(instances::table)
                 .values((instance, instances::created_at.eq(created_at)))
-                .returning(Instance::as_returning())
+                .returning(<Instance as Selectable<DbBackend>>::construct_selection())
                 .get_result(conn)?,
         );
         diesel::insert_into(instance_actions::table)
@@ -81,7 +82,7 @@ impl Db {
             check_json_object("metadata", &instance.metadata)?;
         }
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| Ok(insert_with_actions(conn, new, request_id)?))
+        conn.write_transaction(|conn| Ok(insert_with_actions(conn, new, request_id)?))
     }
 
     /// The live instance with this uuid.
@@ -180,7 +181,7 @@ impl Db {
         expected_task: ExpectedTask<'_>,
     ) -> Result<Instance> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             if expected_vm_state.is_some() || expected_task != ExpectedTask::Any {
                 let (vm_state, task_state): (String, Option<String>) = instances::table
                     .filter(instances::deleted.eq(0))
@@ -222,7 +223,7 @@ impl Db {
                     .filter(instances::uuid.eq(uuid)),
             )
             .set((changes, instances::updated_at.eq(now())))
-            .returning(Instance::as_returning())
+            .returning(<Instance as Selectable<DbBackend>>::construct_selection())
             .get_result(conn)
             .optional()?
             .ok_or_else(|| instance_not_found(uuid))?;
@@ -237,7 +238,7 @@ impl Db {
     /// Puts a live instance into `error` and records why, together.
     pub fn instance_set_error(&self, uuid: &str, fault: &NewFault) -> Result<()> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let updated = diesel::update(
                 instances::table
                     .filter(instances::deleted.eq(0))
@@ -304,7 +305,7 @@ impl Db {
     /// ends just as it is declared stuck keeps its outcome.
     pub fn instance_set_error_if_building(&self, uuid: &str, fault: &NewFault) -> Result<bool> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let updated = diesel::update(
                 instances::table
                     .filter(instances::deleted.eq(0))
@@ -349,7 +350,7 @@ impl Db {
     /// `deleted` from then on, with `vm_state = "deleted"`.
     pub fn instance_destroy(&self, uuid: &str) -> Result<()> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let at = now();
             let updated = diesel::update(
                 instances::table
@@ -393,7 +394,7 @@ impl Db {
                 instance_actions::project_id.eq(project_id),
                 instance_actions::start_time.eq(now()),
             ))
-            .returning(InstanceAction::as_returning())
+            .returning(<InstanceAction as Selectable<DbBackend>>::construct_selection())
             .get_result(&mut conn)?)
     }
 

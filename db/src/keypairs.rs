@@ -5,11 +5,11 @@ use diesel::prelude::*;
 use serde::Serialize;
 
 use crate::schema::key_pairs;
-use crate::{now, Db, DbError, Result};
+use crate::{now, Db, DbBackend, DbError, Result};
 
 /// A user's named public key.
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = key_pairs, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = key_pairs, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct KeyPair {
     pub id: i64,
     pub name: String,
@@ -46,7 +46,7 @@ impl Db {
     /// same transaction.
     pub fn key_pair_create(&self, new: &NewKeyPair, limit: i64) -> Result<KeyPair> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let held: i64 = key_pairs::table
                 .filter(key_pairs::deleted.eq(0))
                 .filter(key_pairs::user_id.eq(&new.user_id))
@@ -71,7 +71,7 @@ impl Db {
             }
             Ok(diesel::insert_into(key_pairs::table)
                 .values((new, key_pairs::created_at.eq(now())))
-                .returning(KeyPair::as_returning())
+                .returning(<KeyPair as Selectable<DbBackend>>::construct_selection())
                 .get_result(conn)?)
         })
     }

@@ -1,5 +1,11 @@
-//! Zova's database: diesel over SQLite (file, WAL) with embedded migrations; soft-deleted rows
-//! as in Nova.
+//! Zova's database: diesel over SQLite (a file in WAL mode, the embedded default) or PostgreSQL
+//! (for several controller machines), chosen by the URL, with embedded migrations for each;
+//! soft-deleted rows as in Nova.
+//!
+//! Every query is written once, for [`AnyConnection`]. A write runs in
+//! [`AnyConnection::write_transaction`]: `BEGIN IMMEDIATE` on SQLite (one writer at a time), a
+//! SERIALIZABLE transaction on PostgreSQL, run again when it loses a serialization race, so a
+//! read-then-write is as safe on either.
 //!
 //! A [`Db`] is a cheap-to-clone handle on a connection pool. Every method is synchronous and
 //! short; async callers run them under `tokio::task::spawn_blocking`. A live row has
@@ -22,9 +28,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{NaiveDateTime, Utc};
-use diesel::connection::SimpleConnection;
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{ManageConnection, Pool, PooledConnection, R2D2Connection};
+use diesel::result::DatabaseErrorKind;
+use diesel::{PgConnection, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 pub use admin::{ArchivedRows, MigrationInfo, NewImage, SchemaStatus};
@@ -47,8 +55,19 @@ pub use servers::{instances_that_fit, InstanceFilter, QuotaExceeded, QuotaLimits
 /// The schema, compiled into the binary so a fresh host needs nothing but the database path.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-/// Connections kept open; SQLite has one writer at a time, so more would only queue.
-const POOL_SIZE: u32 = 8;
+/// The same schema for PostgreSQL (only the key columns are spelled differently).
+pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations-postgres");
+
+/// Connections kept open by default (`[database] max_connections`); SQLite has one writer at a
+/// time, so more would only queue there.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+
+/// Runs of a PostgreSQL write transaction that lost a serialization race, at most.
+const SERIALIZATION_ATTEMPTS: u32 = 20;
+
+/// The advisory lock that makes PostgreSQL migrations one at a time (any number, the same in
+/// every Zova process).
+const MIGRATION_LOCK: i64 = 0x7a6f_7661;
 
 /// How long a writer waits for SQLite's lock before giving up with "database is locked".
 const BUSY_TIMEOUT_MS: u32 = 5000;
@@ -76,17 +95,220 @@ const SEED_FLAVORS: [(&str, &str, i64, i64, i64); 5] = [
     ("5", "m1.xlarge", 8, 16384, 160),
 ];
 
-type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
+/// A connection to either database; [`Backend::of`] the URL decides which.
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    Postgresql(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// The backend type of [`AnyConnection`]: queries are written against it once.
+pub(crate) type DbBackend = <AnyConnection as Connection>::Backend;
+
+/// The database a `[database] url` names: `postgres://` or `postgresql://` is PostgreSQL;
+/// anything else a SQLite file (a path, or `sqlite://PATH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of(url: &str) -> Backend {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
+/// What a transaction is for: a write (see the module doc), or a schema change, which also
+/// waits for every other one (SQLite's exclusive lock; a PostgreSQL advisory lock, in a
+/// read-committed transaction so that it sees what the previous holder committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransactionKind {
+    Write,
+    Schema,
+}
+
+/// Errors that may mean "a concurrent transaction won; run it again" on PostgreSQL.
+pub(crate) trait MayRetry {
+    fn lost_a_race(&self) -> bool;
+}
+
+impl MayRetry for diesel::result::Error {
+    fn lost_a_race(&self) -> bool {
+        matches!(
+            self,
+            diesel::result::Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _)
+        ) || matches!(
+            self,
+            diesel::result::Error::DatabaseError(_, info) if info.message().contains("deadlock detected")
+        )
+    }
+}
+
+impl MayRetry for DbError {
+    fn lost_a_race(&self) -> bool {
+        matches!(self, DbError::Query(e) if e.lost_a_race())
+    }
+}
+
+impl AnyConnection {
+    pub fn backend(&self) -> Backend {
+        match self {
+            AnyConnection::Sqlite(_) => Backend::Sqlite,
+            AnyConnection::Postgresql(_) => Backend::Postgres,
+        }
+    }
+
+    /// Runs `work` in a write transaction (see the module doc); on PostgreSQL, again from the
+    /// start when it lost a serialization race, so `work` must only touch the database.
+    pub(crate) fn write_transaction<T, E>(
+        &mut self,
+        work: impl FnMut(&mut AnyConnection) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E>
+    where
+        E: From<diesel::result::Error> + MayRetry,
+    {
+        self.run_transaction(TransactionKind::Write, work)
+    }
+
+    fn run_transaction<T, E>(
+        &mut self,
+        kind: TransactionKind,
+        mut work: impl FnMut(&mut AnyConnection) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E>
+    where
+        E: From<diesel::result::Error> + MayRetry,
+    {
+        let mut attempt = 1;
+        loop {
+            self.begin(kind)?;
+            let outcome = match work(self) {
+                Ok(value) => self.finish(true).map(|()| value).map_err(E::from),
+                Err(e) => {
+                    // The error that ended the work says more than a failed rollback would.
+                    let _ = self.finish(false);
+                    Err(e)
+                }
+            };
+            match outcome {
+                Err(e) if e.lost_a_race() && attempt < SERIALIZATION_ATTEMPTS => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn begin(&mut self, kind: TransactionKind) -> QueryResult<()> {
+        match (self, kind) {
+            (AnyConnection::Sqlite(c), TransactionKind::Write) => {
+                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")
+            }
+            (AnyConnection::Sqlite(c), TransactionKind::Schema) => {
+                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN EXCLUSIVE")
+            }
+            (AnyConnection::Postgresql(c), TransactionKind::Write) => {
+                AnsiTransactionManager::begin_transaction_sql(
+                    c,
+                    "BEGIN ISOLATION LEVEL SERIALIZABLE",
+                )
+            }
+            (AnyConnection::Postgresql(c), TransactionKind::Schema) => {
+                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?;
+                c.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            }
+        }
+    }
+
+    fn finish(&mut self, commit: bool) -> QueryResult<()> {
+        match (self, commit) {
+            (AnyConnection::Sqlite(c), true) => AnsiTransactionManager::commit_transaction(c),
+            (AnyConnection::Sqlite(c), false) => AnsiTransactionManager::rollback_transaction(c),
+            (AnyConnection::Postgresql(c), true) => AnsiTransactionManager::commit_transaction(c),
+            (AnyConnection::Postgresql(c), false) => {
+                AnsiTransactionManager::rollback_transaction(c)
+            }
+        }
+    }
+
+    /// Applies the migrations of this connection's database that it lacks.
+    fn run_migrations(&mut self) -> Result<Vec<String>> {
+        let applied = match self {
+            AnyConnection::Sqlite(c) => c.run_pending_migrations(MIGRATIONS),
+            AnyConnection::Postgresql(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS),
+        }
+        .map_err(|e| DbError::Migration(e.to_string()))?;
+        Ok(applied.into_iter().map(|v| v.to_string()).collect())
+    }
+
+    /// The migrations applied to this connection's database.
+    fn applied_migrations_list(&mut self) -> Result<Vec<String>> {
+        let applied = match self {
+            AnyConnection::Sqlite(c) => c.applied_migrations(),
+            AnyConnection::Postgresql(c) => c.applied_migrations(),
+        }
+        .map_err(|e| DbError::Migration(e.to_string()))?;
+        Ok(applied.into_iter().map(|v| v.to_string()).collect())
+    }
+}
+
+/// Opens a connection of the URL's kind, with SQLite's pragmas applied.
+fn establish(url: &str) -> std::result::Result<AnyConnection, String> {
+    match Backend::of(url) {
+        Backend::Postgres => PgConnection::establish(url)
+            .map(AnyConnection::Postgresql)
+            .map_err(|e| e.to_string()),
+        Backend::Sqlite => {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            let mut conn = SqliteConnection::establish(path).map_err(|e| e.to_string())?;
+            Pragmas::apply(&mut conn).map_err(|e| e.to_string())?;
+            Ok(AnyConnection::Sqlite(conn))
+        }
+    }
+}
+
+/// The pool's connection factory: the URL's kind of connection, never a guess between kinds (a
+/// mistyped PostgreSQL URL must not become a SQLite file of that name).
+#[derive(Debug)]
+struct Manager {
+    url: String,
+}
+
+impl ManageConnection for Manager {
+    type Connection = AnyConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> std::result::Result<AnyConnection, Self::Error> {
+        establish(&self.url).map_err(|reason| {
+            diesel::r2d2::Error::ConnectionError(diesel::ConnectionError::BadConnection(reason))
+        })
+    }
+
+    fn is_valid(&self, conn: &mut AnyConnection) -> std::result::Result<(), Self::Error> {
+        conn.ping().map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut AnyConnection) -> bool {
+        std::thread::panicking() || conn.is_broken()
+    }
+}
+
+type Conn = PooledConnection<Manager>;
 
 /// A handle on Zova's database.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<ConnectionManager<SqliteConnection>>,
+    pool: Pool<Manager>,
+    backend: Backend,
+    url: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Db")
+            .field("backend", &self.backend)
             .field("state", &self.pool.state())
             .finish()
     }
@@ -108,46 +330,52 @@ impl Pragmas {
     }
 }
 
-impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
-    fn on_acquire(
-        &self,
-        conn: &mut SqliteConnection,
-    ) -> std::result::Result<(), diesel::r2d2::Error> {
-        Pragmas::apply(conn).map_err(diesel::r2d2::Error::QueryError)
-    }
-}
-
 impl Db {
-    /// Opens (creating if needed) the database at `url`, a file path or `sqlite://PATH`, brings
-    /// its schema up to date and seeds the default flavors and image into a fresh database.
+    /// Opens (creating if needed) the database at `url` with the default pool size, brings its
+    /// schema up to date and seeds the default flavors, image and network into a fresh
+    /// database. `url` is a SQLite file path (or `sqlite://PATH`) or a `postgres://` URL.
     pub fn open(url: &str) -> Result<Db> {
-        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        Db::open_with(url, DEFAULT_POOL_SIZE)
+    }
+
+    /// As [`Db::open`], keeping up to `max_connections` connections open.
+    pub fn open_with(url: &str, max_connections: u32) -> Result<Db> {
+        let backend = Backend::of(url);
         let connection_error = |reason: String| DbError::Connection {
-            url: url.to_string(),
+            url: redacted(url),
             reason,
         };
-        if path.is_empty() {
-            return Err(connection_error("the path is empty".to_string()));
+        if max_connections == 0 {
+            return Err(connection_error(
+                "max_connections must be at least 1".to_string(),
+            ));
         }
-        if let Some(parent) = Path::new(path).parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    connection_error(format!("cannot create directory {}: {e}", parent.display()))
-                })?;
+        if backend == Backend::Sqlite {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            if path.is_empty() {
+                return Err(connection_error("the path is empty".to_string()));
+            }
+            if let Some(parent) = Path::new(path).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        connection_error(format!(
+                            "cannot create directory {}: {e}",
+                            parent.display()
+                        ))
+                    })?;
+                }
             }
         }
 
-        // Set up on one plain connection first: a bad path then fails at once with SQLite's
-        // own reason, rather than after the pool's timeout with a generic one.
+        // Set up on one plain connection first: a bad path or URL then fails at once with the
+        // database's own reason, rather than after the pool's timeout with a generic one.
         let set_up = || -> Result<()> {
-            let mut conn =
-                SqliteConnection::establish(path).map_err(|e| connection_error(e.to_string()))?;
-            Pragmas::apply(&mut conn).map_err(|e| connection_error(e.to_string()))?;
-            migrate_and_seed(&mut conn)
+            let mut conn = establish(url).map_err(connection_error)?;
+            migrate_and_seed(&mut conn).map(drop)
         };
-        // Two openers of a fresh file can both ask to switch it to WAL; SQLite then fails one at
-        // once with "database is locked" rather than wait (the busy handler would deadlock).
-        // The switch is done by then, so trying again succeeds.
+        // Two openers of a fresh SQLite file can both ask to switch it to WAL; SQLite then fails
+        // one at once with "database is locked" rather than wait (the busy handler would
+        // deadlock). The switch is done by then, so trying again succeeds.
         let mut attempts = 1;
         loop {
             match set_up() {
@@ -161,13 +389,31 @@ impl Db {
             }
         }
 
+        // Connections open as they are needed: a PostgreSQL server counts every idle one
+        // against its max_connections.
         let pool = Pool::builder()
-            .max_size(POOL_SIZE)
+            .max_size(max_connections)
+            .min_idle(Some(1))
             .connection_timeout(POOL_TIMEOUT)
-            .connection_customizer(Box::new(Pragmas))
-            .build(ConnectionManager::<SqliteConnection>::new(path))
+            .build(Manager {
+                url: url.to_string(),
+            })
             .map_err(|e| connection_error(e.to_string()))?;
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            backend,
+            url: url.into(),
+        })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The URL it was opened with (with its password: for opening it again, not for logs).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// One trivial query: whether the database answers at all (health checks).
@@ -227,8 +473,10 @@ pub const API_TABLES: [&str; 8] = [
 ];
 
 /// The current time as stored in every timestamp column.
+/// Whole microseconds: what PostgreSQL keeps, so a value reads back as it was written on both.
 fn now() -> NaiveDateTime {
-    Utc::now().naive_utc()
+    use chrono::SubsecRound;
+    Utc::now().naive_utc().trunc_subsecs(6)
 }
 
 /// Checks that `text` is a JSON object before it goes into the JSON column `what`.
@@ -242,21 +490,78 @@ fn check_json_object(what: &str, text: &str) -> Result<()> {
     }
 }
 
+/// The environment variable naming the PostgreSQL server tests use instead of SQLite files.
+pub const TEST_POSTGRES_ENV: &str = "ZOVA_TEST_POSTGRES";
+
+/// Where a test keeps its database: a SQLite file in `dir`, or, when `ZOVA_TEST_POSTGRES` holds
+/// a PostgreSQL URL (whose user may create databases), a fresh database of its own on that
+/// server. `scripts/test` runs the whole suite both ways; the databases are left for the
+/// throw-away server to take with it.
+pub fn test_database_url(dir: &Path) -> Result<String> {
+    let base = match std::env::var(TEST_POSTGRES_ENV) {
+        Ok(base) if !base.is_empty() => base,
+        _ => return Ok(dir.join("zova.sqlite").display().to_string()),
+    };
+    let error = |reason: String| DbError::Connection {
+        url: redacted(&base),
+        reason,
+    };
+    if Backend::of(&base) != Backend::Postgres {
+        return Err(error(format!(
+            "{TEST_POSTGRES_ENV} must be a postgres:// URL"
+        )));
+    }
+    let (address, query) = base.split_once('?').unwrap_or((&base, ""));
+    let (server, _) = address
+        .rsplit_once('/')
+        .filter(|(server, _)| server.contains("://"))
+        .ok_or_else(|| error("the URL names no database".to_string()))?;
+    let name = format!("zova_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::establish(&base).map_err(|e| error(e.to_string()))?;
+    conn.batch_execute(&format!("CREATE DATABASE {name}"))
+        .map_err(|e| error(e.to_string()))?;
+    if query.is_empty() {
+        Ok(format!("{server}/{name}"))
+    } else {
+        Ok(format!("{server}/{name}?{query}"))
+    }
+}
+
 /// Brings the schema up to date and seeds a fresh database under one exclusive lock: every
 /// service opens the database at start-up, and the all-in-one starts them together, so without
 /// the lock two of them could both see the schema missing and the second would fail on
 /// `CREATE TABLE`. The others wait on busy_timeout, then find nothing pending.
-fn migrate_and_seed(conn: &mut SqliteConnection) -> Result<()> {
-    conn.exclusive_transaction(|conn| {
-        conn.run_pending_migrations(MIGRATIONS)
-            .map_err(|e| DbError::Migration(e.to_string()))?;
-        seed(conn)
+fn migrate_and_seed(conn: &mut AnyConnection) -> Result<Vec<String>> {
+    conn.run_transaction(TransactionKind::Schema, |conn| {
+        let applied = conn.run_migrations()?;
+        seed(conn)?;
+        Ok(applied)
     })
+}
+
+/// `url` without its password, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            let shown = if user_info.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!("{scheme}://{shown}@{host}/{path}")
+        }
+        None => url.to_string(),
+    }
 }
 
 /// Fills a fresh database with the default flavors, image and network. Each table is seeded only when it
 /// has never held a row, so reopening never duplicates and deleting a seed row is permanent.
-fn seed(conn: &mut SqliteConnection) -> Result<()> {
+fn seed(conn: &mut AnyConnection) -> Result<()> {
     use schema::{flavors, images};
     conn.transaction(|conn| {
         let created_at = now();
@@ -336,11 +641,12 @@ pub(crate) mod testing {
         }
     }
 
-    /// A database in its own temporary directory; keep the directory alive as long as the `Db`.
+    /// A database of its own (see [`crate::test_database_url`]); keep the directory alive as
+    /// long as the `Db`.
     pub(crate) fn open_temp() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().expect("create temp dir");
-        let path = dir.path().join("zova.sqlite");
-        let db = Db::open(path.to_str().expect("utf-8 temp path")).expect("open temp db");
+        let url = crate::test_database_url(dir.path()).expect("a test database");
+        let db = Db::open(&url).expect("open temp db");
         (dir, db)
     }
 }
@@ -390,8 +696,9 @@ mod tests {
     }
 
     #[test]
-    fn connections_use_wal_and_foreign_keys() {
-        let (_dir, db) = testing::open_temp();
+    fn sqlite_connections_use_wal_and_foreign_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("zova.sqlite").display().to_string()).unwrap();
         let mut conn = db.conn().unwrap();
         #[derive(QueryableByName)]
         struct Mode {

@@ -11,7 +11,7 @@ use crate::schema::{
 
 /// A running Zova service (`zova-compute`, `zova-conductor`, ...) on one host.
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = services, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = services, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct Service {
     pub id: i64,
     pub host: String,
@@ -32,7 +32,7 @@ pub struct Service {
 
 /// A hypervisor's capacity and usage as last reported by its compute service.
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = compute_nodes, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = compute_nodes, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct ComputeNode {
     pub id: i64,
     pub host: String,
@@ -60,7 +60,7 @@ pub struct ComputeNode {
 
 /// A flavor: the size of an instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = flavors, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = flavors, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct Flavor {
     pub id: i64,
     pub flavorid: String,
@@ -78,7 +78,7 @@ pub struct Flavor {
 
 /// A bootable image (Zova keeps its own small image catalogue instead of Glance).
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = images, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = images, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct Image {
     pub id: i64,
     pub uuid: String,
@@ -97,7 +97,7 @@ pub struct Image {
 /// A server. The flavor's sizes are copied in at creation, as in Nova, so resizing or deleting
 /// the flavor later does not change what the instance holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = instances, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = instances, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct Instance {
     pub id: i64,
     pub uuid: String,
@@ -138,7 +138,7 @@ pub struct Instance {
 
 /// One user-visible operation on an instance (`create`, `delete`, `reboot`, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = instance_actions, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = instance_actions, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct InstanceAction {
     pub id: i64,
     pub action: String,
@@ -154,7 +154,7 @@ pub struct InstanceAction {
 
 /// Why an instance went to `error`, shown to the user as the server's `fault`.
 #[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
-#[diesel(table_name = instance_faults, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = instance_faults, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct InstanceFault {
     pub id: i64,
     pub instance_uuid: String,

@@ -5,10 +5,10 @@
 use std::net::Ipv4Addr;
 
 use diesel::prelude::*;
-use diesel::SqliteConnection;
 
 use crate::schema::{fixed_ips, instances, networks};
 use crate::{now, Db, DbError, Result};
+use crate::{AnyConnection, DbBackend};
 
 /// The prefixes a pool may have: a /16 is 65 534 rows, a /30 the smallest with a free address
 /// beside its gateway.
@@ -135,7 +135,7 @@ fn cidr_range(cidr: &str) -> Option<(u32, u32)> {
 
 /// Creates a network and its pool inside the caller's transaction.
 pub(crate) fn insert_network(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
     cidr: &str,
     gateway: &str,
@@ -168,7 +168,7 @@ pub(crate) fn insert_network(
             name: name.to_string(),
         });
     }
-    let network = diesel::insert_into(networks::table)
+    let network: Network = diesel::insert_into(networks::table)
         .values((
             networks::name.eq(name),
             networks::cidr.eq(cidr),
@@ -176,7 +176,7 @@ pub(crate) fn insert_network(
             networks::bridge.eq(bridge),
             networks::created_at.eq(now()),
         ))
-        .returning(Network::as_returning())
+        .returning(<Network as Selectable<DbBackend>>::construct_selection())
         .get_result(conn)?;
     let rows: Vec<_> = addresses
         .iter()
@@ -187,18 +187,21 @@ pub(crate) fn insert_network(
             )
         })
         .collect();
-    // SQLite caps the bound parameters of one statement; a /16 goes in chunks.
+    // Both databases cap the bound parameters of one statement; a /16 goes in chunks. A
+    // multi-row insert is written per database: the two spell it differently.
     for chunk in rows.chunks(4096) {
-        diesel::insert_into(fixed_ips::table)
-            .values(chunk)
-            .execute(conn)?;
+        let insert = diesel::insert_into(fixed_ips::table).values(chunk);
+        match conn {
+            AnyConnection::Sqlite(c) => insert.execute(c)?,
+            AnyConnection::Postgresql(c) => insert.execute(c)?,
+        };
     }
     Ok(network)
 }
 
 /// Frees whatever address `instance_uuid` holds, inside the caller's transaction.
 pub(crate) fn release_fixed_ip(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<usize> {
     diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid)))
@@ -210,7 +213,7 @@ pub(crate) fn release_fixed_ip(
         .execute(conn)
 }
 
-fn held(conn: &mut SqliteConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>> {
+fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>> {
     Ok(fixed_ips::table
         .inner_join(networks::table)
         .filter(fixed_ips::instance_uuid.eq_any(uuids))
@@ -240,7 +243,7 @@ impl Db {
         bridge: Option<&str>,
     ) -> Result<Network> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| insert_network(conn, name, cidr, gateway, bridge))
+        conn.write_transaction(|conn| insert_network(conn, name, cidr, gateway, bridge))
     }
 
     /// Each live network, oldest first, with the size of its pool and how many of its
@@ -276,7 +279,7 @@ impl Db {
     /// holds one of its addresses: that instance's NIC would point at nothing.
     pub fn network_delete(&self, name: &str) -> Result<Network> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let network: Network = networks::table
                 .filter(networks::deleted.eq(0))
                 .filter(networks::name.eq(name))
@@ -324,7 +327,7 @@ impl Db {
     /// never be released).
     pub fn fixed_ip_allocate(&self, instance_uuid: &str, network: Option<&str>) -> Result<FixedIp> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let live: i64 = instances::table
                 .filter(instances::deleted.eq(0))
                 .filter(instances::uuid.eq(instance_uuid))

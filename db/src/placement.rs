@@ -9,6 +9,7 @@
 use diesel::prelude::*;
 
 use crate::schema::{allocations, compute_nodes, flavor_extra_specs, instances};
+use crate::AnyConnection;
 use crate::{now, Db, Result};
 
 /// Resources placed on a node, or asked for by one instance: vCPUs, MB of RAM, MB of disk.
@@ -52,7 +53,7 @@ impl Db {
     /// always checked.
     pub fn allocation_claim(&self, claim: &AllocationClaim) -> Result<ClaimOutcome> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let building: i64 = instances::table
                 .filter(instances::uuid.eq(&claim.instance_uuid))
                 .filter(instances::deleted.eq(0))
@@ -140,7 +141,7 @@ impl Db {
     /// Gives back what an instance holds; `false` when it held nothing.
     pub fn allocation_release(&self, instance_uuid: &str) -> Result<bool> {
         let mut conn = self.conn()?;
-        Ok(conn.immediate_transaction(|conn| release_allocation(conn, instance_uuid))?)
+        Ok(conn.write_transaction(|conn| release_allocation(conn, instance_uuid))?)
     }
 
     /// The node an instance's resources are placed on, with what it holds there.
@@ -227,7 +228,7 @@ impl Db {
         specs: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let flavor = crate::catalog::flavor_row_id(conn, flavorid)?;
             for (key, value) in specs {
                 diesel::delete(
@@ -267,7 +268,7 @@ impl Db {
 /// Deletes an instance's allocation and takes it off its node's running totals, inside the
 /// caller's transaction; `false` when there was none.
 pub(crate) fn release_allocation(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<bool> {
     let held: Option<(i64, i64, i64, i64)> =
@@ -295,7 +296,7 @@ pub(crate) fn release_allocation(
 
 /// The node (hypervisor hostname) an instance's resources are placed on, if any.
 pub(crate) fn allocation_node(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<Option<String>> {
     allocations::table
@@ -485,7 +486,7 @@ mod tests {
         let path = path.to_str().unwrap();
         {
             // A database of the first schema version, with two instances on node-1.
-            let mut conn = SqliteConnection::establish(path).unwrap();
+            let mut conn = diesel::SqliteConnection::establish(path).unwrap();
             conn.run_next_migration(crate::MIGRATIONS).unwrap();
             conn.batch_execute(
                 "INSERT INTO compute_nodes (host, hypervisor_hostname, hypervisor_type, vcpus,
@@ -610,19 +611,19 @@ mod tests {
 
     #[test]
     fn racing_claims_from_many_threads_never_exceed_the_limit() {
-        let (dir, db) = open_temp();
+        let (_dir, db) = open_temp();
         let node_id = node(&db, "node-1", 8);
         let uuids: Vec<String> = (0..64).map(|i| format!("i-{i}")).collect();
         for uuid in &uuids {
             db.instance_create(&instance(uuid), "req-1").unwrap();
         }
-        let path = dir.path().join("zova.sqlite");
+        let url = db.url().to_string();
         let claimed: usize = std::thread::scope(|scope| {
             let workers: Vec<_> = uuids
                 .chunks(8)
                 .map(|chunk| {
                     // Each thread has its own pool, as separate scheduler processes would.
-                    let db = Db::open(path.to_str().unwrap()).unwrap();
+                    let db = Db::open(&url).unwrap();
                     scope.spawn(move || {
                         let mut won = 0;
                         for uuid in chunk {

@@ -5,6 +5,7 @@ use diesel::prelude::*;
 
 use crate::schema::{instance_actions, instances, quotas};
 use crate::{now, Db, DbError, Instance, NewInstance, Result};
+use crate::{AnyConnection, DbBackend};
 
 /// Which instances a list shows. Every field narrows; `None` leaves it open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -93,7 +94,7 @@ pub fn instances_that_fit(
     })
 }
 
-fn usage_of(conn: &mut SqliteConnection, project_id: &str) -> QueryResult<QuotaUsage> {
+fn usage_of(conn: &mut AnyConnection, project_id: &str) -> QueryResult<QuotaUsage> {
     // A project holds at most its quota of rows, so summing here is cheap and exact.
     let held: Vec<(i64, i64)> = instances::table
         .filter(instances::deleted.eq(0))
@@ -108,7 +109,7 @@ fn usage_of(conn: &mut SqliteConnection, project_id: &str) -> QueryResult<QuotaU
 }
 
 fn limits_of(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     project_id: &str,
     defaults: &QuotaLimits,
 ) -> QueryResult<QuotaLimits> {
@@ -185,7 +186,7 @@ impl Db {
             });
         }
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             diesel::delete(
                 quotas::table
                     .filter(quotas::project_id.eq(project_id))
@@ -228,7 +229,7 @@ impl Db {
         let project_id = first.project_id.clone();
         let mut conn = self.conn()?;
         // One transaction: what fits is counted and written while no other create can write.
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let limits = limits_of(conn, &project_id, defaults)?;
             let usage = usage_of(conn, &project_id)?;
             match instances_that_fit(
@@ -265,7 +266,7 @@ impl Db {
         project_id: &str,
     ) -> Result<Instance> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let current: Option<(String, Option<String>)> = instances::table
                 .filter(instances::deleted.eq(0))
                 .filter(instances::uuid.eq(uuid))
@@ -299,7 +300,7 @@ impl Db {
                 instances::task_state.eq(task_state),
                 instances::updated_at.eq(now()),
             ))
-            .returning(Instance::as_returning())
+            .returning(<Instance as Selectable<DbBackend>>::construct_selection())
             .get_result(conn)?;
             diesel::insert_into(instance_actions::table)
                 .values((

@@ -3,7 +3,9 @@
 use diesel::prelude::*;
 
 use crate::schema::{compute_nodes, services};
-use crate::{check_json_object, now, ComputeNode, ComputeNodeValues, Db, DbError, Result, Service};
+use crate::{
+    check_json_object, now, ComputeNode, ComputeNodeValues, Db, DbBackend, DbError, Result, Service,
+};
 
 /// The binary whose services own compute nodes.
 const COMPUTE_BINARY: &str = "zova-compute";
@@ -27,7 +29,7 @@ impl Db {
         rpc_public_key: Option<&str>,
     ) -> Result<Service> {
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let at = now();
             let live = services::table
                 .filter(services::deleted.eq(0))
@@ -42,7 +44,7 @@ impl Db {
                         services::rpc_public_key.eq(rpc_public_key),
                         services::updated_at.eq(at),
                     ))
-                    .returning(Service::as_returning())
+                    .returning(<Service as Selectable<DbBackend>>::construct_selection())
                     .get_result(conn)?,
                 None => diesel::insert_into(services::table)
                     .values((
@@ -53,7 +55,7 @@ impl Db {
                         services::rpc_public_key.eq(rpc_public_key),
                         services::created_at.eq(at),
                     ))
-                    .returning(Service::as_returning())
+                    .returning(<Service as Selectable<DbBackend>>::construct_selection())
                     .get_result(conn)?,
             };
             Ok(service)
@@ -123,7 +125,7 @@ impl Db {
             services::disabled_reason.eq(reason),
             services::updated_at.eq(now()),
         ))
-        .returning(Service::as_returning())
+        .returning(<Service as Selectable<DbBackend>>::construct_selection())
         .get_result(&mut conn)
         .optional()?
         .ok_or_else(|| service_not_found(host, binary))
@@ -146,7 +148,7 @@ impl Db {
         )
         // updated_at is the heartbeat; an operator's change must not make a dead host look alive.
         .set(services::forced_down.eq(forced_down))
-        .returning(Service::as_returning())
+        .returning(<Service as Selectable<DbBackend>>::construct_selection())
         .get_result(&mut conn)
         .optional()?
         .ok_or_else(|| service_not_found(host, binary))
@@ -159,7 +161,7 @@ impl Db {
         let free_ram_mb = values.memory_mb - values.memory_mb_used;
         let free_disk_gb = values.local_gb - values.local_gb_used;
         let mut conn = self.conn()?;
-        conn.immediate_transaction(|conn| {
+        conn.write_transaction(|conn| {
             let at = now();
             let existing: Option<i64> = compute_nodes::table
                 .filter(compute_nodes::deleted.eq(0))

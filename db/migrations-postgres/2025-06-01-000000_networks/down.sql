@@ -1,0 +1,2 @@
+DROP TABLE fixed_ips;
+DROP TABLE networks;
