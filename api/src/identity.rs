@@ -958,7 +958,7 @@ mod tests {
     /// (member of demo, no default project), and project `empty` nobody has a role on.
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = Db::open(dir.path().join("zova.sqlite").to_str().expect("utf-8 path"))
+        let db = Db::open(&db::test_database_url(dir.path()).expect("a test database"))
             .expect("open db");
         let boot = db
             .identity_bootstrap(&hash_password(ADMIN_PASSWORD).unwrap())

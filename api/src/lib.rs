@@ -199,6 +199,7 @@ impl From<DbError> for ApiError {
             DbError::NotFound { .. } => ApiError::NotFound(err.to_string()),
             DbError::Conflict(message) => ApiError::Conflict(message),
             DbError::OverQuota(message) => ApiError::Forbidden(message),
+            DbError::Invalid(message) => ApiError::BadRequest(message),
             other => ApiError::Internal(format!("Database error: {other}")),
         }
     }
@@ -301,8 +302,8 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
         .identity
         .token_ttl()
         .map_err(|e| ApiStartError::Config(format!("[identity] {e}")))?;
-    let url = config.database.url.clone();
-    let db = tokio::task::spawn_blocking(move || Db::open(&url))
+    let (url, max_connections) = (config.database.url.clone(), config.database.max_connections);
+    let db = tokio::task::spawn_blocking(move || Db::open_with(&url, max_connections))
         .await
         .map_err(|e| ApiStartError::Task(e.to_string()))??;
     let mut registry = Registry::default();
@@ -485,7 +486,16 @@ impl Api {
             debug!(log, "request"; "method" => %method, "path" => &path, "status" => response.status().as_u16());
             return response;
         }
+        // `%00` is the only escape that decodes to NUL.
+        let nul_in_uri = request
+            .uri()
+            .path_and_query()
+            .is_some_and(|pq| pq.as_str().contains("%00"));
         let (mut response, version) = match segments.first().map(String::as_str) {
+            _ if nul_in_uri => (
+                ApiError::BadRequest(NUL_REFUSED.into()).into_response(),
+                None,
+            ),
             Some("v3") => (
                 self.identity_request(&log, request, &segments, &base).await,
                 None,
@@ -811,7 +821,13 @@ impl Api {
     async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
         let limit = self.config.max_body_bytes;
         match Limited::new(request.into_body(), limit).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
+            Ok(collected) => {
+                let body = collected.to_bytes();
+                if has_nul_string(&body) {
+                    return Err(ApiError::BadRequest(NUL_REFUSED.into()));
+                }
+                Ok(body)
+            }
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(limit)),
             Err(e) => Err(ApiError::BadRequest(format!(
                 "The request body could not be read: {e}"
@@ -869,6 +885,26 @@ fn check_json_content_type(request: &Request<Incoming>) -> Result<(), ApiError> 
     }
 }
 
+/// Why a request with a NUL character is refused. PostgreSQL cannot store one in text, SQLite
+/// would, and no name, description or password needs one: refused alike on both, before
+/// anything is parsed further or written.
+const NUL_REFUSED: &str = "Invalid input: the request contains a NUL character (\\u0000 or %00).";
+
+/// Whether a JSON body holds a string with a NUL character. Only a body that spells the escape
+/// is parsed to find out (a raw NUL byte is not valid JSON, so the parser refuses it anyway).
+fn has_nul_string(body: &[u8]) -> bool {
+    fn any_nul(value: &Value) -> bool {
+        match value {
+            Value::String(text) => text.contains('\0'),
+            Value::Array(items) => items.iter().any(any_nul),
+            Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || any_nul(v)),
+            _ => false,
+        }
+    }
+    body.windows(6).any(|w| w == b"\\u0000")
+        && serde_json::from_slice::<Value>(body).is_ok_and(|v| any_nul(&v))
+}
+
 /// Parses a JSON request body; an empty or malformed one is Nova's 400.
 pub(crate) fn json_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|_| ApiError::BadRequest("Malformed request body".into()))
@@ -891,6 +927,17 @@ mod tests {
             config.metrics.address(default_port::API).as_deref(),
             Some("127.0.0.1:9774")
         );
+    }
+
+    #[test]
+    fn only_bodies_with_a_nul_string_are_found() {
+        assert!(has_nul_string(br#"{"server": {"name": "a\u0000b"}}"#));
+        assert!(has_nul_string(br#"{"a\u0000": 1}"#));
+        assert!(has_nul_string(br#"[["\u0000"]]"#));
+        // A backslash followed by the text u0000 is no NUL; nor is a body that is not JSON.
+        assert!(!has_nul_string(br#"{"name": "a\\u0000b"}"#));
+        assert!(!has_nul_string(br#"{"name": "\u0000"#));
+        assert!(!has_nul_string(br#"{"name": "plain"}"#));
     }
 
     #[test]

@@ -181,8 +181,8 @@ impl ConductorMetrics {
 /// Opens the database, binds `[rpc] conductor` and serves until stopped.
 pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ConductorError> {
     let stuck_check = config.conductor.stuck_check()?;
-    let url = config.database.url.clone();
-    let db = tokio::task::spawn_blocking(move || Db::open(&url))
+    let (url, max_connections) = (config.database.url.clone(), config.database.max_connections);
+    let db = tokio::task::spawn_blocking(move || Db::open_with(&url, max_connections))
         .await
         .map_err(|e| ConductorError::Config(e.to_string()))??;
     let mut registry = Registry::default();
@@ -780,7 +780,7 @@ mod tests {
     /// A database with one active instance, task_state `powering-off` (a stop under way).
     fn stopping() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = Db::open(&dir.path().join("zova.sqlite").display().to_string()).expect("db");
+        let db = Db::open(&db::test_database_url(dir.path()).expect("url")).expect("db");
         let row = db::NewInstance {
             uuid: "i-1".into(),
             display_name: "vm".into(),

@@ -3,9 +3,12 @@
 //! soft-deleted rows as in Nova.
 //!
 //! Every query is written once, for [`AnyConnection`]. A write runs in
-//! [`AnyConnection::write_transaction`]: `BEGIN IMMEDIATE` on SQLite (one writer at a time), a
-//! SERIALIZABLE transaction on PostgreSQL, run again when it loses a serialization race, so a
-//! read-then-write is as safe on either.
+//! [`AnyConnection::write_transaction`]: `BEGIN IMMEDIATE` on SQLite, and on PostgreSQL a
+//! read-committed transaction that first takes one advisory lock shared by every Zova process.
+//! Either way writers go one at a time and each statement sees what the previous writer
+//! committed, so a read-then-write (a quota check and its insert, a state check and its update)
+//! is as safe on one database as on the other. SERIALIZABLE was tried first: under a burst of
+//! creates in one project most transactions lost the race and had to run again.
 //!
 //! A [`Db`] is a cheap-to-clone handle on a connection pool. Every method is synchronous and
 //! short; async callers run them under `tokio::task::spawn_blocking`. A live row has
@@ -62,12 +65,13 @@ pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migration
 /// time, so more would only queue there.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
 
-/// Runs of a PostgreSQL write transaction that lost a serialization race, at most.
-const SERIALIZATION_ATTEMPTS: u32 = 20;
+/// Runs of a PostgreSQL transaction that was chosen as a deadlock's victim, at most.
+const SERIALIZATION_ATTEMPTS: u32 = 5;
 
-/// The advisory lock that makes PostgreSQL migrations one at a time (any number, the same in
-/// every Zova process).
+/// The advisory locks that make PostgreSQL migrations, and writes, one at a time (any numbers,
+/// the same in every Zova process).
 const MIGRATION_LOCK: i64 = 0x7a6f_7661;
+const WRITE_LOCK: i64 = 0x7a6f_7677;
 
 /// How long a writer waits for SQLite's lock before giving up with "database is locked".
 const BUSY_TIMEOUT_MS: u32 = 5000;
@@ -123,16 +127,16 @@ impl Backend {
     }
 }
 
-/// What a transaction is for: a write (see the module doc), or a schema change, which also
-/// waits for every other one (SQLite's exclusive lock; a PostgreSQL advisory lock, in a
-/// read-committed transaction so that it sees what the previous holder committed).
+/// What a transaction is for: a write, or a schema change (see the module doc: on PostgreSQL
+/// each takes its own advisory lock, in a read-committed transaction so that it sees what the
+/// previous holder committed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TransactionKind {
     Write,
     Schema,
 }
 
-/// Errors that may mean "a concurrent transaction won; run it again" on PostgreSQL.
+/// Errors that mean "a concurrent transaction won; run it again" on PostgreSQL.
 pub(crate) trait MayRetry {
     fn lost_a_race(&self) -> bool;
 }
@@ -164,7 +168,7 @@ impl AnyConnection {
     }
 
     /// Runs `work` in a write transaction (see the module doc); on PostgreSQL, again from the
-    /// start when it lost a serialization race, so `work` must only touch the database.
+    /// start if it was a deadlock's victim, so `work` must only touch the database.
     pub(crate) fn write_transaction<T, E>(
         &mut self,
         work: impl FnMut(&mut AnyConnection) -> std::result::Result<T, E>,
@@ -209,15 +213,17 @@ impl AnyConnection {
             (AnyConnection::Sqlite(c), TransactionKind::Schema) => {
                 AnsiTransactionManager::begin_transaction_sql(c, "BEGIN EXCLUSIVE")
             }
-            (AnyConnection::Postgresql(c), TransactionKind::Write) => {
-                AnsiTransactionManager::begin_transaction_sql(
-                    c,
-                    "BEGIN ISOLATION LEVEL SERIALIZABLE",
-                )
-            }
-            (AnyConnection::Postgresql(c), TransactionKind::Schema) => {
+            (AnyConnection::Postgresql(c), kind) => {
+                let lock = match kind {
+                    TransactionKind::Write => WRITE_LOCK,
+                    TransactionKind::Schema => MIGRATION_LOCK,
+                };
                 AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?;
-                c.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+                let locked = c.batch_execute(&format!("SELECT pg_advisory_xact_lock({lock})"));
+                if locked.is_err() {
+                    let _ = AnsiTransactionManager::rollback_transaction(c);
+                }
+                locked
             }
         }
     }

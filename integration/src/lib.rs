@@ -340,8 +340,10 @@ impl Fabric {
         log: slog::Logger,
     ) -> Result<Fabric, FabricError> {
         let state = tempfile::tempdir()?;
+        // A SQLite file, or a fresh PostgreSQL database when ZOVA_TEST_POSTGRES names a server.
         let database = proto::service::DatabaseConfig {
-            url: state.path().join("zova.sqlite").display().to_string(),
+            url: db::test_database_url(state.path())?,
+            ..Default::default()
         };
         let build_queue_period = Duration::from_millis(300);
         let keys = if options.curve {

@@ -63,6 +63,7 @@ fn binaries() -> PathBuf {
 /// One Zova deployment of separate processes on loopback, with its own SQLite file.
 struct Deployment {
     state: tempfile::TempDir,
+    database_url: String,
     bin: PathBuf,
     config: PathBuf,
     api_address: String,
@@ -82,6 +83,7 @@ impl Deployment {
             format!("tcp://127.0.0.1:{}", free_port()),
             format!("tcp://127.0.0.1:{}", free_port()),
         ];
+        let database_url = db::test_database_url(state.path()).expect("a test database");
         let config = state.path().join("zova.toml");
         let text = format!(
             r#"[database]
@@ -115,7 +117,7 @@ stuck_check_interval = 0.5
 libvirt_uri = "test:///default"
 report_interval = 1.0
 "#,
-            db = state.path().join("zova.sqlite").display(),
+            db = database_url,
             s1 = scheduler_binds[0],
             s2 = scheduler_binds[1],
         );
@@ -123,6 +125,7 @@ report_interval = 1.0
         Deployment {
             bin: binaries(),
             state,
+            database_url,
             config,
             api_address,
             scheduler_binds,
@@ -132,7 +135,7 @@ report_interval = 1.0
     }
 
     fn db(&self) -> db::Db {
-        db::Db::open(&self.state.path().join("zova.sqlite").display().to_string()).expect("db")
+        db::Db::open(&self.database_url).expect("db")
     }
 
     /// Starts service `name`: `api`, `conductor`, `scheduler-1`, `scheduler-2` or a host name.

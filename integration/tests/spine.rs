@@ -236,6 +236,8 @@ async fn bad_requests_get_nova_errors_and_change_nothing() {
         (server("vm", "99").to_string().into_bytes(), "Flavor 99 could not be found."),
         (json!({"server": {"name": "vm", "flavorRef": "1", "imageRef": "7f1c0e2a-0000-4000-8000-000000000000"}}).to_string().into_bytes(), "could not be found"),
         (with_hints("vm", "1", json!({"scheduler_host_match": "(["})).to_string().into_bytes(), "scheduler_host_match"),
+        // PostgreSQL cannot store a NUL in text: refused on either database, before any write.
+        (server("vm\u{0}x", "1").to_string().into_bytes(), "NUL character"),
     ];
     for (body, expected) in cases {
         let response = integration::http_request(
@@ -272,6 +274,15 @@ async fn bad_requests_get_nova_errors_and_change_nothing() {
         fabric.db.instances_list(None).expect("db").is_empty(),
         "no row was written"
     );
+
+    for path in ["/v2.1/servers?name=a%00b", "/v2.1/servers/%00"] {
+        let refused = fabric
+            .http(Method::GET, path, None)
+            .await
+            .expect("answered");
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(refused.body["badRequest"]["code"], 400, "{path}");
+    }
 
     let too_large = vec![b' '; 2 * 1024 * 1024];
     let response = integration::http_request(

@@ -35,17 +35,21 @@ pub fn load_config<T: Serialize + DeserializeOwned + Default>(
         .map_err(Box::new)
 }
 
-/// `[database]`: where the database is (a SQLite file path, or `sqlite://PATH`).
+/// `[database]`: where the database is (a SQLite file path, `sqlite://PATH`, or a
+/// `postgres://` URL) and how many connections each service keeps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DatabaseConfig {
     pub url: String,
+    /// Connections a service keeps open at most (its pool); opened as they are needed.
+    pub max_connections: u32,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "zova-state/zova.sqlite".into(),
+            max_connections: 8,
         }
     }
 }

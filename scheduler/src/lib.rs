@@ -371,8 +371,8 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
     let period =
         proto::service::positive_seconds("build_queue_period", config.scheduler.build_queue_period)
             .map_err(SchedulerError::Config)?;
-    let url = config.database.url.clone();
-    let db = tokio::task::spawn_blocking(move || Db::open(&url))
+    let (url, max_connections) = (config.database.url.clone(), config.database.max_connections);
+    let db = tokio::task::spawn_blocking(move || Db::open_with(&url, max_connections))
         .await
         .map_err(|e| SchedulerError::Task(e.to_string()))??;
     let mut registry = Registry::default();

@@ -137,10 +137,14 @@ impl ManageConfig {
             .unwrap_or(DEFAULT_DOWN_AFTER_SECONDS)
     }
 
-    /// `--store`, else `[image] store_path`, else `images` beside the database file.
+    /// `--store`, else `[image] store_path`, else `images` beside the SQLite file (or in the
+    /// current directory with PostgreSQL, which has no file to stand beside).
     fn image_store(&self, flag: Option<PathBuf>, database_url: &str) -> PathBuf {
         flag.or_else(|| self.image.store_path.clone())
             .unwrap_or_else(|| {
+                if db::Backend::of(database_url) == db::Backend::Postgres {
+                    return PathBuf::from("images");
+                }
                 let file = Path::new(
                     database_url
                         .strip_prefix("sqlite://")
@@ -294,7 +298,7 @@ mod tests {
 
     pub(super) fn open_temp() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path().join("zova.sqlite").to_str().unwrap()).unwrap();
+        let db = Db::open(&db::test_database_url(dir.path()).unwrap()).unwrap();
         (dir, db)
     }
 
@@ -371,6 +375,10 @@ mod tests {
             Path::new("/var/lib/zova/images")
         );
         assert_eq!(config.image_store(None, "zova.sqlite"), Path::new("images"));
+        assert_eq!(
+            config.image_store(None, "postgres://zova:secret@db.example/zova"),
+            Path::new("images")
+        );
         config.image.store_path = Some("/srv/images".into());
         assert_eq!(
             config.image_store(None, "/x/zova.sqlite"),

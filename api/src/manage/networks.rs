@@ -163,7 +163,7 @@ mod tests {
 
     fn temp_db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("zova.sqlite").display().to_string()).unwrap();
+        let db = Db::open(&db::test_database_url(dir.path()).unwrap()).unwrap();
         (dir, db)
     }
 

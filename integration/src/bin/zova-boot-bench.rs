@@ -3,6 +3,9 @@
 //! `POST /servers` to ACTIVE.
 //!
 //!     cargo run --release -p integration --bin zova-boot-bench -- --servers 200 --concurrency 8
+//!
+//! With `ZOVA_TEST_POSTGRES=postgres://USER:PASSWORD@HOST/DB` the fabric runs on a fresh
+//! PostgreSQL database on that server instead of a SQLite file.
 
 use std::time::{Duration, Instant};
 
@@ -104,9 +107,10 @@ async fn main() -> std::process::ExitCode {
     let elapsed = started.elapsed();
     latencies.sort();
     println!(
-        "booted {} servers on {} hosts with {} in flight in {:.2} s: {:.1} boots/s; POST→ACTIVE p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms",
+        "booted {} servers on {} hosts ({:?}) with {} in flight in {:.2} s: {:.1} boots/s; POST→ACTIVE p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms",
         latencies.len(),
         args.hosts,
+        fabric.db.backend(),
         args.concurrency,
         elapsed.as_secs_f64(),
         latencies.len() as f64 / elapsed.as_secs_f64(),

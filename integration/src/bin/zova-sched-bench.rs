@@ -6,6 +6,9 @@
 //! process can commit. The last line is one JSON object for scripts.
 //!
 //!     cargo run --release -p integration --bin zova-sched-bench -- --hosts 10000 --requests 100000
+//!
+//! With `ZOVA_TEST_POSTGRES=postgres://USER:PASSWORD@HOST/DB` it runs on a fresh PostgreSQL
+//! database on that server instead of a SQLite file.
 
 use std::time::{Duration, Instant};
 
@@ -121,7 +124,8 @@ fn instance(uuid: &str) -> NewInstance {
 
 fn run(args: &Args) -> Result<serde_json::Value, String> {
     let state = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let url = state.path().join("zova.sqlite").display().to_string();
+    // SQLite, or PostgreSQL when ZOVA_TEST_POSTGRES names a server (a fresh database there).
+    let url = db::test_database_url(state.path()).map_err(|e| e.to_string())?;
     let db = Db::open(&url).map_err(|e| e.to_string())?;
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let config = scheduler::SchedulerConfig::default();
@@ -215,6 +219,7 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
     claim_latencies.sort();
 
     Ok(serde_json::json!({
+        "database": format!("{:?}", db.backend()).to_lowercase(),
         "hosts": args.hosts,
         "requests": args.requests,
         "decisions_per_s": (f64::from(args.requests) / decisions_elapsed.as_secs_f64()).round(),
