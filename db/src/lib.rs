@@ -218,12 +218,15 @@ impl AnyConnection {
                     TransactionKind::Write => WRITE_LOCK,
                     TransactionKind::Schema => MIGRATION_LOCK,
                 };
-                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?;
-                let locked = c.batch_execute(&format!("SELECT pg_advisory_xact_lock({lock})"));
-                if locked.is_err() {
-                    let _ = AnsiTransactionManager::rollback_transaction(c);
+                // One round trip for both: every write pays it.
+                let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({lock})");
+                let begun = AnsiTransactionManager::begin_transaction_sql(c, &begin);
+                if begun.is_err() {
+                    // diesel counts no transaction, but PostgreSQL may hold an aborted one (a
+                    // ROLLBACK without one is only a warning).
+                    let _ = c.batch_execute("ROLLBACK");
                 }
-                locked
+                begun
             }
         }
     }
