@@ -143,6 +143,8 @@ pub struct FabricOptions {
     pub schedulers: usize,
     /// Their settings; `build_queue_period` is the fabric's own (0.3 s).
     pub scheduler: scheduler::SchedulerConfig,
+    /// Conductor services; the API and the computes spread work over them.
+    pub conductors: usize,
     /// CURVE on every socket: the conductor and schedulers share one server key pair, each
     /// compute host and the API have their own, and every service trusts only these keys.
     pub curve: bool,
@@ -158,6 +160,7 @@ impl Default for FabricOptions {
         FabricOptions {
             schedulers: 1,
             scheduler: scheduler::SchedulerConfig::default(),
+            conductors: 1,
             curve: false,
             metrics: false,
             conductor: conductor::ConductorConfig::default(),
@@ -225,9 +228,10 @@ pub struct Fabric {
     _state: tempfile::TempDir,
 }
 
-fn rpc_config(conductor: &str, schedulers: &[String]) -> proto::service::RpcConfig {
+fn rpc_config(conductors: &[String], schedulers: &[String]) -> proto::service::RpcConfig {
     proto::service::RpcConfig {
-        conductor: conductor.into(),
+        conductor: conductors.first().cloned().unwrap_or_default(),
+        conductors: conductors.to_vec(),
         scheduler: schedulers.first().cloned().unwrap_or_default(),
         schedulers: schedulers.to_vec(),
         cast_timeout_ms: 2000,
@@ -363,7 +367,7 @@ impl Fabric {
             let scheduler = scheduler::start(
                 scheduler::Config {
                     database: database.clone(),
-                    rpc: keys.apply("control", &rpc_config("", &[any.to_string()])),
+                    rpc: keys.apply("control", &rpc_config(&[], &[any.to_string()])),
                     metrics: metrics.clone(),
                     scheduler: scheduler::SchedulerConfig {
                         build_queue_period: build_queue_period.as_secs_f64(),
@@ -384,21 +388,32 @@ impl Fabric {
             services.push((name, scheduler));
         }
 
-        let conductor = conductor::start(
-            conductor::Config {
-                database: database.clone(),
-                rpc: keys.apply("control", &rpc_config(any, &scheduler_endpoints)),
-                metrics: metrics.clone(),
-                conductor: options.conductor.clone(),
-                ..Default::default()
-            },
-            log.new(slog::o!("service" => "zova-conductor")),
-        )
-        .await
-        .map_err(|e| start_error("conductor")(e.to_string()))?;
-        let conductor_endpoint = conductor.endpoint.clone();
-        services.push(("conductor".to_string(), conductor));
-        let rpc = rpc_config(&conductor_endpoint, &scheduler_endpoints);
+        let mut conductor_endpoints = Vec::new();
+        for n in 1..=options.conductors.max(1) {
+            let conductor = conductor::start(
+                conductor::Config {
+                    database: database.clone(),
+                    rpc: keys.apply(
+                        "control",
+                        &rpc_config(&[any.to_string()], &scheduler_endpoints),
+                    ),
+                    metrics: metrics.clone(),
+                    conductor: options.conductor.clone(),
+                    ..Default::default()
+                },
+                log.new(slog::o!("service" => "zova-conductor", "conductor" => n)),
+            )
+            .await
+            .map_err(|e| start_error("conductor")(e.to_string()))?;
+            conductor_endpoints.push(conductor.endpoint.clone());
+            let name = if n == 1 {
+                "conductor".to_string()
+            } else {
+                format!("conductor-{n}")
+            };
+            services.push((name, conductor));
+        }
+        let rpc = rpc_config(&conductor_endpoints, &scheduler_endpoints);
 
         for host in hosts {
             services.push((

@@ -30,6 +30,37 @@ async fn work_fails_over_to_the_live_scheduler_when_one_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_fails_over_to_the_live_conductor_when_one_stops() {
+    // Two conductors and two schedulers on one database (PostgreSQL in the suite's second
+    // pass): issue 8's control plane on several machines, here on one.
+    let options = FabricOptions {
+        conductors: 2,
+        schedulers: 2,
+        ..Default::default()
+    };
+    let mut fabric = Fabric::start_with(&three_hosts(), options, test_log())
+        .await
+        .expect("fabric starts");
+    for i in 0..4 {
+        let server = fabric
+            .boot(&server_body(&format!("both-{i}"), "1"), BUILD_LIMIT)
+            .await
+            .expect("built");
+        assert_eq!(server["status"], "ACTIVE", "{server}");
+    }
+    assert!(fabric.kill("conductor").await, "the first conductor stops");
+    // The API's builds and the computes' records move to the live conductor.
+    for i in 0..6 {
+        let server = fabric
+            .boot(&server_body(&format!("one-{i}"), "1"), BUILD_LIMIT)
+            .await
+            .expect("built");
+        assert_eq!(server["status"], "ACTIVE", "{server}");
+    }
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_fabric_runs_on_curve_and_keys_reach_the_services_table() {
     let options = FabricOptions {
         curve: true,
