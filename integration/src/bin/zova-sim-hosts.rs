@@ -1,0 +1,127 @@
+//! Many compute hosts in one process, for load runs: each is a whole `zova-compute` service
+//! (its own ZeroMQ socket on loopback, its own registration, heartbeats and resource reports
+//! through the conductor, its own libvirt connection to the test hypervisor), named
+//! `<prefix><first>` … `<prefix><first + hosts - 1>`, with sizes cycling through three.
+//! Hundreds of separate processes would cost the machine more than the fabric under test.
+//!
+//!     ZOVA_CONFIG=zova.toml zova-sim-hosts --hosts 1000 --instances-path DIR
+//!
+//! It reads `[rpc]`, `[log]` and `[compute]` from the config as zova-compute does (host, bind,
+//! sizes and instance directory are its own) and runs until Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zova-sim-hosts",
+    about = "Run many simulated compute hosts (libvirt's test hypervisor) in one process"
+)]
+struct Args {
+    /// The zova.toml to read.
+    #[arg(long, env = "ZOVA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Hosts to run.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    hosts: u32,
+    /// Number of the first host.
+    #[arg(long, default_value_t = 1)]
+    first: u32,
+    /// Host names are this prefix and a number.
+    #[arg(long, default_value = "node-")]
+    prefix: String,
+    /// Each host keeps its files in DIR/<host name>.
+    #[arg(long)]
+    instances_path: PathBuf,
+}
+
+/// vCPUs, MB of RAM, GB of disk: the all-in-one's three sizes.
+const SIZES: [(i64, i64, i64); 3] = [(4, 8192, 80), (8, 16384, 160), (16, 32768, 320)];
+
+/// Each host holds a few sockets and a libvirt connection: lift the soft open-file limit to
+/// the hard one, which is what a thousand hosts need.
+fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config: compute::Config = match proto::service::load_config(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("zova-sim-hosts: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let log = proto::service::root_logger(&config.log, "zova-sim-hosts");
+    match raise_open_file_limit() {
+        Ok(files) => slog::info!(log, "open-file limit"; "files" => files),
+        Err(e) => slog::warn!(log, "cannot raise the open-file limit"; "error" => %e),
+    }
+    let mut handles = Vec::new();
+    for (n, number) in (args.first..args.first.saturating_add(args.hosts)).enumerate() {
+        let host = format!("{}{number}", args.prefix);
+        let (vcpus, memory_mb, local_gb) = SIZES[n % SIZES.len()];
+        let mut host_config = config.clone();
+        host_config.compute.host = host.clone();
+        host_config.compute.bind = "tcp://127.0.0.1:*".into();
+        host_config.compute.advertise = None;
+        host_config.compute.instances_path = args.instances_path.join(&host);
+        host_config.compute.vcpus = Some(vcpus);
+        host_config.compute.memory_mb = Some(memory_mb);
+        host_config.compute.local_gb = Some(local_gb);
+        // One metrics port per process would clash; the hosts are seen through the conductor.
+        host_config.metrics.listen = String::new();
+        let host_log = log.new(slog::o!("host" => host.clone()));
+        match compute::start(host_config, host_log).await {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                slog::crit!(log, "a host failed to start"; "host" => &host, "error" => %e);
+                eprintln!("zova-sim-hosts: {host}: {e}");
+                for handle in handles {
+                    handle.stop().await;
+                }
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    slog::info!(log, "hosts running"; "hosts" => handles.len());
+    wait_for_stop_signal().await;
+    slog::info!(log, "stopping"; "hosts" => handles.len());
+    for handle in handles {
+        handle.stop().await;
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
