@@ -466,6 +466,7 @@ impl Api {
             || call.param("ip6").is_some()
             || (call.version.at_least(26)
                 && (call.param("tags").is_some() || call.param("tags-any").is_some()));
+        let marker_project = filter.project_id.clone();
         let instances = if matches_nothing {
             Vec::new()
         } else {
@@ -477,7 +478,28 @@ impl Api {
             .filter(|i| flavor.as_ref().is_none_or(|f| &i.flavorid == f))
             .filter(|i| image.as_ref().is_none_or(|f| &i.image_ref == f))
             .collect();
-        let (instances, more) = paginate(instances, &page, |i| i.uuid.clone())?;
+        let (instances, more) = match &page.marker {
+            Some(marker) if !instances.iter().any(|i| &i.uuid == marker) => {
+                // As Nova: a marker that no longer matches the filters (a server that left
+                // BUILD between two pages) or was deleted still marks where the next page
+                // starts, by its place in the order (newest first); only an unknown one is a 400.
+                let (lookup, project) = (marker.clone(), marker_project.clone());
+                let found = self
+                    .db(move |db| db.instance_get_with_deleted(&lookup))
+                    .await?
+                    .filter(|m| project.as_ref().is_none_or(|p| &m.project_id == p));
+                let Some(at) = found else {
+                    return Err(ApiError::BadRequest(format!("marker [{marker}] not found")));
+                };
+                let after: Vec<Instance> = instances
+                    .into_iter()
+                    .filter(|i| (i.created_at, i.id) < (at.created_at, at.id))
+                    .collect();
+                let more = after.len() > page.limit;
+                (after.into_iter().take(page.limit).collect(), more)
+            }
+            _ => paginate(instances, &page, |i| i.uuid.clone())?,
+        };
         let view = self.server_view(call);
         let statuses = if detail {
             self.host_statuses(call).await?

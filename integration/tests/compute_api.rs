@@ -310,6 +310,71 @@ async fn servers_are_shaped_by_microversion_filtered_and_paged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_that_left_the_filter_or_was_deleted_still_pages_as_in_nova() {
+    let fabric = fabric().await;
+    // Newest first: late, failed, early. m1.xlarge fits no host, so `failed` ends in ERROR.
+    fabric
+        .boot(&server("early"), BUILD_LIMIT)
+        .await
+        .expect("built");
+    let failed = fabric
+        .boot(&integration::server_body("failed", "5"), BUILD_LIMIT)
+        .await
+        .expect("built");
+    assert_eq!(failed["status"], "ERROR", "{failed}");
+    let late = fabric
+        .boot(&server("late"), BUILD_LIMIT)
+        .await
+        .expect("built");
+    let id = |server: &Value| server["id"].as_str().expect("id").to_string();
+    let names = |response: &HttpResponse| -> Vec<String> {
+        response.body["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+
+    // A server that no longer matches the filter (here: it is in ERROR) marks where to go on.
+    let page = get(
+        &fabric,
+        &format!("/v2.1/servers?status=ACTIVE&marker={}", id(&failed)),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert_eq!(names(&page), ["early"]);
+    // So does a deleted one.
+    let gone = fabric
+        .http(
+            Method::DELETE,
+            &format!("/v2.1/servers/{}", id(&late)),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    fabric
+        .wait_for("the delete", BUILD_LIMIT, || {
+            Ok(fabric.db.instance_get(&id(&late))?.is_none())
+        })
+        .await
+        .expect("deleted");
+    let page = get(&fabric, &format!("/v2.1/servers?marker={}", id(&late))).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert_eq!(names(&page), ["failed", "early"]);
+    // An id that never was a server is still Nova's 400.
+    let unknown = get(
+        &fabric,
+        "/v2.1/servers?marker=6c3a1f0e-0000-4000-8000-000000000000",
+    )
+    .await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+    assert!(message(&unknown).contains("marker"), "{}", unknown.body);
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projects_are_isolated_and_roles_limit_what_callers_do() {
     let fabric = fabric().await;
     let admins = fabric
