@@ -331,6 +331,55 @@ mod tests {
         }
     }
 
+    /// The PostgreSQL set is a copy of the SQLite one but for the key columns; a migration
+    /// added to one and not the other, or changed in one only, fails here.
+    #[test]
+    fn the_postgresql_migrations_are_the_sqlite_ones_but_for_the_keys() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let sql_of = |dir: &Path| -> Vec<(String, String)> {
+            let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+                .unwrap()
+                .flat_map(|migration| {
+                    let migration = migration.unwrap().path();
+                    ["up.sql", "down.sql"].map(|file| {
+                        let name = migration.file_name().unwrap().to_string_lossy();
+                        let text = std::fs::read_to_string(migration.join(file)).unwrap();
+                        // Comments may differ; statements may not.
+                        let statements = text
+                            .lines()
+                            .filter(|l| !l.trim_start().starts_with("--"))
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        (format!("{name}/{file}"), statements)
+                    })
+                })
+                .collect();
+            files.sort();
+            files
+        };
+        let sqlite: Vec<(String, String)> = sql_of(&root.join("migrations"))
+            .into_iter()
+            .map(|(name, sql)| {
+                let keys = sql
+                    .replace(
+                        "id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL",
+                        "id BIGSERIAL PRIMARY KEY",
+                    )
+                    .replace(
+                        "id INTEGER PRIMARY KEY NOT NULL",
+                        "id BIGINT PRIMARY KEY NOT NULL",
+                    );
+                (name, keys)
+            })
+            .collect();
+        let postgres = sql_of(&root.join("migrations-postgres"));
+        assert_eq!(sqlite.len(), postgres.len(), "the same migrations");
+        for ((name, expected), (pg_name, actual)) in sqlite.iter().zip(&postgres) {
+            assert_eq!(name, pg_name);
+            assert_eq!(expected, actual, "{name} differs beyond its key columns");
+        }
+    }
+
     #[test]
     fn status_of_a_missing_file_has_everything_pending_and_creates_nothing() {
         let dir = tempfile::tempdir().unwrap();

@@ -636,6 +636,32 @@ async fn compute_state(deployment: &Deployment, token: &str, host: &str) -> Opti
         .map(str::to_string)
 }
 
+/// Waits (up to `service_down_time` and 10 s) until `os-services` says `host` is `state`.
+async fn wait_for_compute_state(deployment: &Deployment, token: &str, host: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(SERVICE_DOWN_TIME_S + 10);
+    while compute_state(deployment, token, host).await.as_deref() != Some(state) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{host} is not reported {state}:\n{}",
+            deployment.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A check for [`Deployment::wait_until`]: instance `uuid` is ACTIVE.
+fn active(uuid: &str) -> impl FnMut(&db::Db) -> Result<(), String> + '_ {
+    move |db| {
+        let vm = db
+            .instance_get(uuid)
+            .map_err(|e| e.to_string())?
+            .map(|i| i.vm_state);
+        (vm.as_deref() == Some("active"))
+            .then_some(())
+            .ok_or(format!("{vm:?}"))
+    }
+}
+
 /// Creates `count` servers with `hints`; returns the ids of those accepted.
 async fn create_many(
     deployment: &Deployment,
@@ -671,15 +697,7 @@ async fn a_compute_that_stops_answering_is_marked_down_gets_no_work_and_builds_n
         .wait_until(
             "the first server ACTIVE on node-2",
             Duration::from_secs(30),
-            |db| {
-                let vm = db
-                    .instance_get(&warm[0])
-                    .map_err(|e| e.to_string())?
-                    .map(|i| i.vm_state);
-                (vm.as_deref() == Some("active"))
-                    .then_some(())
-                    .ok_or(format!("{vm:?}"))
-            },
+            active(&warm[0]),
         )
         .await;
 
@@ -687,20 +705,7 @@ async fn a_compute_that_stops_answering_is_marked_down_gets_no_work_and_builds_n
     // Work sent while nobody knows yet: forced onto node-2, and placed by the scheduler.
     let forced = create_many(&deployment, &token, "forced", 3, on_node_2.clone()).await;
     let placed = create_many(&deployment, &token, "placed", 15, serde_json::json!({})).await;
-    let limit = Duration::from_secs(SERVICE_DOWN_TIME_S + 10);
-    let deadline = tokio::time::Instant::now() + limit;
-    while compute_state(&deployment, &token, "node-2")
-        .await
-        .as_deref()
-        != Some("down")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node-2 is not reported down:\n{}",
-            deployment.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_compute_state(&deployment, &token, "node-2", "down").await;
     let later = create_many(&deployment, &token, "later", 15, serde_json::json!({})).await;
     let settle = Duration::from_secs_f64(BUILD_TIMEOUT_S * 2.0 + 10.0);
     deployment
@@ -741,19 +746,7 @@ async fn a_compute_that_stops_answering_is_marked_down_gets_no_work_and_builds_n
 
     // Back: it is up again, what it had queued builds nothing, and it takes work again.
     deployment.signal("node-2", libc::SIGCONT);
-    let deadline = tokio::time::Instant::now() + limit;
-    while compute_state(&deployment, &token, "node-2")
-        .await
-        .as_deref()
-        != Some("up")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node-2 is not back up:\n{}",
-            deployment.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_compute_state(&deployment, &token, "node-2", "up").await;
     // The scheduler counts a host that missed a cast as down until its next heartbeat.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let back = create_many(&deployment, &token, "back", 1, on_node_2).await;
@@ -761,15 +754,7 @@ async fn a_compute_that_stops_answering_is_marked_down_gets_no_work_and_builds_n
         .wait_until(
             "a server ACTIVE on node-2 again",
             Duration::from_secs(30),
-            |db| {
-                let vm = db
-                    .instance_get(&back[0])
-                    .map_err(|e| e.to_string())?
-                    .map(|i| i.vm_state);
-                (vm.as_deref() == Some("active"))
-                    .then_some(())
-                    .ok_or(format!("{vm:?}"))
-            },
+            active(&back[0]),
         )
         .await;
     deployment
