@@ -287,7 +287,8 @@ impl ServiceHandle {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at Ctrl-C or SIGTERM: how every Zova process is asked to stop.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -102,26 +102,10 @@ async fn main() -> std::process::ExitCode {
         }
     }
     slog::info!(log, "hosts running"; "hosts" => handles.len());
-    wait_for_stop_signal().await;
+    proto::service::shutdown_signal().await;
     slog::info!(log, "stopping"; "hosts" => handles.len());
     for handle in handles {
         handle.stop().await;
     }
     std::process::ExitCode::SUCCESS
-}
-
-/// Ctrl-C or SIGTERM.
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
