@@ -20,7 +20,7 @@ pub enum Kind {
     /// Request that expects a `Reply` with the same message id.
     Call,
     Reply,
-    /// The peer's I/O thread has taken the message (sent for casts and calls alike).
+    /// The peer's I/O task has taken the message (sent for casts and calls alike).
     Ack,
 }
 

@@ -61,7 +61,7 @@ pub enum ProtoError {
     Remote(RemoteError),
     #[error("the RPC transport is shut down")]
     Closed,
-    #[error("cannot start the RPC I/O thread: {0}")]
+    #[error("cannot start the RPC I/O task: {0}")]
     Thread(String),
 }
 

@@ -355,7 +355,7 @@ fn failure_index(err: &ProtoError) -> Option<usize> {
     })
 }
 
-/// Why the I/O thread dropped a frame it received.
+/// Why the I/O task dropped a frame it received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DroppedFrame {
     /// Not a MessagePack envelope this service can read (requests and answers alike).

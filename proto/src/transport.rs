@@ -1,15 +1,23 @@
-//! The ZeroMQ transport: one I/O thread per `Rpc` owns every socket (the service's ROUTER and one
-//! DEALER per peer), because ZeroMQ sockets must not be shared between threads. Async callers talk
-//! to that thread through a command queue (woken by an eventfd only when the thread sleeps) and
-//! wait on oneshot channels.
+//! The ZeroMQ transport: one I/O task per `Rpc` owns every socket (the service's ROUTER and one
+//! DEALER per peer), because ZeroMQ sockets must not be used from two threads at once. The task
+//! runs on the service's tokio runtime and waits on the sockets' descriptors (`ZMQ_FD`, through
+//! `AsyncFd`), so a request, its frames and its answer move between tasks on the same workers
+//! rather than across a separate thread. Callers talk to the task through a command queue and wait
+//! on oneshot channels.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use slog::{debug, info, warn, Logger};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, oneshot, Notify};
 use uuid::Uuid;
 
 use crate::curve::{self, CurveConfig, CurveKeys, Key};
@@ -140,7 +148,7 @@ impl Waiter {
 }
 
 /// A request waiting for its ack or reply, the peer it goes to, its method (for the metrics)
-/// and the connection (DEALER) it went out on once the I/O thread has sent it.
+/// and the connection (DEALER) it went out on once the I/O task has sent it.
 struct Pending {
     /// Shared with the command that sends it: one allocation per request, not two.
     endpoint: Arc<str>,
@@ -189,7 +197,7 @@ impl PendingTable {
         Some(pending)
     }
 
-    /// Takes out the requests sent on one connection; those still queued for the I/O thread will
+    /// Takes out the requests sent on one connection; those still queued for the I/O task will
     /// go out on the next one.
     fn remove_sent_on(&mut self, connection: u64) -> Vec<Pending> {
         let ids: Vec<Uuid> = self
@@ -221,7 +229,7 @@ impl PendingTable {
 }
 
 type PendingMap = Arc<Mutex<PendingTable>>;
-/// Server keys registered with `set_peer_key`, read by the I/O thread when it opens a DEALER.
+/// Server keys registered with `set_peer_key`, read by the I/O task when it opens a DEALER.
 type PeerKeys = Arc<Mutex<HashMap<String, Key>>>;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,7 +248,7 @@ struct PendingGuard<'a> {
 
 impl PendingGuard<'_> {
     /// The request was answered: whoever answered it took its entry out first, so dropping
-    /// the guard need not take the lock the I/O thread works under.
+    /// the guard need not take the lock the I/O task works under.
     fn answered(mut self) {
         self.armed = false;
     }
@@ -253,7 +261,7 @@ impl Drop for PendingGuard<'_> {
         }
     }
 }
-/// What callers ask of the I/O thread.
+/// What callers ask of the I/O task.
 enum Command {
     Send {
         endpoint: Arc<str>,
@@ -275,94 +283,50 @@ enum Command {
         endpoint: String,
     },
     Close,
-    Stop,
 }
 
-/// The queue from callers to the I/O thread. Pushing is a short lock; the thread is woken
-/// through an eventfd only when it sleeps in `poll`, so a burst of requests costs one wake-up.
+/// The queue from callers to the I/O task. Pushing is a short lock; the task is woken only when
+/// it waits, so a burst of requests costs one wake-up. The wake-up is a tokio `Notify`: a caller
+/// on the same runtime hands the task to its own worker, with no thread switch.
 struct CommandQueue {
     queue: Mutex<Vec<Command>>,
-    /// The I/O thread is (about to be) asleep in `poll`.
-    sleeping: std::sync::atomic::AtomicBool,
-    /// Cleared when the I/O thread has stopped: nothing would take a command any more.
-    open: std::sync::atomic::AtomicBool,
-    wake: std::os::fd::OwnedFd,
+    /// The I/O task is (about to be) waiting for commands or frames.
+    sleeping: AtomicBool,
+    /// Cleared when the I/O task has stopped: nothing would take a command any more.
+    open: AtomicBool,
+    wake: Notify,
 }
 
 type CommandSocket = Arc<CommandQueue>;
 
 impl CommandQueue {
-    fn new() -> Result<Self, ProtoError> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: eventfd returns a new descriptor (or -1), which OwnedFd then owns.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(ProtoError::Thread(format!(
-                "cannot create the I/O thread's wake-up: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(CommandQueue {
+    fn new() -> Self {
+        CommandQueue {
             queue: Mutex::new(Vec::new()),
-            sleeping: std::sync::atomic::AtomicBool::new(false),
-            open: std::sync::atomic::AtomicBool::new(true),
-            // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
-            wake: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
-        })
+            sleeping: AtomicBool::new(false),
+            open: AtomicBool::new(true),
+            wake: Notify::new(),
+        }
     }
 
     fn push(&self, command: Command) -> Result<(), ProtoError> {
-        use std::sync::atomic::Ordering;
         if !self.open.load(Ordering::SeqCst) {
             return Err(ProtoError::Closed);
         }
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(command);
+        lock(&self.queue).push(command);
         if self.sleeping.swap(false, Ordering::SeqCst) {
-            self.ring();
+            // A permit is kept if the task is not yet waiting, so this wake-up is never lost.
+            self.wake.notify_one();
         }
         Ok(())
     }
 
-    fn ring(&self) {
-        use std::os::fd::AsRawFd;
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd; a full counter (EAGAIN)
-        // still leaves the thread woken.
-        unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
-    }
-
-    /// Empties the eventfd after a wake-up.
-    fn reset_wake(&self) {
-        use std::os::fd::AsRawFd;
-        let mut count: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64 from our own non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.wake.as_raw_fd(),
-                (&mut count as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
-    }
-
     fn take(&self) -> Vec<Command> {
-        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *lock(&self.queue))
     }
 
     fn is_empty(&self) -> bool {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        lock(&self.queue).is_empty()
     }
 }
 
@@ -446,7 +410,7 @@ impl Incoming {
             };
             bytes = short;
         }
-        // The I/O thread is gone only at shutdown, when nobody waits for the reply any more.
+        // The I/O task is gone only at shutdown, when nobody waits for the reply any more.
         let _ = self.commands.push(Command::Reply {
             identity: std::mem::take(&mut self.identity),
             method: self.metrics.method_label(&self.envelope.method),
@@ -492,6 +456,9 @@ pub struct Rpc {
     peer_keys: PeerKeys,
     endpoint: Option<String>,
     metrics: RpcMetrics,
+    /// What the I/O task owns; `shutdown` takes it out, which closes the sockets.
+    io: SharedIo,
+    /// The thread that runs the I/O task when `start` was called outside a tokio runtime.
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -499,7 +466,8 @@ pub struct Rpc {
 type Started = (Rpc, Option<mpsc::UnboundedReceiver<Incoming>>);
 
 impl Rpc {
-    /// Starts the I/O thread. With `bind`, the service also serves requests: they arrive on the
+    /// Starts the I/O task, on the current tokio runtime (or, outside one, on a thread of its own
+    /// with a runtime of its own). With `bind`, the service also serves requests: they arrive on the
     /// returned receiver (already acknowledged to their senders). `tcp://127.0.0.1:*` binds an
     /// ephemeral port; `endpoint()` says which. Invalid options or keys are an error here.
     /// Its metrics are registered nowhere; see [`Rpc::start_with_metrics`].
@@ -525,7 +493,20 @@ impl Rpc {
             .map(CurveKeys::from_config)
             .transpose()?;
         let context = zmq::Context::new();
-        let commands: CommandSocket = Arc::new(CommandQueue::new()?);
+        let commands: CommandSocket = Arc::new(CommandQueue::new());
+        // The runtime the I/O task runs on: the caller's, or one of its own on a thread of its
+        // own. Descriptors are registered with it, so it is entered before any is watched.
+        let (handle, own_runtime) = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => (handle, None),
+            Err(_) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .map_err(|e| ProtoError::Thread(e.to_string()))?;
+                (runtime.handle().clone(), Some(runtime))
+            }
+        };
+        let _entered = handle.enter();
 
         // Bound before the ROUTER: a CURVE server with no ZAP handler lets every client in.
         let zap = match (&curve, bind) {
@@ -576,9 +557,13 @@ impl Rpc {
                 lock(&peer_keys).insert(endpoint.clone(), key);
             }
         }
-        let io = IoThread {
+        let router_fd = router.as_ref().map(watch).transpose()?;
+        let zap_fd = zap.as_ref().map(watch).transpose()?;
+        let io = IoTask {
             log: log.clone(),
             options: options.clone(),
+            router_fd,
+            zap_fd,
             router,
             zap,
             dealers: FastMap::default(),
@@ -592,10 +577,20 @@ impl Rpc {
             metrics: metrics.clone(),
             context,
         };
-        let thread = std::thread::Builder::new()
-            .name("zova-rpc-io".into())
-            .spawn(move || io.run())
-            .map_err(|e| ProtoError::Thread(e.to_string()))?;
+        let io: SharedIo = Arc::new(Mutex::new(Some(io)));
+        let task = run_io(io.clone(), commands.clone(), log.clone());
+        let thread = match own_runtime {
+            None => {
+                handle.spawn(task);
+                None
+            }
+            Some(runtime) => Some(
+                std::thread::Builder::new()
+                    .name("zova-rpc-io".into())
+                    .spawn(move || runtime.block_on(task))
+                    .map_err(|e| ProtoError::Thread(e.to_string()))?,
+            ),
+        };
         let rpc = Rpc {
             log,
             options,
@@ -604,7 +599,8 @@ impl Rpc {
             peer_keys,
             endpoint,
             metrics,
-            thread: Mutex::new(Some(thread)),
+            io,
+            thread: Mutex::new(thread),
         };
         Ok((rpc, incoming_rx))
     }
@@ -668,9 +664,9 @@ impl Rpc {
             }
             Ok(Err(_)) => Err(ProtoError::Closed),
             Err(_) => {
-                // Taking the entry out first means the I/O thread will not send it if it has not.
+                // Taking the entry out first means the I/O task will not send it if it has not.
                 let Some(entry) = lock(&self.pending).remove(&msg_id) else {
-                    // The I/O thread finished it as the deadline passed: its answer is final.
+                    // The I/O task finished it as the deadline passed: its answer is final.
                     // Its sender is about to send (or dropped, at shutdown).
                     return rx.await.unwrap_or(Err(ProtoError::Closed));
                 };
@@ -788,7 +784,7 @@ impl Rpc {
             msg_id,
             armed: true,
         };
-        // The queue to the I/O thread is unbounded (the in-flight limit bounds it per peer): it
+        // The queue to the I/O task is unbounded (the in-flight limit bounds it per peer): it
         // refuses only once the thread is gone.
         self.commands.push(Command::Send {
             endpoint: shared_endpoint,
@@ -802,7 +798,7 @@ impl Rpc {
 
     fn command(&self, command: Command) {
         if let Err(e) = self.commands.push(command) {
-            warn!(self.log, "rpc command not delivered to the I/O thread"; "error" => %e);
+            warn!(self.log, "rpc command not delivered to the I/O task"; "error" => %e);
         }
     }
 
@@ -813,13 +809,18 @@ impl Rpc {
         self.command(Command::Close);
     }
 
-    /// Stops the I/O thread and closes every socket; pending requests fail with `Closed`.
-    /// Idempotent.
+    /// Stops the I/O task and closes every socket before it returns (so the endpoint can be
+    /// bound again); pending requests fail with `Closed`. Idempotent. It never waits for the
+    /// task to run, so it is safe on any thread, the runtime's own included.
     pub fn shutdown(&self) {
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(handle) = handle {
-            self.command(Command::Stop);
-            let _ = handle.join();
+        self.commands.open.store(false, Ordering::SeqCst);
+        let io = lock(&self.io).take();
+        // Dropped outside the lock the task's wait looks at.
+        drop(io);
+        self.commands.wake.notify_one();
+        let thread = lock(&self.thread).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
         }
         lock(&self.pending).clear();
     }
@@ -861,14 +862,55 @@ struct RefusalLog {
 /// A DEALER to one peer, the server key it was opened with (None in plain mode), and a number no
 /// other DEALER of this `Rpc` has, so a late reset cannot close its successor.
 struct Dealer {
+    // Before the socket: its descriptor leaves the runtime before libzmq closes it.
+    fd: AsyncFd<SocketFd>,
     socket: zmq::Socket,
     server_key: Option<Key>,
     connection: u64,
 }
 
-struct IoThread {
+/// A socket's `ZMQ_FD`, which libzmq owns: readable when the socket may have something to read
+/// (its `ZMQ_EVENTS` then says), edge-triggered.
+struct SocketFd(RawFd);
+
+impl AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Registers a socket's descriptor with the current runtime.
+fn watch(socket: &zmq::Socket) -> Result<AsyncFd<SocketFd>, ProtoError> {
+    let fd = socket.get_fd()?;
+    // SAFETY: the descriptor stays open while the socket is; every holder of the returned
+    // AsyncFd declares it before the socket, so it is dropped (deregistered) first.
+    unsafe { AsyncFd::register_with_interest(SocketFd(fd), Interest::READABLE) }
+        .map_err(|e| ProtoError::Thread(format!("cannot watch a socket: {e}")))
+}
+
+/// True when the descriptor became readable since it was last looked at (its readiness is then
+/// cleared, before the socket is read, so a frame that comes later wakes the task again).
+fn take_readable(fd: &AsyncFd<SocketFd>, cx: &mut Context<'_>) -> bool {
+    match fd.poll_read_ready(cx) {
+        Poll::Ready(Ok(mut ready)) => {
+            ready.clear_ready();
+            true
+        }
+        Poll::Ready(Err(_)) | Poll::Pending => false,
+    }
+}
+
+type SharedIo = Arc<Mutex<Option<IoTask>>>;
+
+/// What the I/O task owns. It sits behind a mutex only so `shutdown` can close the sockets from
+/// any thread without waiting for the task to be scheduled; the task holds the lock only while
+/// it works, never across an await.
+struct IoTask {
     log: Logger,
     options: RpcOptions,
+    // Descriptors before sockets (see `Dealer`).
+    router_fd: Option<AsyncFd<SocketFd>>,
+    zap_fd: Option<AsyncFd<SocketFd>>,
     // Declared (so dropped) before `zap`, so no handshake is let in unchecked while closing.
     router: Option<zmq::Socket>,
     zap: Option<zmq::Socket>,
@@ -884,106 +926,127 @@ struct IoThread {
     context: zmq::Context,
 }
 
+/// A socket to read from.
+#[derive(PartialEq, Eq)]
 enum Source {
-    Commands,
     Router,
     Zap,
     Dealer(String),
 }
 
-impl IoThread {
-    fn run(mut self) {
-        // However the thread ends (asked to stop, or a panic), callers must see `Closed` from
-        // then on rather than wait for answers nobody will deliver.
-        struct CloseOnExit(CommandSocket);
-        impl Drop for CloseOnExit {
-            fn drop(&mut self) {
-                self.0
-                    .open
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let _close_on_exit = CloseOnExit(self.commands.clone());
-        loop {
-            let readable = match self.poll() {
-                Ok(readable) => readable,
-                // A signal woke the poll: nothing is wrong.
-                Err(zmq::Error::EINTR) => Vec::new(),
-                Err(e) => {
-                    warn!(self.log, "zmq poll failed"; "error" => %e);
-                    std::thread::sleep(Duration::from_millis(10));
-                    Vec::new()
-                }
-            };
-            // Commands before frames: what a caller asked before a frame arrived applies to
-            // it (a `stop_serving` followed by a request must see the request refused).
-            if !self.drain_commands() {
-                break;
-            }
-            for source in readable {
-                match source {
-                    Source::Commands => {}
-                    Source::Router => self.drain_router(),
-                    Source::Zap => self.answer_zap(),
-                    Source::Dealer(endpoint) => self.drain_dealer(&endpoint),
-                }
-            }
+/// The I/O task: carries out commands and reads the sockets, then waits until a command or a
+/// frame comes. It ends when `shutdown` has taken what it owns (or with its runtime).
+async fn run_io(io: SharedIo, commands: CommandSocket, log: Logger) {
+    // However the task ends (shut down, a panic, its runtime gone), callers must see `Closed`
+    // from then on rather than wait for answers nobody will deliver.
+    struct CloseOnExit(CommandSocket);
+    impl Drop for CloseOnExit {
+        fn drop(&mut self) {
+            self.0.open.store(false, Ordering::SeqCst);
         }
     }
+    let _close_on_exit = CloseOnExit(commands.clone());
+    // Frames may have come before the first wait.
+    let mut ready = vec![Source::Router, Source::Zap];
+    loop {
+        let unfinished = {
+            let mut guard = lock(&io);
+            let Some(task) = guard.as_mut() else { return };
+            task.work(ready)
+        };
+        ready = if unfinished.is_empty() {
+            wait(&io, &commands).await
+        } else {
+            // More frames than one batch: let other tasks run, then go on without waiting.
+            tokio::task::yield_now().await;
+            unfinished
+        };
+        if ready.is_empty() && !commands.open.load(Ordering::SeqCst) && lock(&io).is_none() {
+            debug!(log, "rpc I/O task stopped");
+            return;
+        }
+    }
+}
 
-    fn poll(&self) -> Result<Vec<Source>, zmq::Error> {
-        use std::os::fd::AsRawFd;
-        use std::sync::atomic::Ordering;
-        // Say we are going to sleep, then look once more: a command pushed after this look
-        // rings the eventfd, one pushed before it is seen here.
-        self.commands.sleeping.store(true, Ordering::SeqCst);
-        let timeout = if self.commands.is_empty() { -1 } else { 0 };
-        let mut sources = vec![Source::Commands];
-        let mut items = vec![zmq::PollItem::from_fd(
-            self.commands.wake.as_raw_fd(),
-            zmq::POLLIN,
-        )];
-        if let Some(router) = &self.router {
-            sources.push(Source::Router);
-            items.push(router.as_poll_item(zmq::POLLIN));
+/// Waits until a command is queued or a socket may have frames; returns those sockets.
+async fn wait(io: &SharedIo, commands: &CommandQueue) -> Vec<Source> {
+    // Say we are going to wait, then look once more: a command pushed after this look wakes
+    // the task, one pushed before it is seen here.
+    commands.sleeping.store(true, Ordering::SeqCst);
+    if !commands.is_empty() {
+        commands.sleeping.store(false, Ordering::SeqCst);
+        return Vec::new();
+    }
+    let notified = commands.wake.notified();
+    tokio::pin!(notified);
+    let ready = std::future::poll_fn(|cx| {
+        let woken = notified.as_mut().poll(cx).is_ready();
+        let guard = lock(io);
+        let Some(task) = guard.as_ref() else {
+            return Poll::Ready(Vec::new());
+        };
+        let ready = task.readable(cx);
+        if woken || !ready.is_empty() {
+            Poll::Ready(ready)
+        } else {
+            Poll::Pending
         }
-        if let Some(zap) = &self.zap {
-            sources.push(Source::Zap);
-            items.push(zap.as_poll_item(zmq::POLLIN));
+    })
+    .await;
+    commands.sleeping.store(false, Ordering::SeqCst);
+    ready
+}
+
+impl IoTask {
+    /// Carries out the queued commands, then reads `ready` and the sockets the commands wrote
+    /// to; returns the sockets that still have frames after one batch.
+    fn work(&mut self, ready: Vec<Source>) -> Vec<Source> {
+        // Commands before frames: what a caller asked before a frame arrived applies to it (a
+        // `stop_serving` followed by a request must see the request refused). A socket written
+        // to must be read before the task waits: the write may have taken the wake-up of a
+        // frame that came meanwhile.
+        let mut to_read = ready;
+        self.drain_commands(&mut to_read);
+        let mut unfinished = Vec::new();
+        for source in to_read {
+            match source {
+                Source::Router => {
+                    if self.drain_router() {
+                        unfinished.push(Source::Router);
+                    }
+                }
+                Source::Zap => self.answer_zap(),
+                Source::Dealer(endpoint) => self.drain_dealer(&endpoint),
+            }
         }
-        let fixed = items.len();
-        for dealer in self.dealers.values() {
-            items.push(dealer.socket.as_poll_item(zmq::POLLIN));
-        }
-        let polled = zmq::poll(&mut items, timeout);
-        self.commands.sleeping.store(false, Ordering::SeqCst);
-        polled?;
-        if items[0].is_readable() {
-            self.commands.reset_wake();
-        }
-        let mut readable: Vec<Source> = sources
-            .into_iter()
-            .zip(&items)
-            .filter(|(_, item)| item.is_readable())
-            .map(|(s, _)| s)
-            .collect();
-        // The map is not changed between building the items and here, so its order matches;
-        // only the endpoints with something to read are copied.
-        readable.extend(
-            self.dealers
-                .keys()
-                .zip(&items[fixed..])
-                .filter(|(_, item)| item.is_readable())
-                .map(|(endpoint, _)| Source::Dealer(endpoint.clone())),
-        );
-        Ok(readable)
+        unfinished
     }
 
-    /// Carries out every queued command; returns false when asked to stop.
-    fn drain_commands(&mut self) -> bool {
+    /// The sockets whose descriptors became readable; registers `cx` with the others.
+    fn readable(&self, cx: &mut Context<'_>) -> Vec<Source> {
+        let mut ready = Vec::new();
+        if self
+            .router_fd
+            .as_ref()
+            .is_some_and(|fd| take_readable(fd, cx))
+        {
+            ready.push(Source::Router);
+        }
+        if self.zap_fd.as_ref().is_some_and(|fd| take_readable(fd, cx)) {
+            ready.push(Source::Zap);
+        }
+        for (endpoint, dealer) in &self.dealers {
+            if take_readable(&dealer.fd, cx) {
+                ready.push(Source::Dealer(endpoint.clone()));
+            }
+        }
+        ready
+    }
+
+    /// Carries out every queued command, adding the sockets it wrote to to `to_read`.
+    fn drain_commands(&mut self, to_read: &mut Vec<Source>) {
         for command in self.commands.take() {
             match command {
-                Command::Stop => return false,
                 Command::Close => {
                     // Frames that arrive from now on are neither acknowledged nor taken, so their
                     // senders see a service that is gone; answers to taken calls still go out.
@@ -995,13 +1058,24 @@ impl IoThread {
                     method,
                     kind,
                     bytes,
-                } => self.send_to_peer(endpoint, msg_id, &bytes, method, kind),
+                } => {
+                    self.send_to_peer(&endpoint, msg_id, &bytes, method, kind);
+                    if !to_read
+                        .iter()
+                        .any(|s| matches!(s, Source::Dealer(e) if **e == *endpoint))
+                    {
+                        to_read.push(Source::Dealer(endpoint.to_string()));
+                    }
+                }
                 Command::Reply {
                     identity,
                     method,
                     bytes,
                 } => {
                     if let Some(router) = &self.router {
+                        if !to_read.contains(&Source::Router) {
+                            to_read.push(Source::Router);
+                        }
                         match router.send_multipart([&identity, &bytes], zmq::DONTWAIT) {
                             Ok(()) => self.metrics.sent(method, Kind::Reply),
                             // The caller went away (ROUTER_MANDATORY says so); it has timed out.
@@ -1038,18 +1112,17 @@ impl IoThread {
                 }
             }
         }
-        true
     }
 
     fn send_to_peer(
         &mut self,
-        endpoint: Arc<str>,
+        endpoint: &str,
         msg_id: Uuid,
         bytes: &[u8],
         method: &'static str,
         kind: Kind,
     ) {
-        match self.try_send(&endpoint, msg_id, bytes) {
+        match self.try_send(endpoint, msg_id, bytes) {
             Ok(true) => self.metrics.sent(method, kind),
             Ok(false) => {}
             Err(reason) => {
@@ -1129,8 +1202,10 @@ impl IoThread {
             Ok(socket)
         };
         let socket = open().map_err(|e| format!("cannot connect to it: {e}"))?;
+        let fd = watch(&socket).map_err(|e| e.to_string())?;
         self.connections_opened += 1;
         Ok(Dealer {
+            fd,
             socket,
             server_key,
             connection: self.connections_opened,
@@ -1181,8 +1256,12 @@ impl IoThread {
         }
     }
 
-    fn drain_router(&mut self) {
-        let Some(router) = &self.router else { return };
+    /// Takes up to ACK_BATCH requests from the ROUTER and acknowledges the casts among them;
+    /// true when more are waiting.
+    fn drain_router(&mut self) -> bool {
+        let Some(router) = &self.router else {
+            return false;
+        };
         // Casts taken in this pass, by sender, acknowledged together at the end: under load one
         // ack frame answers many casts.
         let mut acks: Vec<(Vec<u8>, Vec<Uuid>)> = Vec::new();
@@ -1309,12 +1388,16 @@ impl IoThread {
         }
         for (identity, ids) in acks {
             if let Ok(ack) = encode_acks(&ids) {
-                // Never block the I/O thread on a peer that does not read: it will time out.
+                // Never block the I/O task on a peer that does not read: it will time out.
                 if let Err(e) = router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT) {
                     debug!(self.log, "ack not delivered"; "error" => %e);
                 }
             }
         }
+        // Asked after the acks went out, since sending may take the wake-up of a new frame.
+        router
+            .get_events()
+            .is_ok_and(|events| events.contains(zmq::POLLIN))
     }
 
     fn drain_dealer(&mut self, endpoint: &str) {
