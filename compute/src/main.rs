@@ -1,5 +1,9 @@
 use clap::Parser;
 
+// mimalloc: glibc's malloc was a fifth of a busy service's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = compute::Args::parse().into_config();

@@ -50,6 +50,10 @@ async fn boot_one(fabric: &Fabric, index: u32) -> Result<Duration, String> {
     }
 }
 
+// mimalloc: glibc's malloc was a fifth of a busy service's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();

@@ -630,6 +630,10 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
     Ok((report, ok))
 }
 
+// mimalloc: glibc's malloc was a fifth of a busy service's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();

@@ -264,6 +264,10 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     }))
 }
 
+// mimalloc: glibc's malloc was a fifth of a busy service's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run(Args::parse()).await {

@@ -238,6 +238,10 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
     }))
 }
 
+// mimalloc: glibc's malloc was a fifth of a busy service's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     match run(&args) {
