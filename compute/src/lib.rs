@@ -13,6 +13,7 @@ pub mod tracker;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,8 @@ use proto::{
     ComputeRunInstance, ExtraResources, Fault, FixedIpInfo, Incoming, InstanceActionFinish,
     InstanceDestroy, InstanceHosts, InstanceResources, InstanceState, InstanceUpdate,
     InstancesOnHost, Method, Peers, Ping, RebootInstance, RequestContext, RequestSpec,
-    RescheduleInstance, Rpc, ServiceHeartbeat, ServiceRegister, StartInstance, StopInstance,
-    TerminateInstance, FIXED_IP_EXHAUSTED,
+    RescheduleInstance, Rpc, ServiceHeartbeat, ServiceRegister, StartInstance, StartSpawning,
+    StopInstance, TerminateInstance, FIXED_IP_EXHAUSTED,
 };
 
 use domain_xml::{
@@ -383,6 +384,10 @@ struct Compute {
     /// One resource report at a time, each snapshotting the ledger only once the one before has
     /// landed, so an older snapshot can never overwrite a newer one in the database.
     report_lock: tokio::sync::Mutex<()>,
+    /// A resource report is wanted (a claim, a delete, the timer), and who is sending them:
+    /// see `report_resources`.
+    report_wanted: AtomicBool,
+    report_sender: tokio::sync::Mutex<()>,
     /// One power-state sync at a time: a slow one is not joined by the next.
     sync_lock: tokio::sync::Mutex<()>,
     instance_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -474,6 +479,8 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         shutdown_timeout,
         tracker: Mutex::new(ResourceTracker::default()),
         report_lock: tokio::sync::Mutex::new(()),
+        report_wanted: AtomicBool::new(false),
+        report_sender: tokio::sync::Mutex::new(()),
         sync_lock: tokio::sync::Mutex::new(()),
         instance_locks: Mutex::new(HashMap::new()),
         metrics,
@@ -1045,18 +1052,41 @@ impl Compute {
         self.call_retrying(context, &update.uuid, update).await
     }
 
+    /// Records the build as spawning on this host and takes its fixed IP, in one call (one
+    /// transaction) to a conductor of protocol 1.1; in two to an older one.
+    async fn start_spawning(
+        &self,
+        context: &RequestContext,
+        spawning: InstanceUpdate,
+    ) -> Result<FixedIpInfo, ComputeError> {
+        let uuid = spawning.uuid.clone();
+        let request = StartSpawning { update: spawning };
+        match self.call_retrying(context, &uuid, &request).await {
+            Ok(info) => return Ok(info),
+            Err(proto::ProtoError::Remote(remote)) if remote.kind == "NoSuchMethod" => {}
+            Err(proto::ProtoError::Remote(remote)) if remote.kind == FIXED_IP_EXHAUSTED => {
+                return Err(ComputeError::NoFixedIp(remote.message))
+            }
+            Err(e) => return Err(vanished_or_rpc(e)),
+        }
+        self.record(context, &request.update)
+            .await
+            .map_err(vanished_or_rpc)?;
+        self.allocate_fixed_ip(context, &uuid).await
+    }
+
     /// Sends one record about `instance` to the conductor, as [`Compute::record`] does.
-    async fn call_retrying<M: Method<Reply = ()>>(
+    async fn call_retrying<M: Method>(
         &self,
         context: &RequestContext,
         instance: &str,
         request: &M,
-    ) -> Result<(), proto::ProtoError> {
+    ) -> Result<M::Reply, proto::ProtoError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
             match self.conductors.call(&self.rpc, context, request).await {
-                Ok(()) => return Ok(()),
+                Ok(reply) => return Ok(reply),
                 Err(e @ proto::ProtoError::Remote(_)) => return Err(e),
                 Err(e) if attempt >= RECORD_ATTEMPTS => return Err(e),
                 Err(e) => {
@@ -1163,11 +1193,27 @@ impl Compute {
         }
     }
 
-    /// `update_available_resource`, where a failure is only worth a log line: the next periodic
-    /// report carries the same numbers.
+    /// `update_available_resource`, coalesced: a report asked for while another is on its way
+    /// is left to the caller sending that one, which sends one more with the ledger as it is
+    /// then. So a burst of claims on a host costs two reports, not one per claim (the
+    /// scheduler counts a placement from its allocation anyway). A failure is only worth a log
+    /// line: the next periodic report carries the same numbers.
     async fn report_resources(&self, context: &RequestContext) {
-        if let Err(e) = self.update_available_resource(context).await {
-            warn!(for_request(&self.log, context), "resource report not recorded"; "error" => %e);
+        self.report_wanted.store(true, Ordering::SeqCst);
+        loop {
+            let Ok(sending) = self.report_sender.try_lock() else {
+                return;
+            };
+            while self.report_wanted.swap(false, Ordering::SeqCst) {
+                if let Err(e) = self.update_available_resource(context).await {
+                    warn!(for_request(&self.log, context), "resource report not recorded"; "error" => %e);
+                }
+            }
+            drop(sending);
+            // Asked for between the last look and the release: nobody else saw the lock free.
+            if !self.report_wanted.load(Ordering::SeqCst) {
+                return;
+            }
         }
     }
 
@@ -1405,12 +1451,8 @@ impl Compute {
             expected_vm_state: Some(vm_state::BUILDING.into()),
             ..Default::default()
         };
-        self.record(context, &spawning)
-            .await
-            .map_err(vanished_or_rpc)?;
-
         // Before the disk, so an exhausted pool costs no copy of the image.
-        let fixed_ip = self.allocate_fixed_ip(context, &uuid).await?;
+        let fixed_ip = self.start_spawning(context, spawning).await?;
         info!(log, "fixed IP allocated"; "instance" => &uuid, "address" => &fixed_ip.address, "mac" => &fixed_ip.mac, "network" => &fixed_ip.network);
         let name = instance_name(&uuid);
         let mut spec_xml = DomainSpec {

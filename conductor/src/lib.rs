@@ -23,7 +23,7 @@ use proto::{
     ImageSpec, Incoming, InstanceActionFinish, InstanceDestroy, InstanceHost, InstanceHosts,
     InstanceResources, InstanceUpdate, InstancesOnHost, Method, Peers, Ping, RemoteError,
     RequestContext, RequestSpec, RescheduleInstance, RetrySpec, Rpc, ScheduleRunInstance,
-    ServiceHeartbeat, ServiceRegister,
+    ServiceHeartbeat, ServiceRegister, StartSpawning,
 };
 
 pub const BINARY: &str = "zova-conductor";
@@ -336,15 +336,23 @@ impl Conductor {
             }
             ConductorApi::AllocateFixedIp(args) => {
                 self.answer::<AllocateFixedIp>(request, args, |db, args| {
-                    let ip = db.fixed_ip_allocate(&args.instance_uuid, None)?;
-                    Ok(FixedIpInfo {
-                        address: ip.address,
-                        mac: ip.mac,
-                        network: ip.network,
-                        cidr: ip.cidr,
-                        gateway: ip.gateway,
-                        bridge: ip.bridge,
-                    })
+                    Ok(fixed_ip_info(
+                        db.fixed_ip_allocate(&args.instance_uuid, None)?,
+                    ))
+                })
+                .await
+            }
+            ConductorApi::StartSpawning(args) => {
+                self.answer::<StartSpawning>(request, args, |db, args| {
+                    let update = &args.update;
+                    let (changes, expected_task) = instance_changes(update);
+                    let ip = db.instance_start_spawning(
+                        &update.uuid,
+                        &changes,
+                        update.expected_vm_state.as_deref(),
+                        expected_task,
+                    )?;
+                    Ok(fixed_ip_info(ip))
                 })
                 .await
             }
@@ -725,7 +733,39 @@ fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<Req
     })
 }
 
+fn fixed_ip_info(ip: db::FixedIp) -> FixedIpInfo {
+    FixedIpInfo {
+        address: ip.address,
+        mac: ip.mac,
+        network: ip.network,
+        cidr: ip.cidr,
+        gateway: ip.gateway,
+        bridge: ip.bridge,
+    }
+}
+
 fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
+    let (changes, expected_task) = instance_changes(&args);
+    db.instance_update_expecting_task(
+        &args.uuid,
+        &changes,
+        args.expected_vm_state.as_deref(),
+        expected_task,
+    )?;
+    if let Some(fault) = args.fault {
+        db.instance_fault_create(&NewFault {
+            instance_uuid: args.uuid,
+            code: fault.code,
+            message: fault.message,
+            details: fault.details,
+            host: args.host,
+        })?;
+    }
+    Ok(())
+}
+
+/// The row changes an `InstanceUpdate` asks for, and the task state it expects.
+fn instance_changes(args: &InstanceUpdate) -> (InstanceChanges, ExpectedTask<'_>) {
     let mut changes = InstanceChanges::default();
     match &args.state {
         Some(state) => {
@@ -754,22 +794,7 @@ fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
         (None, true) => ExpectedTask::None,
         (None, false) => ExpectedTask::Any,
     };
-    db.instance_update_expecting_task(
-        &args.uuid,
-        &changes,
-        args.expected_vm_state.as_deref(),
-        expected_task,
-    )?;
-    if let Some(fault) = args.fault {
-        db.instance_fault_create(&NewFault {
-            instance_uuid: args.uuid,
-            code: fault.code,
-            message: fault.message,
-            details: fault.details,
-            host: args.host,
-        })?;
-    }
-    Ok(())
+    (changes, expected_task)
 }
 
 #[cfg(test)]

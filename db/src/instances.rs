@@ -3,7 +3,7 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
-use crate::networks::release_fixed_ip;
+use crate::networks::{allocate_fixed_ip, release_fixed_ip, FixedIp};
 use crate::placement::{allocation_node, release_allocation};
 use crate::schema::{instance_actions, instance_faults, instances};
 use crate::{
@@ -182,56 +182,24 @@ impl Db {
     ) -> Result<Instance> {
         let mut conn = self.conn()?;
         conn.write_transaction(|conn| {
-            if expected_vm_state.is_some() || expected_task != ExpectedTask::Any {
-                let (vm_state, task_state): (String, Option<String>) = instances::table
-                    .filter(instances::deleted.eq(0))
-                    .filter(instances::uuid.eq(uuid))
-                    .select((instances::vm_state, instances::task_state))
-                    .first(conn)
-                    .optional()?
-                    .ok_or_else(|| instance_not_found(uuid))?;
-                let current = task_state.as_deref();
-                let wanted = match expected_task {
-                    ExpectedTask::Any => None,
-                    ExpectedTask::None => current.is_some().then_some("none"),
-                    ExpectedTask::Is(expected) => (current != Some(expected)).then_some(expected),
-                };
-                if let Some(expected) = wanted {
-                    let current = current.unwrap_or("none");
-                    return Err(DbError::Conflict(format!(
-                        "instance {uuid} has task_state {current}, not {expected}"
-                    )));
-                }
-                if let Some(expected) = expected_vm_state.filter(|e| *e != vm_state) {
-                    return Err(DbError::Conflict(format!(
-                        "instance {uuid} is {vm_state}, not {expected}"
-                    )));
-                }
-            }
-            if let (Some(_), Some(Some(node))) = (expected_vm_state, &changes.node) {
-                if let Some(placed_on) = allocation_node(conn, uuid)? {
-                    if &placed_on != node {
-                        return Err(DbError::Conflict(format!(
-                            "instance {uuid} is placed on {placed_on}, not {node}"
-                        )));
-                    }
-                }
-            }
-            let instance = diesel::update(
-                instances::table
-                    .filter(instances::deleted.eq(0))
-                    .filter(instances::uuid.eq(uuid)),
-            )
-            .set((changes, instances::updated_at.eq(now())))
-            .returning(<Instance as Selectable<DbBackend>>::construct_selection())
-            .get_result(conn)
-            .optional()?
-            .ok_or_else(|| instance_not_found(uuid))?;
-            if changes.vm_state.as_deref() == Some("error") {
-                release_allocation(conn, uuid)?;
-                release_fixed_ip(conn, uuid)?;
-            }
-            Ok(instance)
+            update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)
+        })
+    }
+
+    /// A build starting on its host, in one transaction: the instance's update (as
+    /// [`Db::instance_update_expecting_task`]) and its fixed IP from any network (as
+    /// [`Db::fixed_ip_allocate`]). Nothing of either is kept when one fails.
+    pub fn instance_start_spawning(
+        &self,
+        uuid: &str,
+        changes: &InstanceChanges,
+        expected_vm_state: Option<&str>,
+        expected_task: ExpectedTask<'_>,
+    ) -> Result<FixedIp> {
+        let mut conn = self.conn()?;
+        conn.write_transaction(|conn| {
+            update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
+            allocate_fixed_ip(conn, uuid, None)
         })
     }
 
@@ -441,6 +409,66 @@ impl Db {
             .select(InstanceAction::as_select())
             .load(&mut conn)?)
     }
+}
+
+/// The body of [`Db::instance_update_expecting_task`], inside the caller's write transaction.
+pub(crate) fn update_expecting_task(
+    conn: &mut AnyConnection,
+    uuid: &str,
+    changes: &InstanceChanges,
+    expected_vm_state: Option<&str>,
+    expected_task: ExpectedTask<'_>,
+) -> Result<Instance> {
+    if expected_vm_state.is_some() || expected_task != ExpectedTask::Any {
+        let (vm_state, task_state): (String, Option<String>) = instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::uuid.eq(uuid))
+            .select((instances::vm_state, instances::task_state))
+            .first(conn)
+            .optional()?
+            .ok_or_else(|| instance_not_found(uuid))?;
+        let current = task_state.as_deref();
+        let wanted = match expected_task {
+            ExpectedTask::Any => None,
+            ExpectedTask::None => current.is_some().then_some("none"),
+            ExpectedTask::Is(expected) => (current != Some(expected)).then_some(expected),
+        };
+        if let Some(expected) = wanted {
+            let current = current.unwrap_or("none");
+            return Err(DbError::Conflict(format!(
+                "instance {uuid} has task_state {current}, not {expected}"
+            )));
+        }
+        if let Some(expected) = expected_vm_state.filter(|e| *e != vm_state) {
+            return Err(DbError::Conflict(format!(
+                "instance {uuid} is {vm_state}, not {expected}"
+            )));
+        }
+    }
+    if let (Some(_), Some(Some(node))) = (expected_vm_state, &changes.node) {
+        if let Some(placed_on) = allocation_node(conn, uuid)? {
+            if &placed_on != node {
+                return Err(DbError::Conflict(format!(
+                    "instance {uuid} is placed on {placed_on}, not {node}"
+                )));
+            }
+        }
+    }
+    let instance = diesel::update(
+        instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::uuid.eq(uuid)),
+    )
+    .set((changes, instances::updated_at.eq(now())))
+    .returning(<Instance as Selectable<DbBackend>>::construct_selection())
+    .get_result(conn)
+    .optional()?
+    .ok_or_else(|| instance_not_found(uuid))?;
+    if changes.vm_state.as_deref() == Some("error") {
+        release_allocation(conn, uuid)?;
+        release_fixed_ip(conn, uuid)?;
+    }
+    Ok(instance)
 }
 
 #[cfg(test)]

@@ -327,96 +327,7 @@ impl Db {
     /// never be released).
     pub fn fixed_ip_allocate(&self, instance_uuid: &str, network: Option<&str>) -> Result<FixedIp> {
         let mut conn = self.conn()?;
-        conn.write_transaction(|conn| {
-            let live: i64 = instances::table
-                .filter(instances::deleted.eq(0))
-                .filter(instances::uuid.eq(instance_uuid))
-                .filter(instances::vm_state.ne("error"))
-                .count()
-                .get_result(conn)?;
-            if live == 0 {
-                return Err(DbError::NotFound {
-                    kind: "instance",
-                    id: instance_uuid.to_string(),
-                });
-            }
-            if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
-                return Ok(ip);
-            }
-            let mut pools = networks::table
-                .filter(networks::deleted.eq(0))
-                .order(networks::id.asc())
-                .select(Network::as_select())
-                .into_boxed();
-            if let Some(name) = network {
-                pools = pools.filter(networks::name.eq(name));
-            }
-            let pools: Vec<Network> = pools.load(conn)?;
-            if pools.is_empty() {
-                return Err(match network {
-                    Some(name) => DbError::NotFound {
-                        kind: "network",
-                        id: name.to_string(),
-                    },
-                    None => DbError::Exhausted(
-                        "No network is defined to take a fixed IP address from".to_string(),
-                    ),
-                });
-            }
-            let ids: Vec<i64> = pools.iter().map(|n| n.id).collect();
-            let free: Option<i64> = fixed_ips::table
-                .filter(fixed_ips::network_id.eq_any(&ids))
-                .filter(fixed_ips::instance_uuid.is_null())
-                .order((fixed_ips::network_id.asc(), fixed_ips::id.asc()))
-                .select(fixed_ips::id)
-                .first(conn)
-                .optional()?;
-            let Some(free) = free else {
-                let names: Vec<String> = pools
-                    .iter()
-                    .map(|n| format!("{} ({})", n.name, n.cidr))
-                    .collect();
-                return Err(DbError::Exhausted(format!(
-                    "No fixed IP address is free in network {}",
-                    names.join(", ")
-                )));
-            };
-            let mut mac = random_mac();
-            for _ in 1..MAC_ATTEMPTS {
-                let clash: i64 = fixed_ips::table
-                    .filter(fixed_ips::mac.eq(&mac))
-                    .count()
-                    .get_result(conn)?;
-                if clash == 0 {
-                    break;
-                }
-                mac = random_mac();
-            }
-            // Conditional on the row still being free: the immediate transaction already keeps
-            // other writers out, this keeps the statement honest on its own.
-            let taken = diesel::update(
-                fixed_ips::table
-                    .filter(fixed_ips::id.eq(free))
-                    .filter(fixed_ips::instance_uuid.is_null()),
-            )
-            .set((
-                fixed_ips::instance_uuid.eq(instance_uuid),
-                fixed_ips::mac.eq(&mac),
-                fixed_ips::allocated_at.eq(now()),
-            ))
-            .execute(conn)?;
-            if taken == 0 {
-                return Err(DbError::Conflict(format!(
-                    "the fixed IP chosen for instance {instance_uuid} was taken meanwhile"
-                )));
-            }
-            held(conn, &[instance_uuid.to_string()])?
-                .into_iter()
-                .next()
-                .ok_or_else(|| {
-                    DbError::Conflict(format!("instance {instance_uuid} lost its fixed IP"))
-                })
-        })
+        conn.write_transaction(|conn| allocate_fixed_ip(conn, instance_uuid, network))
     }
 
     /// Frees the address `instance_uuid` holds; freeing none is not an error.
@@ -436,6 +347,100 @@ impl Db {
         let mut conn = self.conn()?;
         Ok(held(&mut conn, instance_uuids)?)
     }
+}
+
+/// The body of [`Db::fixed_ip_allocate`], inside the caller's write transaction.
+pub(crate) fn allocate_fixed_ip(
+    conn: &mut AnyConnection,
+    instance_uuid: &str,
+    network: Option<&str>,
+) -> Result<FixedIp> {
+    let live: i64 = instances::table
+        .filter(instances::deleted.eq(0))
+        .filter(instances::uuid.eq(instance_uuid))
+        .filter(instances::vm_state.ne("error"))
+        .count()
+        .get_result(conn)?;
+    if live == 0 {
+        return Err(DbError::NotFound {
+            kind: "instance",
+            id: instance_uuid.to_string(),
+        });
+    }
+    if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
+        return Ok(ip);
+    }
+    let mut pools = networks::table
+        .filter(networks::deleted.eq(0))
+        .order(networks::id.asc())
+        .select(Network::as_select())
+        .into_boxed();
+    if let Some(name) = network {
+        pools = pools.filter(networks::name.eq(name));
+    }
+    let pools: Vec<Network> = pools.load(conn)?;
+    if pools.is_empty() {
+        return Err(match network {
+            Some(name) => DbError::NotFound {
+                kind: "network",
+                id: name.to_string(),
+            },
+            None => DbError::Exhausted(
+                "No network is defined to take a fixed IP address from".to_string(),
+            ),
+        });
+    }
+    let ids: Vec<i64> = pools.iter().map(|n| n.id).collect();
+    let free: Option<i64> = fixed_ips::table
+        .filter(fixed_ips::network_id.eq_any(&ids))
+        .filter(fixed_ips::instance_uuid.is_null())
+        .order((fixed_ips::network_id.asc(), fixed_ips::id.asc()))
+        .select(fixed_ips::id)
+        .first(conn)
+        .optional()?;
+    let Some(free) = free else {
+        let names: Vec<String> = pools
+            .iter()
+            .map(|n| format!("{} ({})", n.name, n.cidr))
+            .collect();
+        return Err(DbError::Exhausted(format!(
+            "No fixed IP address is free in network {}",
+            names.join(", ")
+        )));
+    };
+    let mut mac = random_mac();
+    for _ in 1..MAC_ATTEMPTS {
+        let clash: i64 = fixed_ips::table
+            .filter(fixed_ips::mac.eq(&mac))
+            .count()
+            .get_result(conn)?;
+        if clash == 0 {
+            break;
+        }
+        mac = random_mac();
+    }
+    // Conditional on the row still being free: the immediate transaction already keeps
+    // other writers out, this keeps the statement honest on its own.
+    let taken = diesel::update(
+        fixed_ips::table
+            .filter(fixed_ips::id.eq(free))
+            .filter(fixed_ips::instance_uuid.is_null()),
+    )
+    .set((
+        fixed_ips::instance_uuid.eq(instance_uuid),
+        fixed_ips::mac.eq(&mac),
+        fixed_ips::allocated_at.eq(now()),
+    ))
+    .execute(conn)?;
+    if taken == 0 {
+        return Err(DbError::Conflict(format!(
+            "the fixed IP chosen for instance {instance_uuid} was taken meanwhile"
+        )));
+    }
+    held(conn, &[instance_uuid.to_string()])?
+        .into_iter()
+        .next()
+        .ok_or_else(|| DbError::Conflict(format!("instance {instance_uuid} lost its fixed IP")))
 }
 
 #[cfg(test)]
@@ -488,6 +493,41 @@ mod tests {
                 "{cidr} {gateway}"
             );
         }
+    }
+
+    /// The spawning record and the address are one transaction: with the pool empty, the
+    /// instance is left as it was, not marked spawning on a host it will never run on.
+    #[test]
+    fn a_build_starts_spawning_with_its_address_or_not_at_all() {
+        let (_dir, db) = with_instances(&["a", "b"]);
+        db.network_delete("private").unwrap();
+        db.network_create("tiny", "192.168.5.0/30", "192.168.5.1", None)
+            .unwrap();
+        let spawning = crate::InstanceChanges {
+            task_state: Some(Some("spawning".into())),
+            host: Some(Some("node-1".into())),
+            ..Default::default()
+        };
+        let start = |uuid: &str| {
+            db.instance_start_spawning(uuid, &spawning, Some("building"), crate::ExpectedTask::Any)
+        };
+
+        let ip = start("a").unwrap();
+        assert_eq!(ip.address, "192.168.5.2");
+        let a = db.instance_get("a").unwrap().unwrap();
+        assert_eq!(a.task_state.as_deref(), Some("spawning"));
+        assert_eq!(a.host.as_deref(), Some("node-1"));
+        // A retried start gets the same address back.
+        assert_eq!(start("a").unwrap().address, "192.168.5.2");
+
+        assert!(matches!(start("b"), Err(DbError::Exhausted(_))));
+        let b = db.instance_get("b").unwrap().unwrap();
+        assert_eq!(b.task_state.as_deref(), Some("scheduling"));
+        assert_eq!(b.host, None);
+
+        // A deleted instance is refused before anything is written.
+        db.instance_destroy("a").unwrap();
+        assert!(start("a").is_err());
     }
 
     #[test]

@@ -697,6 +697,23 @@ impl Fabric {
         Ok(())
     }
 
+    /// Starts a compute host that sends its records to `conductors` instead of the fabric's
+    /// (a stand-in for an older conductor, say).
+    pub async fn start_compute_via(
+        &mut self,
+        host: &HostSpec,
+        conductors: &[String],
+    ) -> Result<(), FabricError> {
+        let mut rpc = self.rpc.clone();
+        rpc.conductor = conductors.first().cloned().unwrap_or_default();
+        rpc.conductors = conductors.to_vec();
+        let rpc = self.keys.apply(&host.name, &rpc);
+        let handle =
+            start_compute(host, &rpc, &self.metrics, self._state.path(), &self.log).await?;
+        self.services.push((host.name.clone(), handle));
+        Ok(())
+    }
+
     /// Stops one service (a compute host by its name), as if its process had died.
     pub async fn kill(&mut self, name: &str) -> bool {
         match self.services.iter().position(|(n, _)| n == name) {

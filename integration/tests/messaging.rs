@@ -1,9 +1,13 @@
 //! The messaging layer across real services: failover between schedulers and conductors when
-//! one stops, and (with keys) CURVE on every socket of a whole fabric.
+//! one stops, a compute of a newer minor protocol version with a conductor of the older one,
+//! and (with keys) CURVE on every socket of a whole fabric.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use integration::{server_body, test_log, three_hosts, Fabric, FabricOptions};
+use integration::{server_body, test_log, three_hosts, Fabric, FabricOptions, HostSpec};
+use proto::{ConductorApi, Method, ProtoError, RemoteError, Rpc, RpcOptions, StartSpawning};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
@@ -57,6 +61,99 @@ async fn work_fails_over_to_the_live_conductor_when_one_stops() {
             .expect("built");
         assert_eq!(server["status"], "ACTIVE", "{server}");
     }
+    fabric.stop().await;
+}
+
+/// Stands for a conductor of protocol 1.0 in front of the real one: it does not know
+/// `start_spawning` (1.1) and answers it as such a conductor would; every other method is
+/// passed on. Returns its endpoint and how many requests it refused.
+fn conductor_of_protocol_1_0(real: String) -> (String, Arc<AtomicUsize>, Rpc) {
+    let (server, incoming) =
+        Rpc::start(test_log(), Some("tcp://127.0.0.1:*"), RpcOptions::default()).expect("bind");
+    let mut incoming = incoming.expect("receiver");
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let (client, _) = Rpc::start(test_log(), None, RpcOptions::default()).expect("client");
+    let client = Arc::new(client);
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = refused.clone();
+    tokio::spawn(async move {
+        while let Some(request) = incoming.recv().await {
+            if request.method() == StartSpawning::NAME {
+                counted.fetch_add(1, Ordering::SeqCst);
+                request.reply_no_such_method("zova-conductor");
+                continue;
+            }
+            let (client, real) = (client.clone(), real.clone());
+            tokio::spawn(async move { pass_on(&client, &real, request).await });
+        }
+    });
+    (endpoint, refused, server)
+}
+
+async fn pass_on(client: &Rpc, real: &str, request: proto::Incoming) {
+    fn remote(e: ProtoError) -> RemoteError {
+        match e {
+            ProtoError::Remote(remote) => remote,
+            other => RemoteError {
+                kind: "Unavailable".into(),
+                message: other.to_string(),
+            },
+        }
+    }
+    macro_rules! pass {
+        ($($method:ident),+) => {
+            match ConductorApi::decode(request.method(), &request.envelope.payload) {
+                $(Ok(Some(ConductorApi::$method(args))) => {
+                    let answer = client.call(real, request.context(), &args).await;
+                    request.reply::<proto::$method>(answer.map_err(remote));
+                })+
+                _ => request.reply_no_such_method("zova-conductor"),
+            }
+        };
+    }
+    pass!(
+        BuildInstances,
+        RescheduleInstance,
+        InstanceUpdate,
+        InstanceActionFinish,
+        InstanceDestroy,
+        InstancesOnHost,
+        InstanceHosts,
+        AllocateFixedIp,
+        ServiceRegister,
+        ServiceHeartbeat,
+        ComputeNodeUpdate,
+        Ping
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_of_protocol_1_1_builds_through_a_conductor_of_1_0() {
+    let mut fabric = Fabric::start_with(&[], FabricOptions::default(), test_log())
+        .await
+        .expect("fabric starts");
+    let real = fabric.rpc().conductors[0].clone();
+    let (old_conductor, refused, _old) = conductor_of_protocol_1_0(real);
+    fabric
+        .start_compute_via(&HostSpec::new("node-1", 8, 16_384, 160), &[old_conductor])
+        .await
+        .expect("compute starts");
+    fabric.wait_for_queue_rebuild().await;
+    for i in 0..3 {
+        let server = fabric
+            .boot(&server_body(&format!("mixed-{i}"), "1"), BUILD_LIMIT)
+            .await
+            .expect("built");
+        assert_eq!(server["status"], "ACTIVE", "{server}");
+        // The fixed IP came by the 1.0 path, after `start_spawning` was refused.
+        assert_eq!(server["addresses"]["private"][0]["version"], 4, "{server}");
+        assert_eq!(server["OS-EXT-SRV-ATTR:host"], "node-1", "{server}");
+    }
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        3,
+        "each build tried 1.1 first"
+    );
     fabric.stop().await;
 }
 

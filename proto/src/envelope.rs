@@ -7,9 +7,10 @@ use crate::wire::{self, Reader};
 use crate::ProtoError;
 
 /// Major protocol version: peers with another major refuse the frame; minor versions only add
-/// optional fields, which older peers ignore.
+/// optional fields, which older peers ignore, or methods, which older peers answer with
+/// `NoSuchMethod` (the caller then does without). 1.1: `start_spawning`.
 pub const PROTOCOL_MAJOR: u16 = 1;
-pub const PROTOCOL_MINOR: u16 = 0;
+pub const PROTOCOL_MINOR: u16 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
