@@ -4,8 +4,9 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let config = api::Args::parse().into_config();
-    proto::service::run_binary(api::BINARY, config, |c| c.log.clone(), api::start).await
+    let pool = config.as_ref().ok().map(|c| c.database.max_connections);
+    let run = proto::service::run_binary(api::BINARY, config, |c| c.log.clone(), api::start);
+    proto::service::block_on_database_service(pool, run)
 }

@@ -4,14 +4,14 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let config = conductor::Args::parse().into_config();
-    proto::service::run_binary(
+    let pool = config.as_ref().ok().map(|c| c.database.max_connections);
+    let run = proto::service::run_binary(
         conductor::BINARY,
         config,
         |c| c.log.clone(),
         conductor::start,
-    )
-    .await
+    );
+    proto::service::block_on_database_service(pool, run)
 }
