@@ -19,7 +19,7 @@ pub use envelope::{new_request_id, Envelope, Kind, RemoteError, RequestContext};
 pub use messages::*;
 pub use metrics::RpcMetrics;
 pub use peers::Peers;
-pub use transport::{Incoming, Rpc, RpcOptions};
+pub use transport::{share_one_context, Incoming, Rpc, RpcOptions};
 
 use std::time::Duration;
 

@@ -43,6 +43,39 @@ const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 /// per this period says so without flooding the log.
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// The context plain-mode services share once [`share_one_context`] was called, and how many
+/// services it holds.
+static SHARED_CONTEXT: Mutex<Option<(zmq::Context, usize)>> = Mutex::new(None);
+
+/// Services per shared context: libzmq allows 1,023 sockets in a context (ZMQ_MAX_SOCKETS,
+/// which the zmq crate cannot change), and a service holds its ROUTER and a DEALER per peer.
+const SERVICES_PER_SHARED_CONTEXT: usize = 256;
+
+/// Makes the plain-mode `Rpc`s started from now on in this process share ZeroMQ contexts, one
+/// per 256 of them, for a process that runs many services (`zova-sim-hosts`: a thousand compute
+/// services would otherwise run two thousand ZeroMQ threads, an I/O thread and a reaper each).
+/// The cost: `shutdown` no longer waits until the sockets are closed, so an endpoint may not be
+/// free to bind again at once. CURVE services keep a context each, since a context has one ZAP
+/// handler.
+pub fn share_one_context() {
+    let mut shared = lock(&SHARED_CONTEXT);
+    if shared.is_none() {
+        *shared = Some((zmq::Context::new(), 0));
+    }
+}
+
+/// A context in the shared set, if sharing is on.
+fn shared_context() -> Option<zmq::Context> {
+    let mut shared = lock(&SHARED_CONTEXT);
+    let (context, services) = shared.as_mut()?;
+    if *services == SERVICES_PER_SHARED_CONTEXT {
+        *context = zmq::Context::new();
+        *services = 0;
+    }
+    *services += 1;
+    Some(context.clone())
+}
+
 /// How a service's sockets behave. `RpcConfig::options()` builds it from `[rpc]`; every socket
 /// option applies to the ROUTER and to each DEALER alike.
 #[derive(Debug, Clone)]
@@ -492,7 +525,10 @@ impl Rpc {
             .as_ref()
             .map(CurveKeys::from_config)
             .transpose()?;
-        let context = zmq::Context::new();
+        let context = match curve {
+            None => shared_context().unwrap_or_default(),
+            Some(_) => zmq::Context::new(),
+        };
         let commands: CommandSocket = Arc::new(CommandQueue::new());
         // The runtime the I/O task runs on: the caller's, or one of its own on a thread of its
         // own. Descriptors are registered with it, so it is entered before any is watched.

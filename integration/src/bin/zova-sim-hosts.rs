@@ -74,6 +74,8 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let log = proto::service::root_logger(&config.log, "zova-sim-hosts");
+    // One ZeroMQ context (one I/O thread) for all the hosts, not two threads per host.
+    proto::share_one_context();
     match raise_open_file_limit() {
         Ok(files) => slog::info!(log, "open-file limit"; "files" => files),
         Err(e) => slog::warn!(log, "cannot raise the open-file limit"; "error" => %e),
