@@ -846,8 +846,9 @@ impl Rpc {
     }
 
     /// Stops the I/O task and closes every socket before it returns (so the endpoint can be
-    /// bound again); pending requests fail with `Closed`. Idempotent. It never waits for the
-    /// task to run, so it is safe on any thread, the runtime's own included.
+    /// bound again, unless the process shares contexts: [`share_one_context`]); pending requests
+    /// fail with `Closed`. Idempotent. It never waits for the task to run, so it is safe on any
+    /// thread, the runtime's own included.
     pub fn shutdown(&self) {
         self.commands.open.store(false, Ordering::SeqCst);
         let io = lock(&self.io).take();
