@@ -111,6 +111,8 @@ async fn pass_on(client: &Rpc, real: &str, request: proto::Incoming) {
             }
         };
     }
+    // What a 1.0 conductor serves, listed here on purpose rather than taken from ConductorApi,
+    // which grows with every minor version.
     pass!(
         BuildInstances,
         RescheduleInstance,

@@ -614,7 +614,7 @@ impl Rpc {
             context,
         };
         let io: SharedIo = Arc::new(Mutex::new(Some(io)));
-        let task = run_io(io.clone(), commands.clone(), log.clone());
+        let task = run_io(io.clone(), commands.clone());
         let thread = match own_runtime {
             None => {
                 handle.spawn(task);
@@ -973,7 +973,7 @@ enum Source {
 
 /// The I/O task: carries out commands and reads the sockets, then waits until a command or a
 /// frame comes. It ends when `shutdown` has taken what it owns (or with its runtime).
-async fn run_io(io: SharedIo, commands: CommandSocket, log: Logger) {
+async fn run_io(io: SharedIo, commands: CommandSocket) {
     // However the task ends (shut down, a panic, its runtime gone), callers must see `Closed`
     // from then on rather than wait for answers nobody will deliver.
     struct CloseOnExit(CommandSocket);
@@ -998,10 +998,6 @@ async fn run_io(io: SharedIo, commands: CommandSocket, log: Logger) {
             tokio::task::yield_now().await;
             unfinished
         };
-        if ready.is_empty() && !commands.open.load(Ordering::SeqCst) && lock(&io).is_none() {
-            debug!(log, "rpc I/O task stopped");
-            return;
-        }
     }
 }
 
