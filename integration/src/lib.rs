@@ -690,11 +690,8 @@ impl Fabric {
 
     /// Starts (or restarts, after `kill`) a compute host.
     pub async fn start_compute(&mut self, host: &HostSpec) -> Result<(), FabricError> {
-        let rpc = self.keys.apply(&host.name, &self.rpc);
-        let handle =
-            start_compute(host, &rpc, &self.metrics, self._state.path(), &self.log).await?;
-        self.services.push((host.name.clone(), handle));
-        Ok(())
+        let conductors = self.rpc.conductors.clone();
+        self.start_compute_via(host, &conductors).await
     }
 
     /// Starts a compute host that sends its records to `conductors` instead of the fabric's
