@@ -226,6 +226,7 @@ impl Db {
         let mut conn = self.conn()?;
         let mut done = Vec::with_capacity(ARCHIVABLE.len());
         for (table, condition) in ARCHIVABLE {
+            let _turn = self.write_turn();
             let rows = conn.write_transaction(|conn| {
                 let condition = placeholders(conn, condition);
                 let delete = format!("DELETE FROM {table} WHERE {condition}");

@@ -70,7 +70,7 @@ impl Db {
 
     /// Creates a flavor; [`DbError::Conflict`] if its id or name is taken.
     pub fn flavor_create(&self, new: &NewFlavor) -> Result<Flavor> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let taken: i64 = flavors::table
                 .filter(flavors::deleted.eq(0))
@@ -108,7 +108,7 @@ impl Db {
     /// Deletes a flavor and its extra specs for good (as Nova's API database does), so its id
     /// can be used again; servers keep their own copy of what they were built with.
     pub fn flavor_delete(&self, flavorid: &str) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let id = flavor_row_id(conn, flavorid)?;
             diesel::delete(flavor_extra_specs::table.filter(flavor_extra_specs::flavor_id.eq(id)))
@@ -120,7 +120,7 @@ impl Db {
 
     /// Removes one extra spec of a flavor; NotFound if the flavor or the key does not exist.
     pub fn flavor_extra_spec_delete(&self, flavorid: &str, key: &str) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let id = flavor_row_id(conn, flavorid)?;
             let removed = diesel::delete(

@@ -355,7 +355,7 @@ fn set_password_hash(conn: &mut AnyConnection, user: &User, password_hash: &str)
 impl Db {
     /// Creates a project in the default domain; its name must not be taken by a live project.
     pub fn project_create(&self, name: &str, description: &str) -> Result<Project> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| insert_project(conn, name, description))
     }
 
@@ -387,7 +387,7 @@ impl Db {
         password_hash: &str,
         default_project_uuid: Option<&str>,
     ) -> Result<User> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| insert_user(conn, name, password_hash, default_project_uuid))
     }
 
@@ -414,7 +414,7 @@ impl Db {
     /// Replaces a user's password hash. A new password revokes the user's tokens (as Keystone
     /// does), so a reset after a leak locks the old sessions out. True if the hash changed.
     pub fn user_set_password_hash(&self, user_uuid: &str, password_hash: &str) -> Result<bool> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let user = require_user(conn, user_uuid)?;
             set_password_hash(conn, &user, password_hash)
@@ -425,7 +425,7 @@ impl Db {
     /// already holds changes nothing; true if the assignment is new.
     pub fn role_assign(&self, user_uuid: &str, project_uuid: &str, role: &str) -> Result<bool> {
         let role = Role::from_name(role).ok_or_else(|| unknown_role(role))?;
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| assign(conn, user_uuid, project_uuid, role))
     }
 
@@ -433,14 +433,14 @@ impl Db {
     /// implied).
     pub fn role_unassign(&self, user_uuid: &str, project_uuid: &str, role: &str) -> Result<()> {
         let role = Role::from_name(role).ok_or_else(|| unknown_role(role))?;
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         let removed = diesel::delete(
             role_assignments::table
                 .filter(role_assignments::user_uuid.eq(user_uuid))
                 .filter(role_assignments::project_uuid.eq(project_uuid))
                 .filter(role_assignments::role.eq(role.name())),
         )
-        .execute(&mut conn)?;
+        .execute(&mut *conn)?;
         if removed == 0 {
             return Err(DbError::NotFound {
                 kind: "role assignment",
@@ -479,7 +479,7 @@ impl Db {
         issued_at: NaiveDateTime,
         expires_at: NaiveDateTime,
     ) -> Result<Token> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             diesel::delete(tokens::table.filter(tokens::expires_at.le(issued_at))).execute(conn)?;
             Ok(diesel::insert_into(tokens::table)
@@ -542,7 +542,7 @@ impl Db {
 
     /// Revokes the token with this hash; true if it was live (unrevoked and unexpired).
     pub fn token_revoke(&self, token_hash: &str) -> Result<bool> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         let at = now();
         let revoked = diesel::update(
             tokens::table
@@ -551,7 +551,7 @@ impl Db {
                 .filter(tokens::expires_at.gt(at)),
         )
         .set(tokens::revoked_at.eq(at))
-        .execute(&mut conn)?;
+        .execute(&mut *conn)?;
         Ok(revoked == 1)
     }
 
@@ -559,7 +559,7 @@ impl Db {
     /// password hash and, if it has none, `admin` as its default project) and the role `admin`
     /// on project `admin`. A changed hash revokes the admin's tokens.
     pub fn identity_bootstrap(&self, admin_password_hash: &str) -> Result<Bootstrap> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let (project, project_created) = match live_project_by_name(conn, BOOTSTRAP_NAME)? {
                 Some(project) if project.enabled => (project, false),

@@ -81,7 +81,7 @@ impl Db {
             check_json_object("scheduler_hints", &instance.scheduler_hints)?;
             check_json_object("metadata", &instance.metadata)?;
         }
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| Ok(insert_with_actions(conn, new, request_id)?))
     }
 
@@ -180,7 +180,7 @@ impl Db {
         expected_vm_state: Option<&str>,
         expected_task: ExpectedTask<'_>,
     ) -> Result<Instance> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)
         })
@@ -196,7 +196,7 @@ impl Db {
         expected_vm_state: Option<&str>,
         expected_task: ExpectedTask<'_>,
     ) -> Result<FixedIp> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
             allocate_fixed_ip(conn, uuid, None)
@@ -205,7 +205,7 @@ impl Db {
 
     /// Puts a live instance into `error` and records why, together.
     pub fn instance_set_error(&self, uuid: &str, fault: &NewFault) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let updated = diesel::update(
                 instances::table
@@ -272,7 +272,7 @@ impl Db {
     /// (and nothing changed) when it is gone or finished its build meanwhile, so a build that
     /// ends just as it is declared stuck keeps its outcome.
     pub fn instance_set_error_if_building(&self, uuid: &str, fault: &NewFault) -> Result<bool> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let updated = diesel::update(
                 instances::table
@@ -317,7 +317,7 @@ impl Db {
     /// Soft-deletes a live instance: it keeps its row (and its actions and faults) but is
     /// `deleted` from then on, with `vm_state = "deleted"`.
     pub fn instance_destroy(&self, uuid: &str) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let at = now();
             let updated = diesel::update(
@@ -374,7 +374,7 @@ impl Db {
         request_id: &str,
         message: Option<&str>,
     ) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         let updated = diesel::update(
             instance_actions::table
                 .filter(instance_actions::deleted.eq(0))
@@ -386,7 +386,7 @@ impl Db {
             instance_actions::finish_time.eq(now()),
             instance_actions::message.eq(message),
         ))
-        .execute(&mut conn)?;
+        .execute(&mut *conn)?;
         if updated == 0 {
             return Err(DbError::NotFound {
                 kind: "unfinished instance action",

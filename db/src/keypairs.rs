@@ -45,7 +45,7 @@ impl Db {
     /// [`DbError::OverQuota`] if the user already has `limit` (`-1`: no limit), counted in the
     /// same transaction.
     pub fn key_pair_create(&self, new: &NewKeyPair, limit: i64) -> Result<KeyPair> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let held: i64 = key_pairs::table
                 .filter(key_pairs::deleted.eq(0))
@@ -101,7 +101,7 @@ impl Db {
 
     /// Soft-deletes a user's key pair; NotFound if there is none of that name.
     pub fn key_pair_delete(&self, user_id: &str, name: &str) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         let deleted = diesel::update(
             key_pairs::table
                 .filter(key_pairs::deleted.eq(0))
@@ -109,7 +109,7 @@ impl Db {
                 .filter(key_pairs::name.eq(name)),
         )
         .set(key_pairs::deleted.eq(key_pairs::id))
-        .execute(&mut conn)?;
+        .execute(&mut *conn)?;
         if deleted == 0 {
             return Err(key_pair_not_found(user_id, name));
         }

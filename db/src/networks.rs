@@ -242,7 +242,7 @@ impl Db {
         gateway: &str,
         bridge: Option<&str>,
     ) -> Result<Network> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| insert_network(conn, name, cidr, gateway, bridge))
     }
 
@@ -278,7 +278,7 @@ impl Db {
     /// Deletes network `name` and its pool. Refused ([`DbError::Conflict`]) while an instance
     /// holds one of its addresses: that instance's NIC would point at nothing.
     pub fn network_delete(&self, name: &str) -> Result<Network> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let network: Network = networks::table
                 .filter(networks::deleted.eq(0))
@@ -326,7 +326,7 @@ impl Db {
     /// [`DbError::NotFound`] unless the instance is live and not in error (its address would
     /// never be released).
     pub fn fixed_ip_allocate(&self, instance_uuid: &str, network: Option<&str>) -> Result<FixedIp> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| allocate_fixed_ip(conn, instance_uuid, network))
     }
 

@@ -52,7 +52,7 @@ impl Db {
     /// RAM is not checked against that limit, as the host queue does not check it; disk is
     /// always checked.
     pub fn allocation_claim(&self, claim: &AllocationClaim) -> Result<ClaimOutcome> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let building: i64 = instances::table
                 .filter(instances::uuid.eq(&claim.instance_uuid))
@@ -140,7 +140,7 @@ impl Db {
 
     /// Gives back what an instance holds; `false` when it held nothing.
     pub fn allocation_release(&self, instance_uuid: &str) -> Result<bool> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         Ok(conn.write_transaction(|conn| release_allocation(conn, instance_uuid))?)
     }
 
@@ -227,7 +227,7 @@ impl Db {
         flavorid: &str,
         specs: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let flavor = crate::catalog::flavor_row_id(conn, flavorid)?;
             for (key, value) in specs {

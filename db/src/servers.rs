@@ -185,7 +185,7 @@ impl Db {
                 id: resource.to_string(),
             });
         }
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             diesel::delete(
                 quotas::table
@@ -227,7 +227,7 @@ impl Db {
             return Ok(Ok(Vec::new()));
         };
         let project_id = first.project_id.clone();
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         // One transaction: what fits is counted and written while no other create can write.
         conn.write_transaction(|conn| {
             let limits = limits_of(conn, &project_id, defaults)?;
@@ -265,7 +265,7 @@ impl Db {
         user_id: &str,
         project_id: &str,
     ) -> Result<Instance> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let current: Option<(String, Option<String>)> = instances::table
                 .filter(instances::deleted.eq(0))

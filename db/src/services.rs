@@ -28,7 +28,7 @@ impl Db {
         rpc_endpoint: &str,
         rpc_public_key: Option<&str>,
     ) -> Result<Service> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let at = now();
             let live = services::table
@@ -64,7 +64,7 @@ impl Db {
 
     /// Records that a service is alive: bumps `report_count` and `updated_at`.
     pub fn service_heartbeat(&self, host: &str, binary: &str) -> Result<()> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         let updated = diesel::update(
             services::table
                 .filter(services::deleted.eq(0))
@@ -75,7 +75,7 @@ impl Db {
             services::report_count.eq(services::report_count + 1),
             services::updated_at.eq(now()),
         ))
-        .execute(&mut conn)?;
+        .execute(&mut *conn)?;
         if updated == 0 {
             return Err(service_not_found(host, binary));
         }
@@ -160,7 +160,7 @@ impl Db {
         check_json_object("extra_resources", &values.extra_resources)?;
         let free_ram_mb = values.memory_mb - values.memory_mb_used;
         let free_disk_gb = values.local_gb - values.local_gb_used;
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             let at = now();
             let existing: Option<i64> = compute_nodes::table
