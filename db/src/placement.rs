@@ -53,88 +53,19 @@ impl Db {
     /// always checked.
     pub fn allocation_claim(&self, claim: &AllocationClaim) -> Result<ClaimOutcome> {
         let mut conn = self.writer()?;
+        conn.write_transaction(|conn| claim_allocation(conn, claim))
+    }
+
+    /// Several claims in one transaction, each as [`Db::allocation_claim`] and in order (a
+    /// later claim on a node sees the room an earlier one took): a scheduler commits together
+    /// the claims that came in while its previous commit ran. An error fails them all.
+    pub fn allocation_claims(&self, claims: &[AllocationClaim]) -> Result<Vec<ClaimOutcome>> {
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
-            let building: i64 = instances::table
-                .filter(instances::uuid.eq(&claim.instance_uuid))
-                .filter(instances::deleted.eq(0))
-                .filter(instances::vm_state.eq("building"))
-                .filter(instances::task_state.eq("scheduling"))
-                .count()
-                .get_result(conn)?;
-            if building == 0 {
-                return Ok(ClaimOutcome::InstanceGone);
-            }
-
-            let usage = Placed {
-                vcpus: claim.usage.vcpus.max(0),
-                memory_mb: claim.usage.memory_mb.max(0),
-                disk_mb: claim.usage.disk_mb.max(0),
-            };
-            let node = compute_nodes::table
-                .filter(compute_nodes::id.eq(claim.node_id))
-                .filter(compute_nodes::deleted.eq(0));
-            let mut fits = diesel::update(node)
-                .filter((compute_nodes::placed_disk_mb + usage.disk_mb).le(claim.limits.disk_mb))
-                .into_boxed();
-            if usage.vcpus > 0 {
-                fits =
-                    fits.filter((compute_nodes::placed_vcpus + usage.vcpus).le(claim.limits.vcpus));
-            }
-            if usage.memory_mb > 0 {
-                fits = fits.filter(
-                    (compute_nodes::placed_memory_mb + usage.memory_mb).le(claim.limits.memory_mb),
-                );
-            }
-            let taken = fits
-                .set((
-                    compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus + usage.vcpus),
-                    compute_nodes::placed_memory_mb
-                        .eq(compute_nodes::placed_memory_mb + usage.memory_mb),
-                    compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb + usage.disk_mb),
-                ))
-                .execute(conn)?;
-            if taken == 0 {
-                let placed: Option<(i64, i64, i64)> = node
-                    .select((
-                        compute_nodes::placed_vcpus,
-                        compute_nodes::placed_memory_mb,
-                        compute_nodes::placed_disk_mb,
-                    ))
-                    .first(conn)
-                    .optional()?;
-                return Ok(match placed {
-                    Some((vcpus, memory_mb, disk_mb)) => ClaimOutcome::NoRoom(Placed {
-                        vcpus,
-                        memory_mb,
-                        disk_mb,
-                    }),
-                    None => ClaimOutcome::NodeGone,
-                });
-            }
-
-            release_allocation(conn, &claim.instance_uuid)?;
-            let (host, node): (String, String) = compute_nodes::table
-                .find(claim.node_id)
-                .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
-                .first(conn)?;
-            diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
-                .set((
-                    instances::host.eq(host),
-                    instances::node.eq(node),
-                    instances::updated_at.eq(now()),
-                ))
-                .execute(conn)?;
-            diesel::insert_into(allocations::table)
-                .values((
-                    allocations::instance_uuid.eq(&claim.instance_uuid),
-                    allocations::compute_node_id.eq(claim.node_id),
-                    allocations::vcpus.eq(usage.vcpus),
-                    allocations::memory_mb.eq(usage.memory_mb),
-                    allocations::disk_mb.eq(usage.disk_mb),
-                    allocations::created_at.eq(now()),
-                ))
-                .execute(conn)?;
-            Ok(ClaimOutcome::Claimed)
+            claims
+                .iter()
+                .map(|claim| claim_allocation(conn, claim))
+                .collect()
         })
     }
 
@@ -263,6 +194,88 @@ impl Db {
             .load(&mut conn)?;
         Ok(specs.into_iter().collect())
     }
+}
+
+/// One claim, inside the caller's write transaction (see [`Db::allocation_claim`]).
+fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result<ClaimOutcome> {
+    let building: i64 = instances::table
+        .filter(instances::uuid.eq(&claim.instance_uuid))
+        .filter(instances::deleted.eq(0))
+        .filter(instances::vm_state.eq("building"))
+        .filter(instances::task_state.eq("scheduling"))
+        .count()
+        .get_result(conn)?;
+    if building == 0 {
+        return Ok(ClaimOutcome::InstanceGone);
+    }
+
+    let usage = Placed {
+        vcpus: claim.usage.vcpus.max(0),
+        memory_mb: claim.usage.memory_mb.max(0),
+        disk_mb: claim.usage.disk_mb.max(0),
+    };
+    let node = compute_nodes::table
+        .filter(compute_nodes::id.eq(claim.node_id))
+        .filter(compute_nodes::deleted.eq(0));
+    let mut fits = diesel::update(node)
+        .filter((compute_nodes::placed_disk_mb + usage.disk_mb).le(claim.limits.disk_mb))
+        .into_boxed();
+    if usage.vcpus > 0 {
+        fits = fits.filter((compute_nodes::placed_vcpus + usage.vcpus).le(claim.limits.vcpus));
+    }
+    if usage.memory_mb > 0 {
+        fits = fits
+            .filter((compute_nodes::placed_memory_mb + usage.memory_mb).le(claim.limits.memory_mb));
+    }
+    let taken = fits
+        .set((
+            compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus + usage.vcpus),
+            compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb + usage.memory_mb),
+            compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb + usage.disk_mb),
+        ))
+        .execute(conn)?;
+    if taken == 0 {
+        let placed: Option<(i64, i64, i64)> = node
+            .select((
+                compute_nodes::placed_vcpus,
+                compute_nodes::placed_memory_mb,
+                compute_nodes::placed_disk_mb,
+            ))
+            .first(conn)
+            .optional()?;
+        return Ok(match placed {
+            Some((vcpus, memory_mb, disk_mb)) => ClaimOutcome::NoRoom(Placed {
+                vcpus,
+                memory_mb,
+                disk_mb,
+            }),
+            None => ClaimOutcome::NodeGone,
+        });
+    }
+
+    release_allocation(conn, &claim.instance_uuid)?;
+    let (host, node): (String, String) = compute_nodes::table
+        .find(claim.node_id)
+        .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
+        .first(conn)?;
+    diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
+        .set((
+            instances::host.eq(host),
+            instances::node.eq(node),
+            instances::updated_at.eq(now()),
+        ))
+        .execute(conn)?;
+    diesel::insert_into(allocations::table)
+        .values((
+            allocations::instance_uuid.eq(&claim.instance_uuid),
+            allocations::compute_node_id.eq(claim.node_id),
+            allocations::vcpus.eq(usage.vcpus),
+            allocations::memory_mb.eq(usage.memory_mb),
+            allocations::disk_mb.eq(usage.disk_mb),
+            allocations::created_at.eq(now()),
+        ))
+        .execute(conn)?;
+    Ok(ClaimOutcome::Claimed)
 }
 
 /// Deletes an instance's allocation and takes it off its node's running totals, inside the
@@ -415,6 +428,43 @@ mod tests {
             db.allocation_claim(&claim("nope", node_id)).unwrap(),
             ClaimOutcome::InstanceGone
         );
+    }
+
+    #[test]
+    fn claims_committed_together_each_see_the_room_the_earlier_ones_took() {
+        let (_dir, db) = open_temp();
+        let node_id = node(&db, "node-1", 2);
+        for uuid in ["a", "b", "c"] {
+            db.instance_create(&instance(uuid), "req-1").unwrap();
+        }
+        let outcomes = db
+            .allocation_claims(&[
+                claim("a", node_id),
+                claim("gone", node_id),
+                claim("b", node_id),
+                claim("c", node_id),
+                claim("c", 9999),
+            ])
+            .unwrap();
+        let two = Placed {
+            vcpus: 2,
+            memory_mb: 1024,
+            disk_mb: 2048,
+        };
+        assert_eq!(
+            outcomes,
+            [
+                ClaimOutcome::Claimed,
+                ClaimOutcome::InstanceGone,
+                ClaimOutcome::Claimed,
+                ClaimOutcome::NoRoom(two),
+                ClaimOutcome::NodeGone,
+            ]
+        );
+        assert_eq!(placed(&db, node_id), two);
+        assert_eq!(db.allocation_get("b").unwrap(), Some((node_id, ONE)));
+        assert_eq!(db.allocation_get("c").unwrap(), None);
+        assert_eq!(db.allocation_claims(&[]).unwrap(), []);
     }
 
     #[test]

@@ -6,14 +6,18 @@
 //! fits, the instance goes to ERROR with a "No valid host was found" fault that counts what
 //! ruled each host out.
 
+mod commits;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
+use commits::{outcome, ClaimAnswer, Commits};
 use db::{AllocationClaim, ClaimOutcome, Db, DbError, NewFault};
 use hostqueue::{
     ComputeNodeRow, Direction, Elimination, HostMatch, HostQueue, NoValidHost, Placed, Placement,
@@ -353,11 +357,14 @@ struct Scheduler {
     db: Db,
     rpc: Rpc,
     config: SchedulerConfig,
-    /// The host queue. Holding this lock is also what makes placements of this scheduler
-    /// one-at-a-time: select, database claim and in-memory charge happen under it, and a
-    /// rebuild reads the rows under it, so no claim of this scheduler falls between the read
-    /// and the new queue.
+    /// The host queue. A placement selects (and charges) hosts and sends its claims under this
+    /// lock, then waits for them without it; a rebuild reads the rows under it, through
+    /// `commits`, so the read comes after every claim selected from the old queue.
     queue: tokio::sync::Mutex<HostQueue>,
+    /// Rebuilds of `queue` so far: a claim that failed gives its charge back only to the
+    /// queue it was charged to, since a newer one was built from rows without it.
+    generation: AtomicU64,
+    commits: Commits,
     /// Hosts whose compute did not take a cast, and when: they count as down until they send a
     /// heartbeat after that, so later requests do not each wait for the same timeout.
     unreachable: Mutex<HashMap<String, chrono::NaiveDateTime>>,
@@ -387,9 +394,11 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Schedul
     let endpoint = rpc.endpoint().unwrap_or_default().to_string();
     let scheduler = Arc::new(Scheduler {
         log: log.clone(),
+        commits: Commits::start(db.clone()),
         db,
         rpc,
         queue: tokio::sync::Mutex::new(HostQueue::new(&config.scheduler.default_queue)),
+        generation: AtomicU64::new(0),
         unreachable: Mutex::new(HashMap::new()),
         rebuilding: std::sync::atomic::AtomicBool::new(false),
         config: config.scheduler,
@@ -506,6 +515,24 @@ pub fn compute_node_row(
 
 /// What the database claim may take on a placement's node: the queue's limits in whole units.
 /// An infinite limit (a forced host whose check the operator turned off) is no limit.
+/// The database claim of `placement` for `spec`.
+fn claim_of(
+    request: &PlacementRequest,
+    spec: &RequestSpec,
+    placement: &Placement,
+) -> AllocationClaim {
+    AllocationClaim {
+        instance_uuid: spec.instance_uuid.clone(),
+        node_id: placement.node_id,
+        usage: db::Placed {
+            vcpus: request.resources.requested_vcpus,
+            memory_mb: request.resources.requested_ram,
+            disk_mb: request.resources.requested_disk,
+        },
+        limits: claim_limits(&limits_of(placement)),
+    }
+}
+
 fn claim_limits(limits: &Limits) -> db::Placed {
     // `as` saturates and maps NaN to 0: a nonsense limit admits nothing.
     db::Placed {
@@ -529,14 +556,9 @@ impl Scheduler {
     async fn build_queue(&self) -> Result<QueueSummary, SchedulerError> {
         let mut queue = self.queue.lock().await;
         let started = std::time::Instant::now();
-        let db = self.db.clone();
-        let nodes = tokio::task::spawn_blocking(move || db.compute_nodes_with_services())
-            .await
-            .map_err(|e| SchedulerError::Task(e.to_string()))
-            .and_then(|read| read.map_err(SchedulerError::from))
-            .inspect_err(|_| {
-                self.metrics.rebuild_failures.inc();
-            })?;
+        let nodes = self.commits.read_nodes().await.inspect_err(|_| {
+            self.metrics.rebuild_failures.inc();
+        })?;
         let now = chrono::Utc::now().naive_utc();
         let mut rows = Vec::with_capacity(nodes.len());
         {
@@ -560,6 +582,7 @@ impl Scheduler {
             }
         }
         queue.build_queue(&rows);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.metrics
             .rebuild_duration
             .observe(started.elapsed().as_secs_f64());
@@ -778,8 +801,9 @@ impl Scheduler {
             self.metrics.walk_failed(&err);
             err.reason
         });
-        let mut claimed: Vec<(RequestSpec, Placement)> = Vec::with_capacity(pending.len());
-        let mut unplaced: Vec<(RequestSpec, String)> = Vec::new();
+        let generation = self.generation.load(Ordering::Acquire);
+        let laps = queue.len() + 1;
+        let mut sent = Vec::with_capacity(batch.placements.len());
         let mut specs = pending.into_iter();
         // Not `zip`: it would take one spec too many from `specs` when the placements run out.
         for placement in batch.placements {
@@ -787,17 +811,25 @@ impl Scheduler {
                 queue.release_host(&placement.hostname, &request.resources);
                 continue;
             };
-            match self
-                .claim(log, &mut queue, &request, &spec, placement)
-                .await
-            {
-                Ok(Some(placement)) => claimed.push((spec, placement)),
+            let placement = self.forced_limits(&request, placement);
+            let answer = self.commits.claim(claim_of(&request, &spec, &placement));
+            sent.push((spec, placement, answer));
+        }
+        // Other requests select while these commit, and their claims may join the same commit.
+        drop(queue);
+        let mut claimed: Vec<(RequestSpec, Placement, u64)> = Vec::with_capacity(sent.len());
+        let mut unplaced: Vec<(RequestSpec, String)> = Vec::new();
+        for (spec, placement, answer) in sent {
+            let charge = (placement, generation);
+            match self.claim(log, &request, &spec, charge, answer, laps).await {
+                Ok(Some((placement, generation))) => claimed.push((spec, placement, generation)),
                 Ok(None) => {} // deleted meanwhile: nothing to build, nothing to record
                 Err(reason) => unplaced.push((spec, reason)),
             }
         }
         let leftover: Vec<RequestSpec> = specs.collect();
         if claimed.len() < min_count {
+            let mut queue = self.queue.lock().await;
             // All or nothing: give back what this batch took.
             let placed = claimed.len();
             let why = unplaced
@@ -806,8 +838,8 @@ impl Scheduler {
                 .next()
                 .or(shortfall.take())
                 .unwrap_or_else(|| "The others were deleted meanwhile.".to_string());
-            for (spec, placement) in claimed.drain(..) {
-                queue.release_host(&placement.hostname, &request.resources);
+            for (spec, placement, generation) in claimed.drain(..) {
+                self.release_charge(&mut queue, generation, &placement.hostname, &request);
                 let db = self.db.clone();
                 let uuid = spec.instance_uuid.clone();
                 if let Ok(Err(e)) =
@@ -830,7 +862,6 @@ impl Scheduler {
             }
             return Vec::new();
         }
-        drop(queue);
         for (spec, reason) in unplaced {
             self.no_valid_host(log, &spec, &reason).await;
         }
@@ -841,7 +872,7 @@ impl Scheduler {
         self.metrics.placed.inc_by(claimed.len() as u64);
         claimed
             .into_iter()
-            .map(|(mut spec, placement)| {
+            .map(|(mut spec, placement, _)| {
                 spec.retry.num_attempts += 1;
                 spec.retry.hosts.push(placement.hostname.clone());
                 (spec, placement)
@@ -849,55 +880,64 @@ impl Scheduler {
             .collect()
     }
 
-    /// Commits one placement to the database. A lost race (another scheduler took the room)
-    /// updates the queue with what the database says and walks on to the next host; a
-    /// refusal is `Err(reason)`; `Ok(None)` means the instance is gone.
-    async fn claim(
+    /// Gives back a placement's charge to the queue, if it is still the queue it was charged
+    /// to: a rebuilt one counts only what the database holds.
+    fn release_charge(
         &self,
-        log: &Logger,
         queue: &mut HostQueue,
+        generation: u64,
+        hostname: &str,
         request: &PlacementRequest,
-        spec: &RequestSpec,
-        mut placement: Placement,
-    ) -> Result<Option<Placement>, String> {
-        let usage = db::Placed {
-            vcpus: request.resources.requested_vcpus,
-            memory_mb: request.resources.requested_ram,
-            disk_mb: request.resources.requested_disk,
-        };
-        let forced = request.scheduler_host.is_some();
-        if forced && request.skip_forced_host_resource_check {
-            // As Nova's force_hosts: no limits for the database claim nor the compute's claim.
+    ) {
+        if self.generation.load(Ordering::Acquire) == generation {
+            queue.release_host(hostname, &request.resources);
+        }
+    }
+
+    /// As Nova's force_hosts: with `force_hosts_skip_resource_check`, a forced host gets no
+    /// limits, for the database claim nor for the compute's.
+    fn forced_limits(&self, request: &PlacementRequest, mut placement: Placement) -> Placement {
+        if request.scheduler_host.is_some() && request.skip_forced_host_resource_check {
             placement.limits = hostqueue::Limits {
                 vcpu: f64::INFINITY,
                 memory_mb: f64::INFINITY,
                 disk_gb: f64::INFINITY,
             };
         }
+        placement
+    }
+
+    /// Waits for one placement's claim. A lost race (another scheduler took the room)
+    /// updates the queue with what the database says and walks on to the next host; a
+    /// refusal is `Err(reason)`; `Ok(None)` means the instance is gone.
+    async fn claim(
+        &self,
+        log: &Logger,
+        request: &PlacementRequest,
+        spec: &RequestSpec,
+        (mut placement, mut generation): (Placement, u64),
+        mut answer: ClaimAnswer,
+        laps: usize,
+    ) -> Result<Option<(Placement, u64)>, String> {
+        let forced = request.scheduler_host.is_some();
         // Every lost race makes one host look full, so this ends within a lap of the queue.
-        for _ in 0..=queue.len() + 1 {
-            let claim = AllocationClaim {
-                instance_uuid: spec.instance_uuid.clone(),
-                node_id: placement.node_id,
-                usage,
-                limits: claim_limits(&limits_of(&placement)),
+        for tries in 1.. {
+            let outcome = match outcome(answer).await {
+                Ok(ClaimOutcome::Claimed) => return Ok(Some((placement, generation))),
+                other => other,
             };
-            let db = self.db.clone();
-            let outcome = tokio::task::spawn_blocking(move || db.allocation_claim(&claim))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            let mut queue = self.queue.lock().await;
             match outcome {
-                Ok(ClaimOutcome::Claimed) => return Ok(Some(placement)),
+                Ok(ClaimOutcome::Claimed) => return Ok(Some((placement, generation))),
                 Ok(ClaimOutcome::InstanceGone) => {
-                    queue.release_host(&placement.hostname, &request.resources);
+                    self.release_charge(&mut queue, generation, &placement.hostname, request);
                     info!(log, "instance gone before it was placed"; "instance" => &spec.instance_uuid);
                     return Ok(None);
                 }
                 Ok(ClaimOutcome::NoRoom(placed)) => {
                     self.metrics.claim_conflicts.inc();
                     debug!(log, "lost a race for a host; walking on"; "instance" => &spec.instance_uuid, "host" => &placement.hostname);
-                    queue.release_host(&placement.hostname, &request.resources);
+                    self.release_charge(&mut queue, generation, &placement.hostname, request);
                     queue.observe_placed(
                         &placement.hostname,
                         Placed {
@@ -915,24 +955,29 @@ impl Scheduler {
                     }
                 }
                 Ok(ClaimOutcome::NodeGone) => {
-                    queue.release_host(&placement.hostname, &request.resources);
+                    self.release_charge(&mut queue, generation, &placement.hostname, request);
                     queue.mark_unavailable(&placement.hostname, UnavailableReason::Down);
                     if forced {
                         return Err(format!("Host {} is gone", placement.hostname));
                     }
                 }
                 Err(e) => {
-                    queue.release_host(&placement.hostname, &request.resources);
+                    self.release_charge(&mut queue, generation, &placement.hostname, request);
                     warn!(log, "could not record the placement"; "instance" => &spec.instance_uuid, "error" => &e);
                     return Err(format!("The placement could not be recorded: {e}"));
                 }
             }
+            if tries > laps {
+                break;
+            }
+            generation = self.generation.load(Ordering::Acquire);
             placement = queue.select(request).map_err(|err| {
                 self.metrics.walk_failed(&err);
                 err.reason
             })?;
+            placement = self.forced_limits(request, placement);
+            answer = self.commits.claim(claim_of(request, spec, &placement));
         }
-        queue.release_host(&placement.hostname, &request.resources);
         Err("Every host with room was taken by other schedulers meanwhile".to_string())
     }
 
