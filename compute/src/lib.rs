@@ -384,9 +384,10 @@ struct Compute {
     /// One resource report at a time, each snapshotting the ledger only once the one before has
     /// landed, so an older snapshot can never overwrite a newer one in the database.
     report_lock: tokio::sync::Mutex<()>,
-    /// A resource report is wanted (a claim, a delete, the timer), and who is sending them:
-    /// see `report_resources`.
+    /// A resource report is wanted (a claim, a delete, the timer), the service's loop is asked
+    /// to send it, and who is sending them: see `report_resources`.
     report_wanted: AtomicBool,
+    report_asked: tokio::sync::Notify,
     report_sender: tokio::sync::Mutex<()>,
     /// One power-state sync at a time: a slow one is not joined by the next.
     sync_lock: tokio::sync::Mutex<()>,
@@ -480,6 +481,7 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         tracker: Mutex::new(ResourceTracker::default()),
         report_lock: tokio::sync::Mutex::new(()),
         report_wanted: AtomicBool::new(false),
+        report_asked: tokio::sync::Notify::new(),
         report_sender: tokio::sync::Mutex::new(()),
         sync_lock: tokio::sync::Mutex::new(()),
         instance_locks: Mutex::new(HashMap::new()),
@@ -523,12 +525,10 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
                         let compute = compute.clone();
                         tasks.spawn(async move { compute.periodic_report(report_with_heartbeat).await });
                     }
-                    _ = next_tick(&mut resources) => {
+                    _ = next_tick(&mut resources) => compute.report_resources(),
+                    _ = compute.report_asked.notified() => {
                         let compute = compute.clone();
-                        tasks.spawn(async move {
-                            let context = compute.context();
-                            compute.report_resources(&context).await
-                        });
+                        tasks.spawn(async move { compute.send_wanted_reports().await });
                     }
                     _ = next_tick(&mut sync) => {
                         let compute = compute.clone();
@@ -555,6 +555,8 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         if abandoned > 0 {
             warn!(compute.log, "stopped with requests still running"; "abandoned" => abandoned);
         }
+        // What the last builds and deletes changed, now that the loop no longer sends it.
+        compute.send_wanted_reports().await;
         compute.rpc.shutdown();
     });
     Ok(ServiceHandle::new(handle_endpoint, stop_tx, task).with_metrics(metrics_server))
@@ -976,7 +978,7 @@ impl Compute {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .release(uuid);
-                    self.report_resources(context).await;
+                    self.report_resources();
                 }
                 recorded
             }
@@ -1189,17 +1191,24 @@ impl Compute {
             warn!(self.log, "heartbeat not recorded"; "error" => %e);
         }
         if with_resources {
-            self.report_resources(&context).await;
+            self.report_resources();
         }
     }
 
-    /// `update_available_resource`, coalesced: a report asked for while another is on its way
-    /// is left to the caller sending that one, which sends one more with the ledger as it is
-    /// then. So a burst of claims on a host costs two reports, not one per claim (the
-    /// scheduler counts a placement from its allocation anyway). A failure is only worth a log
-    /// line: the next periodic report carries the same numbers.
-    async fn report_resources(&self, context: &RequestContext) {
+    /// Asks for an `update_available_resource` and returns at once: a build does not wait
+    /// for the report of its claim (the scheduler counts a placement from its allocation).
+    fn report_resources(&self) {
         self.report_wanted.store(true, Ordering::SeqCst);
+        self.report_asked.notify_one();
+    }
+
+    /// Sends the reports asked for, coalesced: a report asked for while another is on its way
+    /// is left to the task sending that one, which sends one more with the ledger as it is
+    /// then. So a burst of claims on a host costs two reports, not one per claim. A failure
+    /// is only worth a log line: the next periodic report carries the same numbers.
+    async fn send_wanted_reports(&self) {
+        let context = self.context();
+        let context = &context;
         loop {
             let Ok(sending) = self.report_sender.try_lock() else {
                 return;
@@ -1345,7 +1354,7 @@ impl Compute {
                 // Deleted while it was being built: clean up, there is no row to report to.
                 info!(log, "instance deleted, in error or placed elsewhere during its build; cleaning up"; "instance" => &uuid);
                 self.remove_leftovers(log, &uuid).await;
-                self.report_resources(context).await;
+                self.report_resources();
                 BuildOutcome::Deleted
             }
             Err(ComputeError::Claim(refused)) => {
@@ -1366,7 +1375,7 @@ impl Compute {
                 {
                     warn!(log, "could not record the build failure"; "instance" => &uuid, "error" => %e);
                 }
-                self.report_resources(context).await;
+                self.report_resources();
                 BuildOutcome::Error
             }
         }
@@ -1438,7 +1447,7 @@ impl Compute {
                 &args.limits,
             )?;
         // Report the claim at once so the next host-queue rebuild already counts it.
-        self.report_resources(context).await;
+        self.report_resources();
         let spawning = InstanceUpdate {
             uuid: uuid.clone(),
             state: Some(InstanceState {
@@ -1620,7 +1629,7 @@ impl Compute {
             Err(e) => warn!(log, "instance row not deleted"; "instance" => uuid, "error" => %e),
         }
         self.forget_instance_lock(uuid);
-        self.report_resources(context).await;
+        self.report_resources();
     }
 
     /// Stops, starts or reboots `uuid`; the API has set its task_state and started the instance
