@@ -2,6 +2,8 @@
 //! is the only database door for compute nodes (every read or write a compute needs is an RPC
 //! here). It holds no state of its own beyond the database.
 
+mod records;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
-use db::{ComputeNodeValues, Db, DbError, ExpectedTask, InstanceChanges, NewFault};
+use db::{ComputeNodeValues, Db, DbError, ExpectedTask, InstanceChanges, NewFault, Recorded};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use proto::metrics::{default_port, outcome_counters, MetricsConfig, MetricsError, RpcMetrics};
@@ -25,6 +27,7 @@ use proto::{
     RequestContext, RequestSpec, RescheduleInstance, RetrySpec, Rpc, ScheduleRunInstance,
     ServiceHeartbeat, ServiceRegister, StartSpawning,
 };
+use records::{Owned, Records};
 
 pub const BINARY: &str = "zova-conductor";
 
@@ -125,6 +128,8 @@ struct Conductor {
     db: Db,
     rpc: Rpc,
     schedulers: Peers,
+    /// Computes' state records and reports, committed in groups.
+    records: Records,
     metrics: ConductorMetrics,
 }
 
@@ -201,6 +206,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, Conduct
     info!(log, "conductor listening"; "endpoint" => &endpoint, "schedulers" => schedulers.join(","));
     let conductor = Arc::new(Conductor {
         log,
+        records: Records::start(db.clone()),
         db,
         rpc,
         schedulers: Peers::new(schedulers),
@@ -286,7 +292,7 @@ impl Conductor {
                 self.reschedule_instance(&log, &context, args).await;
             }
             ConductorApi::InstanceUpdate(args) => {
-                self.answer::<InstanceUpdate>(request, args, instance_update)
+                self.record::<InstanceUpdate>(request, Owned::instance(args), |_| Ok(()))
                     .await
             }
             ConductorApi::InstanceActionFinish(args) => {
@@ -343,16 +349,13 @@ impl Conductor {
                 .await
             }
             ConductorApi::StartSpawning(args) => {
-                self.answer::<StartSpawning>(request, args, |db, args| {
-                    let update = &args.update;
-                    let (changes, expected_task) = instance_changes(update);
-                    let ip = db.instance_start_spawning(
-                        &update.uuid,
-                        &changes,
-                        update.expected_vm_state.as_deref(),
-                        expected_task,
-                    )?;
-                    Ok(fixed_ip_info(ip))
+                let record = Owned::start_spawning(args.update);
+                self.record::<StartSpawning>(request, record, |recorded| match recorded {
+                    Recorded::FixedIp(ip) => Ok(fixed_ip_info(ip)),
+                    Recorded::Done => Err(RemoteError {
+                        kind: "Internal".into(),
+                        message: "no fixed IP came back for a spawning build".into(),
+                    }),
                 })
                 .await
             }
@@ -371,30 +374,32 @@ impl Conductor {
                 .await
             }
             ConductorApi::ServiceHeartbeat(args) => {
-                self.answer::<ServiceHeartbeat>(request, args, |db, args| {
-                    db.service_heartbeat(&args.host, &args.binary)
-                })
-                .await
+                self.record::<ServiceHeartbeat>(request, Owned::Heartbeat(args), |_| Ok(()))
+                    .await
             }
             ConductorApi::ComputeNodeUpdate(args) => {
-                self.answer::<ComputeNodeUpdate>(request, args, |db, args| {
-                    let extra = serde_json::to_string(&args.extra_resources)
-                        .map_err(|e| DbError::Json(e.to_string()))?;
-                    db.compute_node_upsert(&ComputeNodeValues {
-                        host: args.host,
-                        hypervisor_hostname: args.hypervisor_hostname,
-                        hypervisor_type: args.hypervisor_type,
-                        vcpus: args.vcpus,
-                        memory_mb: args.memory_mb,
-                        local_gb: args.local_gb,
-                        vcpus_used: args.vcpus_used,
-                        memory_mb_used: args.memory_mb_used,
-                        local_gb_used: args.local_gb_used,
-                        running_vms: args.running_vms,
-                        extra_resources: extra,
-                    })
-                })
-                .await
+                let extra = match serde_json::to_string(&args.extra_resources) {
+                    Ok(extra) => extra,
+                    Err(e) => {
+                        let refused = remote(DbError::Json(e.to_string()));
+                        return request.reply::<ComputeNodeUpdate>(Err(refused));
+                    }
+                };
+                let record = Owned::ComputeNode(ComputeNodeValues {
+                    host: args.host,
+                    hypervisor_hostname: args.hypervisor_hostname,
+                    hypervisor_type: args.hypervisor_type,
+                    vcpus: args.vcpus,
+                    memory_mb: args.memory_mb,
+                    local_gb: args.local_gb,
+                    vcpus_used: args.vcpus_used,
+                    memory_mb_used: args.memory_mb_used,
+                    local_gb_used: args.local_gb_used,
+                    running_vms: args.running_vms,
+                    extra_resources: extra,
+                });
+                self.record::<ComputeNodeUpdate>(request, record, |_| Ok(()))
+                    .await
             }
             ConductorApi::Ping(_) => request.reply::<Ping>(Ok(BINARY.to_string())),
         }
@@ -425,6 +430,21 @@ impl Conductor {
                 Err(e) => warn!(self.log, "stuck-task check failed"; "error" => %e),
             }
         }
+    }
+
+    /// Writes one record of a compute with the others of its group and answers with what
+    /// `reply` makes of the outcome.
+    async fn record<M: Method>(
+        &self,
+        request: Incoming,
+        record: Owned,
+        reply: impl FnOnce(Recorded) -> Result<M::Reply, RemoteError>,
+    ) {
+        let result = self.records.write(record).await.and_then(reply);
+        if let Err(e) = &result {
+            warn!(for_request(&self.log, request.context()), "{} failed", M::NAME; "error" => %e);
+        }
+        request.reply::<M>(result);
     }
 
     /// Runs one database call for a compute off the reactor and answers with its result.
@@ -744,57 +764,15 @@ fn fixed_ip_info(ip: db::FixedIp) -> FixedIpInfo {
     }
 }
 
+/// An `InstanceUpdate` on its own, as a group of one (the tests' way in).
+#[cfg(test)]
 fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
-    let (changes, expected_task) = instance_changes(&args);
-    db.instance_update_expecting_task(
-        &args.uuid,
-        &changes,
-        args.expected_vm_state.as_deref(),
-        expected_task,
-    )?;
-    if let Some(fault) = args.fault {
-        db.instance_fault_create(&NewFault {
-            instance_uuid: args.uuid,
-            code: fault.code,
-            message: fault.message,
-            details: fault.details,
-            host: args.host,
-        })?;
-    }
-    Ok(())
-}
-
-/// The row changes an `InstanceUpdate` asks for, and the task state it expects.
-fn instance_changes(args: &InstanceUpdate) -> (InstanceChanges, ExpectedTask<'_>) {
-    let mut changes = InstanceChanges::default();
-    match &args.state {
-        Some(state) => {
-            changes.vm_state = Some(state.vm_state.clone());
-            changes.task_state = Some(state.task_state.clone());
-            changes.power_state = Some(state.power_state);
-        }
-        None => {
-            if args.revert_task_state {
-                changes.task_state = Some(None);
-            }
-            changes.power_state = args.power_state;
-        }
-    }
-    if let Some(host) = args.host.clone() {
-        changes.host = Some(Some(host));
-    }
-    if let Some(node) = args.node.clone() {
-        changes.node = Some(Some(node));
-    }
-    if args.launched {
-        changes.launched_at = Some(Some(chrono::Utc::now().naive_utc()));
-    }
-    let expected_task = match (args.expected_task_state.as_deref(), args.expect_no_task) {
-        (Some(task), _) => ExpectedTask::Is(task),
-        (None, true) => ExpectedTask::None,
-        (None, false) => ExpectedTask::Any,
-    };
-    (changes, expected_task)
+    let record = Owned::instance(args);
+    let mut outcomes = db.record_together(&[record.record()])?;
+    outcomes
+        .pop()
+        .unwrap_or_else(|| Err(DbError::Conflict("no outcome".into())))
+        .map(drop)
 }
 
 #[cfg(test)]

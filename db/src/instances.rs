@@ -30,7 +30,10 @@ fn instance_not_found(uuid: &str) -> DbError {
     }
 }
 
-fn insert_fault(conn: &mut AnyConnection, fault: &NewFault) -> QueryResult<InstanceFault> {
+pub(crate) fn insert_fault(
+    conn: &mut AnyConnection,
+    fault: &NewFault,
+) -> QueryResult<InstanceFault> {
     diesel::insert_into(instance_faults::table)
         .values((fault, instance_faults::created_at.eq(now())))
         .returning(<InstanceFault as Selectable<DbBackend>>::construct_selection())
@@ -298,7 +301,7 @@ impl Db {
 
     /// Records a fault without changing the instance's state.
     pub fn instance_fault_create(&self, fault: &NewFault) -> Result<InstanceFault> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         Ok(insert_fault(&mut conn, fault)?)
     }
 

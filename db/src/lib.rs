@@ -25,6 +25,7 @@ mod keypairs;
 mod models;
 mod networks;
 mod placement;
+mod records;
 pub mod schema;
 mod servers;
 mod services;
@@ -55,6 +56,7 @@ pub use models::{
 };
 pub use networks::{pool_addresses, FixedIp, Network, NetworkUsage};
 pub use placement::{AllocationClaim, ClaimOutcome, Placed};
+pub use records::{Record, Recorded};
 pub use servers::{instances_that_fit, InstanceFilter, QuotaExceeded, QuotaLimits, QuotaUsage};
 
 /// The schema, compiled into the binary so a fresh host needs nothing but the database path.

@@ -4,7 +4,8 @@ use diesel::prelude::*;
 
 use crate::schema::{compute_nodes, services};
 use crate::{
-    check_json_object, now, ComputeNode, ComputeNodeValues, Db, DbBackend, DbError, Result, Service,
+    check_json_object, now, AnyConnection, ComputeNode, ComputeNodeValues, Db, DbBackend, DbError,
+    Result, Service,
 };
 
 /// The binary whose services own compute nodes.
@@ -65,21 +66,7 @@ impl Db {
     /// Records that a service is alive: bumps `report_count` and `updated_at`.
     pub fn service_heartbeat(&self, host: &str, binary: &str) -> Result<()> {
         let mut conn = self.writer()?;
-        let updated = diesel::update(
-            services::table
-                .filter(services::deleted.eq(0))
-                .filter(services::host.eq(host))
-                .filter(services::binary.eq(binary)),
-        )
-        .set((
-            services::report_count.eq(services::report_count + 1),
-            services::updated_at.eq(now()),
-        ))
-        .execute(&mut *conn)?;
-        if updated == 0 {
-            return Err(service_not_found(host, binary));
-        }
-        Ok(())
+        record_heartbeat(&mut conn, host, binary)
     }
 
     /// The live service `binary` on `host`.
@@ -158,38 +145,8 @@ impl Db {
     /// Free RAM and disk are derived here so every reader sees the same arithmetic.
     pub fn compute_node_upsert(&self, values: &ComputeNodeValues) -> Result<()> {
         check_json_object("extra_resources", &values.extra_resources)?;
-        let free_ram_mb = values.memory_mb - values.memory_mb_used;
-        let free_disk_gb = values.local_gb - values.local_gb_used;
         let mut conn = self.writer()?;
-        conn.write_transaction(|conn| {
-            let at = now();
-            let existing: Option<i64> = compute_nodes::table
-                .filter(compute_nodes::deleted.eq(0))
-                .filter(compute_nodes::host.eq(&values.host))
-                .filter(compute_nodes::hypervisor_hostname.eq(&values.hypervisor_hostname))
-                .select(compute_nodes::id)
-                .first(conn)
-                .optional()?;
-            match existing {
-                Some(id) => diesel::update(compute_nodes::table.find(id))
-                    .set((
-                        values,
-                        compute_nodes::free_ram_mb.eq(free_ram_mb),
-                        compute_nodes::free_disk_gb.eq(free_disk_gb),
-                        compute_nodes::updated_at.eq(at),
-                    ))
-                    .execute(conn)?,
-                None => diesel::insert_into(compute_nodes::table)
-                    .values((
-                        values,
-                        compute_nodes::free_ram_mb.eq(free_ram_mb),
-                        compute_nodes::free_disk_gb.eq(free_disk_gb),
-                        compute_nodes::created_at.eq(at),
-                    ))
-                    .execute(conn)?,
-            };
-            Ok(())
-        })
+        conn.write_transaction(|conn| upsert_compute_node(conn, values))
     }
 
     /// All live compute nodes, by host then hypervisor hostname.
@@ -224,6 +181,62 @@ impl Db {
             .select((ComputeNode::as_select(), Service::as_select()))
             .load(&mut conn)?)
     }
+}
+
+/// [`Db::service_heartbeat`] on the caller's connection.
+pub(crate) fn record_heartbeat(conn: &mut AnyConnection, host: &str, binary: &str) -> Result<()> {
+    let updated = diesel::update(
+        services::table
+            .filter(services::deleted.eq(0))
+            .filter(services::host.eq(host))
+            .filter(services::binary.eq(binary)),
+    )
+    .set((
+        services::report_count.eq(services::report_count + 1),
+        services::updated_at.eq(now()),
+    ))
+    .execute(conn)?;
+    if updated == 0 {
+        return Err(service_not_found(host, binary));
+    }
+    Ok(())
+}
+
+/// [`Db::compute_node_upsert`] inside the caller's write transaction, `extra_resources`
+/// already checked.
+pub(crate) fn upsert_compute_node(
+    conn: &mut AnyConnection,
+    values: &ComputeNodeValues,
+) -> Result<()> {
+    let free_ram_mb = values.memory_mb - values.memory_mb_used;
+    let free_disk_gb = values.local_gb - values.local_gb_used;
+    let at = now();
+    let existing: Option<i64> = compute_nodes::table
+        .filter(compute_nodes::deleted.eq(0))
+        .filter(compute_nodes::host.eq(&values.host))
+        .filter(compute_nodes::hypervisor_hostname.eq(&values.hypervisor_hostname))
+        .select(compute_nodes::id)
+        .first(conn)
+        .optional()?;
+    match existing {
+        Some(id) => diesel::update(compute_nodes::table.find(id))
+            .set((
+                values,
+                compute_nodes::free_ram_mb.eq(free_ram_mb),
+                compute_nodes::free_disk_gb.eq(free_disk_gb),
+                compute_nodes::updated_at.eq(at),
+            ))
+            .execute(conn)?,
+        None => diesel::insert_into(compute_nodes::table)
+            .values((
+                values,
+                compute_nodes::free_ram_mb.eq(free_ram_mb),
+                compute_nodes::free_disk_gb.eq(free_disk_gb),
+                compute_nodes::created_at.eq(at),
+            ))
+            .execute(conn)?,
+    };
+    Ok(())
 }
 
 #[cfg(test)]

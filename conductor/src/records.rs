@@ -1,0 +1,188 @@
+//! Computes' records, committed in groups: the records that come in while one commit runs go
+//! together in the next ([`Db::record_together`]), one write transaction and one turn at the
+//! database's write lock for a burst of builds. Each record still gets its own answer, and a
+//! record that is refused leaves the others of its group be.
+
+use db::{ComputeNodeValues, Db, ExpectedTask, InstanceChanges, NewFault, Record, Recorded};
+use proto::{InstanceUpdate, RemoteError, ServiceHeartbeat};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::remote;
+
+/// Records in one transaction at most.
+const MAX_RECORDS_PER_COMMIT: usize = 256;
+
+/// A record as it came from a compute, owning what [`Record`] borrows.
+pub(crate) enum Owned {
+    Instance {
+        update: InstanceUpdate,
+        changes: InstanceChanges,
+        fault: Option<NewFault>,
+    },
+    StartSpawning {
+        update: InstanceUpdate,
+        changes: InstanceChanges,
+    },
+    ComputeNode(ComputeNodeValues),
+    Heartbeat(ServiceHeartbeat),
+}
+
+impl Owned {
+    /// An `InstanceUpdate` record: the row's changes, and its fault if it carries one.
+    pub(crate) fn instance(update: InstanceUpdate) -> Owned {
+        let changes = instance_changes(&update);
+        let fault = update.fault.as_ref().map(|fault| NewFault {
+            instance_uuid: update.uuid.clone(),
+            code: fault.code,
+            message: fault.message.clone(),
+            details: fault.details.clone(),
+            host: update.host.clone(),
+        });
+        Owned::Instance {
+            update,
+            changes,
+            fault,
+        }
+    }
+
+    pub(crate) fn start_spawning(update: InstanceUpdate) -> Owned {
+        let changes = instance_changes(&update);
+        Owned::StartSpawning { update, changes }
+    }
+
+    pub(crate) fn record(&self) -> Record<'_> {
+        match self {
+            Owned::Instance {
+                update,
+                changes,
+                fault,
+            } => Record::Instance {
+                uuid: &update.uuid,
+                changes,
+                expected_vm_state: update.expected_vm_state.as_deref(),
+                expected_task: expected_task(update),
+                fault: fault.as_ref(),
+            },
+            Owned::StartSpawning { update, changes } => Record::StartSpawning {
+                uuid: &update.uuid,
+                changes,
+                expected_vm_state: update.expected_vm_state.as_deref(),
+                expected_task: expected_task(update),
+            },
+            Owned::ComputeNode(values) => Record::ComputeNode(values),
+            Owned::Heartbeat(heartbeat) => Record::Heartbeat {
+                host: &heartbeat.host,
+                binary: &heartbeat.binary,
+            },
+        }
+    }
+}
+
+/// The row changes an `InstanceUpdate` asks for.
+pub(crate) fn instance_changes(args: &InstanceUpdate) -> InstanceChanges {
+    let mut changes = InstanceChanges::default();
+    match &args.state {
+        Some(state) => {
+            changes.vm_state = Some(state.vm_state.clone());
+            changes.task_state = Some(state.task_state.clone());
+            changes.power_state = Some(state.power_state);
+        }
+        None => {
+            if args.revert_task_state {
+                changes.task_state = Some(None);
+            }
+            changes.power_state = args.power_state;
+        }
+    }
+    if let Some(host) = args.host.clone() {
+        changes.host = Some(Some(host));
+    }
+    if let Some(node) = args.node.clone() {
+        changes.node = Some(Some(node));
+    }
+    if args.launched {
+        changes.launched_at = Some(Some(chrono::Utc::now().naive_utc()));
+    }
+    changes
+}
+
+/// The task state an `InstanceUpdate` expects.
+fn expected_task(args: &InstanceUpdate) -> ExpectedTask<'_> {
+    match (args.expected_task_state.as_deref(), args.expect_no_task) {
+        (Some(task), _) => ExpectedTask::Is(task),
+        (None, true) => ExpectedTask::None,
+        (None, false) => ExpectedTask::Any,
+    }
+}
+
+type Answer = oneshot::Sender<Result<Recorded, RemoteError>>;
+
+/// The sending end; the committing task ends when the last one is dropped.
+pub(crate) struct Records {
+    jobs: mpsc::UnboundedSender<(Owned, Answer)>,
+}
+
+impl Records {
+    /// Starts the committing task on the current runtime.
+    pub(crate) fn start(db: Db) -> Records {
+        let (jobs, queued) = mpsc::unbounded_channel();
+        tokio::spawn(commit(db, queued));
+        Records { jobs }
+    }
+
+    /// Writes one record with whatever others come meanwhile.
+    pub(crate) async fn write(&self, record: Owned) -> Result<Recorded, RemoteError> {
+        let (answer, answered) = oneshot::channel();
+        let _ = self.jobs.send((record, answer));
+        answered.await.unwrap_or_else(|_| {
+            Err(RemoteError {
+                kind: "Internal".into(),
+                message: "the conductor's record writer stopped".into(),
+            })
+        })
+    }
+}
+
+async fn commit(db: Db, mut queued: mpsc::UnboundedReceiver<(Owned, Answer)>) {
+    while let Some(first) = queued.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_RECORDS_PER_COMMIT {
+            match queued.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let db = db.clone();
+        // A task that panicked drops its answers, and `write` says so to each caller.
+        let _ = tokio::task::spawn_blocking(move || write_group(&db, group)).await;
+    }
+}
+
+fn write_group(db: &Db, group: Vec<(Owned, Answer)>) {
+    let records: Vec<Record<'_>> = group.iter().map(|(owned, _)| owned.record()).collect();
+    match db.record_together(&records) {
+        Ok(outcomes) => {
+            for ((_, answer), outcome) in group.into_iter().zip(outcomes) {
+                let _ = answer.send(outcome.map_err(remote));
+            }
+        }
+        // The transaction itself failed (a full disk, a lost connection): each alone, so each
+        // caller gets its own answer.
+        Err(_) => {
+            for (owned, answer) in group {
+                let alone = db
+                    .record_together(&[owned.record()])
+                    .map_err(remote)
+                    .and_then(|mut outcomes| {
+                        outcomes
+                            .pop()
+                            .unwrap_or_else(|| {
+                                Err(db::DbError::Conflict("no outcome for the record".into()))
+                            })
+                            .map_err(remote)
+                    });
+                let _ = answer.send(alone);
+            }
+        }
+    }
+}
