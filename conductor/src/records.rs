@@ -4,8 +4,9 @@
 //! record that is refused leaves the others of its group be.
 
 use db::{ComputeNodeValues, Db, ExpectedTask, InstanceChanges, NewFault, Record, Recorded};
+use proto::service::GroupWriter;
 use proto::{InstanceUpdate, RemoteError, ServiceHeartbeat};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::remote;
 
@@ -117,44 +118,30 @@ fn expected_task(args: &InstanceUpdate) -> ExpectedTask<'_> {
 
 type Answer = oneshot::Sender<Result<Recorded, RemoteError>>;
 
-/// The sending end; the committing task ends when the last one is dropped.
+/// The conductor's writer of records; its task ends when it is dropped.
 pub(crate) struct Records {
-    jobs: mpsc::UnboundedSender<(Owned, Answer)>,
+    writer: GroupWriter<(Owned, Answer)>,
 }
 
 impl Records {
-    /// Starts the committing task on the current runtime.
+    /// Starts the writing task on the current runtime.
     pub(crate) fn start(db: Db) -> Records {
-        let (jobs, queued) = mpsc::unbounded_channel();
-        tokio::spawn(commit(db, queued));
-        Records { jobs }
+        let writer =
+            GroupWriter::start(MAX_RECORDS_PER_COMMIT, move |group| write_group(&db, group));
+        Records { writer }
     }
 
     /// Writes one record with whatever others come meanwhile.
     pub(crate) async fn write(&self, record: Owned) -> Result<Recorded, RemoteError> {
         let (answer, answered) = oneshot::channel();
-        let _ = self.jobs.send((record, answer));
+        // Should the task be gone, the dropped answer says so below.
+        let _ = self.writer.send((record, answer));
         answered.await.unwrap_or_else(|_| {
             Err(RemoteError {
                 kind: "Internal".into(),
                 message: "the conductor's record writer stopped".into(),
             })
         })
-    }
-}
-
-async fn commit(db: Db, mut queued: mpsc::UnboundedReceiver<(Owned, Answer)>) {
-    while let Some(first) = queued.recv().await {
-        let mut group = vec![first];
-        while group.len() < MAX_RECORDS_PER_COMMIT {
-            match queued.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        let db = db.clone();
-        // A task that panicked drops its answers, and `write` says so to each caller.
-        let _ = tokio::task::spawn_blocking(move || write_group(&db, group)).await;
     }
 }
 

@@ -357,6 +357,44 @@ pub fn block_on_database_service(
     }
 }
 
+/// Database writes in groups (group commit): the jobs sent while one group is written make up
+/// the next, in the order they were sent, so a burst of writes costs one transaction, and one
+/// turn at the database's write lock, per group rather than per write. Each job carries its own
+/// way to answer; `write` runs on a blocking thread and answers every job of its group.
+pub struct GroupWriter<J> {
+    jobs: tokio::sync::mpsc::UnboundedSender<J>,
+}
+
+impl<J: Send + 'static> GroupWriter<J> {
+    /// Starts the writing task on the current runtime; it ends when the writer is dropped. A
+    /// group holds `max_group` jobs at most, so no one group keeps the lock for long.
+    pub fn start(max_group: usize, write: impl Fn(Vec<J>) + Send + Sync + 'static) -> Self {
+        let (jobs, mut queued) = tokio::sync::mpsc::unbounded_channel::<J>();
+        let write = std::sync::Arc::new(write);
+        tokio::spawn(async move {
+            while let Some(first) = queued.recv().await {
+                let mut group = vec![first];
+                while group.len() < max_group.max(1) {
+                    match queued.try_recv() {
+                        Ok(job) => group.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let write = write.clone();
+                // A write that panicked dropped its group's answers, and each job's sender
+                // learns it from its own.
+                let _ = tokio::task::spawn_blocking(move || write(group)).await;
+            }
+        });
+        GroupWriter { jobs }
+    }
+
+    /// Queues a job for the next group; gives it back if the writing task is gone.
+    pub fn send(&self, job: J) -> Result<(), J> {
+        self.jobs.send(job).map_err(|e| e.0)
+    }
+}
+
 /// The body of every service binary: report a bad configuration (exit 2), start the service, run
 /// it until Ctrl-C or SIGTERM, report a failure to start (exit 1).
 pub async fn run_binary<C, E, F>(
@@ -410,6 +448,36 @@ mod tests {
     struct Sample {
         rpc: RpcConfig,
         database: DatabaseConfig,
+    }
+
+    #[tokio::test]
+    async fn jobs_sent_while_a_group_is_written_make_the_next_group_in_order() {
+        let groups = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let groups = groups.clone();
+            GroupWriter::start(
+                3,
+                move |group: Vec<(u32, tokio::sync::oneshot::Sender<()>)>| {
+                    let (numbers, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                    groups.lock().unwrap().push(numbers);
+                    for answer in answers {
+                        answer.send(()).unwrap();
+                    }
+                },
+            )
+        };
+        let send = |n| {
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            assert!(writer.send((n, answer)).is_ok());
+            answered
+        };
+        // Sent before the writing task first runs: one group, then the rest over the maximum.
+        let answers: Vec<_> = (1..=4).map(send).collect();
+        for answer in answers {
+            answer.await.unwrap();
+        }
+        send(5).await.unwrap();
+        assert_eq!(*groups.lock().unwrap(), [vec![1, 2, 3], vec![4], vec![5]]);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! the read and is in the rows when it succeeded; every claim selected from the new queue
 //! comes after.
 
-use db::{AllocationClaim, ClaimOutcome, ComputeNode, Db, DbError, Service};
-use tokio::sync::{mpsc, oneshot};
+use db::{AllocationClaim, ClaimOutcome, ComputeNode, Db, Service};
+use proto::service::GroupWriter;
+use tokio::sync::oneshot;
 
 use crate::SchedulerError;
 
@@ -22,39 +23,37 @@ pub(crate) type NodeRows = Vec<(ComputeNode, Service)>;
 /// What a claim came to: its outcome, or why the database could not say.
 pub(crate) type ClaimAnswer = oneshot::Receiver<Result<ClaimOutcome, String>>;
 
+type ClaimSender = oneshot::Sender<Result<ClaimOutcome, String>>;
+
 enum Job {
-    Claim(
-        AllocationClaim,
-        oneshot::Sender<Result<ClaimOutcome, String>>,
-    ),
+    Claim(AllocationClaim, ClaimSender),
     ReadNodes(oneshot::Sender<Result<NodeRows, SchedulerError>>),
 }
 
-/// The sending end; the task behind it ends when the last one is dropped.
+/// The scheduler's writer of claims; its task ends when it is dropped.
 pub(crate) struct Commits {
-    jobs: mpsc::UnboundedSender<Job>,
+    writer: GroupWriter<Job>,
 }
 
 impl Commits {
-    /// Starts the committing task on the current runtime.
+    /// Starts the writing task on the current runtime.
     pub(crate) fn start(db: Db) -> Commits {
-        let (jobs, queued) = mpsc::unbounded_channel();
-        tokio::spawn(commit(db, queued));
-        Commits { jobs }
+        let writer = GroupWriter::start(MAX_CLAIMS_PER_COMMIT, move |group| commit(&db, group));
+        Commits { writer }
     }
 
     /// Sends a claim; the answer comes when the commit that carries it is done.
     pub(crate) fn claim(&self, claim: AllocationClaim) -> ClaimAnswer {
         let (answer, answered) = oneshot::channel();
         // Should the task be gone, the dropped sender is the answer (see `outcome`).
-        let _ = self.jobs.send(Job::Claim(claim, answer));
+        let _ = self.writer.send(Job::Claim(claim, answer));
         answered
     }
 
     /// The node rows as they are after every claim sent before this read.
     pub(crate) async fn read_nodes(&self) -> Result<NodeRows, SchedulerError> {
         let (answer, answered) = oneshot::channel();
-        let _ = self.jobs.send(Job::ReadNodes(answer));
+        let _ = self.writer.send(Job::ReadNodes(answer));
         answered.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
@@ -68,68 +67,43 @@ fn stopped() -> SchedulerError {
     SchedulerError::Task("the scheduler's database writer stopped".into())
 }
 
-async fn commit(db: Db, mut queued: mpsc::UnboundedReceiver<Job>) {
-    let mut next = None;
-    loop {
-        let job = match next.take() {
-            Some(job) => job,
-            None => match queued.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
+/// Writes a group in order: each run of claims in one transaction, each read after the claims
+/// sent before it.
+fn commit(db: &Db, group: Vec<Job>) {
+    let mut claims = Vec::new();
+    for job in group {
         match job {
+            Job::Claim(claim, answer) => claims.push((claim, answer)),
             Job::ReadNodes(answer) => {
-                let db = db.clone();
-                let read = blocking(move || db.compute_nodes_with_services())
-                    .await
-                    .and_then(|rows| rows.map_err(SchedulerError::from));
+                commit_claims(db, std::mem::take(&mut claims));
+                let read = db
+                    .compute_nodes_with_services()
+                    .map_err(SchedulerError::from);
                 let _ = answer.send(read);
-            }
-            Job::Claim(claim, answer) => {
-                let (mut claims, mut answers) = (vec![claim], vec![answer]);
-                // Everything sent meanwhile, up to a read: that one must see these committed.
-                while claims.len() < MAX_CLAIMS_PER_COMMIT {
-                    match queued.try_recv() {
-                        Ok(Job::Claim(claim, answer)) => {
-                            claims.push(claim);
-                            answers.push(answer);
-                        }
-                        Ok(read) => {
-                            next = Some(read);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let db = db.clone();
-                let committed = blocking(move || db.allocation_claims(&claims))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|outcomes| outcomes.map_err(|e: DbError| e.to_string()));
-                match committed {
-                    Ok(outcomes) => {
-                        for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                            let _ = answer.send(Ok(outcome));
-                        }
-                    }
-                    Err(e) => {
-                        for answer in answers {
-                            let _ = answer.send(Err(e.clone()));
-                        }
-                    }
-                }
             }
         }
     }
+    commit_claims(db, claims);
 }
 
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, SchedulerError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| SchedulerError::Task(e.to_string()))
+fn commit_claims(db: &Db, claims: Vec<(AllocationClaim, ClaimSender)>) {
+    if claims.is_empty() {
+        return;
+    }
+    let (claims, answers): (Vec<_>, Vec<_>) = claims.into_iter().unzip();
+    match db.allocation_claims(&claims) {
+        Ok(outcomes) => {
+            for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                let _ = answer.send(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            let e = e.to_string();
+            for answer in answers {
+                let _ = answer.send(Err(e.clone()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
