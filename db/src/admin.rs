@@ -276,7 +276,7 @@ impl Db {
 
     /// Registers an image whose file is already in the image store: active, container `bare`.
     pub fn image_create(&self, new: &NewImage) -> Result<Image> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         Ok(diesel::insert_into(images::table)
             .values((
                 images::uuid.eq(&new.uuid),
@@ -291,7 +291,7 @@ impl Db {
                 images::created_at.eq(now()),
             ))
             .returning(<Image as Selectable<DbBackend>>::construct_selection())
-            .get_result(&mut conn)?)
+            .get_result(&mut *conn)?)
     }
 }
 

@@ -355,7 +355,7 @@ impl Db {
         user_id: &str,
         project_id: &str,
     ) -> Result<InstanceAction> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         Ok(diesel::insert_into(instance_actions::table)
             .values((
                 instance_actions::action.eq(action),
@@ -366,7 +366,7 @@ impl Db {
                 instance_actions::start_time.eq(now()),
             ))
             .returning(<InstanceAction as Selectable<DbBackend>>::construct_selection())
-            .get_result(&mut conn)?)
+            .get_result(&mut *conn)?)
     }
 
     /// Marks the unfinished actions of `request_id` on an instance finished, with an optional

@@ -100,7 +100,7 @@ impl Db {
         disabled: bool,
         reason: Option<&str>,
     ) -> Result<Service> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         diesel::update(
             services::table
                 .filter(services::deleted.eq(0))
@@ -113,7 +113,7 @@ impl Db {
             services::updated_at.eq(now()),
         ))
         .returning(<Service as Selectable<DbBackend>>::construct_selection())
-        .get_result(&mut conn)
+        .get_result(&mut *conn)
         .optional()?
         .ok_or_else(|| service_not_found(host, binary))
     }
@@ -126,7 +126,7 @@ impl Db {
         binary: &str,
         forced_down: bool,
     ) -> Result<Service> {
-        let mut conn = self.conn()?;
+        let mut conn = self.writer()?;
         diesel::update(
             services::table
                 .filter(services::deleted.eq(0))
@@ -136,7 +136,7 @@ impl Db {
         // updated_at is the heartbeat; an operator's change must not make a dead host look alive.
         .set(services::forced_down.eq(forced_down))
         .returning(<Service as Selectable<DbBackend>>::construct_selection())
-        .get_result(&mut conn)
+        .get_result(&mut *conn)
         .optional()?
         .ok_or_else(|| service_not_found(host, binary))
     }
