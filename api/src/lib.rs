@@ -8,6 +8,7 @@
 //! from one place (`ApiError::into_response`).
 
 mod admin;
+mod creates;
 mod flavors;
 pub mod identity;
 mod images;
@@ -263,6 +264,8 @@ struct Api {
     db: Db,
     rpc: Rpc,
     conductors: Peers,
+    /// `POST /servers` rows, committed in groups.
+    creates: creates::Creates,
     identity: identity::Identity,
     config: ApiConfig,
     quota: QuotaConfig,
@@ -335,6 +338,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
         db: db.clone(),
         rpc,
         conductors: Peers::new(conductors),
+        creates: creates::Creates::start(db.clone()),
         identity: identity::Identity::new(db.clone(), config.identity, log.clone()),
         config: config.api,
         quota: config.quota,

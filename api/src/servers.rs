@@ -370,8 +370,10 @@ impl Api {
         let limits = self.quota.limits();
         let min = usize::try_from(min_count).unwrap_or(1);
         let created = self
-            .db(move |db| db.instances_create_within_quota(&rows, min, &request_id, &limits))
-            .await?
+            .creates
+            .create(rows, min, request_id, limits)
+            .await
+            .ok_or_else(|| ApiError::Internal("the writer of creates stopped".into()))??
             .map_err(|exceeded| ApiError::Forbidden(exceeded.to_string()))?;
         let uuids: Vec<String> = created.into_iter().map(|i| i.uuid).collect();
         let build = BuildInstances {

@@ -57,7 +57,10 @@ pub use models::{
 pub use networks::{pool_addresses, FixedIp, Network, NetworkUsage};
 pub use placement::{AllocationClaim, ClaimOutcome, Placed};
 pub use records::{Record, Recorded};
-pub use servers::{instances_that_fit, InstanceFilter, QuotaExceeded, QuotaLimits, QuotaUsage};
+pub use servers::{
+    instances_that_fit, Created, InstanceFilter, QuotaCreate, QuotaExceeded, QuotaLimits,
+    QuotaUsage,
+};
 
 /// The schema, compiled into the binary so a fresh host needs nothing but the database path.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");

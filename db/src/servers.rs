@@ -108,6 +108,50 @@ fn usage_of(conn: &mut AnyConnection, project_id: &str) -> QueryResult<QuotaUsag
     })
 }
 
+/// What a create made: its instances, or the quota it would have gone over.
+pub type Created = std::result::Result<Vec<Instance>, QuotaExceeded>;
+
+/// One create for [`Db::instances_create_together`]: the arguments of
+/// [`Db::instances_create_within_quota`].
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaCreate<'a> {
+    pub new: &'a [NewInstance],
+    pub min_count: usize,
+    pub request_id: &'a str,
+    pub defaults: &'a QuotaLimits,
+}
+
+fn create_within_quota(conn: &mut AnyConnection, create: &QuotaCreate<'_>) -> Result<Created> {
+    let QuotaCreate {
+        new,
+        min_count,
+        request_id,
+        defaults,
+    } = *create;
+    for instance in new {
+        crate::check_json_object("scheduler_hints", &instance.scheduler_hints)?;
+        crate::check_json_object("metadata", &instance.metadata)?;
+        crate::check_json_object("flavor_snapshot", &instance.flavor_snapshot)?;
+    }
+    let Some(first) = new.first() else {
+        return Ok(Ok(Vec::new()));
+    };
+    let limits = limits_of(conn, &first.project_id, defaults)?;
+    let usage = usage_of(conn, &first.project_id)?;
+    match instances_that_fit(
+        &limits,
+        &usage,
+        (first.vcpus, first.memory_mb),
+        min_count as i64,
+        new.len() as i64,
+    ) {
+        Ok(fits) => crate::instances::insert_with_actions(conn, &new[..fits as usize], request_id)
+            .map(Ok)
+            .map_err(DbError::from),
+        Err(exceeded) => Ok(Err(exceeded)),
+    }
+}
+
 fn limits_of(
     conn: &mut AnyConnection,
     project_id: &str,
@@ -217,35 +261,33 @@ impl Db {
         min_count: usize,
         request_id: &str,
         defaults: &QuotaLimits,
-    ) -> Result<std::result::Result<Vec<Instance>, QuotaExceeded>> {
-        for instance in new {
-            crate::check_json_object("scheduler_hints", &instance.scheduler_hints)?;
-            crate::check_json_object("metadata", &instance.metadata)?;
-            crate::check_json_object("flavor_snapshot", &instance.flavor_snapshot)?;
-        }
-        let Some(first) = new.first() else {
-            return Ok(Ok(Vec::new()));
+    ) -> Result<Created> {
+        let create = QuotaCreate {
+            new,
+            min_count,
+            request_id,
+            defaults,
         };
-        let project_id = first.project_id.clone();
         let mut conn = self.writer()?;
         // One transaction: what fits is counted and written while no other create can write.
+        conn.write_transaction(|conn| create_within_quota(conn, &create))
+    }
+
+    /// Several creates in one transaction, in order, each as
+    /// [`Db::instances_create_within_quota`] in a savepoint of its own: a later one counts what
+    /// the earlier ones created. The API commits together the creates that came in while its
+    /// previous commit ran. `Err` only when the transaction itself failed, and then nothing
+    /// was written.
+    pub fn instances_create_together(
+        &self,
+        creates: &[QuotaCreate<'_>],
+    ) -> Result<Vec<Result<Created>>> {
+        let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
-            let limits = limits_of(conn, &project_id, defaults)?;
-            let usage = usage_of(conn, &project_id)?;
-            match instances_that_fit(
-                &limits,
-                &usage,
-                (first.vcpus, first.memory_mb),
-                min_count as i64,
-                new.len() as i64,
-            ) {
-                Ok(fits) => {
-                    crate::instances::insert_with_actions(conn, &new[..fits as usize], request_id)
-                        .map(Ok)
-                        .map_err(DbError::from)
-                }
-                Err(exceeded) => Ok(Err(exceeded)),
-            }
+            Ok(creates
+                .iter()
+                .map(|create| conn.transaction(|conn| create_within_quota(conn, create)))
+                .collect())
         })
     }
 
@@ -352,6 +394,38 @@ mod tests {
             instances_that_fit(&unlimited, &used, (64, 1 << 20), 1, 100),
             Ok(100)
         );
+    }
+
+    #[test]
+    fn creates_committed_together_count_each_other_against_the_quota() {
+        let (_dir, db) = open_temp();
+        let limits = QuotaLimits {
+            instances: 2,
+            cores: 20,
+            ram: 51200,
+        };
+        let one = |uuid: &str| vec![new_instance(uuid, "p")];
+        let (a, b, c) = (one("a"), one("b"), one("c"));
+        let mut bad = one("bad");
+        bad[0].metadata = "[1]".into();
+        let create = |new| QuotaCreate {
+            new,
+            min_count: 1,
+            request_id: "req-1",
+            defaults: &limits,
+        };
+        let outcomes = db
+            .instances_create_together(&[create(&a), create(&bad), create(&b), create(&c)])
+            .unwrap();
+        assert!(matches!(&outcomes[0], Ok(Ok(made)) if made.len() == 1));
+        assert!(matches!(outcomes[1], Err(DbError::Json(_))));
+        assert!(matches!(&outcomes[2], Ok(Ok(made)) if made.len() == 1));
+        assert!(matches!(&outcomes[3], Ok(Err(exceeded)) if exceeded.resource == "instances"));
+        let live: Vec<_> = ["a", "bad", "b", "c"]
+            .into_iter()
+            .filter(|uuid| db.instance_get(uuid).unwrap().is_some())
+            .collect();
+        assert_eq!(live, ["a", "b"]);
     }
 
     #[test]
