@@ -3,7 +3,7 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
-use crate::networks::{allocate_fixed_ip, release_fixed_ip, FixedIp};
+use crate::networks::release_fixed_ip;
 use crate::placement::{allocation_node, release_allocation};
 use crate::schema::{instance_actions, instance_faults, instances};
 use crate::{
@@ -186,23 +186,6 @@ impl Db {
         let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
             update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)
-        })
-    }
-
-    /// A build starting on its host, in one transaction: the instance's update (as
-    /// [`Db::instance_update_expecting_task`]) and its fixed IP from any network (as
-    /// [`Db::fixed_ip_allocate`]). Nothing of either is kept when one fails.
-    pub fn instance_start_spawning(
-        &self,
-        uuid: &str,
-        changes: &InstanceChanges,
-        expected_vm_state: Option<&str>,
-        expected_task: ExpectedTask<'_>,
-    ) -> Result<FixedIp> {
-        let mut conn = self.writer()?;
-        conn.write_transaction(|conn| {
-            update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
-            allocate_fixed_ip(conn, uuid, None)
         })
     }
 

@@ -509,7 +509,17 @@ mod tests {
             ..Default::default()
         };
         let start = |uuid: &str| {
-            db.instance_start_spawning(uuid, &spawning, Some("building"), crate::ExpectedTask::Any)
+            let record = crate::Record::StartSpawning {
+                uuid,
+                changes: &spawning,
+                expected_vm_state: Some("building"),
+                expected_task: crate::ExpectedTask::Any,
+            };
+            match db.record_together(&[record])?.pop() {
+                Some(Ok(crate::Recorded::FixedIp(ip))) => Ok(ip),
+                Some(Err(e)) => Err(e),
+                other => panic!("a start_spawning record gave {other:?}"),
+            }
         };
 
         let ip = start("a").unwrap();

@@ -25,7 +25,9 @@ pub enum Record<'a> {
         expected_task: ExpectedTask<'a>,
         fault: Option<&'a NewFault>,
     },
-    /// [`Db::instance_start_spawning`].
+    /// A build starting on its host: the instance's update (as
+    /// [`Db::instance_update_expecting_task`]) and its fixed IP from any network (as
+    /// [`Db::fixed_ip_allocate`]). Nothing of either is kept when one fails.
     StartSpawning {
         uuid: &'a str,
         changes: &'a InstanceChanges,
