@@ -123,10 +123,6 @@ fn columns(conn: &mut AnyConnection, table: &str) -> QueryResult<Vec<(String, St
         .collect())
 }
 
-fn database_path(url: &str) -> &str {
-    url.strip_prefix("sqlite://").unwrap_or(url)
-}
-
 fn connect(url: &str) -> Result<AnyConnection> {
     establish(url).map_err(|reason| DbError::Connection {
         url: redacted(url),
@@ -175,7 +171,7 @@ impl Db {
     /// not created.
     pub fn schema_status(url: &str) -> Result<SchemaStatus> {
         let known = known_migrations()?;
-        if Backend::of(url) == Backend::Sqlite && !Path::new(database_path(url)).exists() {
+        if Backend::of(url) == Backend::Sqlite && !Path::new(crate::sqlite_path(url)).exists() {
             return Ok(SchemaStatus {
                 applied: Vec::new(),
                 pending: known,
@@ -199,7 +195,7 @@ impl Db {
     pub fn sync(url: &str) -> Result<(Db, Vec<MigrationInfo>)> {
         let known = known_migrations()?;
         let parent = match Backend::of(url) {
-            Backend::Sqlite => Path::new(database_path(url)).parent(),
+            Backend::Sqlite => Path::new(crate::sqlite_path(url)).parent(),
             Backend::Postgres => None,
         };
         if let Some(parent) = parent {

@@ -116,6 +116,11 @@ pub enum AnyConnection {
 /// The backend type of [`AnyConnection`]: queries are written against it once.
 pub(crate) type DbBackend = <AnyConnection as Connection>::Backend;
 
+/// The file a SQLite `[database] url` names (a path, or `sqlite://PATH`).
+pub(crate) fn sqlite_path(url: &str) -> &str {
+    url.strip_prefix("sqlite://").unwrap_or(url)
+}
+
 /// The database a `[database] url` names: `postgres://` or `postgresql://` is PostgreSQL;
 /// anything else a SQLite file (a path, or `sqlite://PATH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,8 +282,8 @@ fn establish(url: &str) -> std::result::Result<AnyConnection, String> {
             .map(AnyConnection::Postgresql)
             .map_err(|e| e.to_string()),
         Backend::Sqlite => {
-            let path = url.strip_prefix("sqlite://").unwrap_or(url);
-            let mut conn = SqliteConnection::establish(path).map_err(|e| e.to_string())?;
+            let mut conn =
+                SqliteConnection::establish(sqlite_path(url)).map_err(|e| e.to_string())?;
             Pragmas::apply(&mut conn).map_err(|e| e.to_string())?;
             Ok(AnyConnection::Sqlite(conn))
         }
@@ -442,7 +447,7 @@ impl Db {
             ));
         }
         if backend == Backend::Sqlite {
-            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            let path = sqlite_path(url);
             if path.is_empty() {
                 return Err(connection_error("the path is empty".to_string()));
             }
@@ -491,9 +496,7 @@ impl Db {
             })
             .map_err(|e| connection_error(e.to_string()))?;
         let write_gate = match backend {
-            Backend::Sqlite => Some(std::sync::Arc::new(WriteGate::beside(
-                url.strip_prefix("sqlite://").unwrap_or(url),
-            ))),
+            Backend::Sqlite => Some(std::sync::Arc::new(WriteGate::beside(sqlite_path(url)))),
             Backend::Postgres => None,
         };
         Ok(Db {
