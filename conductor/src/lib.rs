@@ -764,15 +764,10 @@ fn fixed_ip_info(ip: db::FixedIp) -> FixedIpInfo {
     }
 }
 
-/// An `InstanceUpdate` on its own, as a group of one (the tests' way in).
+/// An `InstanceUpdate` on its own (the tests' way in).
 #[cfg(test)]
 fn instance_update(db: &Db, args: InstanceUpdate) -> Result<(), DbError> {
-    let record = Owned::instance(args);
-    let mut outcomes = db.record_together(&[record.record()])?;
-    outcomes
-        .pop()
-        .unwrap_or_else(|| Err(DbError::Conflict("no outcome".into())))
-        .map(drop)
+    db.record(&Owned::instance(args).record()).map(drop)
 }
 
 #[cfg(test)]

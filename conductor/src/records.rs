@@ -157,18 +157,7 @@ fn write_group(db: &Db, group: Vec<(Owned, Answer)>) {
         // caller gets its own answer.
         Err(_) => {
             for (owned, answer) in group {
-                let alone = db
-                    .record_together(&[owned.record()])
-                    .map_err(remote)
-                    .and_then(|mut outcomes| {
-                        outcomes
-                            .pop()
-                            .unwrap_or_else(|| {
-                                Err(db::DbError::Conflict("no outcome for the record".into()))
-                            })
-                            .map_err(remote)
-                    });
-                let _ = answer.send(alone);
+                let _ = answer.send(db.record(&owned.record()).map_err(remote));
             }
         }
     }

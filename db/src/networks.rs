@@ -515,9 +515,8 @@ mod tests {
                 expected_vm_state: Some("building"),
                 expected_task: crate::ExpectedTask::Any,
             };
-            match db.record_together(&[record])?.pop() {
-                Some(Ok(crate::Recorded::FixedIp(ip))) => Ok(ip),
-                Some(Err(e)) => Err(e),
+            match db.record(&record)? {
+                crate::Recorded::FixedIp(ip) => Ok(ip),
                 other => panic!("a start_spawning record gave {other:?}"),
             }
         };

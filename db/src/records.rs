@@ -10,8 +10,7 @@ use crate::instances::{insert_fault, update_expecting_task};
 use crate::networks::allocate_fixed_ip;
 use crate::services::{record_heartbeat, upsert_compute_node};
 use crate::{
-    check_json_object, AnyConnection, ComputeNodeValues, Db, ExpectedTask, FixedIp,
-    InstanceChanges, NewFault, Result,
+    AnyConnection, ComputeNodeValues, Db, ExpectedTask, FixedIp, InstanceChanges, NewFault, Result,
 };
 
 /// One record, as the method of [`Db`] named on each variant would write it.
@@ -60,6 +59,12 @@ impl Db {
                 .collect())
         })
     }
+
+    /// One record in a transaction of its own.
+    pub fn record(&self, record: &Record<'_>) -> Result<Recorded> {
+        let mut conn = self.writer()?;
+        conn.write_transaction(|conn| write(conn, record))
+    }
 }
 
 fn write(conn: &mut AnyConnection, record: &Record<'_>) -> Result<Recorded> {
@@ -86,10 +91,7 @@ fn write(conn: &mut AnyConnection, record: &Record<'_>) -> Result<Recorded> {
             update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
             allocate_fixed_ip(conn, uuid, None).map(Recorded::FixedIp)
         }
-        Record::ComputeNode(values) => {
-            check_json_object("extra_resources", &values.extra_resources)?;
-            upsert_compute_node(conn, values).map(|()| Recorded::Done)
-        }
+        Record::ComputeNode(values) => upsert_compute_node(conn, values).map(|()| Recorded::Done),
         Record::Heartbeat { host, binary } => {
             record_heartbeat(conn, host, binary).map(|()| Recorded::Done)
         }

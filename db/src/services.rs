@@ -144,7 +144,6 @@ impl Db {
     /// Stores a compute service's report on one hypervisor, creating its row the first time.
     /// Free RAM and disk are derived here so every reader sees the same arithmetic.
     pub fn compute_node_upsert(&self, values: &ComputeNodeValues) -> Result<()> {
-        check_json_object("extra_resources", &values.extra_resources)?;
         let mut conn = self.writer()?;
         conn.write_transaction(|conn| upsert_compute_node(conn, values))
     }
@@ -202,12 +201,12 @@ pub(crate) fn record_heartbeat(conn: &mut AnyConnection, host: &str, binary: &st
     Ok(())
 }
 
-/// [`Db::compute_node_upsert`] inside the caller's write transaction, `extra_resources`
-/// already checked.
+/// [`Db::compute_node_upsert`] inside the caller's write transaction.
 pub(crate) fn upsert_compute_node(
     conn: &mut AnyConnection,
     values: &ComputeNodeValues,
 ) -> Result<()> {
+    check_json_object("extra_resources", &values.extra_resources)?;
     let free_ram_mb = values.memory_mb - values.memory_mb_used;
     let free_disk_gb = values.local_gb - values.local_gb_used;
     let at = now();
