@@ -8,9 +8,12 @@ use crate::ProtoError;
 
 /// Major protocol version: peers with another major refuse the frame; minor versions only add
 /// optional fields, which older peers ignore, or methods, which older peers answer with
-/// `NoSuchMethod` (the caller then does without). 1.1: `start_spawning`.
+/// `NoSuchMethod` (the caller then does without). 1.1: `start_spawning`. 1.2: batch frames
+/// ([`write_batch`]), which a peer sends only to peers that answered it as 1.2 or later.
 pub const PROTOCOL_MAJOR: u16 = 1;
-pub const PROTOCOL_MINOR: u16 = 1;
+pub const PROTOCOL_MINOR: u16 = 2;
+/// The first minor version that reads batch frames.
+pub(crate) const BATCHES_SINCE_MINOR: u16 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -398,6 +401,39 @@ pub(crate) fn encode_acks(ids: &[Uuid]) -> Result<Vec<u8>, ProtoError> {
     }))
 }
 
+/// One frame carrying several envelopes to one peer: a MessagePack array of binaries, each an
+/// envelope frame as sent alone. An envelope frame is a map, so the first byte tells them apart.
+/// Requests that leave together in one frame cost the sockets and the kernel once, not each.
+pub fn write_batch(frames: &[&[u8]]) -> Vec<u8> {
+    let bytes: usize = frames.iter().map(|f| f.len() + 5).sum();
+    let mut buf = Vec::with_capacity(5 + bytes);
+    wire::put_array_len(&mut buf, frames.len());
+    for frame in frames {
+        wire::put_bin(&mut buf, frame);
+    }
+    buf
+}
+
+/// The envelope frames of a batch frame; None when `bytes` is not one (a single envelope).
+/// A batch that is not well formed to its last byte is an error as a whole, so none of it is
+/// taken.
+pub fn split_batch(bytes: &[u8]) -> Option<Result<Vec<&[u8]>, ProtoError>> {
+    if !matches!(bytes.first(), Some(0x90..=0x9f | 0xdc | 0xdd)) {
+        return None;
+    }
+    let split = || -> Option<Vec<&[u8]>> {
+        let mut reader = Reader::new(bytes);
+        let len = reader.array_len()?;
+        // Never trust a length from the wire for an allocation: each frame takes 2 bytes or more.
+        let mut frames = Vec::with_capacity(len.min(bytes.len() / 2));
+        for _ in 0..len {
+            frames.push(reader.bin()?);
+        }
+        reader.is_empty().then_some(frames)
+    };
+    Some(split().ok_or_else(|| ProtoError::Decode("malformed batch frame".into())))
+}
+
 /// The ids an ack's payload lists after its first.
 pub(crate) fn decode_ack_ids(payload: &[u8]) -> Result<Vec<Uuid>, ProtoError> {
     let fast = || -> Option<Vec<Uuid>> {
@@ -530,6 +566,40 @@ mod tests {
         name: String,
         #[serde(default)]
         color: Option<String>,
+    }
+
+    #[test]
+    fn a_batch_frame_splits_into_the_frames_it_was_written_from() {
+        let envelopes: Vec<Vec<u8>> = (0..300)
+            .map(|i| {
+                let args = ArgsV1 {
+                    name: "x".repeat(i),
+                };
+                Envelope::request(Kind::Cast, "m", &ctx(), &args)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap()
+            })
+            .collect();
+        let frames: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
+        for count in [1, 15, 16, 300] {
+            let batch = write_batch(&frames[..count]);
+            let split = split_batch(&batch).expect("a batch").expect("well formed");
+            assert_eq!(split, frames[..count]);
+        }
+        // A single envelope is not a batch, so every 1.x frame reads as it did.
+        assert!(split_batch(frames[0]).is_none());
+        // Cut anywhere, or with bytes after its last frame, a batch is refused whole.
+        let batch = write_batch(&frames[..3]);
+        for cut in 1..batch.len() {
+            assert!(
+                matches!(split_batch(&batch[..cut]), Some(Err(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = batch.clone();
+        longer.push(0xc0);
+        assert!(matches!(split_batch(&longer), Some(Err(_))));
     }
 
     #[test]

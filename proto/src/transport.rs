@@ -22,8 +22,9 @@ use uuid::Uuid;
 
 use crate::curve::{self, CurveConfig, CurveKeys, Key};
 use crate::envelope::{
-    decode, decode_ack_ids, encode, encode_acks, encode_request, now_ms, write_envelope, Envelope,
-    Fields, Header, Kind, RemoteError, ReplyBody, RequestContext, PROTOCOL_MAJOR,
+    decode, decode_ack_ids, encode, encode_acks, encode_request, now_ms, split_batch, write_batch,
+    write_envelope, Envelope, Fields, Header, Kind, RemoteError, ReplyBody, RequestContext,
+    BATCHES_SINCE_MINOR, PROTOCOL_MAJOR,
 };
 use crate::hash::FastMap;
 use crate::messages::Method;
@@ -37,6 +38,9 @@ const REFUSALS: [&str; 2] = [UNAVAILABLE, "VersionMismatch"];
 
 /// The most requests taken from the ROUTER before their acks go out.
 const ACK_BATCH: usize = 256;
+/// The most bytes of requests one batch frame carries. Larger frames save nothing more: a few
+/// dozen small requests already share one frame's cost.
+const BATCH_BYTES: usize = 64 * 1024;
 /// Where libzmq looks for the ZAP handler of the sockets in a context (RFC 27).
 const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 /// A client with an untrusted key retries its handshake every reconnect interval; one warning
@@ -294,14 +298,19 @@ impl Drop for PendingGuard<'_> {
         }
     }
 }
+/// A request on its way to a peer: its id, method (for the metrics), kind and frame.
+struct Outgoing {
+    msg_id: Uuid,
+    method: &'static str,
+    kind: Kind,
+    bytes: Vec<u8>,
+}
+
 /// What callers ask of the I/O task.
 enum Command {
     Send {
         endpoint: Arc<str>,
-        msg_id: Uuid,
-        method: &'static str,
-        kind: Kind,
-        bytes: Vec<u8>,
+        request: Outgoing,
     },
     Reply {
         identity: Vec<u8>,
@@ -614,7 +623,7 @@ impl Rpc {
             context,
         };
         let io: SharedIo = Arc::new(Mutex::new(Some(io)));
-        let task = run_io(io.clone(), commands.clone());
+        let task = run_io(io.clone(), commands.clone(), pending.clone());
         let thread = match own_runtime {
             None => {
                 handle.spawn(task);
@@ -824,10 +833,12 @@ impl Rpc {
         // refuses only once the thread is gone.
         self.commands.push(Command::Send {
             endpoint: shared_endpoint,
-            msg_id,
-            method,
-            kind,
-            bytes,
+            request: Outgoing {
+                msg_id,
+                method,
+                kind,
+                bytes,
+            },
         })?;
         Ok(guard)
     }
@@ -904,6 +915,11 @@ struct Dealer {
     socket: zmq::Socket,
     server_key: Option<Key>,
     connection: u64,
+    /// The peer answered on this connection with a minor version that reads batch frames.
+    /// Until then each request goes in a frame of its own, which every 1.x peer reads. A peer
+    /// replaced by an older one behind the same endpoint drops batches as malformed: the
+    /// requests in them time out, which resets the connection, and this starts over.
+    batches: bool,
 }
 
 /// A socket's `ZMQ_FD`, which libzmq owns: readable when the socket may have something to read
@@ -973,7 +989,7 @@ enum Source {
 
 /// The I/O task: carries out commands and reads the sockets, then waits until a command or a
 /// frame comes. It ends when `shutdown` has taken what it owns (or with its runtime).
-async fn run_io(io: SharedIo, commands: CommandSocket) {
+async fn run_io(io: SharedIo, commands: CommandSocket, pending: PendingMap) {
     // However the task ends (shut down, a panic, its runtime gone), callers must see `Closed`
     // from then on rather than wait for answers nobody will deliver.
     struct CloseOnExit(CommandSocket);
@@ -992,7 +1008,16 @@ async fn run_io(io: SharedIo, commands: CommandSocket) {
             task.work(ready)
         };
         ready = if unfinished.is_empty() {
-            wait(&io, &commands).await
+            let ready = wait(&io, &commands).await;
+            if ready.is_empty() && lock(&pending).requests.len() > 1 {
+                // Woken by a caller while other requests are in flight: their callers are
+                // likely runnable too (woken by the answers just delivered). A woken task runs
+                // next on its worker, so without this the task would take their requests one
+                // at a time; behind them it takes them all and sends them in few frames. A
+                // lone request (a call waiting for its reply) goes at once.
+                tokio::task::yield_now().await;
+            }
+            ready
         } else {
             // More frames than one batch: let other tasks run, then go on without waiting.
             tokio::task::yield_now().await;
@@ -1078,26 +1103,25 @@ impl IoTask {
 
     /// Carries out every queued command, adding the sockets it wrote to to `to_read`.
     fn drain_commands(&mut self, to_read: &mut Vec<Source>) {
+        // Requests by peer, in the order they were asked, sent after the other commands: those
+        // to one peer leave together, in as few frames as it reads.
+        let mut sends: Vec<(Arc<str>, Vec<Outgoing>)> = Vec::new();
         for command in self.commands.take() {
+            if matches!(command, Command::Reset { .. } | Command::Rekey { .. }) {
+                // Requests asked before a connection is replaced go out on the old one, as
+                // their callers asked them.
+                self.send_requests(&mut sends, to_read);
+            }
             match command {
                 Command::Close => {
                     // Frames that arrive from now on are neither acknowledged nor taken, so their
                     // senders see a service that is gone; answers to taken calls still go out.
                     self.incoming = None;
                 }
-                Command::Send {
-                    endpoint,
-                    msg_id,
-                    method,
-                    kind,
-                    bytes,
-                } => {
-                    self.send_to_peer(&endpoint, msg_id, &bytes, method, kind);
-                    if !to_read
-                        .iter()
-                        .any(|s| matches!(s, Source::Dealer(e) if **e == *endpoint))
-                    {
-                        to_read.push(Source::Dealer(endpoint.to_string()));
+                Command::Send { endpoint, request } => {
+                    match sends.iter_mut().find(|(to, _)| **to == *endpoint) {
+                        Some((_, requests)) => requests.push(request),
+                        None => sends.push((endpoint, vec![request])),
                     }
                 }
                 Command::Reply {
@@ -1145,52 +1169,114 @@ impl IoTask {
                 }
             }
         }
+        self.send_requests(&mut sends, to_read);
     }
 
-    fn send_to_peer(
+    /// Sends the requests gathered by peer, adding each peer's DEALER to `to_read`.
+    fn send_requests(
         &mut self,
-        endpoint: &str,
-        msg_id: Uuid,
-        bytes: &[u8],
-        method: &'static str,
-        kind: Kind,
+        sends: &mut Vec<(Arc<str>, Vec<Outgoing>)>,
+        to_read: &mut Vec<Source>,
     ) {
-        match self.try_send(endpoint, msg_id, bytes) {
-            Ok(true) => self.metrics.sent(method, kind),
-            Ok(false) => {}
-            Err(reason) => {
-                let endpoint = endpoint.to_string();
-                self.complete(msg_id, Err(ProtoError::Refused { endpoint, reason }));
+        for (endpoint, requests) in sends.drain(..) {
+            self.send_to_peer(&endpoint, &requests);
+            if !to_read
+                .iter()
+                .any(|s| matches!(s, Source::Dealer(e) if **e == *endpoint))
+            {
+                to_read.push(Source::Dealer(endpoint.to_string()));
             }
         }
     }
 
-    /// Sends a request on the peer's DEALER; false when its caller already gave up on it.
-    fn try_send(&mut self, endpoint: &str, msg_id: Uuid, bytes: &[u8]) -> Result<bool, String> {
+    /// Sends `requests` to the peer at `endpoint`, opening its DEALER if need be: several to a
+    /// frame when the peer reads batch frames, else one each.
+    fn send_to_peer(&mut self, endpoint: &str, requests: &[Outgoing]) {
         if !self.dealers.contains_key(endpoint) {
-            let dealer = self.open_dealer(endpoint)?;
-            self.dealers.insert(endpoint.to_string(), dealer);
+            match self.open_dealer(endpoint) {
+                Ok(dealer) => {
+                    self.dealers.insert(endpoint.to_string(), dealer);
+                }
+                Err(reason) => {
+                    for request in requests {
+                        self.refuse_request(endpoint, request.msg_id, &reason);
+                    }
+                    return;
+                }
+            }
         }
-        let dealer = self.dealers.get(endpoint).ok_or("its connection is gone")?;
+        let batches = self.dealers.get(endpoint).is_some_and(|d| d.batches);
+        // Room for the batch frame's own header (at most 5 bytes) under the size limit.
+        let limit = usize::try_from(self.options.max_message_bytes).unwrap_or(usize::MAX);
+        let budget = BATCH_BYTES.min(limit).saturating_sub(5);
+        let (mut first, mut bytes) = (0, 0);
+        for (i, request) in requests.iter().enumerate() {
+            // Each envelope takes its length and at most 5 bytes of header in a batch.
+            let size = request.bytes.len() + 5;
+            if i > first && (!batches || bytes + size > budget) {
+                self.send_frame(endpoint, &requests[first..i]);
+                (first, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        if first < requests.len() {
+            self.send_frame(endpoint, &requests[first..]);
+        }
+    }
+
+    /// Sends `requests` in one frame (a batch frame if more than one) on the peer's DEALER,
+    /// leaving out those whose callers already gave up; refuses them all if the socket does not
+    /// take it.
+    fn send_frame(&self, endpoint: &str, requests: &[Outgoing]) {
+        let Some(dealer) = self.dealers.get(endpoint) else {
+            return;
+        };
         // Under the lock, so a caller that times out either finds its request sent (and on
         // which connection) or takes it out before it goes.
         let mut pending = lock(&self.pending);
-        let Some(entry) = pending.requests.get_mut(&msg_id) else {
-            // Its caller already gave up: sending it now would deliver work it may have sent
-            // elsewhere.
-            return Ok(false);
-        };
-        match dealer.socket.send(bytes, zmq::DONTWAIT) {
-            Ok(()) => {
-                entry.connection = Some(dealer.connection);
-                Ok(true)
+        // A request whose caller gave up is not sent: that would deliver work it may have sent
+        // elsewhere.
+        let waiting: Vec<&Outgoing> = requests
+            .iter()
+            .filter(|request| pending.requests.contains_key(&request.msg_id))
+            .collect();
+        let sent = match waiting.as_slice() {
+            [] => return,
+            [one] => dealer.socket.send(&one.bytes[..], zmq::DONTWAIT),
+            many => {
+                let frames: Vec<&[u8]> = many.iter().map(|r| r.bytes.as_slice()).collect();
+                dealer.socket.send(&write_batch(&frames)[..], zmq::DONTWAIT)
             }
-            Err(zmq::Error::EAGAIN) => Err(format!(
+        };
+        let reason = match sent {
+            Ok(()) => {
+                for request in &waiting {
+                    if let Some(entry) = pending.requests.get_mut(&request.msg_id) {
+                        entry.connection = Some(dealer.connection);
+                    }
+                    self.metrics.sent(request.method, request.kind);
+                }
+                return;
+            }
+            Err(zmq::Error::EAGAIN) => format!(
                 "its send queue is full ({} messages, rpc.sndhwm)",
                 self.options.sndhwm
-            )),
-            Err(e) => Err(format!("the socket did not take the message: {e}")),
+            ),
+            Err(e) => format!("the socket did not take the message: {e}"),
+        };
+        drop(pending);
+        for request in waiting {
+            self.refuse_request(endpoint, request.msg_id, &reason);
         }
+    }
+
+    /// Ends a request the peer could not be sent as `Refused`.
+    fn refuse_request(&self, endpoint: &str, msg_id: Uuid, reason: &str) {
+        let err = ProtoError::Refused {
+            endpoint: endpoint.to_string(),
+            reason: reason.to_string(),
+        };
+        self.complete(msg_id, Err(err));
     }
 
     /// Closes the DEALER to `endpoint` if it is still `connection`, dropping what it holds, and
@@ -1242,6 +1328,7 @@ impl IoTask {
             socket,
             server_key,
             connection: self.connections_opened,
+            batches: false,
         })
     }
 
@@ -1327,95 +1414,18 @@ impl IoTask {
                 continue;
             }
             let (identity, payload): (&[u8], &[u8]) = (&first, &second);
-            let envelope = match Envelope::from_bytes(payload) {
-                Ok(envelope) => envelope,
-                Err(ProtoError::Version(major)) => {
-                    self.metrics.dropped(DroppedFrame::Version);
-                    // Another major version: say so, so the sender fails at once and clearly.
-                    if let Some(header) = Header::peek(payload) {
-                        self.metrics.sent("", Kind::Reply);
-                        refuse(
-                            router,
-                            identity,
-                            &header,
-                            "VersionMismatch",
-                            format!(
-                                "this service speaks protocol {PROTOCOL_MAJOR}.x, not {major}.x"
-                            ),
-                        );
+            match split_batch(payload) {
+                None => self.take_request(router, identity, payload, &mut acks),
+                Some(Ok(frames)) => {
+                    // A batch counts as many requests as it holds, and is taken whole.
+                    taken += frames.len().saturating_sub(1);
+                    for frame in frames {
+                        self.take_request(router, identity, frame, &mut acks);
                     }
-                    warn!(self.log, "frame of another protocol major version refused"; "major" => major);
-                    continue;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     self.metrics.dropped(DroppedFrame::Malformed);
                     warn!(self.log, "malformed rpc frame dropped"; "error" => %e, "bytes" => payload.len());
-                    continue;
-                }
-            };
-            if !matches!(envelope.kind, Kind::Cast | Kind::Call) {
-                self.metrics.dropped(DroppedFrame::Kind);
-                warn!(self.log, "unexpected frame kind on the service socket dropped"; "kind" => ?envelope.kind);
-                continue;
-            }
-            self.metrics.received(&envelope.method, envelope.kind);
-            let header = Header {
-                version: envelope.version,
-                msg_id: envelope.msg_id,
-                kind: envelope.kind,
-            };
-            let Some(incoming) = &self.incoming else {
-                // Stopping: say so, so the sender moves on to another peer at once instead of
-                // waiting out its timeout.
-                self.metrics.sent(&envelope.method, Kind::Reply);
-                refuse(
-                    router,
-                    identity,
-                    &header,
-                    UNAVAILABLE,
-                    "the service is stopping".into(),
-                );
-                continue;
-            };
-            if envelope.kind == Kind::Call && envelope.context.expired() {
-                // The caller has given up: answer, but do not hand over work nobody waits for.
-                let message = format!("{} arrived after its deadline", envelope.method);
-                self.metrics.sent(&envelope.method, Kind::Reply);
-                refuse(router, identity, &header, "DeadlineExceeded", message);
-                continue;
-            }
-            let mut envelope = envelope;
-            if envelope.kind == Kind::Cast {
-                // A cast's deadline is for its delivery, which the ack now ends: the work it
-                // starts here (and the requests that work sends) has its own timeouts.
-                envelope.context.deadline_ms = None;
-            }
-            let (msg_id, is_cast) = (envelope.msg_id, envelope.kind == Kind::Cast);
-            let method = self.metrics.method_label(&envelope.method);
-            let request = Incoming {
-                envelope,
-                identity: identity.to_vec(),
-                commands: self.commands.clone(),
-                metrics: self.metrics.clone(),
-                max_message_bytes: self.options.max_message_bytes,
-                replied: false,
-            };
-            match incoming.send(request) {
-                // A cast is acknowledged once the service's receiver has it; a call's answer
-                // is its reply.
-                Ok(()) if is_cast => {
-                    self.metrics.sent(method, Kind::Ack);
-                    match acks.iter_mut().find(|(to, _)| to.as_slice() == identity) {
-                        Some((_, ids)) => ids.push(msg_id),
-                        None => acks.push((identity.to_vec(), vec![msg_id])),
-                    }
-                }
-                Ok(()) => {}
-                Err(mpsc::error::SendError(mut request)) => {
-                    // The service loop has stopped; the call's Drop would answer through a
-                    // socket owned by this thread, so mark it answered and let the caller time
-                    // out.
-                    request.replied = true;
                 }
             }
         }
@@ -1431,6 +1441,106 @@ impl IoTask {
         router
             .get_events()
             .is_ok_and(|events| events.contains(zmq::POLLIN))
+    }
+
+    /// Takes one request frame from `identity`: hands it to the serving task and notes the
+    /// ack it is owed in `acks`, or answers or drops it when it cannot be taken.
+    fn take_request(
+        &self,
+        router: &zmq::Socket,
+        identity: &[u8],
+        payload: &[u8],
+        acks: &mut Vec<(Vec<u8>, Vec<Uuid>)>,
+    ) {
+        let envelope = match Envelope::from_bytes(payload) {
+            Ok(envelope) => envelope,
+            Err(ProtoError::Version(major)) => {
+                self.metrics.dropped(DroppedFrame::Version);
+                // Another major version: say so, so the sender fails at once and clearly.
+                if let Some(header) = Header::peek(payload) {
+                    self.metrics.sent("", Kind::Reply);
+                    refuse(
+                        router,
+                        identity,
+                        &header,
+                        "VersionMismatch",
+                        format!("this service speaks protocol {PROTOCOL_MAJOR}.x, not {major}.x"),
+                    );
+                }
+                warn!(self.log, "frame of another protocol major version refused"; "major" => major);
+                return;
+            }
+            Err(e) => {
+                self.metrics.dropped(DroppedFrame::Malformed);
+                warn!(self.log, "malformed rpc frame dropped"; "error" => %e, "bytes" => payload.len());
+                return;
+            }
+        };
+        if !matches!(envelope.kind, Kind::Cast | Kind::Call) {
+            self.metrics.dropped(DroppedFrame::Kind);
+            warn!(self.log, "unexpected frame kind on the service socket dropped"; "kind" => ?envelope.kind);
+            return;
+        }
+        self.metrics.received(&envelope.method, envelope.kind);
+        let header = Header {
+            version: envelope.version,
+            msg_id: envelope.msg_id,
+            kind: envelope.kind,
+        };
+        let Some(incoming) = &self.incoming else {
+            // Stopping: say so, so the sender moves on to another peer at once instead of
+            // waiting out its timeout.
+            self.metrics.sent(&envelope.method, Kind::Reply);
+            refuse(
+                router,
+                identity,
+                &header,
+                UNAVAILABLE,
+                "the service is stopping".into(),
+            );
+            return;
+        };
+        if envelope.kind == Kind::Call && envelope.context.expired() {
+            // The caller has given up: answer, but do not hand over work nobody waits for.
+            let message = format!("{} arrived after its deadline", envelope.method);
+            self.metrics.sent(&envelope.method, Kind::Reply);
+            refuse(router, identity, &header, "DeadlineExceeded", message);
+            return;
+        }
+        let mut envelope = envelope;
+        if envelope.kind == Kind::Cast {
+            // A cast's deadline is for its delivery, which the ack now ends: the work it
+            // starts here (and the requests that work sends) has its own timeouts.
+            envelope.context.deadline_ms = None;
+        }
+        let (msg_id, is_cast) = (envelope.msg_id, envelope.kind == Kind::Cast);
+        let method = self.metrics.method_label(&envelope.method);
+        let request = Incoming {
+            envelope,
+            identity: identity.to_vec(),
+            commands: self.commands.clone(),
+            metrics: self.metrics.clone(),
+            max_message_bytes: self.options.max_message_bytes,
+            replied: false,
+        };
+        match incoming.send(request) {
+            // A cast is acknowledged once the service's receiver has it; a call's answer
+            // is its reply.
+            Ok(()) if is_cast => {
+                self.metrics.sent(method, Kind::Ack);
+                match acks.iter_mut().find(|(to, _)| to.as_slice() == identity) {
+                    Some((_, ids)) => ids.push(msg_id),
+                    None => acks.push((identity.to_vec(), vec![msg_id])),
+                }
+            }
+            Ok(()) => {}
+            Err(mpsc::error::SendError(mut request)) => {
+                // The service loop has stopped; the call's Drop would answer through a
+                // socket owned by this thread, so mark it answered and let the caller time
+                // out.
+                request.replied = true;
+            }
+        }
     }
 
     fn drain_dealer(&mut self, endpoint: &str) {
@@ -1457,6 +1567,14 @@ impl IoTask {
                     self.metrics.dropped(DroppedFrame::Malformed);
                     warn!(self.log, "malformed answer dropped"; "peer" => endpoint, "error" => %e)
                 }
+            }
+        }
+        if answers
+            .iter()
+            .any(|answer| answer.version.1 >= BATCHES_SINCE_MINOR)
+        {
+            if let Some(dealer) = self.dealers.get_mut(endpoint) {
+                dealer.batches = true;
             }
         }
         for (header, major) in refused {

@@ -98,6 +98,11 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
+    /// Whether every byte has been read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
     fn byte(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use proto::envelope::{decode, Envelope, Kind, ReplyBody, PROTOCOL_MAJOR};
+use proto::envelope::{decode, write_batch, Envelope, Kind, ReplyBody, PROTOCOL_MAJOR};
 use proto::{Ping, RequestContext, Rpc, RpcOptions};
 
 fn log() -> slog::Logger {
@@ -146,6 +146,74 @@ async fn a_cast_reaches_its_handler_without_its_delivery_deadline() {
     rpc.shutdown();
 }
 
+/// The message ids the acks arriving on `dealer` answer, until `want` are in (or 3 s pass).
+fn acked_ids(dealer: &zmq::Socket, want: usize) -> Vec<uuid::Uuid> {
+    let mut ids = Vec::new();
+    while ids.len() < want {
+        let Ok(frame) = dealer.recv_bytes(0) else {
+            break;
+        };
+        let ack = Envelope::from_bytes(&frame).expect("an ack");
+        assert_eq!(ack.kind, Kind::Ack);
+        ids.push(ack.msg_id);
+        if !ack.payload.is_empty() {
+            ids.extend(decode::<Vec<uuid::Uuid>>(&ack.payload).expect("ack ids"));
+        }
+    }
+    ids.sort();
+    ids
+}
+
+/// A batch frame's requests are each taken as if they had come alone: the good ones handed
+/// over and acknowledged, a garbled one among them dropped by itself. A batch that is not well
+/// formed to its last byte is dropped whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_of_a_batch_frame_is_taken_or_dropped_on_its_own() {
+    let mut server = server();
+    let (_context, dealer) = raw_dealer(&server.endpoint);
+    let cast = || {
+        Envelope::request(Kind::Cast, "ping", &RequestContext::internal("p"), &Ping {})
+            .expect("envelope")
+    };
+    let (first, second) = (cast(), cast());
+    let (first_bytes, second_bytes) = (
+        first.to_bytes().expect("bytes"),
+        second.to_bytes().expect("bytes"),
+    );
+    let garbled = b"\x87not an envelope".to_vec();
+    let batch = write_batch(&[&first_bytes, &garbled, &second_bytes]);
+    dealer.send(&batch[..], 0).expect("send");
+    let mut expected = vec![first.msg_id, second.msg_id];
+    expected.sort();
+    assert_eq!(acked_ids(&dealer, 2), expected);
+    for _ in 0..2 {
+        let handed = tokio::time::timeout(Duration::from_secs(3), server.handed.recv()).await;
+        assert_eq!(handed.expect("handed over").as_deref(), Some("ping"));
+    }
+
+    // A batch cut short by one byte, then a cast alone on the same connection: only the cast
+    // is taken (the connection keeps their order, so the batch was dealt with first).
+    let (third, fourth) = (cast(), cast());
+    let batch = write_batch(&[
+        &third.to_bytes().expect("bytes"),
+        &fourth.to_bytes().expect("bytes"),
+    ]);
+    dealer.send(&batch[..batch.len() - 1], 0).expect("send");
+    let alone = cast();
+    dealer
+        .send(alone.to_bytes().expect("bytes"), 0)
+        .expect("send");
+    assert_eq!(acked_ids(&dealer, 1), vec![alone.msg_id]);
+    let handed = server.handed.recv().await;
+    assert_eq!(handed.as_deref(), Some("ping"));
+    assert!(
+        server.handed.try_recv().is_err(),
+        "a broken batch was taken"
+    );
+    still_serving(&server.endpoint).await;
+    server.rpc.shutdown();
+}
+
 /// Frames built to look almost right: a valid envelope cut short or with flipped bytes.
 fn mangled_envelope() -> impl Strategy<Value = Vec<u8>> {
     let valid = call_envelope(RequestContext::internal("p"))
@@ -160,10 +228,28 @@ fn mangled_envelope() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// Batch frames of a few envelopes, some mangled, the batch itself maybe cut short.
+fn mangled_batch() -> impl Strategy<Value = Vec<u8>> {
+    let valid = call_envelope(RequestContext::internal("p"))
+        .to_bytes()
+        .expect("bytes");
+    (
+        proptest::collection::vec(prop_oneof![Just(valid), mangled_envelope()], 1..5),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(envelopes, cut)| {
+            let frames: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
+            let mut batch = write_batch(&frames);
+            batch.truncate(1 + cut.index(batch.len()));
+            batch
+        })
+}
+
 fn frame() -> impl Strategy<Value = Vec<Vec<u8>>> {
     let part = prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..256),
         mangled_envelope(),
+        mangled_batch(),
         // Over the 64 KiB limit: ZeroMQ drops the connection rather than deliver it.
         Just(vec![0x92; 70 * 1024]),
     ];
@@ -211,6 +297,7 @@ async fn ten_thousand_random_frames_never_stop_the_service() {
     let part = prop_oneof![
         10 => proptest::collection::vec(any::<u8>(), 0..256),
         10 => mangled_envelope(),
+        5 => mangled_batch(),
         1 => Just(vec![0x92; 70 * 1024]),
     ];
     let strategy = proptest::collection::vec(part, 1..4);

@@ -487,3 +487,88 @@ async fn after_shutdown_every_request_fails_closed() {
         .expect_err("shut down");
     assert!(matches!(err, ProtoError::Closed), "{err}");
 }
+
+/// What a stand-in peer saw: frames, batch frames among them, and envelopes in all.
+#[derive(Debug, Default)]
+struct Seen {
+    frames: usize,
+    batches: usize,
+    envelopes: usize,
+}
+
+/// A stand-in peer that acknowledges `casts` casts as protocol 1.`minor`, on a thread.
+fn peer_of_minor(minor: u16, casts: usize) -> (String, std::thread::JoinHandle<Seen>) {
+    use proto::envelope::{split_batch, Envelope, PROTOCOL_MAJOR};
+    let context = zmq::Context::new();
+    let router = context.socket(zmq::ROUTER).expect("router");
+    router.set_rcvtimeo(5_000).expect("rcvtimeo");
+    router.bind("tcp://127.0.0.1:*").expect("bind");
+    let endpoint = router
+        .get_last_endpoint()
+        .expect("endpoint")
+        .expect("utf-8");
+    let peer = std::thread::spawn(move || {
+        let _context = context;
+        let mut seen = Seen::default();
+        while seen.envelopes < casts {
+            let Ok(parts) = router.recv_multipart(0) else {
+                break;
+            };
+            seen.frames += 1;
+            let frames = match split_batch(&parts[1]) {
+                None => vec![parts[1].as_slice()],
+                Some(split) => {
+                    seen.batches += 1;
+                    split.expect("a well-formed batch")
+                }
+            };
+            for frame in frames {
+                seen.envelopes += 1;
+                let cast = Envelope::from_bytes(frame).expect("an envelope");
+                let mut ack = Envelope::ack(cast.msg_id);
+                ack.version = (PROTOCOL_MAJOR, minor);
+                let ack = ack.to_bytes().expect("bytes");
+                router
+                    .send_multipart([parts[0].as_slice(), &ack], 0)
+                    .expect("ack");
+            }
+        }
+        seen
+    });
+    (endpoint, peer)
+}
+
+/// Requests to one peer share frames only once the peer has answered as 1.2 or later, which
+/// reads them; a 1.1 peer gets one frame per request, as it always did.
+#[tokio::test]
+async fn requests_share_frames_only_with_peers_that_read_them() {
+    for minor in [1, 2] {
+        let (endpoint, peer) = peer_of_minor(minor, 201);
+        let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+        let client = Arc::new(client);
+        let context = RequestContext::internal("p");
+        // The first answer tells the client the peer's version.
+        client
+            .cast(&endpoint, &context, &Ping {})
+            .await
+            .expect("acked");
+        // On this single-threaded runtime the 200 casters each queue their request before the
+        // I/O task runs again, so it finds them all waiting.
+        let mut casters = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let (client, endpoint, context) = (client.clone(), endpoint.clone(), context.clone());
+            casters.spawn(async move { client.cast(&endpoint, &context, &Ping {}).await });
+        }
+        while let Some(cast) = casters.join_next().await {
+            cast.expect("caster").expect("acked");
+        }
+        let seen = peer.join().expect("peer");
+        assert_eq!(seen.envelopes, 201, "1.{minor}: {seen:?}");
+        if minor == 1 {
+            assert_eq!((seen.frames, seen.batches), (201, 0), "{seen:?}");
+        } else {
+            assert!(seen.batches >= 1 && seen.frames < 20, "1.{minor}: {seen:?}");
+        }
+        client.shutdown();
+    }
+}
