@@ -1430,10 +1430,16 @@ impl IoTask {
             }
         }
         for (identity, ids) in acks {
-            if let Ok(ack) = encode_acks(&ids) {
-                // Never block the I/O task on a peer that does not read: it will time out.
-                if let Err(e) = router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT) {
-                    debug!(self.log, "ack not delivered"; "error" => %e);
+            // A batch frame may take the drain past ACK_BATCH casts; an ack frame stays within
+            // it, so its size stays far under any sensible rpc.max_message_bytes.
+            for ids in ids.chunks(ACK_BATCH) {
+                if let Ok(ack) = encode_acks(ids) {
+                    // Never block the I/O task on a peer that does not read: it will time out.
+                    if let Err(e) =
+                        router.send_multipart([identity.as_slice(), &ack], zmq::DONTWAIT)
+                    {
+                        debug!(self.log, "ack not delivered"; "error" => %e);
+                    }
                 }
             }
         }
