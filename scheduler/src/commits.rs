@@ -137,10 +137,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_read_sees_every_claim_sent_before_it_and_each_claim_its_own_outcome() {
+    #[test]
+    fn a_read_sees_every_claim_sent_before_it_and_each_claim_its_own_outcome() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&db::test_database_url(dir.path()).unwrap()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(reads_and_claims_in_order(dir.path()));
+        // The writer's task keeps a connection until its runtime is gone, and the connection
+        // must close before its files are deleted (SQLite maps the WAL index of an open one).
+        drop(runtime);
+        drop(dir);
+    }
+
+    async fn reads_and_claims_in_order(dir: &std::path::Path) {
+        let db = Db::open(&db::test_database_url(dir).unwrap()).unwrap();
         db.compute_node_upsert(&ComputeNodeValues {
             host: "node-1".into(),
             hypervisor_hostname: "node-1".into(),
