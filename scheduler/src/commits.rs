@@ -152,7 +152,9 @@ mod tests {
     }
 
     async fn reads_and_claims_in_order(dir: &std::path::Path) {
-        let db = Db::open(&db::test_database_url(dir).unwrap()).unwrap();
+        // One connection: r2d2 opens any further ones on threads of its own, and one still
+        // connecting when the test process exits crashes it inside libpq (PostgreSQL pass).
+        let db = Db::open_with(&db::test_database_url(dir).unwrap(), 1).unwrap();
         db.compute_node_upsert(&ComputeNodeValues {
             host: "node-1".into(),
             hypervisor_hostname: "node-1".into(),
