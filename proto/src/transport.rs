@@ -1229,6 +1229,9 @@ impl IoTask {
     /// take it.
     fn send_frame(&self, endpoint: &str, requests: &[Outgoing]) {
         let Some(dealer) = self.dealers.get(endpoint) else {
+            for request in requests {
+                self.refuse_request(endpoint, request.msg_id, "its connection is gone");
+            }
             return;
         };
         // Under the lock, so a caller that times out either finds its request sent (and on

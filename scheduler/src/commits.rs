@@ -137,24 +137,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_read_sees_every_claim_sent_before_it_and_each_claim_its_own_outcome() {
+    #[tokio::test]
+    async fn a_read_sees_every_claim_sent_before_it_and_each_claim_its_own_outcome() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(reads_and_claims_in_order(dir.path()));
-        // The writer's task keeps a connection until its runtime is gone, and the connection
-        // must close before its files are deleted (SQLite maps the WAL index of an open one).
-        drop(runtime);
-        drop(dir);
-    }
-
-    async fn reads_and_claims_in_order(dir: &std::path::Path) {
         // One connection: r2d2 opens any further ones on threads of its own, and one still
         // connecting when the test process exits crashes it inside libpq (PostgreSQL pass).
-        let db = Db::open_with(&db::test_database_url(dir).unwrap(), 1).unwrap();
+        let db = Db::open_with(&db::test_database_url(dir.path()).unwrap(), 1).unwrap();
         db.compute_node_upsert(&ComputeNodeValues {
             host: "node-1".into(),
             hypervisor_hostname: "node-1".into(),
