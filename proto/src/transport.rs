@@ -1395,8 +1395,12 @@ impl IoTask {
             zmq::Message::new(),
         );
         let mut taken = 0;
+        // Whether a receive found nothing: libzmq then took every pending command of the
+        // socket, so it is known to be empty unless something was sent afterwards.
+        let mut emptied = false;
         while taken < ACK_BATCH {
             if router.recv(&mut first, zmq::DONTWAIT).is_err() {
+                emptied = true;
                 break;
             }
             taken += 1;
@@ -1432,6 +1436,7 @@ impl IoTask {
                 }
             }
         }
+        let acked = !acks.is_empty();
         for (identity, ids) in acks {
             // A batch frame may take the drain past ACK_BATCH casts; an ack frame stays within
             // it, so its size stays far under any sensible rpc.max_message_bytes.
@@ -1446,7 +1451,11 @@ impl IoTask {
                 }
             }
         }
-        // Asked after the acks went out, since sending may take the wake-up of a new frame.
+        if emptied && !acked {
+            return false;
+        }
+        // Asked after the acks went out, since sending may take the wake-up of a new frame (it
+        // may process the socket's commands before the I/O driver saw their signal).
         router
             .get_events()
             .is_ok_and(|events| events.contains(zmq::POLLIN))
