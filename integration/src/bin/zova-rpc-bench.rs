@@ -3,6 +3,10 @@
 //! time (p50/p99), then bare ZeroMQ round trips for scale. The last line is one JSON object for
 //! scripts.
 //!
+//! Client and server share one ZeroMQ context (one I/O thread), as ZeroMQ advises for a process
+//! and as the bare round trips do; `--separate-contexts` gives each its own, as two processes
+//! would have, and the bare round trips then use two contexts too.
+//!
 //!     cargo run --release -p integration --bin zova-rpc-bench -- --seconds 5 [--curve]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +30,11 @@ struct Args {
     /// Casts in flight at once.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     in_flight: u32,
+    /// A ZeroMQ context (and I/O thread) for the client and one for the server, as in two
+    /// processes; the bare ZeroMQ round trips then cross two I/O threads as well. CURVE always
+    /// does (a context has one ZAP handler).
+    #[arg(long)]
+    separate_contexts: bool,
     /// Run only this measurement (the other reports zeros): to profile one of them.
     #[arg(long, value_enum)]
     only: Option<Phase>,
@@ -40,11 +49,16 @@ enum Phase {
 }
 
 /// Round trips of bare ZeroMQ over loopback TCP, one at a time, between this thread (a DEALER)
-/// and an echoing thread (a ROUTER): what a call would cost if Zova added nothing. A call adds
-/// the hand-overs between the caller's task, the I/O threads and the serving task.
-fn zmq_floor(duration: Duration) -> Result<Vec<Duration>, String> {
+/// and an echoing thread (a ROUTER), in one context or two: what a call would cost if Zova added
+/// nothing. Returns the sorted latencies and the context switches per round trip.
+fn zmq_floor(duration: Duration, separate_contexts: bool) -> Result<(Vec<Duration>, f64), String> {
     let zmq_err = |e: zmq::Error| e.to_string();
     let context = zmq::Context::new();
+    let client_context = if separate_contexts {
+        zmq::Context::new()
+    } else {
+        context.clone()
+    };
     let router = context.socket(zmq::ROUTER).map_err(zmq_err)?;
     router.set_linger(0).map_err(zmq_err)?;
     router.bind("tcp://127.0.0.1:*").map_err(zmq_err)?;
@@ -61,11 +75,12 @@ fn zmq_floor(duration: Duration) -> Result<Vec<Duration>, String> {
             }
         }
     });
-    let dealer = context.socket(zmq::DEALER).map_err(zmq_err)?;
+    let dealer = client_context.socket(zmq::DEALER).map_err(zmq_err)?;
     dealer.set_linger(0).map_err(zmq_err)?;
     dealer.connect(&endpoint).map_err(zmq_err)?;
     let payload = [0u8; 64];
     let mut latencies = Vec::new();
+    let usage = Usage::now();
     let started = Instant::now();
     while started.elapsed() < duration {
         let sent = Instant::now();
@@ -73,6 +88,7 @@ fn zmq_floor(duration: Duration) -> Result<Vec<Duration>, String> {
         dealer.recv_bytes(0).map_err(zmq_err)?;
         latencies.push(sent.elapsed());
     }
+    let (_, switches) = usage.per_op(latencies.len() as u64);
     dealer.send("stop", 0).map_err(zmq_err)?;
     dealer.recv_bytes(0).map_err(zmq_err)?;
     echo.join()
@@ -82,7 +98,7 @@ fn zmq_floor(duration: Duration) -> Result<Vec<Duration>, String> {
         latencies.remove(0);
     }
     latencies.sort();
-    Ok(latencies)
+    Ok((latencies, switches))
 }
 
 /// CPU time and context switches of the whole process so far: per operation, they show what a
@@ -155,6 +171,10 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         });
     }
     let curve = args.curve;
+    let separate_contexts = args.separate_contexts || curve;
+    if !separate_contexts {
+        proto::share_one_context();
+    }
     let (server, incoming) = Rpc::start(log.clone(), Some("tcp://127.0.0.1:*"), server_options)
         .map_err(|e| e.to_string())?;
     let mut incoming = incoming.ok_or("the server has no receiver")?;
@@ -249,11 +269,13 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let _ = serving.await;
 
     let floor_for = phase(Phase::Zmq);
-    let floor = tokio::task::spawn_blocking(move || zmq_floor(floor_for))
-        .await
-        .map_err(|e| e.to_string())??;
+    let (floor, floor_switches) =
+        tokio::task::spawn_blocking(move || zmq_floor(floor_for, separate_contexts))
+            .await
+            .map_err(|e| e.to_string())??;
     Ok(serde_json::json!({
         "curve": curve,
+        "zmq_contexts": if separate_contexts { 2 } else { 1 },
         "in_flight": args.in_flight,
         "acked_casts_per_s": (acked_in_time as f64 / elapsed.as_secs_f64()).round(),
         "casts_failed": failed.load(Ordering::Relaxed),
@@ -268,6 +290,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "served": served.load(Ordering::Relaxed),
         "zmq_floor_p50_us": micros(percentile(&floor, 0.5)),
         "zmq_floor_p99_us": micros(percentile(&floor, 0.99)),
+        "zmq_floor_switches": floor_switches,
     }))
 }
 
