@@ -3,6 +3,7 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
+use crate::kept::Kept;
 use crate::networks::release_fixed_ip;
 use crate::placement::{allocation_node, release_allocation};
 use crate::schema::{instance_actions, instance_faults, instances};
@@ -440,13 +441,15 @@ pub(crate) fn update_expecting_task(
             }
         }
     }
-    let instance = diesel::update(
-        instances::table
-            .filter(instances::deleted.eq(0))
-            .filter(instances::uuid.eq(uuid)),
+    let instance = Kept(
+        diesel::update(
+            instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid)),
+        )
+        .set((changes, instances::updated_at.eq(now())))
+        .returning(<Instance as Selectable<DbBackend>>::construct_selection()),
     )
-    .set((changes, instances::updated_at.eq(now())))
-    .returning(<Instance as Selectable<DbBackend>>::construct_selection())
     .get_result(conn)
     .optional()?
     .ok_or_else(|| instance_not_found(uuid))?;

@@ -21,6 +21,7 @@ mod catalog;
 mod error;
 mod identity;
 mod instances;
+mod kept;
 mod keypairs;
 mod models;
 mod networks;

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 
 use diesel::prelude::*;
 
+use crate::kept::Kept;
 use crate::schema::{fixed_ips, instances, networks};
 use crate::{now, Db, DbError, Result};
 use crate::{AnyConnection, DbBackend};
@@ -225,6 +226,19 @@ fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>>
         .collect())
 }
 
+/// The fixed IP `instance_uuid` holds, if any: [`held`] for one instance, as a statement that
+/// stays prepared (an `IN` list is prepared afresh each time).
+fn held_by(conn: &mut AnyConnection, instance_uuid: &str) -> QueryResult<Option<FixedIp>> {
+    Ok(fixed_ips::table
+        .inner_join(networks::table)
+        .filter(fixed_ips::instance_uuid.eq(instance_uuid))
+        .order(fixed_ips::id.asc())
+        .select(FIXED_IP_COLUMNS)
+        .first::<FixedIpRow>(conn)
+        .optional()?
+        .map(fixed_ip))
+}
+
 /// A MAC with Nova's prefix and three random bytes.
 fn random_mac() -> String {
     let bytes = uuid::Uuid::new_v4();
@@ -367,7 +381,7 @@ pub(crate) fn allocate_fixed_ip(
             id: instance_uuid.to_string(),
         });
     }
-    if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
+    if let Some(ip) = held_by(conn, instance_uuid)? {
         return Ok(ip);
     }
     let mut pools = networks::table
@@ -391,13 +405,17 @@ pub(crate) fn allocate_fixed_ip(
         });
     }
     let ids: Vec<i64> = pools.iter().map(|n| n.id).collect();
-    let free: Option<i64> = fixed_ips::table
-        .filter(fixed_ips::network_id.eq_any(&ids))
-        .filter(fixed_ips::instance_uuid.is_null())
-        .order((fixed_ips::network_id.asc(), fixed_ips::id.asc()))
-        .select(fixed_ips::id)
-        .first(conn)
-        .optional()?;
+    // One form per number of networks, which are few.
+    let free: Option<i64> = Kept(
+        fixed_ips::table
+            .filter(fixed_ips::network_id.eq_any(&ids))
+            .filter(fixed_ips::instance_uuid.is_null())
+            .order((fixed_ips::network_id.asc(), fixed_ips::id.asc()))
+            .select(fixed_ips::id)
+            .limit(1),
+    )
+    .get_result(conn)
+    .optional()?;
     let Some(free) = free else {
         let names: Vec<String> = pools
             .iter()
@@ -421,25 +439,25 @@ pub(crate) fn allocate_fixed_ip(
     }
     // Conditional on the row still being free: the immediate transaction already keeps
     // other writers out, this keeps the statement honest on its own.
-    let taken = diesel::update(
-        fixed_ips::table
-            .filter(fixed_ips::id.eq(free))
-            .filter(fixed_ips::instance_uuid.is_null()),
+    let taken = Kept(
+        diesel::update(
+            fixed_ips::table
+                .filter(fixed_ips::id.eq(free))
+                .filter(fixed_ips::instance_uuid.is_null()),
+        )
+        .set((
+            fixed_ips::instance_uuid.eq(instance_uuid),
+            fixed_ips::mac.eq(&mac),
+            fixed_ips::allocated_at.eq(now()),
+        )),
     )
-    .set((
-        fixed_ips::instance_uuid.eq(instance_uuid),
-        fixed_ips::mac.eq(&mac),
-        fixed_ips::allocated_at.eq(now()),
-    ))
     .execute(conn)?;
     if taken == 0 {
         return Err(DbError::Conflict(format!(
             "the fixed IP chosen for instance {instance_uuid} was taken meanwhile"
         )));
     }
-    held(conn, &[instance_uuid.to_string()])?
-        .into_iter()
-        .next()
+    held_by(conn, instance_uuid)?
         .ok_or_else(|| DbError::Conflict(format!("instance {instance_uuid} lost its fixed IP")))
 }
 

@@ -2,6 +2,7 @@
 
 use diesel::prelude::*;
 
+use crate::kept::Kept;
 use crate::schema::{compute_nodes, services};
 use crate::{
     check_json_object, now, AnyConnection, ComputeNode, ComputeNodeValues, Db, DbBackend, DbError,
@@ -218,14 +219,13 @@ pub(crate) fn upsert_compute_node(
         .first(conn)
         .optional()?;
     match existing {
-        Some(id) => diesel::update(compute_nodes::table.find(id))
-            .set((
-                values,
-                compute_nodes::free_ram_mb.eq(free_ram_mb),
-                compute_nodes::free_disk_gb.eq(free_disk_gb),
-                compute_nodes::updated_at.eq(at),
-            ))
-            .execute(conn)?,
+        Some(id) => Kept(diesel::update(compute_nodes::table.find(id)).set((
+            values,
+            compute_nodes::free_ram_mb.eq(free_ram_mb),
+            compute_nodes::free_disk_gb.eq(free_disk_gb),
+            compute_nodes::updated_at.eq(at),
+        )))
+        .execute(conn)?,
         None => diesel::insert_into(compute_nodes::table)
             .values((
                 values,
