@@ -302,10 +302,8 @@ impl Conductor {
                 .await
             }
             ConductorApi::InstanceDestroy(args) => {
-                self.answer::<InstanceDestroy>(request, args, |db, args| {
-                    db.instance_destroy(&args.uuid)
-                })
-                .await
+                self.record::<InstanceDestroy>(request, Owned::Destroy(args), |_| Ok(()))
+                    .await
             }
             ConductorApi::InstanceHosts(args) => {
                 self.answer::<InstanceHosts>(request, args, |db, args| {

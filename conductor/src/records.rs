@@ -5,7 +5,7 @@
 
 use db::{ComputeNodeValues, Db, ExpectedTask, InstanceChanges, NewFault, Record, Recorded};
 use proto::service::GroupWriter;
-use proto::{InstanceUpdate, RemoteError, ServiceHeartbeat};
+use proto::{InstanceDestroy, InstanceUpdate, RemoteError, ServiceHeartbeat};
 use tokio::sync::oneshot;
 
 use crate::remote;
@@ -24,6 +24,7 @@ pub(crate) enum Owned {
         update: InstanceUpdate,
         changes: InstanceChanges,
     },
+    Destroy(InstanceDestroy),
     ComputeNode(ComputeNodeValues),
     Heartbeat(ServiceHeartbeat),
 }
@@ -69,6 +70,9 @@ impl Owned {
                 changes,
                 expected_vm_state: update.expected_vm_state.as_deref(),
                 expected_task: expected_task(update),
+            },
+            Owned::Destroy(destroy) => Record::Destroy {
+                uuid: &destroy.uuid,
             },
             Owned::ComputeNode(values) => Record::ComputeNode(values),
             Owned::Heartbeat(heartbeat) => Record::Heartbeat {

@@ -305,29 +305,7 @@ impl Db {
     /// `deleted` from then on, with `vm_state = "deleted"`.
     pub fn instance_destroy(&self, uuid: &str) -> Result<()> {
         let mut conn = self.writer()?;
-        conn.write_transaction(|conn| {
-            let at = now();
-            let updated = diesel::update(
-                instances::table
-                    .filter(instances::deleted.eq(0))
-                    .filter(instances::uuid.eq(uuid)),
-            )
-            .set((
-                instances::deleted.eq(instances::id),
-                instances::vm_state.eq("deleted"),
-                instances::task_state.eq(None::<String>),
-                instances::terminated_at.eq(at),
-                instances::deleted_at.eq(at),
-                instances::updated_at.eq(at),
-            ))
-            .execute(conn)?;
-            if updated == 0 {
-                return Err(instance_not_found(uuid));
-            }
-            release_allocation(conn, uuid)?;
-            release_fixed_ip(conn, uuid)?;
-            Ok(())
-        })
+        conn.write_transaction(|conn| destroy(conn, uuid))
     }
 
     /// Records the start of a user request on an instance (`reboot`, `delete`, ...).
@@ -399,6 +377,33 @@ impl Db {
 }
 
 /// The body of [`Db::instance_update_expecting_task`], inside the caller's write transaction.
+/// [`Db::instance_destroy`] within the caller's transaction.
+pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
+    let at = now();
+    let updated = Kept(
+        diesel::update(
+            instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid)),
+        )
+        .set((
+            instances::deleted.eq(instances::id),
+            instances::vm_state.eq("deleted"),
+            instances::task_state.eq(None::<String>),
+            instances::terminated_at.eq(at),
+            instances::deleted_at.eq(at),
+            instances::updated_at.eq(at),
+        )),
+    )
+    .execute(conn)?;
+    if updated == 0 {
+        return Err(instance_not_found(uuid));
+    }
+    release_allocation(conn, uuid)?;
+    release_fixed_ip(conn, uuid)?;
+    Ok(())
+}
+
 pub(crate) fn update_expecting_task(
     conn: &mut AnyConnection,
     uuid: &str,

@@ -205,13 +205,14 @@ pub(crate) fn release_fixed_ip(
     conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<usize> {
-    diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid)))
-        .set((
+    Kept(
+        diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid))).set((
             fixed_ips::instance_uuid.eq(None::<String>),
             fixed_ips::mac.eq(None::<String>),
             fixed_ips::allocated_at.eq(None::<chrono::NaiveDateTime>),
-        ))
-        .execute(conn)
+        )),
+    )
+    .execute(conn)
 }
 
 fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>> {

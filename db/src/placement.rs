@@ -8,6 +8,7 @@
 
 use diesel::prelude::*;
 
+use crate::kept::Kept;
 use crate::schema::{allocations, compute_nodes, flavor_extra_specs, instances};
 use crate::AnyConnection;
 use crate::{now, Db, Result};
@@ -297,13 +298,14 @@ pub(crate) fn release_allocation(
     let Some((node_id, vcpus, memory_mb, disk_mb)) = held else {
         return Ok(false);
     };
-    diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id)))
-        .set((
+    Kept(
+        diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id))).set((
             compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus - vcpus),
             compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb - memory_mb),
             compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb - disk_mb),
-        ))
-        .execute(conn)?;
+        )),
+    )
+    .execute(conn)?;
     Ok(true)
 }
 

@@ -6,7 +6,7 @@
 
 use diesel::Connection;
 
-use crate::instances::{insert_fault, update_expecting_task};
+use crate::instances::{destroy, insert_fault, update_expecting_task};
 use crate::networks::allocate_fixed_ip;
 use crate::services::{record_heartbeat, upsert_compute_node};
 use crate::{
@@ -33,6 +33,8 @@ pub enum Record<'a> {
         expected_vm_state: Option<&'a str>,
         expected_task: ExpectedTask<'a>,
     },
+    /// [`Db::instance_destroy`]: a compute has removed the instance.
+    Destroy { uuid: &'a str },
     /// [`Db::compute_node_upsert`].
     ComputeNode(&'a ComputeNodeValues),
     /// [`Db::service_heartbeat`].
@@ -91,6 +93,7 @@ fn write(conn: &mut AnyConnection, record: &Record<'_>) -> Result<Recorded> {
             update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
             allocate_fixed_ip(conn, uuid, None).map(Recorded::FixedIp)
         }
+        Record::Destroy { uuid } => destroy(conn, uuid).map(|()| Recorded::Done),
         Record::ComputeNode(values) => upsert_compute_node(conn, values).map(|()| Recorded::Done),
         Record::Heartbeat { host, binary } => {
             record_heartbeat(conn, host, binary).map(|()| Recorded::Done)
@@ -226,5 +229,19 @@ mod tests {
                 .report_count,
             1
         );
+
+        // A destroy in a group frees the address it held for the next build of the group; a
+        // second destroy of the same instance finds nothing and fails alone.
+        let outcomes = db
+            .record_together(&[
+                Record::Destroy { uuid: "a" },
+                Record::Destroy { uuid: "a" },
+                start("b"),
+            ])
+            .unwrap();
+        assert!(matches!(outcomes[0], Ok(Recorded::Done)));
+        assert!(matches!(outcomes[1], Err(DbError::NotFound { .. })));
+        assert!(matches!(&outcomes[2], Ok(Recorded::FixedIp(ip)) if ip.address == "192.168.5.2"));
+        assert!(db.instance_get("a").unwrap().is_none());
     }
 }

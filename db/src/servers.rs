@@ -1,6 +1,8 @@
 //! What the compute API asks of instances beyond the spine: filtered and paged lists, quota-
 //! checked creation, and the start of a user action (stop, start, reboot) as one guarded step.
 
+use std::collections::HashMap;
+
 use diesel::dsl::{count_star, sql};
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
@@ -132,7 +134,16 @@ pub struct QuotaCreate<'a> {
     pub defaults: &'a QuotaLimits,
 }
 
-fn create_within_quota(conn: &mut AnyConnection, create: &QuotaCreate<'_>) -> Result<Created> {
+/// What the creates of one transaction know their projects to hold so far: each project is
+/// summed once, then the creates that succeed are added, rather than summing the project's
+/// rows again for each create.
+type KnownUsage = HashMap<String, QuotaUsage>;
+
+fn create_within_quota(
+    conn: &mut AnyConnection,
+    create: &QuotaCreate<'_>,
+    known: &mut KnownUsage,
+) -> Result<Created> {
     let QuotaCreate {
         new,
         min_count,
@@ -148,19 +159,34 @@ fn create_within_quota(conn: &mut AnyConnection, create: &QuotaCreate<'_>) -> Re
         return Ok(Ok(Vec::new()));
     };
     let limits = limits_of(conn, &first.project_id, defaults)?;
-    let usage = usage_of(conn, &first.project_id)?;
-    match instances_that_fit(
+    let usage = match known.get(&first.project_id) {
+        Some(usage) => *usage,
+        None => usage_of(conn, &first.project_id)?,
+    };
+    let fits = match instances_that_fit(
         &limits,
         &usage,
         (first.vcpus, first.memory_mb),
         min_count as i64,
         new.len() as i64,
     ) {
-        Ok(fits) => crate::instances::insert_with_actions(conn, &new[..fits as usize], request_id)
-            .map(Ok)
-            .map_err(DbError::from),
-        Err(exceeded) => Ok(Err(exceeded)),
-    }
+        Ok(fits) => fits,
+        Err(exceeded) => return Ok(Err(exceeded)),
+    };
+    let created = crate::instances::insert_with_actions(conn, &new[..fits as usize], request_id)?;
+    // Only once written: a create that fails is rolled back to its savepoint, and holds nothing.
+    let held: (i64, i64) = created.iter().fold((0, 0), |(cores, ram), i| {
+        (cores + i.vcpus, ram + i.memory_mb)
+    });
+    known.insert(
+        first.project_id.clone(),
+        QuotaUsage {
+            instances: usage.instances + created.len() as i64,
+            cores: usage.cores + held.0,
+            ram: usage.ram + held.1,
+        },
+    );
+    Ok(Ok(created))
 }
 
 fn limits_of(
@@ -281,7 +307,7 @@ impl Db {
         };
         let mut conn = self.writer()?;
         // One transaction: what fits is counted and written while no other create can write.
-        conn.write_transaction(|conn| create_within_quota(conn, &create))
+        conn.write_transaction(|conn| create_within_quota(conn, &create, &mut KnownUsage::new()))
     }
 
     /// Several creates in one transaction, in order, each as
@@ -295,9 +321,20 @@ impl Db {
     ) -> Result<Vec<Result<Created>>> {
         let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
+            let mut known = KnownUsage::new();
             Ok(creates
                 .iter()
-                .map(|create| conn.transaction(|conn| create_within_quota(conn, create)))
+                .map(|create| {
+                    // A create that fails after its insert (in its savepoint) must not count:
+                    // what it added to `known` is taken back with it.
+                    let before = known.clone();
+                    let created =
+                        conn.transaction(|conn| create_within_quota(conn, create, &mut known));
+                    if created.is_err() {
+                        known = before;
+                    }
+                    created
+                })
                 .collect())
         })
     }
@@ -459,6 +496,15 @@ mod tests {
             .filter(|uuid| db.instance_get(uuid).unwrap().is_some())
             .collect();
         assert_eq!(live, ["a", "b"]);
+
+        // A create whose insert fails (a uuid taken) holds nothing: the one after it fits.
+        let (_dir, db) = open_temp();
+        let outcomes = db
+            .instances_create_together(&[create(&a), create(&a), create(&b)])
+            .unwrap();
+        assert!(matches!(&outcomes[0], Ok(Ok(made)) if made.len() == 1));
+        assert!(outcomes[1].is_err(), "{:?}", outcomes[1]);
+        assert!(matches!(&outcomes[2], Ok(Ok(made)) if made.len() == 1));
     }
 
     #[test]
