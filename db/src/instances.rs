@@ -376,7 +376,6 @@ impl Db {
     }
 }
 
-/// The body of [`Db::instance_update_expecting_task`], inside the caller's write transaction.
 /// [`Db::instance_destroy`] within the caller's transaction.
 pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
     let at = now();
@@ -404,6 +403,7 @@ pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
     Ok(())
 }
 
+/// The body of [`Db::instance_update_expecting_task`], inside the caller's write transaction.
 pub(crate) fn update_expecting_task(
     conn: &mut AnyConnection,
     uuid: &str,
