@@ -135,9 +135,20 @@ pub struct QuotaCreate<'a> {
 }
 
 /// What the creates of one transaction know their projects to hold so far: each project is
-/// summed once, then the creates that succeed are added, rather than summing the project's
-/// rows again for each create.
+/// summed once, then [`instances_create_together`](Db::instances_create_together) adds what
+/// each create wrote, rather than summing the project's rows again for each create.
 type KnownUsage = HashMap<String, QuotaUsage>;
+
+/// Adds instances a create wrote to what their project is known to hold.
+fn add_created(known: &mut KnownUsage, created: &[Instance]) {
+    for instance in created {
+        if let Some(usage) = known.get_mut(&instance.project_id) {
+            usage.instances += 1;
+            usage.cores += instance.vcpus;
+            usage.ram += instance.memory_mb;
+        }
+    }
+}
 
 fn create_within_quota(
     conn: &mut AnyConnection,
@@ -159,34 +170,27 @@ fn create_within_quota(
         return Ok(Ok(Vec::new()));
     };
     let limits = limits_of(conn, &first.project_id, defaults)?;
+    // The rows summed are there whatever becomes of this create, so the sum is kept at once.
     let usage = match known.get(&first.project_id) {
         Some(usage) => *usage,
-        None => usage_of(conn, &first.project_id)?,
+        None => {
+            let usage = usage_of(conn, &first.project_id)?;
+            known.insert(first.project_id.clone(), usage);
+            usage
+        }
     };
-    let fits = match instances_that_fit(
+    match instances_that_fit(
         &limits,
         &usage,
         (first.vcpus, first.memory_mb),
         min_count as i64,
         new.len() as i64,
     ) {
-        Ok(fits) => fits,
-        Err(exceeded) => return Ok(Err(exceeded)),
-    };
-    let created = crate::instances::insert_with_actions(conn, &new[..fits as usize], request_id)?;
-    // Only once written: a create that fails is rolled back to its savepoint, and holds nothing.
-    let held: (i64, i64) = created.iter().fold((0, 0), |(cores, ram), i| {
-        (cores + i.vcpus, ram + i.memory_mb)
-    });
-    known.insert(
-        first.project_id.clone(),
-        QuotaUsage {
-            instances: usage.instances + created.len() as i64,
-            cores: usage.cores + held.0,
-            ram: usage.ram + held.1,
-        },
-    );
-    Ok(Ok(created))
+        Ok(fits) => crate::instances::insert_with_actions(conn, &new[..fits as usize], request_id)
+            .map(Ok)
+            .map_err(DbError::from),
+        Err(exceeded) => Ok(Err(exceeded)),
+    }
 }
 
 fn limits_of(
@@ -325,13 +329,11 @@ impl Db {
             Ok(creates
                 .iter()
                 .map(|create| {
-                    // A create that fails after its insert (in its savepoint) must not count:
-                    // what it added to `known` is taken back with it.
-                    let before = known.clone();
                     let created =
                         conn.transaction(|conn| create_within_quota(conn, create, &mut known));
-                    if created.is_err() {
-                        known = before;
+                    // Counted once its savepoint is kept: a create that failed holds nothing.
+                    if let Ok(Ok(made)) = &created {
+                        add_created(&mut known, made);
                     }
                     created
                 })
