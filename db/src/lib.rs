@@ -487,10 +487,13 @@ impl Db {
         }
 
         // Connections open as they are needed: a PostgreSQL server counts every idle one
-        // against its max_connections.
+        // against its max_connections. A PostgreSQL connection is pinged as it is handed out,
+        // so one the server dropped is replaced rather than failing a request; a SQLite file
+        // does not go away, and its `SELECT 1` on every hand-out was CPU for nothing.
         let pool = Pool::builder()
             .max_size(max_connections)
             .min_idle(Some(1))
+            .test_on_check_out(backend == Backend::Postgres)
             .connection_timeout(POOL_TIMEOUT)
             .build(Manager {
                 url: url.to_string(),
