@@ -227,17 +227,18 @@ fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>>
         .collect())
 }
 
-/// The fixed IP `instance_uuid` holds, if any: [`held`] for one instance, as a statement that
-/// stays prepared (an `IN` list is prepared afresh each time).
-fn held_by(conn: &mut AnyConnection, instance_uuid: &str) -> QueryResult<Option<FixedIp>> {
+/// [`held`] for one instance, as a statement that stays prepared (an `IN` list is prepared
+/// afresh each time).
+fn held_by(conn: &mut AnyConnection, instance_uuid: &str) -> QueryResult<Vec<FixedIp>> {
     Ok(fixed_ips::table
         .inner_join(networks::table)
         .filter(fixed_ips::instance_uuid.eq(instance_uuid))
         .order(fixed_ips::id.asc())
         .select(FIXED_IP_COLUMNS)
-        .first::<FixedIpRow>(conn)
-        .optional()?
-        .map(fixed_ip))
+        .load::<FixedIpRow>(conn)?
+        .into_iter()
+        .map(fixed_ip)
+        .collect())
 }
 
 /// A MAC with Nova's prefix and three random bytes.
@@ -354,7 +355,8 @@ impl Db {
 
     /// The addresses `instance_uuid` holds (none or one).
     pub fn fixed_ips_of(&self, instance_uuid: &str) -> Result<Vec<FixedIp>> {
-        self.fixed_ips_of_instances(&[instance_uuid.to_string()])
+        let mut conn = self.conn()?;
+        Ok(held_by(&mut conn, instance_uuid)?)
     }
 
     /// The addresses held by any of `instance_uuids`, in one query (for a server list).
@@ -382,7 +384,7 @@ pub(crate) fn allocate_fixed_ip(
             id: instance_uuid.to_string(),
         });
     }
-    if let Some(ip) = held_by(conn, instance_uuid)? {
+    if let Some(ip) = held_by(conn, instance_uuid)?.into_iter().next() {
         return Ok(ip);
     }
     let mut pools = networks::table
@@ -459,6 +461,8 @@ pub(crate) fn allocate_fixed_ip(
         )));
     }
     held_by(conn, instance_uuid)?
+        .into_iter()
+        .next()
         .ok_or_else(|| DbError::Conflict(format!("instance {instance_uuid} lost its fixed IP")))
 }
 
