@@ -216,25 +216,18 @@ pub(crate) fn release_fixed_ip(
 }
 
 fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>> {
-    Ok(fixed_ips::table
+    let query = fixed_ips::table
         .inner_join(networks::table)
-        .filter(fixed_ips::instance_uuid.eq_any(uuids))
         .order(fixed_ips::id.asc())
         .select(FIXED_IP_COLUMNS)
-        .load::<FixedIpRow>(conn)?
-        .into_iter()
-        .map(fixed_ip)
-        .collect())
-}
-
-/// [`held`] for one instance, as a statement that stays prepared (an `IN` list is prepared
-/// afresh each time).
-fn held_by(conn: &mut AnyConnection, instance_uuid: &str) -> QueryResult<Vec<FixedIp>> {
-    Ok(fixed_ips::table
-        .inner_join(networks::table)
-        .filter(fixed_ips::instance_uuid.eq(instance_uuid))
-        .order(fixed_ips::id.asc())
-        .select(FIXED_IP_COLUMNS)
+        .into_boxed();
+    // One instance (a build's allocation, a server's show) by `=`: that statement stays
+    // prepared, where diesel prepares an `IN` list afresh each time.
+    let query = match uuids {
+        [one] => query.filter(fixed_ips::instance_uuid.eq(one)),
+        many => query.filter(fixed_ips::instance_uuid.eq_any(many)),
+    };
+    Ok(query
         .load::<FixedIpRow>(conn)?
         .into_iter()
         .map(fixed_ip)
@@ -355,8 +348,7 @@ impl Db {
 
     /// The addresses `instance_uuid` holds (none or one).
     pub fn fixed_ips_of(&self, instance_uuid: &str) -> Result<Vec<FixedIp>> {
-        let mut conn = self.conn()?;
-        Ok(held_by(&mut conn, instance_uuid)?)
+        self.fixed_ips_of_instances(&[instance_uuid.to_string()])
     }
 
     /// The addresses held by any of `instance_uuids`, in one query (for a server list).
@@ -384,7 +376,7 @@ pub(crate) fn allocate_fixed_ip(
             id: instance_uuid.to_string(),
         });
     }
-    if let Some(ip) = held_by(conn, instance_uuid)?.into_iter().next() {
+    if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
         return Ok(ip);
     }
     let mut pools = networks::table
@@ -460,7 +452,7 @@ pub(crate) fn allocate_fixed_ip(
             "the fixed IP chosen for instance {instance_uuid} was taken meanwhile"
         )));
     }
-    held_by(conn, instance_uuid)?
+    held(conn, &[instance_uuid.to_string()])?
         .into_iter()
         .next()
         .ok_or_else(|| DbError::Conflict(format!("instance {instance_uuid} lost its fixed IP")))
