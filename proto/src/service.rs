@@ -344,9 +344,18 @@ pub fn block_on_database_service(
     main: impl std::future::Future<Output = std::process::ExitCode>,
 ) -> std::process::ExitCode {
     let pool = max_connections.unwrap_or(DatabaseConfig::default().max_connections);
+    block_on_with_blocking_threads(blocking_threads_for(pool), main)
+}
+
+/// Runs a service's `main` on a multi-threaded runtime with at most `blocking_threads`
+/// blocking threads (tokio's default is 512).
+pub fn block_on_with_blocking_threads(
+    blocking_threads: usize,
+    main: impl std::future::Future<Output = std::process::ExitCode>,
+) -> std::process::ExitCode {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(blocking_threads_for(pool))
+        .max_blocking_threads(blocking_threads)
         .build()
     {
         Ok(runtime) => runtime.block_on(main),

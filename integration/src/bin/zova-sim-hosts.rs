@@ -70,17 +70,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(usize::from(args.blocking_threads))
-        .build()
-    {
-        Ok(runtime) => runtime.block_on(run(args)),
-        Err(e) => {
-            eprintln!("zova-sim-hosts: cannot start the async runtime: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    proto::service::block_on_with_blocking_threads(usize::from(args.blocking_threads), run(args))
 }
 
 async fn run(args: Args) -> std::process::ExitCode {
