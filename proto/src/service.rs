@@ -216,14 +216,21 @@ pub fn root_logger(config: &LogConfig, service: &str) -> Logger {
     } else {
         slog::Level::Info
     };
+    // Buffered and flushed once per record: stderr is unbuffered, and the formatters write a
+    // line in many pieces, so without it every line cost a dozen or more write(2) calls.
+    let stderr = || std::io::BufWriter::new(std::io::stderr());
     let drain = match config.format {
         LogFormat::Terminal => {
-            let decorator = slog_term::PlainDecorator::new(std::io::stderr());
+            let decorator = slog_term::PlainDecorator::new(stderr());
             let drain = slog_term::FullFormat::new(decorator).build().fuse();
             slog_async::Async::new(drain).chan_size(4096).build().fuse()
         }
         LogFormat::Json => {
-            let drain = slog_json::Json::default(std::io::stderr()).fuse();
+            let drain = slog_json::Json::new(stderr())
+                .add_default_keys()
+                .set_flush(true)
+                .build()
+                .fuse();
             slog_async::Async::new(drain).chan_size(4096).build().fuse()
         }
     };
