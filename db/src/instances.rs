@@ -340,18 +340,21 @@ impl Db {
         message: Option<&str>,
     ) -> Result<()> {
         let mut conn = self.writer()?;
-        let updated = diesel::update(
-            instance_actions::table
-                .filter(instance_actions::deleted.eq(0))
-                .filter(instance_actions::instance_uuid.eq(instance_uuid))
-                .filter(instance_actions::request_id.eq(request_id))
-                .filter(instance_actions::finish_time.is_null()),
+        let updated = Kept(
+            diesel::update(
+                instance_actions::table
+                    .filter(instance_actions::deleted.eq(0))
+                    .filter(instance_actions::instance_uuid.eq(instance_uuid))
+                    .filter(instance_actions::request_id.eq(request_id))
+                    .filter(instance_actions::finish_time.is_null()),
+            )
+            .set((
+                instance_actions::finish_time.eq(now()),
+                instance_actions::message.eq(message),
+            ))
+            .returning(instance_actions::id),
         )
-        .set((
-            instance_actions::finish_time.eq(now()),
-            instance_actions::message.eq(message),
-        ))
-        .execute(&mut *conn)?;
+        .changed(&mut *conn)?;
         if updated == 0 {
             return Err(DbError::NotFound {
                 kind: "unfinished instance action",
@@ -392,9 +395,10 @@ pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
             instances::terminated_at.eq(at),
             instances::deleted_at.eq(at),
             instances::updated_at.eq(at),
-        )),
+        ))
+        .returning(instances::id),
     )
-    .execute(conn)?;
+    .changed(conn)?;
     if updated == 0 {
         return Err(instance_not_found(uuid));
     }

@@ -6,10 +6,15 @@
 //! that growth is bounded (a changeset's SQL depends only on which of its fields are set), and
 //! preparing them was a quarter of the conductor's CPU under load. A `Kept` query is cached
 //! under its SQL text, so each variant is prepared once per connection.
+//!
+//! Only when it is loaded, though: `execute` hands the query on to the MultiConnection by
+//! reference, and a `&Kept` answers `is_safe_to_cache_prepared` by walking the statement, which
+//! every UPDATE marks unsafe. So an UPDATE or DELETE that is kept returns its rows' ids and runs
+//! through [`Kept::changed`], which loads them.
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::query_dsl::RunQueryDsl;
+use diesel::query_dsl::{LoadQuery, RunQueryDsl};
 use diesel::QueryResult;
 
 /// `query`, cached under its SQL text. Only for a query whose SQL takes few forms (not an `IN`
@@ -43,13 +48,24 @@ impl<Q: Query> Query for Kept<Q> {
 
 impl<Q, Conn> RunQueryDsl<Conn> for Kept<Q> {}
 
+impl<Q> Kept<Q> {
+    /// Runs an UPDATE or DELETE that returns one id per row it changed (`.returning(t::id)`)
+    /// and says how many rows that was: `execute`, but with the statement kept (see above).
+    pub(crate) fn changed<'q, Conn>(self, conn: &mut Conn) -> QueryResult<usize>
+    where
+        Self: LoadQuery<'q, Conn, i64>,
+    {
+        Ok(self.load::<i64>(conn)?.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
     use diesel::connection::{Connection, Instrumentation, InstrumentationEvent};
 
-    use crate::instances::{update_expecting_task, ExpectedTask};
+    use crate::instances::{destroy, update_expecting_task, ExpectedTask};
     use crate::testing::{new_instance, open_temp};
     use crate::InstanceChanges;
 
@@ -142,5 +158,42 @@ mod tests {
         );
         let b = db.instance_get("b").unwrap().unwrap();
         assert_eq!((b.vm_state.as_str(), b.power_state), ("stopped", 4));
+    }
+
+    #[test]
+    fn a_kept_update_run_for_its_count_is_prepared_once_and_counts_its_rows() {
+        let (_dir, db) = open_temp();
+        for uuid in ["a", "b"] {
+            db.instance_create(&new_instance(uuid, "p"), "req").unwrap();
+        }
+        let kept = KeptStatements::default();
+        let mut conn = db.conn().unwrap();
+        conn.set_instrumentation(kept.clone());
+        destroy(&mut conn, "a").unwrap();
+        destroy(&mut conn, "b").unwrap();
+        // Nothing left to change: the count is 0, which destroy reports as not found.
+        assert!(destroy(&mut conn, "a").is_err());
+        let updates: Vec<String> = kept
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|sql| sql.starts_with("UPDATE"))
+            .cloned()
+            .collect();
+        // A statement that is not cached is prepared afresh each time and never reported. The
+        // instance's update and the release of its fixed IP: each prepared once, then kept.
+        let kept_once = |table: &str| {
+            updates
+                .iter()
+                .filter(|sql| sql.starts_with(&format!("UPDATE `{table}`")))
+                .count()
+                == 1
+        };
+        assert!(
+            kept_once("instances") && kept_once("fixed_ips") && updates.len() == 2,
+            "{updates:?}"
+        );
+        assert_eq!(db.instance_get("a").unwrap(), None);
     }
 }

@@ -206,13 +206,15 @@ pub(crate) fn release_fixed_ip(
     instance_uuid: &str,
 ) -> QueryResult<usize> {
     Kept(
-        diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid))).set((
-            fixed_ips::instance_uuid.eq(None::<String>),
-            fixed_ips::mac.eq(None::<String>),
-            fixed_ips::allocated_at.eq(None::<chrono::NaiveDateTime>),
-        )),
+        diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid)))
+            .set((
+                fixed_ips::instance_uuid.eq(None::<String>),
+                fixed_ips::mac.eq(None::<String>),
+                fixed_ips::allocated_at.eq(None::<chrono::NaiveDateTime>),
+            ))
+            .returning(fixed_ips::id),
     )
-    .execute(conn)
+    .changed(conn)
 }
 
 fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>> {
@@ -444,9 +446,10 @@ pub(crate) fn allocate_fixed_ip(
             fixed_ips::instance_uuid.eq(instance_uuid),
             fixed_ips::mac.eq(&mac),
             fixed_ips::allocated_at.eq(now()),
-        )),
+        ))
+        .returning(fixed_ips::id),
     )
-    .execute(conn)?;
+    .changed(conn)?;
     if taken == 0 {
         return Err(DbError::Conflict(format!(
             "the fixed IP chosen for instance {instance_uuid} was taken meanwhile"

@@ -228,13 +228,16 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
         fits = fits
             .filter((compute_nodes::placed_memory_mb + usage.memory_mb).le(claim.limits.memory_mb));
     }
-    let taken = fits
-        .set((
+    // Four forms at most (which of vcpus and memory are asked for).
+    let taken = Kept(
+        fits.set((
             compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus + usage.vcpus),
             compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb + usage.memory_mb),
             compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb + usage.disk_mb),
         ))
-        .execute(conn)?;
+        .returning(compute_nodes::id),
+    )
+    .changed(conn)?;
     if taken == 0 {
         let placed: Option<(i64, i64, i64)> = node
             .select((
@@ -259,13 +262,16 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
         .find(claim.node_id)
         .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
         .first(conn)?;
-    diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
-        .set((
-            instances::host.eq(host),
-            instances::node.eq(node),
-            instances::updated_at.eq(now()),
-        ))
-        .execute(conn)?;
+    Kept(
+        diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
+            .set((
+                instances::host.eq(host),
+                instances::node.eq(node),
+                instances::updated_at.eq(now()),
+            ))
+            .returning(instances::id),
+    )
+    .changed(conn)?;
     diesel::insert_into(allocations::table)
         .values((
             allocations::instance_uuid.eq(&claim.instance_uuid),
@@ -299,13 +305,15 @@ pub(crate) fn release_allocation(
         return Ok(false);
     };
     Kept(
-        diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id))).set((
-            compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus - vcpus),
-            compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb - memory_mb),
-            compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb - disk_mb),
-        )),
+        diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id)))
+            .set((
+                compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus - vcpus),
+                compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb - memory_mb),
+                compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb - disk_mb),
+            ))
+            .returning(compute_nodes::id),
     )
-    .execute(conn)?;
+    .changed(conn)?;
     Ok(true)
 }
 

@@ -185,17 +185,20 @@ impl Db {
 
 /// [`Db::service_heartbeat`] on the caller's connection.
 pub(crate) fn record_heartbeat(conn: &mut AnyConnection, host: &str, binary: &str) -> Result<()> {
-    let updated = diesel::update(
-        services::table
-            .filter(services::deleted.eq(0))
-            .filter(services::host.eq(host))
-            .filter(services::binary.eq(binary)),
+    let updated = Kept(
+        diesel::update(
+            services::table
+                .filter(services::deleted.eq(0))
+                .filter(services::host.eq(host))
+                .filter(services::binary.eq(binary)),
+        )
+        .set((
+            services::report_count.eq(services::report_count + 1),
+            services::updated_at.eq(now()),
+        ))
+        .returning(services::id),
     )
-    .set((
-        services::report_count.eq(services::report_count + 1),
-        services::updated_at.eq(now()),
-    ))
-    .execute(conn)?;
+    .changed(conn)?;
     if updated == 0 {
         return Err(service_not_found(host, binary));
     }
@@ -219,13 +222,17 @@ pub(crate) fn upsert_compute_node(
         .first(conn)
         .optional()?;
     match existing {
-        Some(id) => Kept(diesel::update(compute_nodes::table.find(id)).set((
-            values,
-            compute_nodes::free_ram_mb.eq(free_ram_mb),
-            compute_nodes::free_disk_gb.eq(free_disk_gb),
-            compute_nodes::updated_at.eq(at),
-        )))
-        .execute(conn)?,
+        Some(id) => Kept(
+            diesel::update(compute_nodes::table.find(id))
+                .set((
+                    values,
+                    compute_nodes::free_ram_mb.eq(free_ram_mb),
+                    compute_nodes::free_disk_gb.eq(free_disk_gb),
+                    compute_nodes::updated_at.eq(at),
+                ))
+                .returning(compute_nodes::id),
+        )
+        .changed(conn)?,
         None => diesel::insert_into(compute_nodes::table)
             .values((
                 values,
