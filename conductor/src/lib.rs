@@ -4,6 +4,7 @@
 
 mod records;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -703,28 +704,45 @@ fn end_stuck_tasks(db: &Db, log: &Logger, timeout: Duration) -> Result<StuckEnde
     Ok(ended)
 }
 
+/// The flavor's name and extra specs as the API copied them into the instance at its create.
+#[derive(Debug, Default, Deserialize)]
+struct FlavorSnapshot {
+    name: Option<String>,
+    #[serde(default)]
+    extra_specs: BTreeMap<String, String>,
+}
+
 /// The request spec for one instance, from its row and its image (as Nova's conductor builds it).
 fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<RequestSpec, DbError> {
-    let instance = db.instance_get(uuid)?.ok_or_else(|| DbError::NotFound {
-        kind: "instance",
-        id: uuid.to_string(),
-    })?;
-    let image = db
-        .image_get(&instance.image_ref)?
+    let (instance, image) = db
+        .instance_and_image(uuid)?
         .ok_or_else(|| DbError::NotFound {
-            kind: "image",
-            id: instance.image_ref.clone(),
+            kind: "instance",
+            id: uuid.to_string(),
         })?;
-    // The flavor may have been deleted since the instance was created; the instance keeps
-    // its own copy of the sizes, and only the name and extra specs are lost.
-    let flavor_name = db
-        .flavor_get(&instance.flavorid)?
-        .map(|f| f.name)
-        .unwrap_or_default();
-    let extra_specs = match db.flavor_extra_specs(&instance.flavorid) {
-        Ok(specs) => specs,
-        Err(DbError::NotFound { .. }) => Default::default(),
-        Err(e) => return Err(e),
+    let image = image.ok_or_else(|| DbError::NotFound {
+        kind: "image",
+        id: instance.image_ref.clone(),
+    })?;
+    // The flavor as it was when the server was asked for (Nova's embedded instance.flavor):
+    // sizes in the row, name and extra specs in its snapshot. A row written before snapshots
+    // has none; it gets them from the flavor, if that still exists.
+    let snapshot: FlavorSnapshot =
+        serde_json::from_str(&instance.flavor_snapshot).unwrap_or_default();
+    let (flavor_name, extra_specs) = match snapshot.name {
+        Some(name) => (name, snapshot.extra_specs),
+        None => {
+            let name = db
+                .flavor_get(&instance.flavorid)?
+                .map(|f| f.name)
+                .unwrap_or_default();
+            let extra_specs = match db.flavor_extra_specs(&instance.flavorid) {
+                Ok(specs) => specs,
+                Err(DbError::NotFound { .. }) => Default::default(),
+                Err(e) => return Err(e),
+            };
+            (name, extra_specs)
+        }
     };
     Ok(RequestSpec {
         instance_uuid: instance.uuid,
@@ -806,6 +824,17 @@ mod tests {
 
     /// Adds a row like `stopping`'s in another state.
     fn add_instance(db: &Db, uuid: &str, vm: &str, task: Option<&str>) {
+        add_instance_with_snapshot(db, uuid, vm, task, "{}");
+    }
+
+    /// `add_instance`, with this flavor snapshot.
+    fn add_instance_with_snapshot(
+        db: &Db,
+        uuid: &str,
+        vm: &str,
+        task: Option<&str>,
+        flavor_snapshot: &str,
+    ) {
         let mut row = db
             .instance_get("i-1")
             .expect("read")
@@ -830,12 +859,46 @@ mod tests {
                 launch_index: 0,
                 description: None,
                 key_name: None,
-                flavor_snapshot: "{}".into(),
+                flavor_snapshot: flavor_snapshot.into(),
             })
             .expect("i-1 exists");
         row.vm_state = vm.into();
         row.task_state = task.map(String::from);
         db.instance_create(&row, "req-create").expect("row");
+    }
+
+    #[test]
+    fn a_request_spec_has_the_flavor_as_it_was_at_the_create() {
+        let (_dir, db) = stopping();
+        db.flavor_extra_specs_set("1", &[("queue_name".to_string(), "now".to_string())].into())
+            .unwrap();
+        // i-1 has no snapshot (a row from before them): the flavor as it is now.
+        let spec = request_spec(&db, "i-1", Default::default()).unwrap();
+        assert_eq!(spec.flavor.name, "m1.tiny");
+        assert_eq!(spec.flavor.extra_specs["queue_name"], "now");
+        assert_eq!(spec.image.id, "155d900f-4e14-4e4c-a73d-069cbf4541e6");
+
+        // With a snapshot, its name and extra specs win over the flavor's present ones.
+        let snapshot = r#"{"name":"m1.old","extra_specs":{"queue_name":"then"}}"#;
+        add_instance_with_snapshot(&db, "i-2", vm_state::BUILDING, None, snapshot);
+        let spec = request_spec(&db, "i-2", Default::default()).unwrap();
+        assert_eq!(
+            (
+                spec.flavor.name.as_str(),
+                spec.flavor.vcpus,
+                spec.flavor.memory_mb
+            ),
+            ("m1.old", 1, 512)
+        );
+        assert_eq!(spec.flavor.extra_specs["queue_name"], "then");
+
+        assert!(matches!(
+            request_spec(&db, "i-404", Default::default()),
+            Err(DbError::NotFound {
+                kind: "instance",
+                ..
+            })
+        ));
     }
 
     #[test]

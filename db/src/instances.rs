@@ -6,10 +6,10 @@ use diesel::prelude::*;
 use crate::kept::Kept;
 use crate::networks::release_fixed_ip;
 use crate::placement::{allocation_node, release_allocation};
-use crate::schema::{instance_actions, instance_faults, instances};
+use crate::schema::{images, instance_actions, instance_faults, instances};
 use crate::{
-    check_json_object, now, Db, DbError, Instance, InstanceAction, InstanceChanges, InstanceFault,
-    NewFault, NewInstance, Result,
+    check_json_object, now, Db, DbError, Image, Instance, InstanceAction, InstanceChanges,
+    InstanceFault, NewFault, NewInstance, Result,
 };
 use crate::{AnyConnection, DbBackend};
 
@@ -98,6 +98,28 @@ impl Db {
             .select(Instance::as_select())
             .first(&mut conn)
             .optional()?)
+    }
+
+    /// The live instance with this uuid and the live image it boots from (`None` for an image
+    /// deleted since), on one connection: what a build's request spec is made of.
+    pub fn instance_and_image(&self, uuid: &str) -> Result<Option<(Instance, Option<Image>)>> {
+        let mut conn = self.conn()?;
+        let Some(instance) = instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::uuid.eq(uuid))
+            .select(Instance::as_select())
+            .first(&mut conn)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let image = images::table
+            .filter(images::deleted.eq(0))
+            .filter(images::uuid.eq(&instance.image_ref))
+            .select(Image::as_select())
+            .first(&mut conn)
+            .optional()?;
+        Ok(Some((instance, image)))
     }
 
     /// Live instances of one project (or of all projects for `None`), newest first.
