@@ -378,6 +378,16 @@ pub(crate) fn allocate_fixed_ip(
             id: instance_uuid.to_string(),
         });
     }
+    take_fixed_ip(conn, instance_uuid, network)
+}
+
+/// [`allocate_fixed_ip`] for an instance the caller has just found live (a build's update to
+/// spawning, in the same transaction).
+pub(crate) fn take_fixed_ip(
+    conn: &mut AnyConnection,
+    instance_uuid: &str,
+    network: Option<&str>,
+) -> Result<FixedIp> {
     if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
         return Ok(ip);
     }
@@ -403,17 +413,17 @@ pub(crate) fn allocate_fixed_ip(
     }
     let ids: Vec<i64> = pools.iter().map(|n| n.id).collect();
     // One form per number of networks, which are few.
-    let free: Option<i64> = Kept(
+    let free: Option<(i64, i64, String)> = Kept(
         fixed_ips::table
             .filter(fixed_ips::network_id.eq_any(&ids))
             .filter(fixed_ips::instance_uuid.is_null())
             .order((fixed_ips::network_id.asc(), fixed_ips::id.asc()))
-            .select(fixed_ips::id)
+            .select((fixed_ips::id, fixed_ips::network_id, fixed_ips::address))
             .limit(1),
     )
     .get_result(conn)
     .optional()?;
-    let Some(free) = free else {
+    let Some((free, network_id, address)) = free else {
         let names: Vec<String> = pools
             .iter()
             .map(|n| format!("{} ({})", n.name, n.cidr))
@@ -455,10 +465,19 @@ pub(crate) fn allocate_fixed_ip(
             "the fixed IP chosen for instance {instance_uuid} was taken meanwhile"
         )));
     }
-    held(conn, &[instance_uuid.to_string()])?
+    let pool = pools
         .into_iter()
-        .next()
-        .ok_or_else(|| DbError::Conflict(format!("instance {instance_uuid} lost its fixed IP")))
+        .find(|n| n.id == network_id)
+        .ok_or_else(|| DbError::Conflict(format!("network {network_id} went away")))?;
+    Ok(FixedIp {
+        instance_uuid: instance_uuid.to_string(),
+        address,
+        mac,
+        network: pool.name,
+        cidr: pool.cidr,
+        gateway: pool.gateway,
+        bridge: pool.bridge,
+    })
 }
 
 #[cfg(test)]

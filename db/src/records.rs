@@ -7,7 +7,7 @@
 use diesel::Connection;
 
 use crate::instances::{destroy, insert_fault, update_expecting_task};
-use crate::networks::allocate_fixed_ip;
+use crate::networks::{allocate_fixed_ip, take_fixed_ip};
 use crate::services::{record_heartbeat, upsert_compute_node};
 use crate::{
     AnyConnection, ComputeNodeValues, Db, ExpectedTask, FixedIp, InstanceChanges, NewFault, Result,
@@ -91,7 +91,13 @@ fn write(conn: &mut AnyConnection, record: &Record<'_>) -> Result<Recorded> {
             expected_task,
         } => {
             update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
-            allocate_fixed_ip(conn, uuid, None).map(Recorded::FixedIp)
+            // An update that expected a vm_state found the instance live (not in error): no
+            // need to look again before the address is taken.
+            let ip = match expected_vm_state {
+                Some(_) => take_fixed_ip(conn, uuid, None)?,
+                None => allocate_fixed_ip(conn, uuid, None)?,
+            };
+            Ok(Recorded::FixedIp(ip))
         }
         Record::Destroy { uuid } => destroy(conn, uuid).map(|()| Recorded::Done),
         Record::ComputeNode(values) => upsert_compute_node(conn, values).map(|()| Recorded::Done),
