@@ -351,6 +351,8 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
                 _ = stopped(&mut stop_rx) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _peer)) => {
+                        // Answers are small and clients keep connections: no Nagle delay.
+                        let _ = stream.set_nodelay(true);
                         let api = api.clone();
                         tokio::spawn(async move {
                             let service = hyper::service::service_fn(move |request| {

@@ -22,7 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hyper::{Method, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -234,36 +239,63 @@ async fn token(credentials: &Credentials) -> Result<String, LoadError> {
         })
 }
 
-/// The compute API as one user sees it.
+/// The compute API as one user sees it, over kept-alive connections as the OpenStack clients
+/// use it (a connection per request would cost both sides a TCP set-up and tear-down each).
 #[derive(Clone)]
 struct Client {
     address: String,
     prefix: String,
     token: String,
+    http: HttpClient<HttpConnector, Full<Bytes>>,
 }
 
 impl Client {
+    fn new(address: String, prefix: String, token: String) -> Client {
+        let mut connector = HttpConnector::new();
+        // Small requests and answers: none should wait for the previous segment's ACK.
+        connector.set_nodelay(true);
+        let http = HttpClient::builder(TokioExecutor::new()).build(connector);
+        Client {
+            address,
+            prefix,
+            token,
+            http,
+        }
+    }
+
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<HttpResponse, LoadError> {
+        let failed = |e: &dyn std::fmt::Display| LoadError::Api(format!("{method} {path}: {e}"));
         let raw = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        let headers = [
-            ("x-auth-token", self.token.as_str()),
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}{}{path}", self.address, self.prefix))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header("x-auth-token", self.token.as_str())
             // Servers with their flavor embedded (2.47) and hypervisors as Nova shows them.
-            ("openstack-api-version", "compute 2.47"),
-        ];
-        http_request(
-            &self.address,
-            method,
-            &format!("{}{path}", self.prefix),
+            .header("openstack-api-version", "compute 2.47")
+            .body(Full::new(Bytes::from(raw)))
+            .map_err(|e| failed(&e))?;
+        let response = self.http.request(request).await.map_err(|e| failed(&e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let raw = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| failed(&e))?
+            .to_bytes();
+        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
             raw,
-            &headers,
-        )
-        .await
-        .map_err(|e| LoadError::Api(e.to_string()))
+        })
     }
 
     /// Every page of a server listing (`query` without limit and marker).
@@ -391,11 +423,7 @@ struct Accepted {
 async fn run(args: Args) -> Result<(Value, bool), LoadError> {
     let (address, prefix) = split_url(&args.endpoint)?;
     let credentials = credentials()?;
-    let client = Client {
-        address,
-        prefix,
-        token: token(&credentials).await?,
-    };
+    let client = Client::new(address, prefix, token(&credentials).await?);
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let name_prefix = format!("load-{run_id}-");
     let name_filter = format!("name=%5E{name_prefix}");
