@@ -186,7 +186,11 @@ mod tests {
         let kept_once = |table: &str| {
             updates
                 .iter()
-                .filter(|sql| sql.starts_with(&format!("UPDATE `{table}`")))
+                .filter(|sql| {
+                    // Quoted with backquotes on SQLite, double quotes on PostgreSQL.
+                    let plain = sql.replace(['`', '"'], "");
+                    plain.starts_with(&format!("UPDATE {table} "))
+                })
                 .count()
                 == 1
         };
