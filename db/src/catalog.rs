@@ -21,16 +21,18 @@ pub struct NewFlavor {
 
 /// The row id of the live flavor with this flavorid.
 pub(crate) fn flavor_row_id(conn: &mut AnyConnection, flavorid: &str) -> Result<i64> {
-    flavors::table
-        .filter(flavors::deleted.eq(0))
-        .filter(flavors::flavorid.eq(flavorid))
-        .select(flavors::id)
-        .first(conn)
-        .optional()?
-        .ok_or_else(|| crate::DbError::NotFound {
-            kind: "flavor",
-            id: flavorid.to_string(),
-        })
+    direct!(conn, |c| {
+        flavors::table
+            .filter(flavors::deleted.eq(0))
+            .filter(flavors::flavorid.eq(flavorid))
+            .select(flavors::id)
+            .first(c)
+            .optional()
+    })?
+    .ok_or_else(|| crate::DbError::NotFound {
+        kind: "flavor",
+        id: flavorid.to_string(),
+    })
 }
 
 impl Db {
@@ -48,12 +50,14 @@ impl Db {
     /// The live flavor with this flavorid, disabled or not.
     pub fn flavor_get(&self, flavorid: &str) -> Result<Option<Flavor>> {
         let mut conn = self.conn()?;
-        Ok(flavors::table
-            .filter(flavors::deleted.eq(0))
-            .filter(flavors::flavorid.eq(flavorid))
-            .select(Flavor::as_select())
-            .first(&mut conn)
-            .optional()?)
+        Ok(direct!(&mut *conn, |c| {
+            flavors::table
+                .filter(flavors::deleted.eq(0))
+                .filter(flavors::flavorid.eq(flavorid))
+                .select(Flavor::as_select())
+                .first(c)
+                .optional()
+        })?)
     }
 
     /// The live flavor with this name, disabled or not.
@@ -152,12 +156,14 @@ impl Db {
     /// The live image with this uuid.
     pub fn image_get(&self, uuid: &str) -> Result<Option<Image>> {
         let mut conn = self.conn()?;
-        Ok(images::table
-            .filter(images::deleted.eq(0))
-            .filter(images::uuid.eq(uuid))
-            .select(Image::as_select())
-            .first(&mut conn)
-            .optional()?)
+        Ok(direct!(&mut *conn, |c| {
+            images::table
+                .filter(images::deleted.eq(0))
+                .filter(images::uuid.eq(uuid))
+                .select(Image::as_select())
+                .first(c)
+                .optional()
+        })?)
     }
 
     /// The oldest live image with this name (names need not be unique, as in Glance).

@@ -50,22 +50,24 @@ pub(crate) fn insert_with_actions(
     let created_at = now();
     let mut created = Vec::with_capacity(new.len());
     for instance in new {
-        created.push(
+        created.push(direct!(&mut *conn, |c| {
             diesel::insert_into(instances::table)
                 .values((instance, instances::created_at.eq(created_at)))
-                .returning(<Instance as Selectable<DbBackend>>::construct_selection())
-                .get_result(conn)?,
-        );
-        diesel::insert_into(instance_actions::table)
-            .values((
-                instance_actions::action.eq("create"),
-                instance_actions::instance_uuid.eq(&instance.uuid),
-                instance_actions::request_id.eq(request_id),
-                instance_actions::user_id.eq(&instance.user_id),
-                instance_actions::project_id.eq(&instance.project_id),
-                instance_actions::start_time.eq(created_at),
-            ))
-            .execute(conn)?;
+                .returning(Instance::as_select())
+                .get_result(c)
+        })?);
+        direct!(&mut *conn, |c| {
+            diesel::insert_into(instance_actions::table)
+                .values((
+                    instance_actions::action.eq("create"),
+                    instance_actions::instance_uuid.eq(&instance.uuid),
+                    instance_actions::request_id.eq(request_id),
+                    instance_actions::user_id.eq(&instance.user_id),
+                    instance_actions::project_id.eq(&instance.project_id),
+                    instance_actions::start_time.eq(created_at),
+                ))
+                .execute(c)
+        })?;
     }
     Ok(created)
 }
@@ -104,22 +106,25 @@ impl Db {
     /// deleted since), on one connection: what a build's request spec is made of.
     pub fn instance_and_image(&self, uuid: &str) -> Result<Option<(Instance, Option<Image>)>> {
         let mut conn = self.conn()?;
-        let Some(instance) = instances::table
-            .filter(instances::deleted.eq(0))
-            .filter(instances::uuid.eq(uuid))
-            .select(Instance::as_select())
-            .first(&mut conn)
-            .optional()?
-        else {
-            return Ok(None);
-        };
-        let image = images::table
-            .filter(images::deleted.eq(0))
-            .filter(images::uuid.eq(&instance.image_ref))
-            .select(Image::as_select())
-            .first(&mut conn)
-            .optional()?;
-        Ok(Some((instance, image)))
+        let found = direct!(&mut *conn, |c| {
+            let Some(instance) = instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid))
+                .select(Instance::as_select())
+                .first(c)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let image = images::table
+                .filter(images::deleted.eq(0))
+                .filter(images::uuid.eq(&instance.image_ref))
+                .select(Image::as_select())
+                .first(c)
+                .optional()?;
+            Some((instance, image))
+        });
+        Ok(found)
     }
 
     /// Live instances of one project (or of all projects for `None`), newest first.
@@ -404,23 +409,25 @@ impl Db {
 /// [`Db::instance_destroy`] within the caller's transaction.
 pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
     let at = now();
-    let updated = Kept(
-        diesel::update(
-            instances::table
-                .filter(instances::deleted.eq(0))
-                .filter(instances::uuid.eq(uuid)),
+    let updated = direct!(&mut *conn, |c| {
+        Kept(
+            diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid)),
+            )
+            .set((
+                instances::deleted.eq(instances::id),
+                instances::vm_state.eq("deleted"),
+                instances::task_state.eq(None::<String>),
+                instances::terminated_at.eq(at),
+                instances::deleted_at.eq(at),
+                instances::updated_at.eq(at),
+            ))
+            .returning(instances::id),
         )
-        .set((
-            instances::deleted.eq(instances::id),
-            instances::vm_state.eq("deleted"),
-            instances::task_state.eq(None::<String>),
-            instances::terminated_at.eq(at),
-            instances::deleted_at.eq(at),
-            instances::updated_at.eq(at),
-        ))
-        .returning(instances::id),
-    )
-    .changed(conn)?;
+        .changed(c)
+    })?;
     if updated == 0 {
         return Err(instance_not_found(uuid));
     }
@@ -438,13 +445,15 @@ pub(crate) fn update_expecting_task(
     expected_task: ExpectedTask<'_>,
 ) -> Result<Instance> {
     if expected_vm_state.is_some() || expected_task != ExpectedTask::Any {
-        let (vm_state, task_state): (String, Option<String>) = instances::table
-            .filter(instances::deleted.eq(0))
-            .filter(instances::uuid.eq(uuid))
-            .select((instances::vm_state, instances::task_state))
-            .first(conn)
-            .optional()?
-            .ok_or_else(|| instance_not_found(uuid))?;
+        let (vm_state, task_state): (String, Option<String>) = direct!(conn, |c| {
+            instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid))
+                .select((instances::vm_state, instances::task_state))
+                .first(c)
+                .optional()
+        })?
+        .ok_or_else(|| instance_not_found(uuid))?;
         let current = task_state.as_deref();
         let wanted = match expected_task {
             ExpectedTask::Any => None,
@@ -472,17 +481,20 @@ pub(crate) fn update_expecting_task(
             }
         }
     }
-    let instance = Kept(
-        diesel::update(
-            instances::table
-                .filter(instances::deleted.eq(0))
-                .filter(instances::uuid.eq(uuid)),
+    let at = now();
+    let instance = direct!(conn, |c| {
+        Kept(
+            diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid)),
+            )
+            .set((changes, instances::updated_at.eq(at)))
+            .returning(Instance::as_select()),
         )
-        .set((changes, instances::updated_at.eq(now())))
-        .returning(<Instance as Selectable<DbBackend>>::construct_selection()),
-    )
-    .get_result(conn)
-    .optional()?
+        .get_result(c)
+        .optional()
+    })?
     .ok_or_else(|| instance_not_found(uuid))?;
     if changes.vm_state.as_deref() == Some("error") {
         release_allocation(conn, uuid)?;

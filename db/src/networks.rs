@@ -205,35 +205,36 @@ pub(crate) fn release_fixed_ip(
     conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<usize> {
-    Kept(
-        diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid)))
-            .set((
-                fixed_ips::instance_uuid.eq(None::<String>),
-                fixed_ips::mac.eq(None::<String>),
-                fixed_ips::allocated_at.eq(None::<chrono::NaiveDateTime>),
-            ))
-            .returning(fixed_ips::id),
-    )
-    .changed(conn)
+    direct!(conn, |c| {
+        Kept(
+            diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid)))
+                .set((
+                    fixed_ips::instance_uuid.eq(None::<String>),
+                    fixed_ips::mac.eq(None::<String>),
+                    fixed_ips::allocated_at.eq(None::<chrono::NaiveDateTime>),
+                ))
+                .returning(fixed_ips::id),
+        )
+        .changed(c)
+    })
 }
 
 fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>> {
-    let query = fixed_ips::table
-        .inner_join(networks::table)
-        .order(fixed_ips::id.asc())
-        .select(FIXED_IP_COLUMNS)
-        .into_boxed();
-    // One instance (a build's allocation, a server's show) by `=`: that statement stays
-    // prepared, where diesel prepares an `IN` list afresh each time.
-    let query = match uuids {
-        [one] => query.filter(fixed_ips::instance_uuid.eq(one)),
-        many => query.filter(fixed_ips::instance_uuid.eq_any(many)),
-    };
-    Ok(query
-        .load::<FixedIpRow>(conn)?
-        .into_iter()
-        .map(fixed_ip)
-        .collect())
+    let rows: Vec<FixedIpRow> = direct!(conn, |c| {
+        let query = fixed_ips::table
+            .inner_join(networks::table)
+            .order(fixed_ips::id.asc())
+            .select(FIXED_IP_COLUMNS)
+            .into_boxed();
+        // One instance (a build's allocation, a server's show) by `=`: that statement stays
+        // prepared, where diesel prepares an `IN` list afresh each time.
+        let query = match uuids {
+            [one] => query.filter(fixed_ips::instance_uuid.eq(one)),
+            many => query.filter(fixed_ips::instance_uuid.eq_any(many)),
+        };
+        query.load(c)
+    })?;
+    Ok(rows.into_iter().map(fixed_ip).collect())
 }
 
 /// A MAC with Nova's prefix and three random bytes.
@@ -391,15 +392,17 @@ pub(crate) fn take_fixed_ip(
     if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
         return Ok(ip);
     }
-    let mut pools = networks::table
-        .filter(networks::deleted.eq(0))
-        .order(networks::id.asc())
-        .select(Network::as_select())
-        .into_boxed();
-    if let Some(name) = network {
-        pools = pools.filter(networks::name.eq(name));
-    }
-    let pools: Vec<Network> = pools.load(conn)?;
+    let pools: Vec<Network> = direct!(&mut *conn, |c| {
+        let mut pools = networks::table
+            .filter(networks::deleted.eq(0))
+            .order(networks::id.asc())
+            .select(Network::as_select())
+            .into_boxed();
+        if let Some(name) = network {
+            pools = pools.filter(networks::name.eq(name));
+        }
+        pools.load(c)
+    })?;
     if pools.is_empty() {
         return Err(match network {
             Some(name) => DbError::NotFound {
@@ -413,16 +416,18 @@ pub(crate) fn take_fixed_ip(
     }
     let ids: Vec<i64> = pools.iter().map(|n| n.id).collect();
     // One form per number of networks, which are few.
-    let free: Option<(i64, i64, String)> = Kept(
-        fixed_ips::table
-            .filter(fixed_ips::network_id.eq_any(&ids))
-            .filter(fixed_ips::instance_uuid.is_null())
-            .order((fixed_ips::network_id.asc(), fixed_ips::id.asc()))
-            .select((fixed_ips::id, fixed_ips::network_id, fixed_ips::address))
-            .limit(1),
-    )
-    .get_result(conn)
-    .optional()?;
+    let free: Option<(i64, i64, String)> = direct!(&mut *conn, |c| {
+        Kept(
+            fixed_ips::table
+                .filter(fixed_ips::network_id.eq_any(&ids))
+                .filter(fixed_ips::instance_uuid.is_null())
+                .order((fixed_ips::network_id.asc(), fixed_ips::id.asc()))
+                .select((fixed_ips::id, fixed_ips::network_id, fixed_ips::address))
+                .limit(1),
+        )
+        .get_result(c)
+        .optional()
+    })?;
     let Some((free, network_id, address)) = free else {
         let names: Vec<String> = pools
             .iter()
@@ -435,10 +440,12 @@ pub(crate) fn take_fixed_ip(
     };
     let mut mac = random_mac();
     for _ in 1..MAC_ATTEMPTS {
-        let clash: i64 = fixed_ips::table
-            .filter(fixed_ips::mac.eq(&mac))
-            .count()
-            .get_result(conn)?;
+        let clash: i64 = direct!(&mut *conn, |c| {
+            fixed_ips::table
+                .filter(fixed_ips::mac.eq(&mac))
+                .count()
+                .get_result(c)
+        })?;
         if clash == 0 {
             break;
         }
@@ -446,20 +453,23 @@ pub(crate) fn take_fixed_ip(
     }
     // Conditional on the row still being free: the immediate transaction already keeps
     // other writers out, this keeps the statement honest on its own.
-    let taken = Kept(
-        diesel::update(
-            fixed_ips::table
-                .filter(fixed_ips::id.eq(free))
-                .filter(fixed_ips::instance_uuid.is_null()),
+    let at = now();
+    let taken = direct!(&mut *conn, |c| {
+        Kept(
+            diesel::update(
+                fixed_ips::table
+                    .filter(fixed_ips::id.eq(free))
+                    .filter(fixed_ips::instance_uuid.is_null()),
+            )
+            .set((
+                fixed_ips::instance_uuid.eq(instance_uuid),
+                fixed_ips::mac.eq(&mac),
+                fixed_ips::allocated_at.eq(at),
+            ))
+            .returning(fixed_ips::id),
         )
-        .set((
-            fixed_ips::instance_uuid.eq(instance_uuid),
-            fixed_ips::mac.eq(&mac),
-            fixed_ips::allocated_at.eq(now()),
-        ))
-        .returning(fixed_ips::id),
-    )
-    .changed(conn)?;
+        .changed(c)
+    })?;
     if taken == 0 {
         return Err(DbError::Conflict(format!(
             "the fixed IP chosen for instance {instance_uuid} was taken meanwhile"

@@ -189,23 +189,27 @@ impl Db {
     ) -> Result<std::collections::BTreeMap<String, String>> {
         let mut conn = self.conn()?;
         let flavor = crate::catalog::flavor_row_id(&mut conn, flavorid)?;
-        let specs: Vec<(String, String)> = flavor_extra_specs::table
-            .filter(flavor_extra_specs::flavor_id.eq(flavor))
-            .select((flavor_extra_specs::spec_key, flavor_extra_specs::spec_value))
-            .load(&mut conn)?;
+        let specs: Vec<(String, String)> = direct!(&mut *conn, |c| {
+            flavor_extra_specs::table
+                .filter(flavor_extra_specs::flavor_id.eq(flavor))
+                .select((flavor_extra_specs::spec_key, flavor_extra_specs::spec_value))
+                .load(c)
+        })?;
         Ok(specs.into_iter().collect())
     }
 }
 
 /// One claim, inside the caller's write transaction (see [`Db::allocation_claim`]).
 fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result<ClaimOutcome> {
-    let building: i64 = instances::table
-        .filter(instances::uuid.eq(&claim.instance_uuid))
-        .filter(instances::deleted.eq(0))
-        .filter(instances::vm_state.eq("building"))
-        .filter(instances::task_state.eq("scheduling"))
-        .count()
-        .get_result(conn)?;
+    let building: i64 = direct!(&mut *conn, |c| {
+        instances::table
+            .filter(instances::uuid.eq(&claim.instance_uuid))
+            .filter(instances::deleted.eq(0))
+            .filter(instances::vm_state.eq("building"))
+            .filter(instances::task_state.eq("scheduling"))
+            .count()
+            .get_result(c)
+    })?;
     if building == 0 {
         return Ok(ClaimOutcome::InstanceGone);
     }
@@ -218,26 +222,30 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
     let node = compute_nodes::table
         .filter(compute_nodes::id.eq(claim.node_id))
         .filter(compute_nodes::deleted.eq(0));
-    let mut fits = diesel::update(node)
-        .filter((compute_nodes::placed_disk_mb + usage.disk_mb).le(claim.limits.disk_mb))
-        .into_boxed();
-    if usage.vcpus > 0 {
-        fits = fits.filter((compute_nodes::placed_vcpus + usage.vcpus).le(claim.limits.vcpus));
-    }
-    if usage.memory_mb > 0 {
-        fits = fits
-            .filter((compute_nodes::placed_memory_mb + usage.memory_mb).le(claim.limits.memory_mb));
-    }
     // Four forms at most (which of vcpus and memory are asked for).
-    let taken = Kept(
-        fits.set((
-            compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus + usage.vcpus),
-            compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb + usage.memory_mb),
-            compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb + usage.disk_mb),
-        ))
-        .returning(compute_nodes::id),
-    )
-    .changed(conn)?;
+    let taken = direct!(&mut *conn, |c| {
+        let mut fits = diesel::update(node)
+            .filter((compute_nodes::placed_disk_mb + usage.disk_mb).le(claim.limits.disk_mb))
+            .into_boxed();
+        if usage.vcpus > 0 {
+            fits = fits.filter((compute_nodes::placed_vcpus + usage.vcpus).le(claim.limits.vcpus));
+        }
+        if usage.memory_mb > 0 {
+            fits = fits.filter(
+                (compute_nodes::placed_memory_mb + usage.memory_mb).le(claim.limits.memory_mb),
+            );
+        }
+        Kept(
+            fits.set((
+                compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus + usage.vcpus),
+                compute_nodes::placed_memory_mb
+                    .eq(compute_nodes::placed_memory_mb + usage.memory_mb),
+                compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb + usage.disk_mb),
+            ))
+            .returning(compute_nodes::id),
+        )
+        .changed(c)
+    })?;
     if taken == 0 {
         let placed: Option<(i64, i64, i64)> = node
             .select((
@@ -258,30 +266,37 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
     }
 
     release_allocation(conn, &claim.instance_uuid)?;
-    let (host, node): (String, String) = compute_nodes::table
-        .find(claim.node_id)
-        .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
-        .first(conn)?;
-    Kept(
-        diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
-            .set((
-                instances::host.eq(host),
-                instances::node.eq(node),
-                instances::updated_at.eq(now()),
+    let (host, node): (String, String) = direct!(&mut *conn, |c| {
+        compute_nodes::table
+            .find(claim.node_id)
+            .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
+            .first(c)
+    })?;
+    let at = now();
+    direct!(&mut *conn, |c| {
+        Kept(
+            diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
+                .set((
+                    instances::host.eq(&host),
+                    instances::node.eq(&node),
+                    instances::updated_at.eq(at),
+                ))
+                .returning(instances::id),
+        )
+        .changed(c)
+    })?;
+    direct!(&mut *conn, |c| {
+        diesel::insert_into(allocations::table)
+            .values((
+                allocations::instance_uuid.eq(&claim.instance_uuid),
+                allocations::compute_node_id.eq(claim.node_id),
+                allocations::vcpus.eq(usage.vcpus),
+                allocations::memory_mb.eq(usage.memory_mb),
+                allocations::disk_mb.eq(usage.disk_mb),
+                allocations::created_at.eq(at),
             ))
-            .returning(instances::id),
-    )
-    .changed(conn)?;
-    diesel::insert_into(allocations::table)
-        .values((
-            allocations::instance_uuid.eq(&claim.instance_uuid),
-            allocations::compute_node_id.eq(claim.node_id),
-            allocations::vcpus.eq(usage.vcpus),
-            allocations::memory_mb.eq(usage.memory_mb),
-            allocations::disk_mb.eq(usage.disk_mb),
-            allocations::created_at.eq(now()),
-        ))
-        .execute(conn)?;
+            .execute(c)
+    })?;
     Ok(ClaimOutcome::Claimed)
 }
 
@@ -291,7 +306,7 @@ pub(crate) fn release_allocation(
     conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<bool> {
-    let held: Option<(i64, i64, i64, i64)> =
+    let held: Option<(i64, i64, i64, i64)> = direct!(&mut *conn, |c| {
         diesel::delete(allocations::table.filter(allocations::instance_uuid.eq(instance_uuid)))
             .returning((
                 allocations::compute_node_id,
@@ -299,21 +314,24 @@ pub(crate) fn release_allocation(
                 allocations::memory_mb,
                 allocations::disk_mb,
             ))
-            .get_result(conn)
-            .optional()?;
+            .get_result(c)
+            .optional()
+    })?;
     let Some((node_id, vcpus, memory_mb, disk_mb)) = held else {
         return Ok(false);
     };
-    Kept(
-        diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id)))
-            .set((
-                compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus - vcpus),
-                compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb - memory_mb),
-                compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb - disk_mb),
-            ))
-            .returning(compute_nodes::id),
-    )
-    .changed(conn)?;
+    direct!(&mut *conn, |c| {
+        Kept(
+            diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id)))
+                .set((
+                    compute_nodes::placed_vcpus.eq(compute_nodes::placed_vcpus - vcpus),
+                    compute_nodes::placed_memory_mb.eq(compute_nodes::placed_memory_mb - memory_mb),
+                    compute_nodes::placed_disk_mb.eq(compute_nodes::placed_disk_mb - disk_mb),
+                ))
+                .returning(compute_nodes::id),
+        )
+        .changed(c)
+    })?;
     Ok(true)
 }
 
@@ -322,12 +340,14 @@ pub(crate) fn allocation_node(
     conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<Option<String>> {
-    allocations::table
-        .inner_join(compute_nodes::table)
-        .filter(allocations::instance_uuid.eq(instance_uuid))
-        .select(compute_nodes::hypervisor_hostname)
-        .first(conn)
-        .optional()
+    direct!(conn, |c| {
+        allocations::table
+            .inner_join(compute_nodes::table)
+            .filter(allocations::instance_uuid.eq(instance_uuid))
+            .select(compute_nodes::hypervisor_hostname)
+            .first(c)
+            .optional()
+    })
 }
 
 #[cfg(test)]

@@ -103,17 +103,19 @@ fn usage_of(conn: &mut AnyConnection, project_id: &str) -> QueryResult<QuotaUsag
     // Summed by the database: loading the rows cost a third of the API's CPU once a project
     // held a few thousand instances (an unlimited quota). SUM of a BIGINT is NUMERIC on
     // PostgreSQL, hence the cast; an empty project sums to NULL, hence the COALESCE.
-    let (instances, cores, ram) = Kept(
-        instances::table
-            .filter(instances::deleted.eq(0))
-            .filter(instances::project_id.eq(project_id))
-            .select((
-                count_star(),
-                sql::<BigInt>("CAST(COALESCE(SUM(vcpus), 0) AS BIGINT)"),
-                sql::<BigInt>("CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT)"),
-            )),
-    )
-    .get_result::<(i64, i64, i64)>(conn)?;
+    let (instances, cores, ram) = direct!(conn, |c| {
+        Kept(
+            instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::project_id.eq(project_id))
+                .select((
+                    count_star(),
+                    sql::<BigInt>("CAST(COALESCE(SUM(vcpus), 0) AS BIGINT)"),
+                    sql::<BigInt>("CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT)"),
+                )),
+        )
+        .get_result::<(i64, i64, i64)>(c)
+    })?;
     Ok(QuotaUsage {
         instances,
         cores,
@@ -198,10 +200,12 @@ fn limits_of(
     project_id: &str,
     defaults: &QuotaLimits,
 ) -> QueryResult<QuotaLimits> {
-    let overrides: Vec<(String, i64)> = quotas::table
-        .filter(quotas::project_id.eq(project_id))
-        .select((quotas::resource, quotas::hard_limit))
-        .load(conn)?;
+    let overrides: Vec<(String, i64)> = direct!(conn, |c| {
+        quotas::table
+            .filter(quotas::project_id.eq(project_id))
+            .select((quotas::resource, quotas::hard_limit))
+            .load(c)
+    })?;
     let mut limits = *defaults;
     for (resource, limit) in overrides {
         match resource.as_str() {

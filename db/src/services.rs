@@ -185,20 +185,22 @@ impl Db {
 
 /// [`Db::service_heartbeat`] on the caller's connection.
 pub(crate) fn record_heartbeat(conn: &mut AnyConnection, host: &str, binary: &str) -> Result<()> {
-    let updated = Kept(
-        diesel::update(
-            services::table
-                .filter(services::deleted.eq(0))
-                .filter(services::host.eq(host))
-                .filter(services::binary.eq(binary)),
+    let updated = direct!(&mut *conn, |c| {
+        Kept(
+            diesel::update(
+                services::table
+                    .filter(services::deleted.eq(0))
+                    .filter(services::host.eq(host))
+                    .filter(services::binary.eq(binary)),
+            )
+            .set((
+                services::report_count.eq(services::report_count + 1),
+                services::updated_at.eq(now()),
+            ))
+            .returning(services::id),
         )
-        .set((
-            services::report_count.eq(services::report_count + 1),
-            services::updated_at.eq(now()),
-        ))
-        .returning(services::id),
-    )
-    .changed(conn)?;
+        .changed(c)
+    })?;
     if updated == 0 {
         return Err(service_not_found(host, binary));
     }
@@ -214,25 +216,29 @@ pub(crate) fn upsert_compute_node(
     let free_ram_mb = values.memory_mb - values.memory_mb_used;
     let free_disk_gb = values.local_gb - values.local_gb_used;
     let at = now();
-    let existing: Option<i64> = compute_nodes::table
-        .filter(compute_nodes::deleted.eq(0))
-        .filter(compute_nodes::host.eq(&values.host))
-        .filter(compute_nodes::hypervisor_hostname.eq(&values.hypervisor_hostname))
-        .select(compute_nodes::id)
-        .first(conn)
-        .optional()?;
+    let existing: Option<i64> = direct!(&mut *conn, |c| {
+        compute_nodes::table
+            .filter(compute_nodes::deleted.eq(0))
+            .filter(compute_nodes::host.eq(&values.host))
+            .filter(compute_nodes::hypervisor_hostname.eq(&values.hypervisor_hostname))
+            .select(compute_nodes::id)
+            .first(c)
+            .optional()
+    })?;
     match existing {
-        Some(id) => Kept(
-            diesel::update(compute_nodes::table.find(id))
-                .set((
-                    values,
-                    compute_nodes::free_ram_mb.eq(free_ram_mb),
-                    compute_nodes::free_disk_gb.eq(free_disk_gb),
-                    compute_nodes::updated_at.eq(at),
-                ))
-                .returning(compute_nodes::id),
-        )
-        .changed(conn)?,
+        Some(id) => direct!(&mut *conn, |c| {
+            Kept(
+                diesel::update(compute_nodes::table.find(id))
+                    .set((
+                        values,
+                        compute_nodes::free_ram_mb.eq(free_ram_mb),
+                        compute_nodes::free_disk_gb.eq(free_disk_gb),
+                        compute_nodes::updated_at.eq(at),
+                    ))
+                    .returning(compute_nodes::id),
+            )
+            .changed(c)
+        })?,
         None => diesel::insert_into(compute_nodes::table)
             .values((
                 values,
