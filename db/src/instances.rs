@@ -94,12 +94,14 @@ impl Db {
     /// The live instance with this uuid.
     pub fn instance_get(&self, uuid: &str) -> Result<Option<Instance>> {
         let mut conn = self.conn()?;
-        Ok(instances::table
-            .filter(instances::deleted.eq(0))
-            .filter(instances::uuid.eq(uuid))
-            .select(Instance::as_select())
-            .first(&mut conn)
-            .optional()?)
+        Ok(direct!(&mut *conn, |c| {
+            instances::table
+                .filter(instances::deleted.eq(0))
+                .filter(instances::uuid.eq(uuid))
+                .select(Instance::as_select())
+                .first(c)
+                .optional()
+        })?)
     }
 
     /// The live instance with this uuid and the live image it boots from (`None` for an image

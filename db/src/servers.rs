@@ -222,26 +222,29 @@ impl Db {
     /// Instances matching `filter`, newest first (Nova's default sort: created_at, then id).
     pub fn instances_query(&self, filter: &InstanceFilter) -> Result<Vec<Instance>> {
         let mut conn = self.conn()?;
-        let mut query = instances::table
-            .filter(instances::deleted.eq(0))
-            .order((instances::created_at.desc(), instances::id.desc()))
-            .select(Instance::as_select())
-            .into_boxed();
-        if let Some(project_id) = &filter.project_id {
-            query = query.filter(instances::project_id.eq(project_id.clone()));
-        }
-        if let Some(host) = &filter.host {
-            query = query.filter(instances::host.eq(host.clone()));
-        }
-        if let Some(states) = &filter.vm_states {
-            query = query.filter(instances::vm_state.eq_any(states.clone()));
-        }
-        match &filter.task_state {
-            Some(Some(task)) => query = query.filter(instances::task_state.eq(task.clone())),
-            Some(None) => query = query.filter(instances::task_state.is_null()),
-            None => {}
-        }
-        Ok(query.load(&mut conn)?)
+        // Direct: a server list polled while thousands build reads whole rows by the hundred.
+        Ok(direct!(&mut *conn, |c| {
+            let mut query = instances::table
+                .filter(instances::deleted.eq(0))
+                .order((instances::created_at.desc(), instances::id.desc()))
+                .select(Instance::as_select())
+                .into_boxed();
+            if let Some(project_id) = &filter.project_id {
+                query = query.filter(instances::project_id.eq(project_id.clone()));
+            }
+            if let Some(host) = &filter.host {
+                query = query.filter(instances::host.eq(host.clone()));
+            }
+            if let Some(states) = &filter.vm_states {
+                query = query.filter(instances::vm_state.eq_any(states.clone()));
+            }
+            match &filter.task_state {
+                Some(Some(task)) => query = query.filter(instances::task_state.eq(task.clone())),
+                Some(None) => query = query.filter(instances::task_state.is_null()),
+                None => {}
+            }
+            query.load(c)
+        })?)
     }
 
     /// The instance with this uuid, live or deleted (its action history outlives it).
