@@ -7,10 +7,11 @@
 use diesel::Connection;
 
 use crate::instances::{destroy, insert_fault, update_expecting_task};
-use crate::networks::{allocate_fixed_ip, take_fixed_ip};
+use crate::networks::take_fixed_ip;
 use crate::services::{record_heartbeat, upsert_compute_node};
 use crate::{
-    AnyConnection, ComputeNodeValues, Db, ExpectedTask, FixedIp, InstanceChanges, NewFault, Result,
+    AnyConnection, ComputeNodeValues, Db, DbError, ExpectedTask, FixedIp, InstanceChanges,
+    NewFault, Result,
 };
 
 /// One record, as the method of [`Db`] named on each variant would write it.
@@ -90,14 +91,17 @@ fn write(conn: &mut AnyConnection, record: &Record<'_>) -> Result<Recorded> {
             expected_vm_state,
             expected_task,
         } => {
-            update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
-            // An update that expected a vm_state found the instance live (not in error): no
-            // need to look again before the address is taken.
-            let ip = match expected_vm_state {
-                Some(_) => take_fixed_ip(conn, uuid, None)?,
-                None => allocate_fixed_ip(conn, uuid, None)?,
-            };
-            Ok(Recorded::FixedIp(ip))
+            let updated =
+                update_expecting_task(conn, uuid, changes, expected_vm_state, expected_task)?;
+            // The row as the update left it says whether the instance is live: one in error
+            // holds no address (as allocate_fixed_ip would refuse it).
+            if updated.vm_state == "error" {
+                return Err(DbError::NotFound {
+                    kind: "instance",
+                    id: uuid.to_string(),
+                });
+            }
+            take_fixed_ip(conn, uuid, None).map(Recorded::FixedIp)
         }
         Record::Destroy { uuid } => destroy(conn, uuid).map(|()| Recorded::Done),
         Record::ComputeNode(values) => upsert_compute_node(conn, values).map(|()| Recorded::Done),
@@ -111,7 +115,6 @@ fn write(conn: &mut AnyConnection, record: &Record<'_>) -> Result<Recorded> {
 mod tests {
     use super::*;
     use crate::testing::{new_instance, open_temp};
-    use crate::DbError;
 
     #[test]
     fn records_written_together_each_stand_or_fall_alone() {
@@ -235,6 +238,22 @@ mod tests {
                 .report_count,
             1
         );
+
+        // A build that goes to error as it starts spawning takes no address, and keeps none.
+        db.instance_create(&new_instance("d", "p"), "req-1")
+            .unwrap();
+        let failed = db.record_together(&[Record::StartSpawning {
+            uuid: "d",
+            changes: &error,
+            expected_vm_state: Some("building"),
+            expected_task: ExpectedTask::Is("scheduling"),
+        }]);
+        assert!(matches!(
+            failed.unwrap().as_slice(),
+            [Err(DbError::NotFound { .. })]
+        ));
+        assert_eq!(db.fixed_ips_of_instances(&["d".into()]).unwrap(), vec![]);
+        assert_eq!(db.instance_get("d").unwrap().unwrap().vm_state, "building");
 
         // A destroy in a group frees the address it held for the next build of the group; a
         // second destroy of the same instance finds nothing and fails alone.
