@@ -21,7 +21,7 @@ pub struct NewFlavor {
 
 /// The row id of the live flavor with this flavorid.
 pub(crate) fn flavor_row_id(conn: &mut AnyConnection, flavorid: &str) -> Result<i64> {
-    direct!(conn, |c| {
+    direct!(conn, c => {
         flavors::table
             .filter(flavors::deleted.eq(0))
             .filter(flavors::flavorid.eq(flavorid))
@@ -50,7 +50,7 @@ impl Db {
     /// The live flavor with this flavorid, disabled or not.
     pub fn flavor_get(&self, flavorid: &str) -> Result<Option<Flavor>> {
         let mut conn = self.conn()?;
-        Ok(direct!(&mut *conn, |c| {
+        Ok(direct!(&mut *conn, c => {
             flavors::table
                 .filter(flavors::deleted.eq(0))
                 .filter(flavors::flavorid.eq(flavorid))
@@ -156,7 +156,7 @@ impl Db {
     /// The live image with this uuid.
     pub fn image_get(&self, uuid: &str) -> Result<Option<Image>> {
         let mut conn = self.conn()?;
-        Ok(direct!(&mut *conn, |c| {
+        Ok(direct!(&mut *conn, c => {
             images::table
                 .filter(images::deleted.eq(0))
                 .filter(images::uuid.eq(uuid))

@@ -50,13 +50,13 @@ pub(crate) fn insert_with_actions(
     let created_at = now();
     let mut created = Vec::with_capacity(new.len());
     for instance in new {
-        created.push(direct!(&mut *conn, |c| {
+        created.push(direct!(&mut *conn, c => {
             diesel::insert_into(instances::table)
                 .values((instance, instances::created_at.eq(created_at)))
                 .returning(Instance::as_select())
                 .get_result(c)
         })?);
-        direct!(&mut *conn, |c| {
+        direct!(&mut *conn, c => {
             diesel::insert_into(instance_actions::table)
                 .values((
                     instance_actions::action.eq("create"),
@@ -94,7 +94,7 @@ impl Db {
     /// The live instance with this uuid.
     pub fn instance_get(&self, uuid: &str) -> Result<Option<Instance>> {
         let mut conn = self.conn()?;
-        Ok(direct!(&mut *conn, |c| {
+        Ok(direct!(&mut *conn, c => {
             instances::table
                 .filter(instances::deleted.eq(0))
                 .filter(instances::uuid.eq(uuid))
@@ -108,7 +108,7 @@ impl Db {
     /// deleted since), on one connection: what a build's request spec is made of.
     pub fn instance_and_image(&self, uuid: &str) -> Result<Option<(Instance, Option<Image>)>> {
         let mut conn = self.conn()?;
-        let found = direct!(&mut *conn, |c| {
+        let found = direct!(&mut *conn, c => {
             let Some(instance) = instances::table
                 .filter(instances::deleted.eq(0))
                 .filter(instances::uuid.eq(uuid))
@@ -411,7 +411,7 @@ impl Db {
 /// [`Db::instance_destroy`] within the caller's transaction.
 pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
     let at = now();
-    let updated = direct!(&mut *conn, |c| {
+    let updated = direct!(&mut *conn, c => {
         Kept(
             diesel::update(
                 instances::table
@@ -447,7 +447,7 @@ pub(crate) fn update_expecting_task(
     expected_task: ExpectedTask<'_>,
 ) -> Result<Instance> {
     if expected_vm_state.is_some() || expected_task != ExpectedTask::Any {
-        let (vm_state, task_state): (String, Option<String>) = direct!(conn, |c| {
+        let (vm_state, task_state): (String, Option<String>) = direct!(conn, c => {
             instances::table
                 .filter(instances::deleted.eq(0))
                 .filter(instances::uuid.eq(uuid))
@@ -484,7 +484,7 @@ pub(crate) fn update_expecting_task(
         }
     }
     let at = now();
-    let instance = direct!(conn, |c| {
+    let instance = direct!(conn, c => {
         Kept(
             diesel::update(
                 instances::table

@@ -7,10 +7,11 @@
 //! preparing them was a quarter of the conductor's CPU under load. A `Kept` query is cached
 //! under its SQL text, so each variant is prepared once per connection.
 //!
-//! Only when it is loaded, though: `execute` hands the query on to the MultiConnection by
-//! reference, and a `&Kept` answers `is_safe_to_cache_prepared` by walking the statement, which
-//! every UPDATE marks unsafe. So an UPDATE or DELETE that is kept returns its rows' ids and runs
-//! through [`Kept::changed`], which loads them.
+//! Only when it is loaded, though: `execute` hands the query on by reference (the
+//! MultiConnection does, and so does `PgConnection`), and a `&Kept` answers
+//! `is_safe_to_cache_prepared` by walking the statement, which every UPDATE marks unsafe. So an
+//! UPDATE or DELETE that is kept returns its rows' ids and runs through [`Kept::changed`], which
+//! loads them; `execute` would quietly prepare it afresh again.
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};

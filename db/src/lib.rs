@@ -2,8 +2,9 @@
 //! (for several controller machines), chosen by the URL, with embedded migrations for each;
 //! soft-deleted rows as in Nova.
 //!
-//! Every query is written once, for [`AnyConnection`]; the few on a build's path run through
-//! [`direct!`] on the backend's own connection. A write runs in
+//! Every query is written once, for [`AnyConnection`]; the ones a build, a delete or a busy
+//! server list runs go through [`direct!`], compiled once per backend and run on its own
+//! connection. A write runs in
 //! [`AnyConnection::write_transaction`]: `BEGIN IMMEDIATE` on SQLite, and on PostgreSQL a
 //! read-committed transaction that first takes one advisory lock shared by every Zova process.
 //! Either way writers go one at a time and each statement sees what the previous writer
@@ -17,14 +18,17 @@
 //! short; async callers run them under `tokio::task::spawn_blocking`. A live row has
 //! `deleted = 0`; soft deletion sets `deleted = id`, and every read skips deleted rows.
 
-/// `$body` with `$c` bound to the backend's own connection inside `$conn` (an
-/// `&mut AnyConnection`), so the statement is built for that backend and run on it directly.
-/// Through `AnyConnection` itself, diesel's MultiConnection renders a statement's SQL again on
-/// every run, cached or not, and decodes each field of each row through a dynamic row: reading
-/// a whole instance row took 22 µs that way and 9 µs directly, a two-column read 5–7 µs and
-/// 3.5–4 µs. For the statements every build runs; the body is compiled once per backend.
+/// `direct!(conn, c => body)`: `body` with `c` bound to the backend's own connection inside
+/// `conn` (an `&mut AnyConnection`), so the statement is built for that backend and run on it
+/// directly; the body is compiled once per backend. It is not a closure: `?` and `return` in it
+/// leave the enclosing function. Through `AnyConnection` itself, diesel's MultiConnection
+/// renders a statement's SQL again on every run, cached or not, and decodes each field of each
+/// row through a dynamic row: reading a whole instance row took 22 µs that way and 9 µs
+/// directly, a two-column read 5–7 µs and 3.5–4 µs. The statements run inside a transaction
+/// begun on `conn` all the same: the MultiConnection keeps its transaction state in the
+/// backend's connection.
 macro_rules! direct {
-    ($conn:expr, |$c:ident| $body:expr) => {
+    ($conn:expr, $c:ident => $body:expr) => {
         match $conn {
             $crate::AnyConnection::Sqlite($c) => $body,
             $crate::AnyConnection::Postgresql($c) => $body,

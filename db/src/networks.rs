@@ -205,7 +205,7 @@ pub(crate) fn release_fixed_ip(
     conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<usize> {
-    direct!(conn, |c| {
+    direct!(conn, c => {
         Kept(
             diesel::update(fixed_ips::table.filter(fixed_ips::instance_uuid.eq(instance_uuid)))
                 .set((
@@ -220,7 +220,7 @@ pub(crate) fn release_fixed_ip(
 }
 
 fn held(conn: &mut AnyConnection, uuids: &[String]) -> QueryResult<Vec<FixedIp>> {
-    let rows: Vec<FixedIpRow> = direct!(conn, |c| {
+    let rows: Vec<FixedIpRow> = direct!(conn, c => {
         let query = fixed_ips::table
             .inner_join(networks::table)
             .order(fixed_ips::id.asc())
@@ -392,7 +392,7 @@ pub(crate) fn take_fixed_ip(
     if let Some(ip) = held(conn, &[instance_uuid.to_string()])?.into_iter().next() {
         return Ok(ip);
     }
-    let pools: Vec<Network> = direct!(&mut *conn, |c| {
+    let pools: Vec<Network> = direct!(&mut *conn, c => {
         let mut pools = networks::table
             .filter(networks::deleted.eq(0))
             .order(networks::id.asc())
@@ -416,7 +416,7 @@ pub(crate) fn take_fixed_ip(
     }
     let ids: Vec<i64> = pools.iter().map(|n| n.id).collect();
     // One form per number of networks, which are few.
-    let free: Option<(i64, i64, String)> = direct!(&mut *conn, |c| {
+    let free: Option<(i64, i64, String)> = direct!(&mut *conn, c => {
         Kept(
             fixed_ips::table
                 .filter(fixed_ips::network_id.eq_any(&ids))
@@ -440,7 +440,7 @@ pub(crate) fn take_fixed_ip(
     };
     let mut mac = random_mac();
     for _ in 1..MAC_ATTEMPTS {
-        let clash: i64 = direct!(&mut *conn, |c| {
+        let clash: i64 = direct!(&mut *conn, c => {
             fixed_ips::table
                 .filter(fixed_ips::mac.eq(&mac))
                 .count()
@@ -454,7 +454,7 @@ pub(crate) fn take_fixed_ip(
     // Conditional on the row still being free: the immediate transaction already keeps
     // other writers out, this keeps the statement honest on its own.
     let at = now();
-    let taken = direct!(&mut *conn, |c| {
+    let taken = direct!(&mut *conn, c => {
         Kept(
             diesel::update(
                 fixed_ips::table

@@ -189,7 +189,7 @@ impl Db {
     ) -> Result<std::collections::BTreeMap<String, String>> {
         let mut conn = self.conn()?;
         let flavor = crate::catalog::flavor_row_id(&mut conn, flavorid)?;
-        let specs: Vec<(String, String)> = direct!(&mut *conn, |c| {
+        let specs: Vec<(String, String)> = direct!(&mut *conn, c => {
             flavor_extra_specs::table
                 .filter(flavor_extra_specs::flavor_id.eq(flavor))
                 .select((flavor_extra_specs::spec_key, flavor_extra_specs::spec_value))
@@ -201,7 +201,7 @@ impl Db {
 
 /// One claim, inside the caller's write transaction (see [`Db::allocation_claim`]).
 fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result<ClaimOutcome> {
-    let building: i64 = direct!(&mut *conn, |c| {
+    let building: i64 = direct!(&mut *conn, c => {
         instances::table
             .filter(instances::uuid.eq(&claim.instance_uuid))
             .filter(instances::deleted.eq(0))
@@ -223,7 +223,7 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
         .filter(compute_nodes::id.eq(claim.node_id))
         .filter(compute_nodes::deleted.eq(0));
     // Four forms at most (which of vcpus and memory are asked for).
-    let taken = direct!(&mut *conn, |c| {
+    let taken = direct!(&mut *conn, c => {
         let mut fits = diesel::update(node)
             .filter((compute_nodes::placed_disk_mb + usage.disk_mb).le(claim.limits.disk_mb))
             .into_boxed();
@@ -266,14 +266,14 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
     }
 
     release_allocation(conn, &claim.instance_uuid)?;
-    let (host, node): (String, String) = direct!(&mut *conn, |c| {
+    let (host, node): (String, String) = direct!(&mut *conn, c => {
         compute_nodes::table
             .find(claim.node_id)
             .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
             .first(c)
     })?;
     let at = now();
-    direct!(&mut *conn, |c| {
+    direct!(&mut *conn, c => {
         Kept(
             diesel::update(instances::table.filter(instances::uuid.eq(&claim.instance_uuid)))
                 .set((
@@ -285,7 +285,7 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
         )
         .changed(c)
     })?;
-    direct!(&mut *conn, |c| {
+    direct!(&mut *conn, c => {
         diesel::insert_into(allocations::table)
             .values((
                 allocations::instance_uuid.eq(&claim.instance_uuid),
@@ -306,7 +306,7 @@ pub(crate) fn release_allocation(
     conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<bool> {
-    let held: Option<(i64, i64, i64, i64)> = direct!(&mut *conn, |c| {
+    let held: Option<(i64, i64, i64, i64)> = direct!(&mut *conn, c => {
         diesel::delete(allocations::table.filter(allocations::instance_uuid.eq(instance_uuid)))
             .returning((
                 allocations::compute_node_id,
@@ -320,7 +320,7 @@ pub(crate) fn release_allocation(
     let Some((node_id, vcpus, memory_mb, disk_mb)) = held else {
         return Ok(false);
     };
-    direct!(&mut *conn, |c| {
+    direct!(&mut *conn, c => {
         Kept(
             diesel::update(compute_nodes::table.filter(compute_nodes::id.eq(node_id)))
                 .set((
@@ -340,7 +340,7 @@ pub(crate) fn allocation_node(
     conn: &mut AnyConnection,
     instance_uuid: &str,
 ) -> QueryResult<Option<String>> {
-    direct!(conn, |c| {
+    direct!(conn, c => {
         allocations::table
             .inner_join(compute_nodes::table)
             .filter(allocations::instance_uuid.eq(instance_uuid))

@@ -103,7 +103,7 @@ fn usage_of(conn: &mut AnyConnection, project_id: &str) -> QueryResult<QuotaUsag
     // Summed by the database: loading the rows cost a third of the API's CPU once a project
     // held a few thousand instances (an unlimited quota). SUM of a BIGINT is NUMERIC on
     // PostgreSQL, hence the cast; an empty project sums to NULL, hence the COALESCE.
-    let (instances, cores, ram) = direct!(conn, |c| {
+    let (instances, cores, ram) = direct!(conn, c => {
         Kept(
             instances::table
                 .filter(instances::deleted.eq(0))
@@ -200,7 +200,7 @@ fn limits_of(
     project_id: &str,
     defaults: &QuotaLimits,
 ) -> QueryResult<QuotaLimits> {
-    let overrides: Vec<(String, i64)> = direct!(conn, |c| {
+    let overrides: Vec<(String, i64)> = direct!(conn, c => {
         quotas::table
             .filter(quotas::project_id.eq(project_id))
             .select((quotas::resource, quotas::hard_limit))
@@ -223,7 +223,7 @@ impl Db {
     pub fn instances_query(&self, filter: &InstanceFilter) -> Result<Vec<Instance>> {
         let mut conn = self.conn()?;
         // Direct: a server list polled while thousands build reads whole rows by the hundred.
-        Ok(direct!(&mut *conn, |c| {
+        Ok(direct!(&mut *conn, c => {
             let mut query = instances::table
                 .filter(instances::deleted.eq(0))
                 .order((instances::created_at.desc(), instances::id.desc()))

@@ -185,7 +185,7 @@ impl Db {
 
 /// [`Db::service_heartbeat`] on the caller's connection.
 pub(crate) fn record_heartbeat(conn: &mut AnyConnection, host: &str, binary: &str) -> Result<()> {
-    let updated = direct!(&mut *conn, |c| {
+    let updated = direct!(&mut *conn, c => {
         Kept(
             diesel::update(
                 services::table
@@ -216,7 +216,7 @@ pub(crate) fn upsert_compute_node(
     let free_ram_mb = values.memory_mb - values.memory_mb_used;
     let free_disk_gb = values.local_gb - values.local_gb_used;
     let at = now();
-    let existing: Option<i64> = direct!(&mut *conn, |c| {
+    let existing: Option<i64> = direct!(&mut *conn, c => {
         compute_nodes::table
             .filter(compute_nodes::deleted.eq(0))
             .filter(compute_nodes::host.eq(&values.host))
@@ -226,7 +226,7 @@ pub(crate) fn upsert_compute_node(
             .optional()
     })?;
     match existing {
-        Some(id) => direct!(&mut *conn, |c| {
+        Some(id) => direct!(&mut *conn, c => {
             Kept(
                 diesel::update(compute_nodes::table.find(id))
                     .set((
