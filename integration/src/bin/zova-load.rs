@@ -280,7 +280,11 @@ impl Client {
             .header("openstack-api-version", "compute 2.47")
             .body(Full::new(Bytes::from(raw)))
             .map_err(|e| failed(&e))?;
-        let response = self.http.request(request).await.map_err(|e| failed(&e))?;
+        let response = self
+            .http
+            .request(request)
+            .await
+            .map_err(|e| failed(&with_causes(&e)))?;
         let status = response.status();
         let headers = response.headers().clone();
         let raw = response
@@ -331,6 +335,18 @@ impl Client {
             }
         }
     }
+}
+
+/// An error with its causes: hyper-util's own message is only "client error (Connect)".
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 /// One host's capacity under its allocation ratios, and what its live servers hold.
