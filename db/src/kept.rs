@@ -74,6 +74,19 @@ mod tests {
     #[derive(Clone, Default)]
     struct KeptStatements(Arc<Mutex<Vec<String>>>);
 
+    impl KeptStatements {
+        /// The UPDATEs among them, in the order they were kept.
+        fn updates(&self) -> Vec<String> {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|sql| sql.starts_with("UPDATE"))
+                .cloned()
+                .collect()
+        }
+    }
+
     impl Instrumentation for KeptStatements {
         fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
             if let InstrumentationEvent::CacheQuery { sql, .. } = event {
@@ -130,14 +143,7 @@ mod tests {
             assert_eq!(updated.vm_state, vm_state);
             assert_eq!(updated.task_state, None);
         }
-        let updates: Vec<String> = kept
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|sql| sql.starts_with("UPDATE"))
-            .cloned()
-            .collect();
+        let updates = kept.updates();
         assert_eq!(updates.len(), 2, "one kept statement per form: {updates:?}");
         // What each one sets (RETURNING names every column).
         let sets = |sql: &str| {
@@ -174,14 +180,7 @@ mod tests {
         destroy(&mut conn, "b").unwrap();
         // Nothing left to change: the count is 0, which destroy reports as not found.
         assert!(destroy(&mut conn, "a").is_err());
-        let updates: Vec<String> = kept
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|sql| sql.starts_with("UPDATE"))
-            .cloned()
-            .collect();
+        let updates = kept.updates();
         // A statement that is not cached is prepared afresh each time and never reported. The
         // instance's update and the release of its fixed IP: each prepared once, then kept.
         let kept_once = |table: &str| {

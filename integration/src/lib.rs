@@ -797,6 +797,13 @@ pub async fn http_request(
         .send_request(request)
         .await
         .map_err(|e| FabricError::Http(e.to_string()))?;
+    read_response(response).await
+}
+
+/// A response read whole, its body parsed as JSON where it is JSON.
+pub async fn read_response(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<HttpResponse, FabricError> {
     let status = response.status();
     let headers = response.headers().clone();
     let raw = response

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -31,7 +31,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use integration::{http_request, percentile, HttpResponse, IMAGE};
+use integration::{http_request, percentile, read_response, HttpResponse, IMAGE};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -285,21 +285,7 @@ impl Client {
             .request(request)
             .await
             .map_err(|e| failed(&with_causes(&e)))?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let raw = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| failed(&e))?
-            .to_bytes();
-        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        Ok(HttpResponse {
-            status,
-            headers,
-            body,
-            raw,
-        })
+        read_response(response).await.map_err(|e| failed(&e))
     }
 
     /// Every page of a server listing (`query` without limit and marker).
