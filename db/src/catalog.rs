@@ -35,6 +35,18 @@ pub(crate) fn flavor_row_id(conn: &mut AnyConnection, flavorid: &str) -> Result<
     })
 }
 
+/// The live image with this uuid, on the caller's connection.
+pub(crate) fn live_image(conn: &mut AnyConnection, uuid: &str) -> QueryResult<Option<Image>> {
+    direct!(conn, c => {
+        images::table
+            .filter(images::deleted.eq(0))
+            .filter(images::uuid.eq(uuid))
+            .select(Image::as_select())
+            .first(c)
+            .optional()
+    })
+}
+
 impl Db {
     /// The enabled flavors, smallest memory first (ties by flavorid).
     pub fn flavors(&self) -> Result<Vec<Flavor>> {
@@ -156,14 +168,7 @@ impl Db {
     /// The live image with this uuid.
     pub fn image_get(&self, uuid: &str) -> Result<Option<Image>> {
         let mut conn = self.conn()?;
-        Ok(direct!(&mut *conn, c => {
-            images::table
-                .filter(images::deleted.eq(0))
-                .filter(images::uuid.eq(uuid))
-                .select(Image::as_select())
-                .first(c)
-                .optional()
-        })?)
+        Ok(live_image(&mut conn, uuid)?)
     }
 
     /// The oldest live image with this name (names need not be unique, as in Glance).

@@ -3,10 +3,11 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
+use crate::catalog::live_image;
 use crate::kept::Kept;
 use crate::networks::release_fixed_ip;
 use crate::placement::{allocation_node, release_allocation};
-use crate::schema::{images, instance_actions, instance_faults, instances};
+use crate::schema::{instance_actions, instance_faults, instances};
 use crate::{
     check_json_object, now, Db, DbError, Image, Instance, InstanceAction, InstanceChanges,
     InstanceFault, NewFault, NewInstance, Result,
@@ -22,6 +23,18 @@ pub enum ExpectedTask<'a> {
     None,
     /// Exactly this one.
     Is(&'a str),
+}
+
+/// The live instance with this uuid, on the caller's connection.
+fn live_instance(conn: &mut AnyConnection, uuid: &str) -> QueryResult<Option<Instance>> {
+    direct!(conn, c => {
+        instances::table
+            .filter(instances::deleted.eq(0))
+            .filter(instances::uuid.eq(uuid))
+            .select(Instance::as_select())
+            .first(c)
+            .optional()
+    })
 }
 
 fn instance_not_found(uuid: &str) -> DbError {
@@ -94,39 +107,18 @@ impl Db {
     /// The live instance with this uuid.
     pub fn instance_get(&self, uuid: &str) -> Result<Option<Instance>> {
         let mut conn = self.conn()?;
-        Ok(direct!(&mut *conn, c => {
-            instances::table
-                .filter(instances::deleted.eq(0))
-                .filter(instances::uuid.eq(uuid))
-                .select(Instance::as_select())
-                .first(c)
-                .optional()
-        })?)
+        Ok(live_instance(&mut conn, uuid)?)
     }
 
     /// The live instance with this uuid and the live image it boots from (`None` for an image
     /// deleted since), on one connection: what a build's request spec is made of.
     pub fn instance_and_image(&self, uuid: &str) -> Result<Option<(Instance, Option<Image>)>> {
         let mut conn = self.conn()?;
-        let found = direct!(&mut *conn, c => {
-            let Some(instance) = instances::table
-                .filter(instances::deleted.eq(0))
-                .filter(instances::uuid.eq(uuid))
-                .select(Instance::as_select())
-                .first(c)
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            let image = images::table
-                .filter(images::deleted.eq(0))
-                .filter(images::uuid.eq(&instance.image_ref))
-                .select(Image::as_select())
-                .first(c)
-                .optional()?;
-            Some((instance, image))
-        });
-        Ok(found)
+        let Some(instance) = live_instance(&mut conn, uuid)? else {
+            return Ok(None);
+        };
+        let image = live_image(&mut conn, &instance.image_ref)?;
+        Ok(Some((instance, image)))
     }
 
     /// Live instances of one project (or of all projects for `None`), newest first.
