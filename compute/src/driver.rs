@@ -139,9 +139,11 @@ impl LibvirtDriver {
         })
     }
 
-    /// Defines the persistent domain described by `xml` and starts it. If it cannot start, a
-    /// definition this call made is removed again, so a failed boot leaves nothing behind.
-    pub fn define_and_start(&self, xml: &str) -> Result<(), DriverError> {
+    /// Defines the persistent domain described by `xml` and starts it, and returns its state
+    /// just after (a Nova `power_state` code), so a caller waiting for RUNNING usually need not
+    /// look again. If it cannot start, a definition this call made is removed again, so a
+    /// failed boot leaves nothing behind.
+    pub fn define_and_start(&self, xml: &str) -> Result<i32, DriverError> {
         let name = domain_name_in(xml).unwrap_or_else(|| "(no <name> in the XML)".to_owned());
         // A domain defined before this call (a retried build) is not ours to remove on failure.
         let existed = self.conn.lookup_domain_by_name(&name).is_ok();
@@ -162,25 +164,12 @@ impl LibvirtDriver {
             }
             return Err(DriverError::Start { name, reason });
         }
-        Ok(())
+        state_of(&domain, &name)
     }
 
     /// The domain's state as a Nova `power_state` code.
     pub fn power_state(&self, name: &str) -> Result<i32, DriverError> {
-        let domain = self.domain(name)?;
-        let (state, _reason) = domain.state().map_err(|e| {
-            if is_no_domain(&e) {
-                DriverError::NotFound {
-                    name: name.to_owned(),
-                }
-            } else {
-                DriverError::State {
-                    name: name.to_owned(),
-                    reason: e.message().to_owned(),
-                }
-            }
-        })?;
-        Ok(state.known().map_or(power_state::NOSTATE, nova_power_state))
+        state_of(&self.domain(name)?, name)
     }
 
     /// Asks the guest to shut down (the ACPI power button) and returns at once: the caller
@@ -401,6 +390,23 @@ fn nova_power_state(state: DomainState) -> i32 {
     }
 }
 
+/// The state of `domain` (named `name`) as a Nova `power_state` code.
+fn state_of(domain: &Domain, name: &str) -> Result<i32, DriverError> {
+    let (state, _reason) = domain.state().map_err(|e| {
+        if is_no_domain(&e) {
+            DriverError::NotFound {
+                name: name.to_owned(),
+            }
+        } else {
+            DriverError::State {
+                name: name.to_owned(),
+                reason: e.message().to_owned(),
+            }
+        }
+    })?;
+    Ok(state.known().map_or(power_state::NOSTATE, nova_power_state))
+}
+
 fn is_no_domain(e: &virt::error::Error) -> bool {
     e.code().is(ErrorNumber::NoDomain)
 }
@@ -506,9 +512,14 @@ mod tests {
     fn a_domain_boots_runs_and_is_deleted_twice() {
         let driver = driver();
         let spec = fresh_spec();
-        driver
+        let started = driver
             .define_and_start(&domain_xml(&spec).unwrap())
             .unwrap();
+        assert_eq!(
+            started,
+            power_state::RUNNING,
+            "the state just after the start"
+        );
 
         assert_eq!(
             driver.power_state(&spec.name).unwrap(),

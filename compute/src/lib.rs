@@ -1522,8 +1522,10 @@ impl Compute {
             .await??;
         }
         let driver = self.driver.clone();
-        blocking(move || driver.define_and_start(&xml)).await??;
-        self.wait_until_running(&name).await?;
+        let state = blocking(move || driver.define_and_start(&xml)).await??;
+        if state != power_state::RUNNING {
+            self.wait_until_running(&name).await?;
+        }
         let active = spawned(&uuid);
         match self.record(context, &active).await.map_err(vanished_or_rpc) {
             Ok(()) => Ok(()),
