@@ -100,7 +100,10 @@ pub struct RpcOptions {
     pub reconnect_ivl_max: Duration,
     /// ZMTP heartbeats: a ping this often, the connection dropped when nothing comes back within
     /// the timeout, and the peer told to drop it after the TTL (ZMQ_HEARTBEAT_*). They find a peer
-    /// whose host vanished without closing its TCP connections.
+    /// whose host vanished without closing its TCP connections. Every answer to a ping cancels a
+    /// timer, which libzmq finds by walking all the timers of its I/O thread: with a thousand
+    /// hosts, pings every 2 s were a third of a core of the idle fabric, so the default is 10 s
+    /// (dropped after 30 s, well within a service's `service_down_time` of 60 s).
     pub heartbeat_ivl: Duration,
     pub heartbeat_timeout: Duration,
     pub heartbeat_ttl: Duration,
@@ -124,9 +127,9 @@ impl Default for RpcOptions {
             rcvhwm: 10_000,
             reconnect_ivl: Duration::from_millis(100),
             reconnect_ivl_max: Duration::from_secs(5),
-            heartbeat_ivl: Duration::from_secs(2),
-            heartbeat_timeout: Duration::from_secs(6),
-            heartbeat_ttl: Duration::from_secs(6),
+            heartbeat_ivl: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(30),
+            heartbeat_ttl: Duration::from_secs(30),
             max_message_bytes: 16 * 1024 * 1024,
             max_in_flight_per_peer: 10_000,
             curve: None,
