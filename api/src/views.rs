@@ -38,6 +38,12 @@ fn time(t: chrono::NaiveDateTime) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// The `OS-SRV-USG` times as Nova prints them: microseconds and no zone
+/// (`2017-05-25T03:40:25.066078`), where `created` and `updated` stop at the second.
+fn usage_time(t: chrono::NaiveDateTime) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+}
+
 fn links(base: &str, kind: &str, id: &str) -> Value {
     json!([
         {"rel": "self", "href": format!("{base}/v2.1/{kind}/{id}")},
@@ -122,8 +128,8 @@ pub fn server_detail(
         "OS-EXT-STS:vm_state": instance.vm_state,
         "OS-EXT-STS:task_state": instance.task_state,
         "OS-EXT-STS:power_state": instance.power_state,
-        "OS-SRV-USG:launched_at": instance.launched_at.map(time),
-        "OS-SRV-USG:terminated_at": instance.terminated_at.map(time),
+        "OS-SRV-USG:launched_at": instance.launched_at.map(usage_time),
+        "OS-SRV-USG:terminated_at": instance.terminated_at.map(usage_time),
         "os-extended-volumes:volumes_attached": [],
         "security_groups": [{"name": "default"}],
     });
@@ -286,4 +292,22 @@ pub fn time_or_null(t: Option<chrono::NaiveDateTime>) -> Value {
 
 pub fn iso_time(t: chrono::NaiveDateTime) -> String {
     time(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_times_keep_microseconds_as_nova_prints_them() {
+        let t = chrono::NaiveDate::from_ymd_opt(2017, 5, 25)
+            .and_then(|d| d.and_hms_micro_opt(3, 40, 25, 66_078))
+            .expect("a valid time");
+        assert_eq!(usage_time(t), "2017-05-25T03:40:25.066078");
+        assert_eq!(time(t), "2017-05-25T03:40:25Z");
+        let whole = chrono::NaiveDate::from_ymd_opt(2017, 5, 25)
+            .and_then(|d| d.and_hms_opt(3, 40, 25))
+            .expect("a valid time");
+        assert_eq!(usage_time(whole), "2017-05-25T03:40:25.000000");
+    }
 }
