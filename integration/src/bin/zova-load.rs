@@ -11,9 +11,13 @@
 //! `OS_PROJECT_NAME` (and the `*_DOMAIN_NAME` variables, "Default" when unset). The limits check
 //! reads `GET /os-hypervisors/detail`, so the user should be an admin.
 //!
-//! Latency is from sending `POST /servers` to the first poll that no longer finds the server in
-//! BUILD, so it is late by up to one poll interval (`--poll-ms`, 50 ms): the poll lists only the
-//! servers still in BUILD, which keeps it cheap for the API while thousands are in flight.
+//! Latency is from sending `POST /servers` to the moment the server became ACTIVE: its
+//! `OS-SRV-USG:launched_at`, which the conductor stamps when it records ACTIVE. A poll (every
+//! `--poll-ms`, 50 ms, listing only the servers still in BUILD, which keeps it cheap for the API
+//! while thousands are in flight) notes when each server leaves BUILD; that moment, late by up
+//! to one poll interval, stands in for a server in ERROR, and for one whose `launched_at` does
+//! not fall between its POST and that poll (the fabric's clock is not this machine's).
+//! `active_per_s` counts until the last server became ACTIVE or ERROR by the same moments.
 //! Progress goes to stderr; the last line of stdout is one JSON object.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -441,6 +445,7 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
     // Creates, and a poller beside them that notes when each leaves BUILD.
     let accepted = Arc::new(Mutex::new(Accepted::default()));
     let started = Instant::now();
+    let started_wall = std::time::SystemTime::now();
     let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut creators = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
@@ -537,9 +542,9 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
         }
         tokio::time::sleep(Duration::from_millis(args.poll_ms)).await;
     }
-    let settled_after = started.elapsed();
+    let polled_until = started.elapsed();
     let accepted = std::mem::take(&mut *accepted.lock().unwrap_or_else(|p| p.into_inner()));
-    let creates_took = creates_done.unwrap_or(settled_after);
+    let creates_took = creates_done.unwrap_or(polled_until);
 
     // Where each one ended, and the hosts' books with everything that lives on them.
     let ours: HashMap<String, Value> = client
@@ -550,18 +555,36 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
         .collect();
     let mut latencies = Vec::new();
     let (mut active, mut error, mut other) = (0u64, 0u64, 0u64);
+    let (mut from_launched_at, mut from_poll) = (0u64, 0u64);
+    let mut last_settled: Option<Instant> = None;
     let mut errors_by_fault: BTreeMap<String, u64> = BTreeMap::new();
     for id in &accepted.order {
         let server = ours.get(id);
+        let (sent, seen) = (accepted.sent.get(id).copied(), left_build.get(id).copied());
         match server.and_then(|s| s["status"].as_str()) {
             Some("ACTIVE") => {
                 active += 1;
-                if let (Some(left), Some(sent)) = (left_build.get(id), accepted.sent.get(id)) {
-                    latencies.push(left.duration_since(*sent));
+                let launched = server.and_then(|s| launched_moment(s, started, started_wall));
+                let became_active = match (sent, launched, seen) {
+                    (Some(sent), Some(launched), Some(seen))
+                        if sent <= launched && launched <= seen =>
+                    {
+                        from_launched_at += 1;
+                        Some(launched)
+                    }
+                    _ => {
+                        from_poll += 1;
+                        seen
+                    }
+                };
+                if let (Some(sent), Some(at)) = (sent, became_active) {
+                    latencies.push(at.duration_since(sent));
                 }
+                last_settled = last_settled.max(became_active);
             }
             Some("ERROR") => {
                 error += 1;
+                last_settled = last_settled.max(seen);
                 let message = server
                     .and_then(|s| s["fault"]["message"].as_str())
                     .unwrap_or("(no fault)");
@@ -571,6 +594,11 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
         }
     }
     latencies.sort();
+    // A server still in BUILD at the deadline holds the clock until then.
+    let settled_after = match last_settled {
+        Some(at) if other == 0 => at.duration_since(started),
+        _ => polled_until,
+    };
     let hypervisors = client
         .call(Method::GET, "/os-hypervisors/detail", None)
         .await?;
@@ -648,6 +676,7 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
         "p90_ms": millis(percentile(&latencies, 0.90)),
         "p99_ms": millis(percentile(&latencies, 0.99)),
         "max_ms": millis(percentile(&latencies, 1.0)),
+        "latency_from": {"launched_at": from_launched_at, "poll": from_poll},
         "errors_by_fault": errors_by_fault,
         "http_errors": accepted.refused,
         "overcommitted_hosts": overcommitted.len(),
@@ -658,6 +687,20 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
         "concurrency": args.concurrency,
     });
     Ok((report, ok))
+}
+
+/// When `server` became ACTIVE by its `OS-SRV-USG:launched_at` (UTC, as Nova prints it), on
+/// this run's clock: `started` is `started_wall` on the wall clock.
+fn launched_moment(
+    server: &Value,
+    started: Instant,
+    started_wall: std::time::SystemTime,
+) -> Option<Instant> {
+    let text = server["OS-SRV-USG:launched_at"].as_str()?;
+    let launched = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok()?;
+    let micros = u64::try_from(launched.and_utc().timestamp_micros()).ok()?;
+    let wall = std::time::UNIX_EPOCH + Duration::from_micros(micros);
+    Some(started + wall.duration_since(started_wall).ok()?)
 }
 
 // mimalloc: glibc's malloc was a fifth of a busy service's CPU.
@@ -785,5 +828,35 @@ mod tests {
             fault_kind("new_run_instance to tcp://10.0.0.7:5571 was not answered"),
             "new_run_instance to was not answered"
         );
+    }
+
+    #[test]
+    fn launched_at_is_placed_on_the_runs_clock() {
+        let (started, started_wall) = (Instant::now(), std::time::SystemTime::now());
+        let later =
+            chrono::DateTime::<chrono::Utc>::from(started_wall + Duration::from_millis(1500));
+        let server =
+            json!({"OS-SRV-USG:launched_at": later.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()});
+        let at = launched_moment(&server, started, started_wall).expect("a moment");
+        let off = at
+            .duration_since(started)
+            .abs_diff(Duration::from_millis(1500));
+        assert!(off <= Duration::from_micros(1), "{off:?}");
+
+        let earlier = chrono::DateTime::<chrono::Utc>::from(started_wall - Duration::from_secs(5));
+        let before =
+            json!({"OS-SRV-USG:launched_at": earlier.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()});
+        assert_eq!(launched_moment(&before, started, started_wall), None);
+        for server in [
+            json!({}),
+            json!({"OS-SRV-USG:launched_at": null}),
+            json!({"OS-SRV-USG:launched_at": "soon"}),
+        ] {
+            assert_eq!(
+                launched_moment(&server, started, started_wall),
+                None,
+                "{server}"
+            );
+        }
     }
 }
