@@ -396,7 +396,7 @@ mod tests {
         assert!(known.len() >= 6, "{known:?}");
         assert_eq!(
             known.last().unwrap().name.as_deref(),
-            Some("2025-06-01-000000_networks")
+            Some("2026-12-03-000000_instances_usage_index")
         );
         {
             use diesel_migrations::MigrationHarness;
