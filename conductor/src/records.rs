@@ -52,6 +52,17 @@ impl Owned {
         Owned::StartSpawning { update, changes }
     }
 
+    /// Moves a launch stamp (`launched_at`) to `now`, as the record's group starts writing:
+    /// a reader finds the instance ACTIVE within that group's turn at the database after its
+    /// `launched_at`, not after a wait in the conductor's queue as well.
+    fn stamp_launch(&mut self, now: chrono::NaiveDateTime) {
+        if let Owned::Instance { changes, .. } | Owned::StartSpawning { changes, .. } = self {
+            if let Some(Some(launched_at)) = &mut changes.launched_at {
+                *launched_at = now;
+            }
+        }
+    }
+
     pub(crate) fn record(&self) -> Record<'_> {
         match self {
             Owned::Instance {
@@ -149,7 +160,11 @@ impl Records {
     }
 }
 
-fn write_group(db: &Db, group: Vec<(Owned, Answer)>) {
+fn write_group(db: &Db, mut group: Vec<(Owned, Answer)>) {
+    let now = chrono::Utc::now().naive_utc();
+    for (owned, _) in &mut group {
+        owned.stamp_launch(now);
+    }
     let records: Vec<Record<'_>> = group.iter().map(|(owned, _)| owned.record()).collect();
     match db.record_together(&records) {
         Ok(outcomes) => {
@@ -164,5 +179,36 @@ fn write_group(db: &Db, group: Vec<(Owned, Answer)>) {
                 let _ = answer.send(db.record(&owned.record()).map_err(remote));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes_of(owned: &Owned) -> &InstanceChanges {
+        match owned {
+            Owned::Instance { changes, .. } | Owned::StartSpawning { changes, .. } => changes,
+            _ => panic!("not an instance record"),
+        }
+    }
+
+    #[test]
+    fn a_launch_is_stamped_when_its_group_writes_and_nothing_else_is() {
+        let later = chrono::Utc::now().naive_utc() + chrono::Duration::seconds(5);
+        let mut launched = Owned::instance(InstanceUpdate {
+            uuid: "u".into(),
+            launched: true,
+            ..Default::default()
+        });
+        launched.stamp_launch(later);
+        assert_eq!(changes_of(&launched).launched_at, Some(Some(later)));
+
+        let mut other = Owned::instance(InstanceUpdate {
+            uuid: "u".into(),
+            ..Default::default()
+        });
+        other.stamp_launch(later);
+        assert_eq!(changes_of(&other).launched_at, None);
     }
 }
