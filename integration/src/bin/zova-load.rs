@@ -12,12 +12,15 @@
 //! reads `GET /os-hypervisors/detail`, so the user should be an admin.
 //!
 //! Latency is from sending `POST /servers` to the moment the server became ACTIVE: its
-//! `OS-SRV-USG:launched_at`, which the conductor stamps when it records ACTIVE. A poll (every
-//! `--poll-ms`, 50 ms, listing only the servers still in BUILD, which keeps it cheap for the API
-//! while thousands are in flight) notes when each server leaves BUILD; that moment, late by up
-//! to one poll interval, stands in for a server in ERROR, and for one whose `launched_at` does
-//! not fall between its POST and that poll (the fabric's clock is not this machine's).
-//! `active_per_s` counts until the last server became ACTIVE or ERROR by the same moments.
+//! `OS-SRV-USG:launched_at`, which the conductor stamps as the group of records carrying the
+//! ACTIVE starts its write (the commit follows within that group's turn at the database). A poll
+//! (every `--poll-ms`, 50 ms, listing only the servers still in BUILD, which keeps it cheap for
+//! the API while thousands are in flight) notes when each server leaves BUILD; that moment, late
+//! by up to one poll interval and the list it sends, ends the latency of a server whose
+//! `launched_at` does not fall between its POST and that poll (the fabric's clock is not this
+//! machine's), and marks when a server in ERROR ended. `active_per_s` counts until the last
+//! server became ACTIVE or ERROR by those moments, so it runs a few percent above a rate
+//! counted to the last poll.
 //! Progress goes to stderr; the last line of stdout is one JSON object.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -553,6 +556,9 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
         .into_iter()
         .filter_map(|s| s["id"].as_str().map(|id| (id.to_string(), s.clone())))
         .collect();
+    // A server that left BUILD only after the polls stopped (at the deadline) was seen doing so
+    // by this list.
+    let listed = Instant::now();
     let mut latencies = Vec::new();
     let (mut active, mut error, mut other) = (0u64, 0u64, 0u64);
     let (mut from_launched_at, mut from_poll) = (0u64, 0u64);
@@ -560,31 +566,28 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
     let mut errors_by_fault: BTreeMap<String, u64> = BTreeMap::new();
     for id in &accepted.order {
         let server = ours.get(id);
-        let (sent, seen) = (accepted.sent.get(id).copied(), left_build.get(id).copied());
+        let sent = accepted.sent.get(id).copied().unwrap_or(started);
+        let seen = left_build.get(id).copied().unwrap_or(listed);
         match server.and_then(|s| s["status"].as_str()) {
             Some("ACTIVE") => {
                 active += 1;
                 let launched = server.and_then(|s| launched_moment(s, started, started_wall));
-                let became_active = match (sent, launched, seen) {
-                    (Some(sent), Some(launched), Some(seen))
-                        if sent <= launched && launched <= seen =>
-                    {
+                let became_active = match launched {
+                    Some(launched) if sent <= launched && launched <= seen => {
                         from_launched_at += 1;
-                        Some(launched)
+                        launched
                     }
                     _ => {
                         from_poll += 1;
                         seen
                     }
                 };
-                if let (Some(sent), Some(at)) = (sent, became_active) {
-                    latencies.push(at.duration_since(sent));
-                }
-                last_settled = last_settled.max(became_active);
+                latencies.push(became_active.duration_since(sent));
+                last_settled = last_settled.max(Some(became_active));
             }
             Some("ERROR") => {
                 error += 1;
-                last_settled = last_settled.max(seen);
+                last_settled = last_settled.max(Some(seen));
                 let message = server
                     .and_then(|s| s["fault"]["message"].as_str())
                     .unwrap_or("(no fault)");
