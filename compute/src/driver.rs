@@ -140,9 +140,9 @@ impl LibvirtDriver {
     }
 
     /// Defines the persistent domain described by `xml` and starts it, and returns its state
-    /// just after (a Nova `power_state` code), so a caller waiting for RUNNING usually need not
-    /// look again. If it cannot start, a definition this call made is removed again, so a
-    /// failed boot leaves nothing behind.
+    /// just after (a Nova `power_state` code; NOSTATE when it cannot be read), so a caller
+    /// waiting for RUNNING usually need not look again. If it cannot start, a definition this
+    /// call made is removed again, so a failed boot leaves nothing behind.
     pub fn define_and_start(&self, xml: &str) -> Result<i32, DriverError> {
         let name = domain_name_in(xml).unwrap_or_else(|| "(no <name> in the XML)".to_owned());
         // A domain defined before this call (a retried build) is not ours to remove on failure.
@@ -164,7 +164,9 @@ impl LibvirtDriver {
             }
             return Err(DriverError::Start { name, reason });
         }
-        state_of(&domain, &name)
+        // The guest started: a state that cannot be read now is for the caller's wait to find,
+        // not a failed boot.
+        Ok(state_of(&domain, &name).unwrap_or(power_state::NOSTATE))
     }
 
     /// The domain's state as a Nova `power_state` code.
