@@ -6,7 +6,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    proto::service::disable_transparent_huge_pages();
     let config = compute::Args::parse().into_config();
     proto::service::run_binary(compute::BINARY, config, |c| c.log.clone(), compute::start).await
 }
