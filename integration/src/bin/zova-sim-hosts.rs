@@ -70,6 +70,17 @@ const SHARED_TEST_HYPERVISOR: &str = "test:///default";
 /// directory is created) and returns the URI that opens a hypervisor of its own on it.
 fn own_test_hypervisor(file: &Path, vcpus: i64, memory_mb: i64) -> std::io::Result<String> {
     let file = std::path::absolute(file)?;
+    // The path goes into a URI as it is: refuse what libvirt would read as something else.
+    let fits = file
+        .to_str()
+        .is_some_and(|path| !path.contains([' ', '%', '#', '?']));
+    if !fits {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a test hypervisor's file must have a UTF-8 path without spaces, %, # or ?, \
+             since it goes into a test:// URI",
+        ));
+    }
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -195,6 +206,12 @@ mod tests {
         assert_eq!((info.vcpus, info.memory_mb), (4, 8192));
         let info = big.node_info().expect("node info");
         assert_eq!((info.vcpus, info.memory_mb), (16, 32768));
+
+        let spaced = own_test_hypervisor(&dir.path().join("a b/node-3.hypervisor.xml"), 4, 8192);
+        assert_eq!(
+            spaced.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::InvalidInput)
+        );
 
         small
             .define_and_start(&domain("instance-00000001"))
