@@ -389,6 +389,9 @@ struct Compute {
     report_wanted: AtomicBool,
     report_asked: tokio::sync::Notify,
     report_sender: tokio::sync::Mutex<()>,
+    /// A claim's report is waiting out `CLAIM_REPORT_DELAY`; the loop is asked to time it.
+    claim_report_pending: AtomicBool,
+    claim_report_asked: tokio::sync::Notify,
     /// One power-state sync at a time: a slow one is not joined by the next.
     sync_lock: tokio::sync::Mutex<()>,
     instance_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -483,6 +486,8 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         report_wanted: AtomicBool::new(false),
         report_asked: tokio::sync::Notify::new(),
         report_sender: tokio::sync::Mutex::new(()),
+        claim_report_pending: AtomicBool::new(false),
+        claim_report_asked: tokio::sync::Notify::new(),
         sync_lock: tokio::sync::Mutex::new(()),
         instance_locks: Mutex::new(HashMap::new()),
         metrics,
@@ -529,6 +534,10 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
                     _ = compute.report_asked.notified() => {
                         let compute = compute.clone();
                         tasks.spawn(async move { compute.send_wanted_reports().await });
+                    }
+                    _ = compute.claim_report_asked.notified() => {
+                        let (compute, stop) = (compute.clone(), stop_rx.clone());
+                        tasks.spawn(async move { compute.report_claims_later(stop).await });
                     }
                     _ = next_tick(&mut sync) => {
                         let compute = compute.clone();
@@ -633,6 +642,9 @@ fn disk_gb_of(path: &Path) -> i64 {
 
 /// Retries of a state record before the compute gives up on the conductor.
 const RECORD_ATTEMPTS: u32 = 5;
+
+/// How long the report of a claim waits for the claims after it (see `report_claim`).
+const CLAIM_REPORT_DELAY: Duration = Duration::from_secs(1);
 
 impl Compute {
     fn context(&self) -> RequestContext {
@@ -1202,6 +1214,28 @@ impl Compute {
         self.report_asked.notify_one();
     }
 
+    /// Asks for a report of the claims made in the next `CLAIM_REPORT_DELAY`, together. The
+    /// scheduler does not wait for it (a placement counts from its allocation); it is the
+    /// hypervisor's figures (`os-hypervisors`) it brings up to date. Reported one by one, a
+    /// burst of builds on a host cost the conductor a write per claim.
+    fn report_claim(&self) {
+        // Wanted at once, so a report sent meanwhile (a delete, the timer, the stop) carries it.
+        self.report_wanted.store(true, Ordering::SeqCst);
+        if !self.claim_report_pending.swap(true, Ordering::SeqCst) {
+            self.claim_report_asked.notify_one();
+        }
+    }
+
+    /// At a stop, the stop's own last report carries the claims at once.
+    async fn report_claims_later(&self, mut stop: watch::Receiver<bool>) {
+        tokio::select! {
+            _ = tokio::time::sleep(CLAIM_REPORT_DELAY) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        self.claim_report_pending.store(false, Ordering::SeqCst);
+        self.report_resources();
+    }
+
     /// Sends the reports asked for, coalesced: a report asked for while another is on its way
     /// is left to the task sending that one, which sends one more with the ledger as it is
     /// then. So a burst of claims on a host costs two reports, not one per claim. A failure
@@ -1446,8 +1480,7 @@ impl Compute {
                 Usage::of(&resources),
                 &args.limits,
             )?;
-        // Report the claim at once so the next host-queue rebuild already counts it.
-        self.report_resources();
+        self.report_claim();
         let spawning = InstanceUpdate {
             uuid: uuid.clone(),
             state: Some(InstanceState {
