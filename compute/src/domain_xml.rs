@@ -148,20 +148,30 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String, XmlError> {
 /// The `<name>` of a domain XML document, if it has one; for error messages about XML that
 /// libvirt refused.
 pub fn domain_name_in(xml: &str) -> Option<String> {
+    top_level_text(xml, b"name")
+}
+
+/// The `<uuid>` of a domain XML document, if it has one.
+pub fn domain_uuid_in(xml: &str) -> Option<String> {
+    top_level_text(xml, b"uuid")
+}
+
+/// The text of the first `element` right under the document's root.
+fn top_level_text(xml: &str, element: &[u8]) -> Option<String> {
     let mut reader = Reader::from_str(xml);
     let mut depth = 0usize;
-    let mut in_name = false;
+    let mut in_element = false;
     loop {
         match reader.read_event().ok()? {
             Event::Start(start) => {
                 depth += 1;
-                in_name = depth == 2 && start.name().as_ref() == b"name";
+                in_element = depth == 2 && start.name().as_ref() == element;
             }
             Event::End(_) => {
                 depth = depth.saturating_sub(1);
-                in_name = false;
+                in_element = false;
             }
-            Event::Text(text) if in_name => {
+            Event::Text(text) if in_element => {
                 return text.unescape().ok().map(|name| name.trim().to_owned());
             }
             Event::Eof => return None,
@@ -790,6 +800,11 @@ mod tests {
         );
         assert_eq!(domain_name_in("<domain><uuid>u</uuid></domain>"), None);
         assert_eq!(domain_name_in("<domain><name>"), None);
+        assert_eq!(
+            domain_uuid_in("<domain><name>a</name><uuid> u </uuid></domain>"),
+            Some("u".into())
+        );
+        assert_eq!(domain_uuid_in("<domain><name>a</name></domain>"), None);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
 
-use crate::domain_xml::{domain_name_in, domain_xml, DiskCache, DomainSpec, InstanceMetadata};
+use crate::domain_xml::{
+    domain_name_in, domain_uuid_in, domain_xml, DiskCache, DomainSpec, InstanceMetadata,
+};
 
 /// The node's size as libvirt reports it (before allocation ratios).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,9 +148,17 @@ impl LibvirtDriver {
     /// parses it again), a quarter of a boot's libvirt time on the test hypervisor, while
     /// defining a running one only parses the XML. If the definition fails, the guest this call
     /// started is stopped again, so a failed boot leaves nothing behind; a definition made
-    /// before the call (a retried build) stays as it was.
+    /// before the call (a retried build) stays as it was. The XML must carry the domain's
+    /// `<uuid>` (Zova's is the instance's): without one, the start and the definition would each
+    /// make up a different one.
     pub fn define_and_start(&self, xml: &str) -> Result<i32, DriverError> {
         let name = domain_name_in(xml).unwrap_or_else(|| "(no <name> in the XML)".to_owned());
+        if domain_uuid_in(xml).is_none() {
+            return Err(DriverError::Define {
+                name,
+                reason: "the domain XML has no <uuid>".into(),
+            });
+        }
         let domain = self.conn.create_domain_xml(xml, 0).map_err(|e| {
             let reason = e.message().to_owned();
             if refuses_the_xml(&e) {
@@ -689,6 +699,20 @@ mod tests {
 
         let err = driver.define_and_start("not xml at all").unwrap_err();
         assert!(matches!(err, DriverError::Define { .. }), "{err}");
+
+        // Valid to libvirt, but without a uuid of its own the domain would get two.
+        let name = instance_name(&uuid::Uuid::new_v4().to_string());
+        let err = driver
+            .define_and_start(&format!(
+                "<domain type='test'><name>{name}</name><memory>65536</memory>\
+                 <os><type>hvm</type></os></domain>"
+            ))
+            .unwrap_err();
+        assert!(
+            matches!(&err, DriverError::Define { reason, .. } if reason.contains("<uuid>")),
+            "{err}"
+        );
+        assert!(!is_defined(&driver, &name));
     }
 
     #[test]

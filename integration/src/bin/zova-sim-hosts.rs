@@ -187,9 +187,10 @@ mod tests {
     use compute::driver::LibvirtDriver;
 
     fn domain(name: &str) -> String {
+        let uuid = uuid::Uuid::new_v4();
         format!(
-            "<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory>\
-             <vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+            "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid>\
+             <memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>"
         )
     }
 
