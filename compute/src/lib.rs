@@ -1471,15 +1471,18 @@ impl Compute {
             task_state: Some(task_state::SPAWNING.into()),
             power_state: None,
         };
-        self.tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .claim(
+        {
+            let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            tracker.claim(
                 &self.config.host,
                 &uuid,
                 Usage::of(&resources),
                 &args.limits,
             )?;
+            // This host's own gauges move with the claim; the database's figures follow it
+            // (see `report_claim`).
+            self.observe_free(tracker.used(), tracker.instance_count() as i64);
+        }
         self.report_claim();
         let spawning = InstanceUpdate {
             uuid: uuid.clone(),
