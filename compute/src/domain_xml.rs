@@ -131,7 +131,7 @@ fn fnv1a_64(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The domain XML libvirt's `virDomainDefineXML` takes for `spec`.
+/// The domain XML for `spec`, as libvirt's `virDomainCreateXML` and `virDomainDefineXML` take it.
 pub fn domain_xml(spec: &DomainSpec) -> Result<String, XmlError> {
     validate(spec)?;
     let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);

@@ -186,6 +186,15 @@ impl LibvirtDriver {
         Ok(state_of(&domain, &name).unwrap_or(power_state::NOSTATE))
     }
 
+    /// Whether the domain has a definition of its own: a boot cut short between its start and
+    /// its definition leaves a transient one.
+    pub fn is_persistent(&self, name: &str) -> Result<bool, DriverError> {
+        let domain = self.domain(name)?;
+        domain
+            .is_persistent()
+            .map_err(|e| domain_error(name, &e, |name, reason| DriverError::State { name, reason }))
+    }
+
     /// The domain's state as a Nova `power_state` code.
     pub fn power_state(&self, name: &str) -> Result<i32, DriverError> {
         state_of(&self.domain(name)?, name)
@@ -435,7 +444,9 @@ fn refuses_the_xml(e: &virt::error::Error) -> bool {
     let code = e.code();
     code.is(ErrorNumber::XmlError)
         || code.is(ErrorNumber::XmlDetail)
+        || code.is(ErrorNumber::XmlInvalidSchema)
         || code.is(ErrorNumber::ConfigUnsupported)
+        || code.is(ErrorNumber::InvalidArg)
 }
 
 fn is_not_running(e: &virt::error::Error) -> bool {
@@ -692,10 +703,15 @@ mod tests {
     #[test]
     fn malformed_xml_is_a_define_error() {
         let driver = driver();
+        // Past the uuid check, refused by libvirt itself.
+        let uuid = uuid::Uuid::new_v4();
         let err = driver
-            .define_and_start("<domain type='test'><name>broken</name>")
+            .define_and_start(&format!(
+                "<domain type='test'><name>broken</name><uuid>{uuid}</uuid>"
+            ))
             .unwrap_err();
         assert!(matches!(err, DriverError::Define { .. }), "{err}");
+        assert!(!is_defined(&driver, "broken"));
 
         let err = driver.define_and_start("not xml at all").unwrap_err();
         assert!(matches!(err, DriverError::Define { .. }), "{err}");
@@ -727,6 +743,10 @@ mod tests {
         assert_eq!(
             driver.power_state(&spec.name).unwrap(),
             power_state::RUNNING
+        );
+        assert!(
+            driver.is_persistent(&spec.name).unwrap(),
+            "started and defined"
         );
         driver.destroy_and_undefine(&spec.name).unwrap();
     }

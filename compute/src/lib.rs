@@ -88,8 +88,9 @@ pub struct ComputeConfig {
     /// says otherwise).
     pub report_interval: f64,
     /// Seconds between resource reports (Nova's `update_resources_interval`); 0 reports with
-    /// every heartbeat. A build, delete or failed build reports at once in any case, so a
-    /// longer period only spares the conductor on a quiet host.
+    /// every heartbeat. A delete or failed build reports at once in any case and a build's
+    /// claim within a second (`CLAIM_REPORT_DELAY`), so a longer period only spares the
+    /// conductor on a quiet host.
     pub update_resources_interval: f64,
     /// Seconds a domain may take to reach RUNNING before the build (or a start or reboot)
     /// fails.
@@ -385,7 +386,8 @@ struct Compute {
     /// landed, so an older snapshot can never overwrite a newer one in the database.
     report_lock: tokio::sync::Mutex<()>,
     /// A resource report is wanted (a claim, a delete, the timer), the service's loop is asked
-    /// to send it, and who is sending them: see `report_resources`.
+    /// to send it (for a claim, only after `CLAIM_REPORT_DELAY`), and who is sending them: see
+    /// `report_resources` and `report_claim`.
     report_wanted: AtomicBool,
     report_asked: tokio::sync::Notify,
     report_sender: tokio::sync::Mutex<()>,
@@ -752,6 +754,14 @@ impl Compute {
         }
         let name = instance_name(&instance.uuid);
         if self.observed_power_state(&name).await != Some(power_state::RUNNING) {
+            return false;
+        }
+        // Started but cut short before its definition (see `define_and_start`): a transient
+        // domain would vanish at its first stop, so the build ends as an interrupted one.
+        if !matches!(
+            self.on_domain(&name, LibvirtDriver::is_persistent).await,
+            Ok(true)
+        ) {
             return false;
         }
         let active = spawned(&instance.uuid);
@@ -1238,7 +1248,8 @@ impl Compute {
 
     /// Sends the reports asked for, coalesced: a report asked for while another is on its way
     /// is left to the task sending that one, which sends one more with the ledger as it is
-    /// then. So a burst of claims on a host costs two reports, not one per claim. A failure
+    /// then. Claims wait for `CLAIM_REPORT_DELAY` first, so a burst of them on a host costs a
+    /// report a second, not one per claim. A failure
     /// is only worth a log line: the next periodic report carries the same numbers.
     async fn send_wanted_reports(&self) {
         let context = self.context();

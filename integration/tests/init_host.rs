@@ -1,5 +1,6 @@
 //! What a compute does with what it finds when it starts again (Nova's `init_host`): a build
-//! whose domain runs is resumed, a build without one goes to ERROR, a domain without an
+//! whose domain runs is resumed, a build without one (or with one started but never defined)
+//! goes to ERROR, a domain without an
 //! instance is reaped when the operator asked for it, and a domain of another host's instance
 //! is left alone.
 //!
@@ -19,7 +20,14 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// A running test-driver domain named as instance `uuid`'s.
 fn start_domain(driver: &LibvirtDriver, uuid: &str) {
-    let xml = domain_xml(&DomainSpec {
+    driver
+        .define_and_start(&xml_for(uuid))
+        .expect("domain starts");
+}
+
+/// The test-driver domain XML of instance `uuid`.
+fn xml_for(uuid: &str) -> String {
+    domain_xml(&DomainSpec {
         name: instance_name(uuid),
         uuid: uuid.into(),
         vcpus: 1,
@@ -34,8 +42,7 @@ fn start_domain(driver: &LibvirtDriver, uuid: &str) {
         console_log: None,
         metadata: InstanceMetadata::default(),
     })
-    .expect("xml");
-    driver.define_and_start(&xml).expect("domain starts");
+    .expect("xml")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,9 +60,11 @@ async fn a_restarted_compute_resumes_fails_reaps_and_leaves_alone_what_it_finds(
     // What a crash of node-1 leaves, and what others left on the same hypervisor.
     let new_uuid = || uuid::Uuid::new_v4().to_string();
     let (spawned, unstarted, orphan, elsewhere) = (new_uuid(), new_uuid(), new_uuid(), new_uuid());
+    let half_started = new_uuid();
     for (uuid, host) in [
         (&spawned, "node-1"),
         (&unstarted, "node-1"),
+        (&half_started, "node-1"),
         (&elsewhere, "node-9"),
     ] {
         fabric
@@ -75,6 +84,11 @@ async fn a_restarted_compute_resumes_fails_reaps_and_leaves_alone_what_it_finds(
     for uuid in [&spawned, &orphan, &elsewhere] {
         start_domain(&driver, uuid);
     }
+    // A crash between the start of a domain and its definition leaves it transient.
+    virt::connect::Connect::open(Some("test:///default"))
+        .expect("test hypervisor")
+        .create_domain_xml(&xml_for(&half_started), 0)
+        .expect("transient domain");
 
     restart(&mut fabric, &host).await;
 
@@ -90,10 +104,13 @@ async fn a_restarted_compute_resumes_fails_reaps_and_leaves_alone_what_it_finds(
     );
     assert!(resumed.launched_at.is_some());
     assert_eq!(row(&unstarted).vm_state, vm_state::ERROR);
+    // Resumed, it would vanish at its first stop.
+    assert_eq!(row(&half_started).vm_state, vm_state::ERROR);
     assert_eq!(row(&elsewhere).vm_state, vm_state::BUILDING);
 
     let domains = driver.domain_names().expect("domains");
     assert!(domains.contains(&instance_name(&spawned)));
+    assert!(!domains.contains(&instance_name(&half_started)));
     assert!(
         !domains.contains(&instance_name(&orphan)),
         "the orphan is reaped"
