@@ -266,6 +266,8 @@ struct Api {
     conductors: Peers,
     /// `POST /servers` rows, committed in groups.
     creates: creates::Creates,
+    /// The creates answered whose cast is still on its way.
+    casting: Arc<creates::Casting>,
     identity: identity::Identity,
     config: ApiConfig,
     quota: QuotaConfig,
@@ -339,6 +341,7 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
         rpc,
         conductors: Peers::new(conductors),
         creates: creates::Creates::start(db.clone()),
+        casting: Arc::default(),
         identity: identity::Identity::new(db.clone(), config.identity, log.clone()),
         config: config.api,
         quota: config.quota,
@@ -371,6 +374,15 @@ pub async fn start(config: Config, log: Logger) -> Result<ServiceHandle, ApiStar
                     }
                 },
             }
+        }
+        if tokio::time::timeout(proto::service::DRAIN_LIMIT, api.casting.drained())
+            .await
+            .is_err()
+        {
+            warn!(
+                api.log,
+                "stopped with build_instances casts still on their way"
+            );
         }
         api.rpc.shutdown();
     });

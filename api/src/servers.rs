@@ -326,7 +326,9 @@ impl Api {
         );
         let min_count = request.min_count;
         let (committed, answer) = oneshot::channel();
+        let casting = self.casting.start();
         tokio::spawn(async move {
+            let _casting = casting;
             let created = api.insert(&task_context, rows, min_count).await;
             let uuids = created.as_ref().ok().cloned();
             let _ = committed.send(created);
