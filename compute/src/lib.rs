@@ -764,7 +764,7 @@ impl Compute {
         ) {
             return false;
         }
-        let active = spawned(&instance.uuid);
+        let active = spawned(&instance.uuid, &self.config.host);
         match self.record(context, &active).await {
             Ok(()) => {
                 warn!(self.log, "build interrupted by a restart after its domain started; resumed as ACTIVE"; "instance" => &instance.uuid);
@@ -1495,20 +1495,26 @@ impl Compute {
             self.observe_free(tracker.used(), tracker.instance_count() as i64);
         }
         self.report_claim();
-        let spawning = InstanceUpdate {
-            uuid: uuid.clone(),
-            state: Some(InstanceState {
-                vm_state: vm_state::BUILDING.into(),
-                task_state: Some(task_state::SPAWNING.into()),
-                power_state: power_state::NOSTATE,
-            }),
-            host: Some(self.config.host.clone()),
-            node: Some(args.node.clone()),
-            expected_vm_state: Some(vm_state::BUILDING.into()),
-            ..Default::default()
+        // Before the disk, so an exhausted pool costs no copy of the image. A scheduler of 1.3
+        // took the address, and recorded the instance spawning here, in its claim.
+        let fixed_ip = match args.fixed_ip.clone() {
+            Some(fixed_ip) => fixed_ip,
+            None => {
+                let spawning = InstanceUpdate {
+                    uuid: uuid.clone(),
+                    state: Some(InstanceState {
+                        vm_state: vm_state::BUILDING.into(),
+                        task_state: Some(task_state::SPAWNING.into()),
+                        power_state: power_state::NOSTATE,
+                    }),
+                    host: Some(self.config.host.clone()),
+                    node: Some(args.node.clone()),
+                    expected_vm_state: Some(vm_state::BUILDING.into()),
+                    ..Default::default()
+                };
+                self.start_spawning(context, spawning).await?
+            }
         };
-        // Before the disk, so an exhausted pool costs no copy of the image.
-        let fixed_ip = self.start_spawning(context, spawning).await?;
         info!(log, "fixed IP allocated"; "instance" => &uuid, "address" => &fixed_ip.address, "mac" => &fixed_ip.mac, "network" => &fixed_ip.network);
         let name = instance_name(&uuid);
         let mut spec_xml = DomainSpec {
@@ -1573,7 +1579,7 @@ impl Compute {
         if state != power_state::RUNNING {
             self.wait_until_running(&name).await?;
         }
-        let active = spawned(&uuid);
+        let active = spawned(&uuid, &self.config.host);
         match self.record(context, &active).await.map_err(vanished_or_rpc) {
             Ok(()) => Ok(()),
             Err(e @ ComputeError::Vanished(_)) => Err(e),
@@ -1848,7 +1854,10 @@ impl Compute {
 
 /// The record of a build whose domain runs: ACTIVE and launched, only from `building` (a delete
 /// or an error recorded meanwhile wins).
-fn spawned(uuid: &str) -> InstanceUpdate {
+/// The record of a build that runs on `host`. Naming the host and node makes the conductor
+/// refuse it (`Conflict`) unless the instance is placed here: a copy of the build that a
+/// scheduler sent elsewhere after this host seemed not to take it must not end as ACTIVE.
+fn spawned(uuid: &str, host: &str) -> InstanceUpdate {
     InstanceUpdate {
         uuid: uuid.to_owned(),
         state: Some(InstanceState {
@@ -1856,6 +1865,8 @@ fn spawned(uuid: &str) -> InstanceUpdate {
             task_state: None,
             power_state: power_state::RUNNING,
         }),
+        host: Some(host.to_owned()),
+        node: Some(host.to_owned()),
         launched: true,
         expected_vm_state: Some(vm_state::BUILDING.into()),
         ..Default::default()

@@ -5,13 +5,18 @@
 //! node cannot both win: SQLite runs write transactions one at a time, and PostgreSQL
 //! re-checks the condition on the locked row. Each claim also writes the instance's allocation
 //! row in the same transaction, which is what a release gives back.
+//!
+//! A claim also starts the build: it records the host, takes the instance's fixed IP and sets
+//! it `spawning`, so the compute that gets the build has nothing to write before it reports
+//! the instance ACTIVE.
 
 use diesel::prelude::*;
 
 use crate::kept::Kept;
+use crate::networks::{take_fixed_ip, FixedIp};
 use crate::schema::{allocations, compute_nodes, flavor_extra_specs, instances};
 use crate::AnyConnection;
-use crate::{now, Db, Result};
+use crate::{now, Db, DbError, Result};
 
 /// Resources placed on a node, or asked for by one instance: vCPUs, MB of RAM, MB of disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,13 +34,19 @@ pub struct AllocationClaim {
     pub node_id: i64,
     pub usage: Placed,
     pub limits: Placed,
+    /// The host an earlier claim of this scheduler placed the instance on, which did not take
+    /// the build: the instance, spawning there on paper only, may be placed again.
+    pub moving_from: Option<String>,
 }
 
 /// What became of a claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
-    /// The room is taken; an earlier allocation of the instance (a reschedule) was given back.
-    Claimed,
+    /// The room is taken, and an earlier allocation of the instance (a reschedule) was given
+    /// back. With the fixed IP the instance now holds, it is `spawning` on the node; `None`:
+    /// no address was free, the instance still waits (`scheduling`) and the compute's own
+    /// request for an address says why it fails.
+    Claimed(Option<FixedIp>),
     /// The request no longer fits: this is what is placed on the node now.
     NoRoom(Placed),
     /// The node row is gone.
@@ -45,10 +56,18 @@ pub enum ClaimOutcome {
     InstanceGone,
 }
 
+impl ClaimOutcome {
+    /// Whether the room was taken.
+    pub fn is_claimed(&self) -> bool {
+        matches!(self, ClaimOutcome::Claimed(_))
+    }
+}
+
 impl Db {
     /// Takes the room for one instance on one node if it still fits (see the module doc), and
-    /// records the node as the instance's host. Only an instance waiting for a host
-    /// (`building`/`scheduling`) can claim: once a compute has started to build it, a late
+    /// starts its build there: the node is the instance's host, its fixed IP is taken and its
+    /// task is `spawning`. Only an instance waiting for a host (`building`/`scheduling`, or
+    /// `spawning` on the claim's `moving_from`) can claim: once it is placed, a late
     /// re-placement finds it gone rather than building it twice. A request for zero vCPUs or
     /// RAM is not checked against that limit, as the host queue does not check it; disk is
     /// always checked.
@@ -201,16 +220,23 @@ impl Db {
 
 /// One claim, inside the caller's write transaction (see [`Db::allocation_claim`]).
 fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result<ClaimOutcome> {
-    let building: i64 = direct!(&mut *conn, c => {
+    let waiting: Option<(Option<String>, Option<String>)> = direct!(&mut *conn, c => {
         instances::table
             .filter(instances::uuid.eq(&claim.instance_uuid))
             .filter(instances::deleted.eq(0))
             .filter(instances::vm_state.eq("building"))
-            .filter(instances::task_state.eq("scheduling"))
-            .count()
-            .get_result(c)
+            .select((instances::task_state, instances::host))
+            .first(c)
+            .optional()
     })?;
-    if building == 0 {
+    let waiting = match &waiting {
+        Some((Some(task), _)) if task == "scheduling" => true,
+        Some((Some(task), Some(host))) if task == "spawning" => {
+            claim.moving_from.as_deref() == Some(host.as_str())
+        }
+        _ => false,
+    };
+    if !waiting {
         return Ok(ClaimOutcome::InstanceGone);
     }
 
@@ -272,6 +298,18 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
             .select((compute_nodes::host, compute_nodes::hypervisor_hostname))
             .first(c)
     })?;
+    let fixed_ip = match take_fixed_ip(conn, &claim.instance_uuid, None) {
+        Ok(ip) => Some(ip),
+        // Nothing was written; the build goes on without, as it went before claims took
+        // addresses, and ends where the compute asks for one.
+        Err(DbError::Exhausted(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let task_state = if fixed_ip.is_some() {
+        "spawning"
+    } else {
+        "scheduling"
+    };
     let at = now();
     direct!(&mut *conn, c => {
         Kept(
@@ -279,6 +317,7 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
                 .set((
                     instances::host.eq(&host),
                     instances::node.eq(&node),
+                    instances::task_state.eq(task_state),
                     instances::updated_at.eq(at),
                 ))
                 .returning(instances::id),
@@ -297,7 +336,7 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
             ))
             .execute(c)
     })?;
-    Ok(ClaimOutcome::Claimed)
+    Ok(ClaimOutcome::Claimed(fixed_ip))
 }
 
 /// Deletes an instance's allocation and takes it off its node's running totals, inside the
@@ -401,6 +440,7 @@ mod tests {
             node_id,
             usage: ONE,
             limits: LIMITS,
+            moving_from: None,
         }
     }
 
@@ -425,14 +465,14 @@ mod tests {
         for uuid in ["a", "b", "c"] {
             db.instance_create(&instance(uuid), "req-1").unwrap();
         }
-        assert_eq!(
-            db.allocation_claim(&claim("a", node_id)).unwrap(),
-            ClaimOutcome::Claimed
-        );
-        assert_eq!(
-            db.allocation_claim(&claim("b", node_id)).unwrap(),
-            ClaimOutcome::Claimed
-        );
+        assert!(db
+            .allocation_claim(&claim("a", node_id))
+            .unwrap()
+            .is_claimed());
+        assert!(db
+            .allocation_claim(&claim("b", node_id))
+            .unwrap()
+            .is_claimed());
         let two = Placed {
             vcpus: 2,
             memory_mb: 1024,
@@ -451,7 +491,7 @@ mod tests {
         assert_eq!(placed(&db, node_id), two);
 
         assert_eq!(
-            db.allocation_claim(&claim("a", 9999)).unwrap(),
+            db.allocation_claim(&claim("c", 9999)).unwrap(),
             ClaimOutcome::NodeGone
         );
         assert_eq!(
@@ -481,20 +521,75 @@ mod tests {
             memory_mb: 1024,
             disk_mb: 2048,
         };
-        assert_eq!(
-            outcomes,
-            [
-                ClaimOutcome::Claimed,
-                ClaimOutcome::InstanceGone,
-                ClaimOutcome::Claimed,
-                ClaimOutcome::NoRoom(two),
-                ClaimOutcome::NodeGone,
-            ]
+        // Each claim that took room took an address of its own.
+        assert!(
+            matches!(
+                &outcomes[..],
+                [
+                    ClaimOutcome::Claimed(Some(a)),
+                    ClaimOutcome::InstanceGone,
+                    ClaimOutcome::Claimed(Some(b)),
+                    ClaimOutcome::NoRoom(full),
+                    ClaimOutcome::NodeGone,
+                ] if a.address != b.address && *full == two
+            ),
+            "{outcomes:?}"
         );
         assert_eq!(placed(&db, node_id), two);
         assert_eq!(db.allocation_get("b").unwrap(), Some((node_id, ONE)));
         assert_eq!(db.allocation_get("c").unwrap(), None);
         assert_eq!(db.allocation_claims(&[]).unwrap(), []);
+    }
+
+    #[test]
+    fn a_claim_starts_the_build_with_an_address_or_leaves_it_waiting_without() {
+        let (_dir, db) = open_temp();
+        let node_1 = node(&db, "node-1", 4);
+        let node_2 = node(&db, "node-2", 4);
+        db.network_delete("private").unwrap();
+        // Room for one address.
+        db.network_create("tiny", "192.168.5.0/30", "192.168.5.1", None)
+            .unwrap();
+        for uuid in ["a", "b"] {
+            db.instance_create(&instance(uuid), "req-1").unwrap();
+        }
+        let task = |uuid: &str| db.instance_get(uuid).unwrap().unwrap().task_state;
+
+        let ClaimOutcome::Claimed(Some(ip)) = db.allocation_claim(&claim("a", node_1)).unwrap()
+        else {
+            panic!("the claim took no address");
+        };
+        assert_eq!(
+            (ip.address.as_str(), ip.network.as_str()),
+            ("192.168.5.2", "tiny")
+        );
+        assert_eq!(db.fixed_ips_of("a").unwrap(), [ip.clone()]);
+        assert_eq!(task("a").as_deref(), Some("spawning"));
+
+        // No address left: the room is taken, the instance still waits, nothing else changed.
+        assert_eq!(
+            db.allocation_claim(&claim("b", node_1)).unwrap(),
+            ClaimOutcome::Claimed(None)
+        );
+        assert_eq!(task("b").as_deref(), Some("scheduling"));
+        assert_eq!(db.fixed_ips_of("b").unwrap(), []);
+
+        // Spawning on node-1, "a" moves only for the scheduler that moves it from there, and
+        // keeps its address.
+        let mut moved = claim("a", node_2);
+        moved.moving_from = Some("node-2".into());
+        assert_eq!(
+            db.allocation_claim(&moved).unwrap(),
+            ClaimOutcome::InstanceGone
+        );
+        moved.moving_from = Some("node-1".into());
+        assert_eq!(
+            db.allocation_claim(&moved).unwrap(),
+            ClaimOutcome::Claimed(Some(ip))
+        );
+        let a = db.instance_get("a").unwrap().unwrap();
+        assert_eq!(a.host.as_deref(), Some("node-2"));
+        assert_eq!(placed(&db, node_1).vcpus, 1, "only b's room is left there");
     }
 
     #[test]
@@ -504,16 +599,15 @@ mod tests {
         let node_2 = node(&db, "node-2", 2);
         for uuid in ["a", "b"] {
             db.instance_create(&instance(uuid), "req-1").unwrap();
-            assert_eq!(
-                db.allocation_claim(&claim(uuid, node_1)).unwrap(),
-                ClaimOutcome::Claimed
-            );
+            assert!(db
+                .allocation_claim(&claim(uuid, node_1))
+                .unwrap()
+                .is_claimed());
         }
-        // A reschedule moves "a" to node-2 in one step.
-        assert_eq!(
-            db.allocation_claim(&claim("a", node_2)).unwrap(),
-            ClaimOutcome::Claimed
-        );
+        // A scheduler whose cast node-1 did not take moves "a" to node-2 in one step.
+        let mut moved = claim("a", node_2);
+        moved.moving_from = Some("node-1".into());
+        assert!(db.allocation_claim(&moved).unwrap().is_claimed());
         assert_eq!((placed(&db, node_1), placed(&db, node_2)), (ONE, ONE));
 
         db.instance_destroy("a").unwrap();
@@ -534,10 +628,10 @@ mod tests {
 
         // A compute reporting a failed build (an update to error) gives it back too.
         db.instance_create(&instance("c"), "req-1").unwrap();
-        assert_eq!(
-            db.allocation_claim(&claim("c", node_1)).unwrap(),
-            ClaimOutcome::Claimed
-        );
+        assert!(db
+            .allocation_claim(&claim("c", node_1))
+            .unwrap()
+            .is_claimed());
         db.instance_update(
             "c",
             &crate::InstanceChanges {
@@ -611,10 +705,10 @@ mod tests {
         let node_1 = node(&db, "node-1", 2);
         let node_2 = node(&db, "node-2", 2);
         db.instance_create(&instance("a"), "req-1").unwrap();
-        assert_eq!(
-            db.allocation_claim(&claim("a", node_1)).unwrap(),
-            ClaimOutcome::Claimed
-        );
+        assert!(db
+            .allocation_claim(&claim("a", node_1))
+            .unwrap()
+            .is_claimed());
         let placed = db.instance_get("a").unwrap().unwrap();
         assert_eq!(
             (placed.host.as_deref(), placed.node.as_deref()),
@@ -686,7 +780,7 @@ mod tests {
             ClaimOutcome::NoRoom(_)
         ));
         zero.usage.disk_mb = 0;
-        assert_eq!(db.allocation_claim(&zero).unwrap(), ClaimOutcome::Claimed);
+        assert!(db.allocation_claim(&zero).unwrap().is_claimed());
     }
 
     #[test]
@@ -709,7 +803,7 @@ mod tests {
                         for uuid in chunk {
                             let mut c = claim(uuid, node_id);
                             c.limits.vcpus = 8;
-                            if db.allocation_claim(&c).unwrap() == ClaimOutcome::Claimed {
+                            if db.allocation_claim(&c).unwrap().is_claimed() {
                                 won += 1;
                             }
                         }

@@ -92,6 +92,51 @@ pub fn building_row(uuid: &str) -> db::NewInstance {
     }
 }
 
+/// A client socket of its own, for tests that speak to one service as another would.
+pub fn client(log: &slog::Logger) -> proto::Rpc {
+    let (rpc, _) =
+        proto::Rpc::start(log.clone(), None, proto::RpcOptions::default()).expect("client socket");
+    rpc
+}
+
+/// An admin's request context, as the services pass it on.
+pub fn admin() -> proto::RequestContext {
+    proto::RequestContext {
+        request_id: proto::new_request_id(),
+        user_id: "test".into(),
+        project_id: "default".into(),
+        roles: vec!["admin".into()],
+        deadline_ms: None,
+    }
+}
+
+/// A request spec for an instance row the test inserted itself (see [`building_row`]).
+pub fn spec_for(uuid: &str, retry: proto::RetrySpec) -> proto::RequestSpec {
+    proto::RequestSpec {
+        instance_uuid: uuid.into(),
+        display_name: uuid.into(),
+        project_id: "default".into(),
+        flavor: proto::FlavorSpec {
+            flavorid: "1".into(),
+            name: "m1.tiny".into(),
+            vcpus: 1,
+            memory_mb: 512,
+            root_gb: 1,
+            ephemeral_gb: 0,
+            swap_mb: 0,
+            extra_specs: Default::default(),
+        },
+        image: proto::ImageSpec {
+            id: IMAGE.into(),
+            name: "cirros".into(),
+            disk_format: "qcow2".into(),
+            location: None,
+        },
+        hints: Default::default(),
+        retry,
+    }
+}
+
 /// The size of one pretend compute host.
 #[derive(Debug, Clone)]
 pub struct HostSpec {

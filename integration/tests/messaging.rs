@@ -1,13 +1,20 @@
 //! The messaging layer across real services: failover between schedulers and conductors when
-//! one stops, a compute of a newer minor protocol version with a conductor of the older one,
+//! one stops, a compute of a newer minor protocol version with a conductor and a scheduler of
+//! older ones,
 //! and (with keys) CURVE on every socket of a whole fabric.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration::{server_body, test_log, three_hosts, Fabric, FabricOptions, HostSpec};
-use proto::{ConductorApi, Method, ProtoError, RemoteError, Rpc, RpcOptions, StartSpawning};
+use integration::{
+    admin, building_row, client, server_body, spec_for, test_log, three_hosts, Fabric,
+    FabricOptions, HostSpec,
+};
+use proto::{
+    ComputeRunInstance, ConductorApi, Limits, Method, ProtoError, RemoteError, RetrySpec, Rpc,
+    RpcOptions, StartSpawning,
+};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
@@ -130,7 +137,7 @@ async fn pass_on(client: &Rpc, real: &str, request: proto::Incoming) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compute_of_protocol_1_1_builds_through_a_conductor_of_1_0() {
+async fn a_compute_builds_through_a_conductor_of_1_0_with_or_without_the_claims_address() {
     let mut fabric = Fabric::start_with(&[], FabricOptions::default(), test_log())
         .await
         .expect("fabric starts");
@@ -141,21 +148,65 @@ async fn a_compute_of_protocol_1_1_builds_through_a_conductor_of_1_0() {
         .await
         .expect("compute starts");
     fabric.wait_for_queue_rebuild().await;
-    for i in 0..3 {
-        let server = fabric
-            .boot(&server_body(&format!("mixed-{i}"), "1"), BUILD_LIMIT)
-            .await
-            .expect("built");
+    let built = |server: &serde_json::Value| {
         assert_eq!(server["status"], "ACTIVE", "{server}");
-        // The fixed IP came by the 1.0 path, after `start_spawning` was refused.
         assert_eq!(server["addresses"]["private"][0]["version"], 4, "{server}");
         assert_eq!(server["OS-EXT-SRV-ATTR:host"], "node-1", "{server}");
+    };
+    // Today's scheduler takes the address in its claim (1.3): the compute asks for nothing.
+    for i in 0..3 {
+        let server = fabric
+            .boot(&server_body(&format!("claimed-{i}"), "1"), BUILD_LIMIT)
+            .await
+            .expect("built");
+        built(&server);
+    }
+    assert_eq!(refused.load(Ordering::SeqCst), 0, "no start_spawning asked");
+
+    // A scheduler of 1.2 sends no address: the compute tries `start_spawning` (1.1), and
+    // after its refusal takes the address by the 1.0 path.
+    let rpc = client(&test_log());
+    let node_1 = fabric
+        .db
+        .service_get("node-1", "zova-compute")
+        .expect("service")
+        .expect("node-1 registered")
+        .rpc_endpoint;
+    for _ in 0..3 {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let mut row = building_row(&uuid);
+        row.task_state = Some("scheduling".into());
+        fabric.db.instance_create(&row, "req-test").expect("row");
+        let retry = RetrySpec {
+            num_attempts: 1,
+            hosts: vec!["node-1".into()],
+            last_error: None,
+        };
+        let build = ComputeRunInstance {
+            spec: spec_for(&uuid, retry),
+            node: "node-1".into(),
+            limits: Limits {
+                vcpu: 8.0,
+                memory_mb: 16_384.0,
+                disk_gb: 160.0,
+            },
+            fixed_ip: None,
+        };
+        rpc.cast(&node_1, &admin(), &build)
+            .await
+            .expect("node-1 takes the cast");
+        let server = fabric
+            .wait_until_built(&uuid, BUILD_LIMIT)
+            .await
+            .expect("built");
+        built(&server);
     }
     assert_eq!(
         refused.load(Ordering::SeqCst),
         3,
-        "each build tried 1.1 first"
+        "each build without an address tried 1.1 first"
     );
+    rpc.shutdown();
     fabric.stop().await;
 }
 

@@ -10,13 +10,10 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use integration::{
-    building_row, server_body, test_log, three_hosts, with_hints, Fabric, FabricOptions, HostSpec,
-    IMAGE,
+    admin, building_row, client, server_body, spec_for, test_log, three_hosts, with_hints, Fabric,
+    FabricOptions, HostSpec, IMAGE,
 };
-use proto::{
-    FlavorSpec, ImageSpec, QueueSummary, RebuildQueue, RequestContext, RequestSpec,
-    RescheduleInstance, RetrySpec, Rpc, RpcOptions,
-};
+use proto::{QueueSummary, RebuildQueue, RescheduleInstance, RetrySpec};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
@@ -79,21 +76,6 @@ fn check_placed_within_capacity(fabric: &Fabric) -> BTreeMap<String, i64> {
         by_host.insert(node.hypervisor_hostname.clone(), node.placed_vcpus);
     }
     by_host
-}
-
-fn client(log: &slog::Logger) -> Rpc {
-    let (rpc, _) = Rpc::start(log.clone(), None, RpcOptions::default()).expect("client socket");
-    rpc
-}
-
-fn admin() -> RequestContext {
-    RequestContext {
-        request_id: proto::new_request_id(),
-        user_id: "test".into(),
-        project_id: "default".into(),
-        roles: vec!["admin".into()],
-        deadline_ms: None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,33 +319,6 @@ async fn same_host_and_different_host_follow_the_named_server() {
     fabric.stop().await;
 }
 
-/// A request spec for an instance row the test inserted itself.
-fn spec_for(uuid: &str, retry: RetrySpec) -> RequestSpec {
-    RequestSpec {
-        instance_uuid: uuid.into(),
-        display_name: uuid.into(),
-        project_id: "default".into(),
-        flavor: FlavorSpec {
-            flavorid: "1".into(),
-            name: "m1.tiny".into(),
-            vcpus: 1,
-            memory_mb: 512,
-            root_gb: 1,
-            ephemeral_gb: 0,
-            swap_mb: 0,
-            extra_specs: Default::default(),
-        },
-        image: ImageSpec {
-            id: IMAGE.into(),
-            name: "cirros".into(),
-            disk_format: "qcow2".into(),
-            location: None,
-        },
-        hints: Default::default(),
-        retry,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_instance_is_rescheduled_elsewhere_until_attempts_run_out() {
     let fabric = Fabric::start(&three_hosts(), test_log())
@@ -472,6 +427,8 @@ async fn a_compute_that_refuses_an_instance_sends_it_back_and_it_lands_elsewhere
                 memory_mb: 4096.0,
                 disk_gb: 40.0,
             },
+            // As a scheduler before 1.3 sends it: the compute takes the address itself.
+            fixed_ip: None,
         },
     )
     .await

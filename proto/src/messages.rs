@@ -475,6 +475,11 @@ pub struct ComputeRunInstance {
     pub spec: RequestSpec,
     pub node: String,
     pub limits: Limits,
+    /// The address the scheduler's claim took, which also recorded the instance `spawning`
+    /// here: the compute then skips [`StartSpawning`]. `None` (a scheduler before 1.3, or no
+    /// address free): the compute asks for both itself. Protocol 1.3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_ip: Option<FixedIpInfo>,
 }
 method!(ComputeRunInstance, "new_run_instance", ());
 
@@ -786,6 +791,14 @@ mod tests {
                 spec: spec.clone(),
                 node: "node-1".into(),
                 limits,
+                fixed_ip: Some(FixedIpInfo {
+                    address: "10.0.0.5".into(),
+                    mac: "fa:16:3e:00:00:05".into(),
+                    network: "private".into(),
+                    cidr: "10.0.0.0/24".into(),
+                    gateway: "10.0.0.1".into(),
+                    bridge: None,
+                }),
             }
         );
         check!(

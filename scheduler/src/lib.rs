@@ -37,8 +37,8 @@ use proto::service::{
     ServiceHandle,
 };
 use proto::{
-    ComputeRunInstance, ExtraResources, Incoming, Limits, Ping, QueueSummary, QueuedHost,
-    RebuildQueue, RequestContext, RequestSpec, Rpc, ScheduleRunInstance, SchedulerApi,
+    ComputeRunInstance, ExtraResources, FixedIpInfo, Incoming, Limits, Ping, QueueSummary,
+    QueuedHost, RebuildQueue, RequestContext, RequestSpec, Rpc, ScheduleRunInstance, SchedulerApi,
 };
 
 pub const BINARY: &str = "zova-scheduler";
@@ -520,6 +520,7 @@ fn claim_of(
     request: &PlacementRequest,
     spec: &RequestSpec,
     placement: &Placement,
+    moving_from: Option<&str>,
 ) -> AllocationClaim {
     AllocationClaim {
         instance_uuid: spec.instance_uuid.clone(),
@@ -530,7 +531,27 @@ fn claim_of(
             disk_mb: request.resources.requested_disk,
         },
         limits: claim_limits(&limits_of(placement)),
+        moving_from: moving_from.map(str::to_owned),
     }
+}
+
+/// What the compute's NIC needs of the address a claim took.
+fn fixed_ip_info(ip: db::FixedIp) -> FixedIpInfo {
+    FixedIpInfo {
+        address: ip.address,
+        mac: ip.mac,
+        network: ip.network,
+        cidr: ip.cidr,
+        gateway: ip.gateway,
+        bridge: ip.bridge,
+    }
+}
+
+/// An instance whose claim committed: what its compute is sent.
+struct ClaimedBuild {
+    spec: RequestSpec,
+    placement: Placement,
+    fixed_ip: Option<FixedIpInfo>,
 }
 
 fn claim_limits(limits: &Limits) -> db::Placed {
@@ -679,11 +700,11 @@ impl Scheduler {
         context: RequestContext,
         args: ScheduleRunInstance,
     ) {
-        let placed = self.place(&log, &context, args).await;
+        let placed = self.place(&log, &context, args, None).await;
         let mut sends = tokio::task::JoinSet::new();
-        for (spec, placement) in placed {
+        for build in placed {
             let (scheduler, log, context) = (self.clone(), log.clone(), context.clone());
-            sends.spawn(async move { scheduler.send(&log, &context, spec, placement).await });
+            sends.spawn(async move { scheduler.send(&log, &context, build).await });
         }
         while sends.join_next().await.is_some() {}
     }
@@ -691,18 +712,18 @@ impl Scheduler {
     /// Casts one placed instance to its compute. A compute that does not take it is marked
     /// unavailable and the instance is placed again (its allocation moves with it), up to
     /// `max_attempts` hosts in all.
-    async fn send(
-        &self,
-        log: &Logger,
-        context: &RequestContext,
-        mut spec: RequestSpec,
-        mut placement: Placement,
-    ) {
+    async fn send(&self, log: &Logger, context: &RequestContext, build: ClaimedBuild) {
+        let ClaimedBuild {
+            mut spec,
+            mut placement,
+            mut fixed_ip,
+        } = build;
         loop {
             let args = ComputeRunInstance {
                 spec: spec.clone(),
                 node: placement.hostname.clone(),
                 limits: limits_of(&placement),
+                fixed_ip: fixed_ip.take(),
             };
             let error = match self.rpc.cast(&placement.rpc_endpoint, context, &args).await {
                 Ok(()) => {
@@ -729,10 +750,12 @@ impl Scheduler {
                 specs: vec![spec],
                 min_count: 1,
             };
-            match self.place(log, context, retry).await.pop() {
-                Some((next_spec, next_placement)) => {
-                    spec = next_spec;
-                    placement = next_placement;
+            let moving_from = Some(placement.hostname.as_str());
+            match self.place(log, context, retry, moving_from).await.pop() {
+                Some(next) => {
+                    spec = next.spec;
+                    placement = next.placement;
+                    fixed_ip = next.fixed_ip;
                 }
                 None => return, // `place` recorded why
             }
@@ -740,13 +763,15 @@ impl Scheduler {
     }
 
     /// Finds and claims hosts for a batch; instances that get none go to ERROR here. Returns
-    /// each placed instance's spec (its retry now counting this host) and placement.
+    /// each placed instance's spec (its retry now counting this host), placement and address.
+    /// `moving_from`: the host this scheduler placed the batch on before, which did not take it.
     async fn place(
         &self,
         log: &Logger,
         context: &RequestContext,
         args: ScheduleRunInstance,
-    ) -> Vec<(RequestSpec, Placement)> {
+        moving_from: Option<&str>,
+    ) -> Vec<ClaimedBuild> {
         let ScheduleRunInstance { specs, min_count } = args;
         let mut pending = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -812,17 +837,25 @@ impl Scheduler {
                 continue;
             };
             let placement = self.forced_limits(&request, placement);
-            let answer = self.commits.claim(claim_of(&request, &spec, &placement));
+            let answer = self
+                .commits
+                .claim(claim_of(&request, &spec, &placement, moving_from));
             sent.push((spec, placement, answer));
         }
         // Other requests select while these commit, and their claims may join the same commit.
         drop(queue);
-        let mut claimed: Vec<(RequestSpec, Placement, u64)> = Vec::with_capacity(sent.len());
+        let mut claimed: Vec<(RequestSpec, Placement, u64, Option<db::FixedIp>)> =
+            Vec::with_capacity(sent.len());
         let mut unplaced: Vec<(RequestSpec, String)> = Vec::new();
         for (spec, placement, answer) in sent {
             let charge = (placement, generation);
-            match self.claim(log, &request, &spec, charge, answer, laps).await {
-                Ok(Some((placement, generation))) => claimed.push((spec, placement, generation)),
+            match self
+                .claim(log, &request, &spec, charge, answer, laps, moving_from)
+                .await
+            {
+                Ok(Some((placement, generation, ip))) => {
+                    claimed.push((spec, placement, generation, ip))
+                }
                 Ok(None) => {} // deleted meanwhile: nothing to build, nothing to record
                 Err(reason) => unplaced.push((spec, reason)),
             }
@@ -838,7 +871,7 @@ impl Scheduler {
                 .next()
                 .or(shortfall.take())
                 .unwrap_or_else(|| "The others were deleted meanwhile.".to_string());
-            for (spec, placement, generation) in claimed.drain(..) {
+            for (spec, placement, generation, _) in claimed.drain(..) {
                 self.release_charge(&mut queue, generation, &placement.hostname, &request);
                 let db = self.db.clone();
                 let uuid = spec.instance_uuid.clone();
@@ -872,10 +905,14 @@ impl Scheduler {
         self.metrics.placed.inc_by(claimed.len() as u64);
         claimed
             .into_iter()
-            .map(|(mut spec, placement, _)| {
+            .map(|(mut spec, placement, _, fixed_ip)| {
                 spec.retry.num_attempts += 1;
                 spec.retry.hosts.push(placement.hostname.clone());
-                (spec, placement)
+                ClaimedBuild {
+                    spec,
+                    placement,
+                    fixed_ip: fixed_ip.map(fixed_ip_info),
+                }
             })
             .collect()
     }
@@ -910,6 +947,7 @@ impl Scheduler {
     /// Waits for one placement's claim. A lost race (another scheduler took the room)
     /// updates the queue with what the database says and walks on to the next host; a
     /// refusal is `Err(reason)`; `Ok(None)` means the instance is gone.
+    #[allow(clippy::too_many_arguments)] // the claim's context, passed on to each re-claim
     async fn claim(
         &self,
         log: &Logger,
@@ -918,17 +956,18 @@ impl Scheduler {
         (mut placement, mut generation): (Placement, u64),
         mut answer: ClaimAnswer,
         laps: usize,
-    ) -> Result<Option<(Placement, u64)>, String> {
+        moving_from: Option<&str>,
+    ) -> Result<Option<(Placement, u64, Option<db::FixedIp>)>, String> {
         let forced = request.scheduler_host.is_some();
         // Every lost race makes one host look full, so this ends within a lap of the queue.
         for tries in 1.. {
             let outcome = match outcome(answer).await {
-                Ok(ClaimOutcome::Claimed) => return Ok(Some((placement, generation))),
+                Ok(ClaimOutcome::Claimed(ip)) => return Ok(Some((placement, generation, ip))),
                 other => other,
             };
             let mut queue = self.queue.lock().await;
             match outcome {
-                Ok(ClaimOutcome::Claimed) => return Ok(Some((placement, generation))),
+                Ok(ClaimOutcome::Claimed(ip)) => return Ok(Some((placement, generation, ip))),
                 Ok(ClaimOutcome::InstanceGone) => {
                     self.release_charge(&mut queue, generation, &placement.hostname, request);
                     info!(log, "instance gone before it was placed"; "instance" => &spec.instance_uuid);
@@ -976,7 +1015,9 @@ impl Scheduler {
                 err.reason
             })?;
             placement = self.forced_limits(request, placement);
-            answer = self.commits.claim(claim_of(request, spec, &placement));
+            answer = self
+                .commits
+                .claim(claim_of(request, spec, &placement, moving_from));
         }
         Err("Every host with room was taken by other schedulers meanwhile".to_string())
     }

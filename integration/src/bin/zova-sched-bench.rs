@@ -208,10 +208,11 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
                     memory_mb: placement.limits.memory_mb.floor() as i64,
                     disk_mb: (placement.limits.disk_gb * 1024.0).floor() as i64,
                 },
+                moving_from: None,
             })
             .map_err(|e| e.to_string())?;
         claim_latencies.push(started.elapsed());
-        if outcome != ClaimOutcome::Claimed {
+        if !matches!(outcome, ClaimOutcome::Claimed(_)) {
             lost += 1;
         }
     }
