@@ -563,7 +563,7 @@ mod tests {
             (ip.address.as_str(), ip.network.as_str()),
             ("192.168.5.2", "tiny")
         );
-        assert_eq!(db.fixed_ips_of("a").unwrap(), [ip.clone()]);
+        assert_eq!(db.fixed_ips_of("a").unwrap(), std::slice::from_ref(&ip));
         assert_eq!(task("a").as_deref(), Some("spawning"));
 
         // No address left: the room is taken, the instance still waits, nothing else changed.
