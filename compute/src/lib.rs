@@ -1123,6 +1123,9 @@ impl Compute {
         }
     }
 
+    /// ERROR for a build of this host. With the host and node named and `building` expected,
+    /// the conductor refuses it unless the instance is placed here: a late copy of a build that
+    /// was placed elsewhere since must not end the instance there.
     fn error_update(&self, uuid: &str, message: String) -> InstanceUpdate {
         InstanceUpdate {
             uuid: uuid.to_string(),
@@ -1131,6 +1134,9 @@ impl Compute {
                 task_state: None,
                 power_state: power_state::NOSTATE,
             }),
+            host: Some(self.config.host.clone()),
+            node: Some(self.config.host.clone()),
+            expected_vm_state: Some(vm_state::BUILDING.into()),
             fault: Some(Fault {
                 code: 500,
                 message,

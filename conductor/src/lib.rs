@@ -550,18 +550,9 @@ impl Conductor {
     ) -> Rescheduled {
         let uuid = args.spec.instance_uuid.clone();
         let db = self.db.clone();
-        let lookup = uuid.clone();
+        let (lookup, refused_by) = (uuid.clone(), args.host.clone());
         let reset = tokio::task::spawn_blocking(move || {
-            db.instance_update_expecting(
-                &lookup,
-                &InstanceChanges {
-                    task_state: Some(Some(proto::task_state::SCHEDULING.into())),
-                    host: Some(None),
-                    node: Some(None),
-                    ..Default::default()
-                },
-                Some(proto::vm_state::BUILDING),
-            )
+            db.instance_return_to_scheduling(&lookup, &refused_by)
         })
         .await;
         match reset {
@@ -571,7 +562,7 @@ impl Conductor {
                 return Rescheduled::Skipped;
             }
             Ok(Err(DbError::Conflict(why))) => {
-                info!(log, "instance no longer building; not rescheduled"; "instance" => &uuid, "why" => why);
+                info!(log, "instance no longer building here; not rescheduled"; "instance" => &uuid, "why" => why);
                 return Rescheduled::Skipped;
             }
             Ok(Err(e)) => {

@@ -211,6 +211,40 @@ impl Db {
         })
     }
 
+    /// Sends a build a compute refused back to be scheduled: no host, task `scheduling`. Only
+    /// while it is `building` and placed on `refused_by` (or on no host); a refusal from a host
+    /// the build has left since (a late copy of the cast) is a [`DbError::Conflict`] and changes
+    /// nothing.
+    pub fn instance_return_to_scheduling(&self, uuid: &str, refused_by: &str) -> Result<Instance> {
+        let mut conn = self.writer()?;
+        conn.write_transaction(|conn| {
+            let host: Option<Option<String>> = direct!(&mut *conn, c => {
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid))
+                    .select(instances::host)
+                    .first(c)
+                    .optional()
+            })?;
+            match host {
+                None => return Err(instance_not_found(uuid)),
+                Some(Some(host)) if host != refused_by => {
+                    return Err(DbError::Conflict(format!(
+                        "instance {uuid} is placed on {host}, not {refused_by}"
+                    )))
+                }
+                Some(_) => {}
+            }
+            let changes = InstanceChanges {
+                task_state: Some(Some("scheduling".into())),
+                host: Some(None),
+                node: Some(None),
+                ..Default::default()
+            };
+            update_expecting_task(conn, uuid, &changes, Some("building"), ExpectedTask::Any)
+        })
+    }
+
     /// Puts a live instance into `error` and records why, together.
     pub fn instance_set_error(&self, uuid: &str, fault: &NewFault) -> Result<()> {
         let mut conn = self.writer()?;
@@ -825,6 +859,48 @@ mod tests {
             .instance_update_expecting_task("u1", &shut_off, Some("active"), ExpectedTask::None)
             .unwrap();
         assert_eq!((after.vm_state.as_str(), after.power_state), ("active", 4));
+    }
+
+    #[test]
+    fn only_the_host_a_build_is_placed_on_sends_it_back_to_scheduling() {
+        let (_dir, db) = open_temp();
+        db.instance_create(&new_instance("u1", "p1"), "req-1")
+            .unwrap();
+        let spawning_on_node_1 = InstanceChanges {
+            task_state: Some(Some("spawning".into())),
+            host: Some(Some("node-1".into())),
+            node: Some(Some("node-1".into())),
+            ..Default::default()
+        };
+        db.instance_update("u1", &spawning_on_node_1).unwrap();
+
+        assert!(matches!(
+            db.instance_return_to_scheduling("u1", "node-2"),
+            Err(DbError::Conflict(_))
+        ));
+        let unchanged = db.instance_get("u1").unwrap().unwrap();
+        assert_eq!(
+            (unchanged.task_state.as_deref(), unchanged.host.as_deref()),
+            (Some("spawning"), Some("node-1"))
+        );
+
+        let back = db.instance_return_to_scheduling("u1", "node-1").unwrap();
+        assert_eq!(
+            (back.task_state.as_deref(), back.host, back.node),
+            (Some("scheduling"), None, None)
+        );
+        // With no host, any refusal sends it back (a build that was never placed).
+        db.instance_return_to_scheduling("u1", "node-3").unwrap();
+
+        db.instance_set_error("u1", &fault("u1")).unwrap();
+        assert!(matches!(
+            db.instance_return_to_scheduling("u1", "node-1"),
+            Err(DbError::Conflict(_))
+        ));
+        assert!(matches!(
+            db.instance_return_to_scheduling("gone", "node-1"),
+            Err(DbError::NotFound { .. })
+        ));
     }
 
     #[test]

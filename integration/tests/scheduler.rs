@@ -444,6 +444,159 @@ async fn a_compute_that_refuses_an_instance_sends_it_back_and_it_lands_elsewhere
     fabric.stop().await;
 }
 
+/// A copy of a build that reaches a host after the build was placed on another (a cast that
+/// seemed lost, then arrived): its refusal sends nothing back to be scheduled, its failure
+/// ends nothing and its success is not recorded, since only the host the build is placed on
+/// may do any of these.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
+    let options = FabricOptions {
+        metrics: true,
+        ..Default::default()
+    };
+    let fabric = Fabric::start_with(&three_hosts(), options, test_log())
+        .await
+        .expect("fabric starts");
+    let rpc = client(&test_log());
+    let node_1 = fabric
+        .db
+        .service_get("node-1", "zova-compute")
+        .expect("service")
+        .expect("node-1 registered")
+        .rpc_endpoint;
+    let node_2_id = fabric
+        .db
+        .compute_nodes()
+        .expect("nodes")
+        .into_iter()
+        .find(|n| n.hypervisor_hostname == "node-2")
+        .expect("node-2")
+        .id;
+    // Placed on node-2 and spawning there, as a scheduler's claim leaves it.
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let mut row = building_row(&uuid);
+    row.task_state = Some("scheduling".into());
+    fabric.db.instance_create(&row, "req-test").expect("row");
+    let one = db::Placed {
+        vcpus: 1,
+        memory_mb: 512,
+        disk_mb: 1024,
+    };
+    let claim = db::AllocationClaim {
+        instance_uuid: uuid.clone(),
+        node_id: node_2_id,
+        usage: one,
+        limits: db::Placed {
+            vcpus: 8,
+            memory_mb: 16_384,
+            disk_mb: 160 * 1024,
+        },
+        moving_from: None,
+    };
+    assert!(fabric
+        .db
+        .allocation_claim(&claim)
+        .expect("claim")
+        .is_claimed());
+    let placed = fabric.db.instance_get(&uuid).expect("read").expect("row");
+
+    let copy = |node: &str, vcpu: f64| proto::ComputeRunInstance {
+        spec: spec_for(
+            &uuid,
+            RetrySpec {
+                num_attempts: 1,
+                hosts: vec![node.into()],
+                last_error: None,
+            },
+        ),
+        node: node.into(),
+        limits: proto::Limits {
+            vcpu,
+            memory_mb: 4096.0,
+            disk_gb: 40.0,
+        },
+        fixed_ip: None,
+    };
+    let counted = |service: &'static str, series: &'static str| {
+        let fabric = &fabric;
+        async move {
+            let text = fabric.scrape(service).await.expect("scraped");
+            integration::metric_value(&text, series).unwrap_or(0.0)
+        }
+    };
+    // node-1 refuses its copy (limits its ledger cannot meet): the conductor skips it.
+    rpc.cast(&node_1, &admin(), &copy("node-1", 0.5))
+        .await
+        .expect("node-1 takes the cast");
+    let skipped = "zova_conductor_reschedules_total{outcome=\"skipped\"}";
+    for _ in 0..100 {
+        if counted("conductor", skipped).await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        counted("conductor", skipped).await,
+        1.0,
+        "the refusal skipped"
+    );
+    // node-1 gets a copy meant for node-2: its build fails, and the failure is not recorded.
+    rpc.cast(&node_1, &admin(), &copy("node-2", 8.0))
+        .await
+        .expect("node-1 takes the cast");
+    let failed = "zova_compute_builds_total{outcome=\"error\"}";
+    for _ in 0..100 {
+        if counted("node-1", failed).await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted("node-1", failed).await, 1.0, "the build failed");
+    // A copy for node-1 with an address, as a scheduler's claim sends it: node-1 builds it,
+    // cannot record it ACTIVE, and removes what it made.
+    let mut with_address = copy("node-1", 8.0);
+    with_address.fixed_ip = Some(proto::FixedIpInfo {
+        address: "10.0.0.250".into(),
+        mac: "fa:16:3e:00:00:fa".into(),
+        network: "private".into(),
+        cidr: "10.0.0.0/24".into(),
+        gateway: "10.0.0.1".into(),
+        bridge: None,
+    });
+    rpc.cast(&node_1, &admin(), &with_address)
+        .await
+        .expect("node-1 takes the cast");
+    let removed = "zova_compute_builds_total{outcome=\"deleted\"}";
+    for _ in 0..100 {
+        if counted("node-1", removed).await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        counted("node-1", removed).await,
+        1.0,
+        "the build was undone"
+    );
+
+    let after = fabric.db.instance_get(&uuid).expect("read").expect("row");
+    assert_eq!(
+        (
+            after.vm_state.as_str(),
+            after.task_state.as_deref(),
+            after.host.as_deref()
+        ),
+        ("building", Some("spawning"), Some("node-2"))
+    );
+    assert_eq!(after.updated_at, placed.updated_at, "nothing was written");
+    assert_eq!(
+        fabric.db.instance_fault_latest(&uuid).expect("faults"),
+        None
+    );
+    rpc.shutdown();
+    fabric.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_may_force_an_overcommit_when_the_check_is_off() {
     let options = FabricOptions {
