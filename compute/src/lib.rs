@@ -381,6 +381,9 @@ struct Compute {
     disk_cache: DiskCache,
     boot_timeout: Duration,
     shutdown_timeout: Duration,
+    /// How old a build's cast may be for the build to go ahead on the scheduler's placement
+    /// without checking in (see `cast_is_fresh`).
+    fresh_cast_within: Duration,
     tracker: Mutex<ResourceTracker>,
     /// One resource report at a time, each snapshotting the ledger only once the one before has
     /// landed, so an older snapshot can never overwrite a newer one in the database.
@@ -415,6 +418,8 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         |name, value| proto::service::positive_seconds(name, value).map_err(ComputeError::Config);
     let report_interval = seconds("report_interval", config.compute.report_interval)?;
     let boot_timeout = seconds("boot_timeout", config.compute.boot_timeout)?;
+    // A scheduler gives a cast up after the whole timeout; the other half allows for clocks.
+    let fresh_cast_within = Duration::from_millis(config.rpc.cast_timeout_ms) / 2;
     let shutdown_timeout = shutdown_timeout(config.compute.shutdown_timeout)?;
     let sync_interval = sync_power_state_interval(config.compute.sync_power_state_interval)?;
     let resources_interval = update_resources_interval(config.compute.update_resources_interval)?;
@@ -483,6 +488,7 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         disk_cache,
         boot_timeout,
         shutdown_timeout,
+        fresh_cast_within,
         tracker: Mutex::new(ResourceTracker::default()),
         report_lock: tokio::sync::Mutex::new(()),
         report_wanted: AtomicBool::new(false),
@@ -1123,9 +1129,10 @@ impl Compute {
         }
     }
 
-    /// ERROR for a build of this host. With the host and node named and `building` expected,
-    /// the conductor refuses it unless the instance is placed here: a late copy of a build that
-    /// was placed elsewhere since must not end the instance there.
+    /// ERROR for an instance of this host. With the host and node named, and `building`
+    /// expected (the power-state sync expects the state it saw instead), the conductor refuses
+    /// it unless the instance is placed here: a late copy of a build that was placed elsewhere
+    /// since must not end the instance there.
     fn error_update(&self, uuid: &str, message: String) -> InstanceUpdate {
         InstanceUpdate {
             uuid: uuid.to_string(),
@@ -1420,10 +1427,13 @@ impl Compute {
                 warn!(log, "instance build failed"; "instance" => &uuid, "error" => %e);
                 // Leave nothing behind: no domain, no disk, no claim.
                 self.remove_leftovers(log, &uuid).await;
-                if let Err(e) = self
-                    .record(context, &self.error_update(&uuid, e.to_string()))
-                    .await
-                {
+                let mut failed = self.error_update(&uuid, e.to_string());
+                if matches!(e, ComputeError::WrongHost { .. }) {
+                    // A misrouted cast: the host it was placed on never hears of it, so this
+                    // host records the failure without claiming the instance as its own.
+                    (failed.host, failed.node) = (None, None);
+                }
+                if let Err(e) = self.record(context, &failed).await {
                     warn!(log, "could not record the build failure"; "instance" => &uuid, "error" => %e);
                 }
                 self.report_resources();
@@ -1502,10 +1512,16 @@ impl Compute {
         }
         self.report_claim();
         // Before the disk, so an exhausted pool costs no copy of the image. A scheduler of 1.3
-        // took the address, and recorded the instance spawning here, in its claim.
+        // took the address when its claim placed the instance here; a cast that comes late may
+        // have been placed elsewhere since, and checks in first.
+        let fresh = cast_is_fresh(
+            args.cast_at_ms,
+            proto::envelope::now_ms(),
+            self.fresh_cast_within,
+        );
         let fixed_ip = match args.fixed_ip.clone() {
-            Some(fixed_ip) => fixed_ip,
-            None => {
+            Some(fixed_ip) if fresh => fixed_ip,
+            _ => {
                 let spawning = InstanceUpdate {
                     uuid: uuid.clone(),
                     state: Some(InstanceState {
@@ -1521,7 +1537,7 @@ impl Compute {
                 self.start_spawning(context, spawning).await?
             }
         };
-        info!(log, "fixed IP allocated"; "instance" => &uuid, "address" => &fixed_ip.address, "mac" => &fixed_ip.mac, "network" => &fixed_ip.network);
+        info!(log, "fixed IP"; "instance" => &uuid, "address" => &fixed_ip.address, "mac" => &fixed_ip.mac, "network" => &fixed_ip.network, "from_claim" => fresh && args.fixed_ip.is_some());
         let name = instance_name(&uuid);
         let mut spec_xml = DomainSpec {
             name: name.clone(),
@@ -1858,11 +1874,10 @@ impl Compute {
     }
 }
 
-/// The record of a build whose domain runs: ACTIVE and launched, only from `building` (a delete
-/// or an error recorded meanwhile wins).
-/// The record of a build that runs on `host`. Naming the host and node makes the conductor
-/// refuse it (`Conflict`) unless the instance is placed here: a copy of the build that a
-/// scheduler sent elsewhere after this host seemed not to take it must not end as ACTIVE.
+/// The record of a build whose domain runs on `host`: ACTIVE and launched, only from
+/// `building` (a delete or an error recorded meanwhile wins). Naming the host and node makes
+/// the conductor refuse it (`Conflict`) unless the instance is placed here: a copy of the build
+/// that a scheduler sent elsewhere after this host seemed not to take it must not end ACTIVE.
 fn spawned(uuid: &str, host: &str) -> InstanceUpdate {
     InstanceUpdate {
         uuid: uuid.to_owned(),
@@ -1877,6 +1892,15 @@ fn spawned(uuid: &str, host: &str) -> InstanceUpdate {
         expected_vm_state: Some(vm_state::BUILDING.into()),
         ..Default::default()
     }
+}
+
+/// Whether a build's cast is fresh enough to build on the scheduler's placement without
+/// checking in: sent (`cast_at_ms`, by the scheduler's clock) less than `within` before
+/// `now_ms`. The scheduler gives a cast up, and may place the instance elsewhere, only after its
+/// cast timeout, of which `within` is half. No stamp (a scheduler before 1.3) is not fresh.
+fn cast_is_fresh(cast_at_ms: Option<u64>, now_ms: u64, within: Duration) -> bool {
+    let within = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+    cast_at_ms.is_some_and(|sent| now_ms.saturating_sub(sent) < within)
 }
 
 fn non_negative(value: i64) -> u64 {
@@ -1914,9 +1938,23 @@ fn vanished_or_rpc(err: proto::ProtoError) -> ComputeError {
 #[cfg(test)]
 mod tests {
     use super::{
-        advertised_endpoint, shutdown_timeout, sync_power_state_interval, update_resources_interval,
+        advertised_endpoint, cast_is_fresh, shutdown_timeout, sync_power_state_interval,
+        update_resources_interval,
     };
     use std::time::Duration;
+
+    #[test]
+    fn only_a_cast_taken_within_the_window_is_fresh() {
+        let window = Duration::from_millis(2_500);
+        let sent = 1_000_000;
+        assert!(cast_is_fresh(Some(sent), sent, window));
+        assert!(cast_is_fresh(Some(sent), sent + 2_499, window));
+        assert!(!cast_is_fresh(Some(sent), sent + 2_500, window));
+        assert!(!cast_is_fresh(Some(sent), sent + 60_000, window));
+        // A scheduler's clock ahead of this one's is no reason to check in.
+        assert!(cast_is_fresh(Some(sent + 1_000), sent, window));
+        assert!(!cast_is_fresh(None, sent, window), "a scheduler before 1.3");
+    }
 
     #[test]
     fn shutdown_timeout_may_be_zero_but_not_negative() {

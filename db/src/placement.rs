@@ -6,9 +6,9 @@
 //! re-checks the condition on the locked row. Each claim also writes the instance's allocation
 //! row in the same transaction, which is what a release gives back.
 //!
-//! A claim also starts the build: it records the host, takes the instance's fixed IP and sets
-//! it `spawning`, so the compute that gets the build has nothing to write before it reports
-//! the instance ACTIVE.
+//! A claim also places the instance: it records the host and takes the instance's fixed IP,
+//! so the compute that gets the build has nothing to write before it reports the instance
+//! ACTIVE.
 
 use diesel::prelude::*;
 
@@ -35,24 +35,24 @@ pub struct AllocationClaim {
     pub usage: Placed,
     pub limits: Placed,
     /// The host an earlier claim of this scheduler placed the instance on, which did not take
-    /// the build: the instance, spawning there on paper only, may be placed again.
+    /// the build: the instance, placed there but not started, may be placed again.
     pub moving_from: Option<String>,
 }
 
 /// What became of a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
-    /// The room is taken, and an earlier allocation of the instance (a reschedule) was given
-    /// back. With the fixed IP the instance now holds, it is `spawning` on the node; `None`:
-    /// no address was free, the instance still waits (`scheduling`) and the compute's own
-    /// request for an address says why it fails.
+    /// The room is taken, the node is the instance's host, and an earlier allocation of the
+    /// instance (a reschedule) was given back; with the fixed IP the instance now holds.
+    /// `None`: no address was free, and the compute's own request for one says why the build
+    /// fails.
     Claimed(Option<FixedIp>),
     /// The request no longer fits: this is what is placed on the node now.
     NoRoom(Placed),
     /// The node row is gone.
     NodeGone,
-    /// The instance was deleted, is no longer waiting for a host (a compute already builds
-    /// it, or it is in error): nothing was taken.
+    /// The instance was deleted, is no longer waiting for a host (placed on another host, a
+    /// compute already builds it, or it is in error): nothing was taken.
     InstanceGone,
 }
 
@@ -65,10 +65,10 @@ impl ClaimOutcome {
 
 impl Db {
     /// Takes the room for one instance on one node if it still fits (see the module doc), and
-    /// starts its build there: the node is the instance's host, its fixed IP is taken and its
-    /// task is `spawning`. Only an instance waiting for a host (`building`/`scheduling`, or
-    /// `spawning` on the claim's `moving_from`) can claim: once it is placed, a late
-    /// re-placement finds it gone rather than building it twice. A request for zero vCPUs or
+    /// places it there: the node is the instance's host, and its fixed IP is taken. Only an
+    /// instance waiting for a host (`building`/`scheduling`, with no host or on the claim's
+    /// `moving_from`) can claim: once it is placed elsewhere, or a compute has started to
+    /// build it (`spawning`), a late re-placement finds it gone rather than building it twice. A request for zero vCPUs or
     /// RAM is not checked against that limit, as the host queue does not check it; disk is
     /// always checked.
     pub fn allocation_claim(&self, claim: &AllocationClaim) -> Result<ClaimOutcome> {
@@ -230,10 +230,10 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
             .optional()
     })?;
     let waiting = match &waiting {
-        Some((Some(task), _)) if task == "scheduling" => true,
-        Some((Some(task), Some(host))) if task == "spawning" => {
-            claim.moving_from.as_deref() == Some(host.as_str())
-        }
+        Some((Some(task), host)) if task == "scheduling" => match host {
+            None => true,
+            Some(host) => claim.moving_from.as_deref() == Some(host.as_str()),
+        },
         _ => false,
     };
     if !waiting {
@@ -305,11 +305,6 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
         Err(DbError::Exhausted(_)) => None,
         Err(e) => return Err(e),
     };
-    let task_state = if fixed_ip.is_some() {
-        "spawning"
-    } else {
-        "scheduling"
-    };
     let at = now();
     direct!(&mut *conn, c => {
         Kept(
@@ -317,7 +312,6 @@ fn claim_allocation(conn: &mut AnyConnection, claim: &AllocationClaim) -> Result
                 .set((
                     instances::host.eq(&host),
                     instances::node.eq(&node),
-                    instances::task_state.eq(task_state),
                     instances::updated_at.eq(at),
                 ))
                 .returning(instances::id),
@@ -542,7 +536,7 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_starts_the_build_with_an_address_or_leaves_it_waiting_without() {
+    fn a_claim_places_the_instance_with_an_address_or_without_when_none_is_free() {
         let (_dir, db) = open_temp();
         let node_1 = node(&db, "node-1", 4);
         let node_2 = node(&db, "node-2", 4);
@@ -553,7 +547,6 @@ mod tests {
         for uuid in ["a", "b"] {
             db.instance_create(&instance(uuid), "req-1").unwrap();
         }
-        let task = |uuid: &str| db.instance_get(uuid).unwrap().unwrap().task_state;
 
         let ClaimOutcome::Claimed(Some(ip)) = db.allocation_claim(&claim("a", node_1)).unwrap()
         else {
@@ -564,18 +557,26 @@ mod tests {
             ("192.168.5.2", "tiny")
         );
         assert_eq!(db.fixed_ips_of("a").unwrap(), std::slice::from_ref(&ip));
-        assert_eq!(task("a").as_deref(), Some("spawning"));
+        let a = db.instance_get("a").unwrap().unwrap();
+        assert_eq!(
+            (a.task_state.as_deref(), a.host.as_deref()),
+            (Some("scheduling"), Some("node-1")),
+            "placed, not started"
+        );
 
-        // No address left: the room is taken, the instance still waits, nothing else changed.
+        // No address left: the room is taken all the same.
         assert_eq!(
             db.allocation_claim(&claim("b", node_1)).unwrap(),
             ClaimOutcome::Claimed(None)
         );
-        assert_eq!(task("b").as_deref(), Some("scheduling"));
         assert_eq!(db.fixed_ips_of("b").unwrap(), []);
 
-        // Spawning on node-1, "a" moves only for the scheduler that moves it from there, and
+        // Placed on node-1, "a" moves only for the scheduler that moves it from there, and
         // keeps its address.
+        assert_eq!(
+            db.allocation_claim(&claim("a", node_2)).unwrap(),
+            ClaimOutcome::InstanceGone
+        );
         let mut moved = claim("a", node_2);
         moved.moving_from = Some("node-2".into());
         assert_eq!(
@@ -590,6 +591,19 @@ mod tests {
         let a = db.instance_get("a").unwrap().unwrap();
         assert_eq!(a.host.as_deref(), Some("node-2"));
         assert_eq!(placed(&db, node_1).vcpus, 1, "only b's room is left there");
+
+        // Once a compute builds it (`spawning`, as `start_spawning` records), not even that.
+        let spawning = crate::InstanceChanges {
+            task_state: Some(Some("spawning".into())),
+            ..Default::default()
+        };
+        db.instance_update("a", &spawning).unwrap();
+        let mut back = claim("a", node_1);
+        back.moving_from = Some("node-2".into());
+        assert_eq!(
+            db.allocation_claim(&back).unwrap(),
+            ClaimOutcome::InstanceGone
+        );
     }
 
     #[test]

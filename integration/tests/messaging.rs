@@ -191,6 +191,7 @@ async fn a_compute_builds_through_a_conductor_of_1_0_with_or_without_the_claims_
                 disk_gb: 160.0,
             },
             fixed_ip: None,
+            cast_at_ms: None,
         };
         rpc.cast(&node_1, &admin(), &build)
             .await

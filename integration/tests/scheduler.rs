@@ -429,6 +429,7 @@ async fn a_compute_that_refuses_an_instance_sends_it_back_and_it_lands_elsewhere
             },
             // As a scheduler before 1.3 sends it: the compute takes the address itself.
             fixed_ip: None,
+            cast_at_ms: None,
         },
     )
     .await
@@ -472,7 +473,7 @@ async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
         .find(|n| n.hypervisor_hostname == "node-2")
         .expect("node-2")
         .id;
-    // Placed on node-2 and spawning there, as a scheduler's claim leaves it.
+    // Placed on node-2, as a scheduler's claim leaves it.
     let uuid = uuid::Uuid::new_v4().to_string();
     let mut row = building_row(&uuid);
     row.task_state = Some("scheduling".into());
@@ -493,12 +494,19 @@ async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
         },
         moving_from: None,
     };
-    assert!(fabric
-        .db
-        .allocation_claim(&claim)
-        .expect("claim")
-        .is_claimed());
+    let db::ClaimOutcome::Claimed(Some(ip)) = fabric.db.allocation_claim(&claim).expect("claim")
+    else {
+        panic!("the claim placed nothing");
+    };
     let placed = fabric.db.instance_get(&uuid).expect("read").expect("row");
+    let address = proto::FixedIpInfo {
+        address: ip.address,
+        mac: ip.mac,
+        network: ip.network,
+        cidr: ip.cidr,
+        gateway: ip.gateway,
+        bridge: ip.bridge,
+    };
 
     let copy = |node: &str, vcpu: f64| proto::ComputeRunInstance {
         spec: spec_for(
@@ -516,68 +524,80 @@ async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
             disk_gb: 40.0,
         },
         fixed_ip: None,
+        cast_at_ms: None,
     };
-    let counted = |service: &'static str, series: &'static str| {
+    // As the scheduler sends it, taken `late_by_ms` after it was cast.
+    let with_address = |late_by_ms: u64| proto::ComputeRunInstance {
+        fixed_ip: Some(address.clone()),
+        cast_at_ms: Some(proto::envelope::now_ms() - late_by_ms),
+        ..copy("node-1", 8.0)
+    };
+    let count = |service: &'static str, series: &'static str| {
         let fabric = &fabric;
         async move {
             let text = fabric.scrape(service).await.expect("scraped");
             integration::metric_value(&text, series).unwrap_or(0.0)
         }
     };
+    let reaches = |service: &'static str, series: &'static str, wanted: f64| async move {
+        for _ in 0..100 {
+            if count(service, series).await >= wanted {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(count(service, series).await, wanted, "{service}: {series}");
+    };
+    let checked_in = "zova_rpc_messages_received_total{method=\"start_spawning\",kind=\"call\"}";
+
     // node-1 refuses its copy (limits its ledger cannot meet): the conductor skips it.
     rpc.cast(&node_1, &admin(), &copy("node-1", 0.5))
         .await
         .expect("node-1 takes the cast");
-    let skipped = "zova_conductor_reschedules_total{outcome=\"skipped\"}";
-    for _ in 0..100 {
-        if counted("conductor", skipped).await >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        counted("conductor", skipped).await,
+    reaches(
+        "conductor",
+        "zova_conductor_reschedules_total{outcome=\"skipped\"}",
         1.0,
-        "the refusal skipped"
-    );
-    // node-1 gets a copy meant for node-2: its build fails, and the failure is not recorded.
-    rpc.cast(&node_1, &admin(), &copy("node-2", 8.0))
+    )
+    .await;
+
+    // A fresh copy whose build fails (the shared test hypervisor already runs a domain of that
+    // name): the failure is not recorded.
+    virt::connect::Connect::open(Some("test:///default"))
+        .expect("test hypervisor")
+        .create_domain_xml(
+            &format!(
+                "<domain type='test'><name>{}</name><uuid>{uuid}</uuid>\
+             <memory unit='MiB'>128</memory><os><type>hvm</type></os></domain>",
+                compute::domain_xml::instance_name(&uuid)
+            ),
+            0,
+        )
+        .expect("domain runs");
+    rpc.cast(&node_1, &admin(), &with_address(0))
         .await
         .expect("node-1 takes the cast");
-    let failed = "zova_compute_builds_total{outcome=\"error\"}";
-    for _ in 0..100 {
-        if counted("node-1", failed).await >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(counted("node-1", failed).await, 1.0, "the build failed");
-    // A copy for node-1 with an address, as a scheduler's claim sends it: node-1 builds it,
-    // cannot record it ACTIVE, and removes what it made.
-    let mut with_address = copy("node-1", 8.0);
-    with_address.fixed_ip = Some(proto::FixedIpInfo {
-        address: "10.0.0.250".into(),
-        mac: "fa:16:3e:00:00:fa".into(),
-        network: "private".into(),
-        cidr: "10.0.0.0/24".into(),
-        gateway: "10.0.0.1".into(),
-        bridge: None,
-    });
-    rpc.cast(&node_1, &admin(), &with_address)
+    reaches(
+        "node-1",
+        "zova_compute_builds_total{outcome=\"error\"}",
+        1.0,
+    )
+    .await;
+
+    // A fresh copy builds without checking in, cannot record ACTIVE, and removes what it made.
+    rpc.cast(&node_1, &admin(), &with_address(0))
         .await
         .expect("node-1 takes the cast");
-    let removed = "zova_compute_builds_total{outcome=\"deleted\"}";
-    for _ in 0..100 {
-        if counted("node-1", removed).await >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        counted("node-1", removed).await,
-        1.0,
-        "the build was undone"
-    );
+    let undone = "zova_compute_builds_total{outcome=\"deleted\"}";
+    reaches("node-1", undone, 1.0).await;
+    assert_eq!(count("conductor", checked_in).await, 0.0);
+
+    // A copy taken a minute after it was cast checks in first, and builds nothing.
+    rpc.cast(&node_1, &admin(), &with_address(60_000))
+        .await
+        .expect("node-1 takes the cast");
+    reaches("node-1", undone, 2.0).await;
+    assert_eq!(count("conductor", checked_in).await, 1.0);
 
     let after = fabric.db.instance_get(&uuid).expect("read").expect("row");
     assert_eq!(
@@ -586,7 +606,7 @@ async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
             after.task_state.as_deref(),
             after.host.as_deref()
         ),
-        ("building", Some("spawning"), Some("node-2"))
+        ("building", Some("scheduling"), Some("node-2"))
     );
     assert_eq!(after.updated_at, placed.updated_at, "nothing was written");
     assert_eq!(

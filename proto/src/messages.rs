@@ -475,11 +475,16 @@ pub struct ComputeRunInstance {
     pub spec: RequestSpec,
     pub node: String,
     pub limits: Limits,
-    /// The address the scheduler's claim took, which also recorded the instance `spawning`
-    /// here: the compute then skips [`StartSpawning`]. `None` (a scheduler before 1.3, or no
-    /// address free): the compute asks for both itself. Protocol 1.3.
+    /// The address the scheduler's claim took when it placed the instance here: with a fresh
+    /// cast (`cast_at_ms`) the compute skips [`StartSpawning`]. `None` (a scheduler before 1.3,
+    /// or no address free): the compute asks for the address itself. Protocol 1.3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fixed_ip: Option<FixedIpInfo>,
+    /// When the scheduler sent this cast, in milliseconds since the Unix epoch by its clock. A
+    /// cast taken much later (a host that hung) may have been given up on and the instance
+    /// placed elsewhere, so the compute then checks in with [`StartSpawning`] before it builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cast_at_ms: Option<u64>,
 }
 method!(ComputeRunInstance, "new_run_instance", ());
 
@@ -799,6 +804,7 @@ mod tests {
                     gateway: "10.0.0.1".into(),
                     bridge: None,
                 }),
+                cast_at_ms: Some(1_764_806_400_000),
             }
         );
         check!(

@@ -724,6 +724,7 @@ impl Scheduler {
                 node: placement.hostname.clone(),
                 limits: limits_of(&placement),
                 fixed_ip: fixed_ip.take(),
+                cast_at_ms: Some(proto::envelope::now_ms()),
             };
             let error = match self.rpc.cast(&placement.rpc_endpoint, context, &args).await {
                 Ok(()) => {
@@ -750,7 +751,7 @@ impl Scheduler {
                 specs: vec![spec],
                 min_count: 1,
             };
-            let moving_from = Some(placement.hostname.as_str());
+            let moving_from = Some(placement.host.as_str());
             match self.place(log, context, retry, moving_from).await.pop() {
                 Some(next) => {
                     spec = next.spec;
