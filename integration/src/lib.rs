@@ -530,6 +530,27 @@ impl Fabric {
         Ok(fabric)
     }
 
+    /// The RPC endpoint compute `host` registered.
+    pub fn compute_endpoint(&self, host: &str) -> String {
+        self.db
+            .service_get(host, "zova-compute")
+            .expect("services table")
+            .unwrap_or_else(|| panic!("{host} is not registered"))
+            .rpc_endpoint
+    }
+
+    /// Inserts an m1.tiny instance waiting for a host (`building`/`scheduling`), as the API
+    /// leaves it, with a new uuid; returns the uuid.
+    pub fn insert_waiting_instance(&self) -> String {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let row = db::NewInstance {
+            task_state: Some("scheduling".into()),
+            ..building_row(&uuid)
+        };
+        self.db.instance_create(&row, "req-test").expect("row");
+        uuid
+    }
+
     /// The RPC endpoints of the services: `conductor`, `scheduler` and `schedulers`.
     pub fn rpc(&self) -> &proto::service::RpcConfig {
         &self.rpc

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration::{
-    admin, building_row, client, server_body, spec_for, test_log, three_hosts, Fabric,
-    FabricOptions, HostSpec,
+    admin, client, server_body, spec_for, test_log, three_hosts, Fabric, FabricOptions, HostSpec,
 };
 use proto::{
     ComputeRunInstance, ConductorApi, Limits, Method, ProtoError, RemoteError, RetrySpec, Rpc,
@@ -166,17 +165,9 @@ async fn a_compute_builds_through_a_conductor_of_1_0_with_or_without_the_claims_
     // A scheduler of 1.2 sends no address: the compute tries `start_spawning` (1.1), and
     // after its refusal takes the address by the 1.0 path.
     let rpc = client(&test_log());
-    let node_1 = fabric
-        .db
-        .service_get("node-1", "zova-compute")
-        .expect("service")
-        .expect("node-1 registered")
-        .rpc_endpoint;
+    let node_1 = fabric.compute_endpoint("node-1");
     for _ in 0..3 {
-        let uuid = uuid::Uuid::new_v4().to_string();
-        let mut row = building_row(&uuid);
-        row.task_state = Some("scheduling".into());
-        fabric.db.instance_create(&row, "req-test").expect("row");
+        let uuid = fabric.insert_waiting_instance();
         let retry = RetrySpec {
             num_attempts: 1,
             hosts: vec!["node-1".into()],

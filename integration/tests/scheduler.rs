@@ -400,17 +400,9 @@ async fn a_compute_that_refuses_an_instance_sends_it_back_and_it_lands_elsewhere
         .expect("fabric starts");
     let log = test_log();
     let rpc = client(&log);
-    let node_1 = fabric
-        .db
-        .service_get("node-1", "zova-compute")
-        .expect("service")
-        .expect("node-1 registered")
-        .rpc_endpoint;
+    let node_1 = fabric.compute_endpoint("node-1");
     // What a scheduler with a stale view would send: limits node-1's own ledger cannot meet.
-    let uuid = uuid::Uuid::new_v4().to_string();
-    let mut row = building_row(&uuid);
-    row.task_state = Some("scheduling".into());
-    fabric.db.instance_create(&row, "req-test").expect("row");
+    let uuid = fabric.insert_waiting_instance();
     let retry = RetrySpec {
         num_attempts: 1,
         hosts: vec!["node-1".into()],
@@ -459,12 +451,7 @@ async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
         .await
         .expect("fabric starts");
     let rpc = client(&test_log());
-    let node_1 = fabric
-        .db
-        .service_get("node-1", "zova-compute")
-        .expect("service")
-        .expect("node-1 registered")
-        .rpc_endpoint;
+    let node_1 = fabric.compute_endpoint("node-1");
     let node_2_id = fabric
         .db
         .compute_nodes()
@@ -474,10 +461,7 @@ async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
         .expect("node-2")
         .id;
     // Placed on node-2, as a scheduler's claim leaves it.
-    let uuid = uuid::Uuid::new_v4().to_string();
-    let mut row = building_row(&uuid);
-    row.task_state = Some("scheduling".into());
-    fabric.db.instance_create(&row, "req-test").expect("row");
+    let uuid = fabric.insert_waiting_instance();
     let one = db::Placed {
         vcpus: 1,
         memory_mb: 512,
