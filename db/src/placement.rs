@@ -68,9 +68,9 @@ impl Db {
     /// places it there: the node is the instance's host, and its fixed IP is taken. Only an
     /// instance waiting for a host (`building`/`scheduling`, with no host or on the claim's
     /// `moving_from`) can claim: once it is placed elsewhere, or a compute has started to
-    /// build it (`spawning`), a late re-placement finds it gone rather than building it twice. A request for zero vCPUs or
-    /// RAM is not checked against that limit, as the host queue does not check it; disk is
-    /// always checked.
+    /// build it (`spawning`), a late re-placement finds it gone rather than building it twice.
+    /// A request for zero vCPUs or RAM is not checked against that limit, as the host queue
+    /// does not check it; disk is always checked.
     pub fn allocation_claim(&self, claim: &AllocationClaim) -> Result<ClaimOutcome> {
         let mut conn = self.writer()?;
         conn.write_transaction(|conn| claim_allocation(conn, claim))
