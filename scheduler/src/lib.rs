@@ -513,25 +513,48 @@ pub fn compute_node_row(
     }
 }
 
+/// What every claim for one instance shares, whichever hosts it tries: the request, the
+/// instance's spec, and the host a re-placement moves it from.
+struct ClaimFor<'a> {
+    request: &'a PlacementRequest,
+    spec: &'a RequestSpec,
+    moving_from: Option<&'a str>,
+}
+
+impl ClaimFor<'_> {
+    /// The database claim of the instance on `placement`.
+    fn on(&self, placement: &Placement) -> AllocationClaim {
+        let resources = &self.request.resources;
+        AllocationClaim {
+            instance_uuid: self.spec.instance_uuid.clone(),
+            node_id: placement.node_id,
+            usage: db::Placed {
+                vcpus: resources.requested_vcpus,
+                memory_mb: resources.requested_ram,
+                disk_mb: resources.requested_disk,
+            },
+            limits: claim_limits(&limits_of(placement)),
+            moving_from: self.moving_from.map(str::to_owned),
+        }
+    }
+}
+
 /// What the database claim may take on a placement's node: the queue's limits in whole units.
 /// An infinite limit (a forced host whose check the operator turned off) is no limit.
-/// The database claim of `placement` for `spec`.
-fn claim_of(
-    request: &PlacementRequest,
-    spec: &RequestSpec,
-    placement: &Placement,
-    moving_from: Option<&str>,
-) -> AllocationClaim {
-    AllocationClaim {
-        instance_uuid: spec.instance_uuid.clone(),
-        node_id: placement.node_id,
-        usage: db::Placed {
-            vcpus: request.resources.requested_vcpus,
-            memory_mb: request.resources.requested_ram,
-            disk_mb: request.resources.requested_disk,
-        },
-        limits: claim_limits(&limits_of(placement)),
-        moving_from: moving_from.map(str::to_owned),
+fn claim_limits(limits: &Limits) -> db::Placed {
+    // `as` saturates and maps NaN to 0: a nonsense limit admits nothing.
+    db::Placed {
+        vcpus: limits.vcpu.floor() as i64,
+        memory_mb: limits.memory_mb.floor() as i64,
+        disk_mb: (limits.disk_gb * 1024.0).floor() as i64,
+    }
+}
+
+fn limits_of(placement: &Placement) -> Limits {
+    Limits {
+        vcpu: placement.limits.vcpu,
+        memory_mb: placement.limits.memory_mb,
+        disk_gb: placement.limits.disk_gb,
     }
 }
 
@@ -552,23 +575,6 @@ struct ClaimedBuild {
     spec: RequestSpec,
     placement: Placement,
     fixed_ip: Option<FixedIpInfo>,
-}
-
-fn claim_limits(limits: &Limits) -> db::Placed {
-    // `as` saturates and maps NaN to 0: a nonsense limit admits nothing.
-    db::Placed {
-        vcpus: limits.vcpu.floor() as i64,
-        memory_mb: limits.memory_mb.floor() as i64,
-        disk_mb: (limits.disk_gb * 1024.0).floor() as i64,
-    }
-}
-
-fn limits_of(placement: &Placement) -> Limits {
-    Limits {
-        vcpu: placement.limits.vcpu,
-        memory_mb: placement.limits.memory_mb,
-        disk_gb: placement.limits.disk_gb,
-    }
 }
 
 impl Scheduler {
@@ -838,9 +844,12 @@ impl Scheduler {
                 continue;
             };
             let placement = self.forced_limits(&request, placement);
-            let answer = self
-                .commits
-                .claim(claim_of(&request, &spec, &placement, moving_from));
+            let claim_for = ClaimFor {
+                request: &request,
+                spec: &spec,
+                moving_from,
+            };
+            let answer = self.commits.claim(claim_for.on(&placement));
             sent.push((spec, placement, answer));
         }
         // Other requests select while these commit, and their claims may join the same commit.
@@ -850,10 +859,12 @@ impl Scheduler {
         let mut unplaced: Vec<(RequestSpec, String)> = Vec::new();
         for (spec, placement, answer) in sent {
             let charge = (placement, generation);
-            match self
-                .claim(log, &request, &spec, charge, answer, laps, moving_from)
-                .await
-            {
+            let claim_for = ClaimFor {
+                request: &request,
+                spec: &spec,
+                moving_from,
+            };
+            match self.claim(log, &claim_for, charge, answer, laps).await {
                 Ok(Some((placement, generation, ip))) => {
                     claimed.push((spec, placement, generation, ip))
                 }
@@ -948,17 +959,15 @@ impl Scheduler {
     /// Waits for one placement's claim. A lost race (another scheduler took the room)
     /// updates the queue with what the database says and walks on to the next host; a
     /// refusal is `Err(reason)`; `Ok(None)` means the instance is gone.
-    #[allow(clippy::too_many_arguments)] // the claim's context, passed on to each re-claim
     async fn claim(
         &self,
         log: &Logger,
-        request: &PlacementRequest,
-        spec: &RequestSpec,
+        claim_for: &ClaimFor<'_>,
         (mut placement, mut generation): (Placement, u64),
         mut answer: ClaimAnswer,
         laps: usize,
-        moving_from: Option<&str>,
     ) -> Result<Option<(Placement, u64, Option<db::FixedIp>)>, String> {
+        let ClaimFor { request, spec, .. } = *claim_for;
         let forced = request.scheduler_host.is_some();
         // Every lost race makes one host look full, so this ends within a lap of the queue.
         for tries in 1.. {
@@ -1016,9 +1025,7 @@ impl Scheduler {
                 err.reason
             })?;
             placement = self.forced_limits(request, placement);
-            answer = self
-                .commits
-                .claim(claim_of(request, spec, &placement, moving_from));
+            answer = self.commits.claim(claim_for.on(&placement));
         }
         Err("Every host with room was taken by other schedulers meanwhile".to_string())
     }
