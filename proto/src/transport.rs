@@ -10,7 +10,7 @@ use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -340,6 +340,11 @@ struct CommandQueue {
     /// Cleared when the I/O task has stopped: nothing would take a command any more.
     open: AtomicBool,
     wake: Notify,
+    /// The DEALERs whose descriptors the next wait must look at: those opened since, those
+    /// whose wake-up came, and those found readable (which leaves no waker with them). The
+    /// others have a waker registered with the runtime and need no look until it comes, so a
+    /// wait costs O(sockets ready), not O(peers): a scheduler talks to every compute host.
+    due_dealers: Mutex<Vec<String>>,
 }
 
 type CommandSocket = Arc<CommandQueue>;
@@ -351,7 +356,29 @@ impl CommandQueue {
             sleeping: AtomicBool::new(false),
             open: AtomicBool::new(true),
             wake: Notify::new(),
+            due_dealers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Has the task's next wait look at the DEALER to `endpoint` (for the task itself).
+    fn look_at_dealer(&self, endpoint: &str) {
+        lock(&self.due_dealers).push(endpoint.to_string());
+    }
+
+    /// Has the next wait look at the DEALER to `endpoint`, waking the task if it waits.
+    fn dealer_due(&self, endpoint: &str) {
+        self.look_at_dealer(endpoint);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The DEALERs to look at, each once.
+    fn take_due_dealers(&self) -> Vec<String> {
+        let mut due = std::mem::take(&mut *lock(&self.due_dealers));
+        due.sort_unstable();
+        due.dedup();
+        due
     }
 
     fn push(&self, command: Command) -> Result<(), ProtoError> {
@@ -923,6 +950,25 @@ struct Dealer {
     /// replaced by an older one behind the same endpoint drops batches as malformed: the
     /// requests in them time out, which resets the connection, and this starts over.
     batches: bool,
+    /// What the runtime wakes when the descriptor becomes readable ([`DealerWaker`]).
+    waker: Waker,
+}
+
+/// Registered with one DEALER's descriptor: when it becomes readable, marks the DEALER due
+/// and wakes the I/O task.
+struct DealerWaker {
+    endpoint: String,
+    commands: CommandSocket,
+}
+
+impl Wake for DealerWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.commands.dealer_due(&self.endpoint);
+    }
 }
 
 /// A socket's `ZMQ_FD`, which libzmq owns: readable when the socket may have something to read
@@ -1083,7 +1129,8 @@ impl IoTask {
         unfinished
     }
 
-    /// The sockets whose descriptors became readable; registers `cx` with the others.
+    /// The sockets whose descriptors became readable; registers `cx` with the ROUTER's and the
+    /// ZAP socket's, and each due DEALER's own waker with its descriptor.
     fn readable(&self, cx: &mut Context<'_>) -> Vec<Source> {
         let mut ready = Vec::new();
         if self
@@ -1096,9 +1143,18 @@ impl IoTask {
         if self.zap_fd.as_ref().is_some_and(|fd| take_readable(fd, cx)) {
             ready.push(Source::Zap);
         }
-        for (endpoint, dealer) in &self.dealers {
-            if take_readable(&dealer.fd, cx) {
-                ready.push(Source::Dealer(endpoint.clone()));
+        // Taken before any is polled: a poll may wake a waker at once (tokio's cooperative
+        // budget), which marks its DEALER due for the next wait.
+        for endpoint in self.commands.take_due_dealers() {
+            // Closed since it was marked.
+            let Some(dealer) = self.dealers.get(&endpoint) else {
+                continue;
+            };
+            if take_readable(&dealer.fd, &mut Context::from_waker(&dealer.waker)) {
+                // Found readable, the descriptor holds no waker: look again next time. (This
+                // wait ends now, so no wake-up.)
+                self.commands.look_at_dealer(&endpoint);
+                ready.push(Source::Dealer(endpoint));
             }
         }
         ready
@@ -1199,6 +1255,8 @@ impl IoTask {
             match self.open_dealer(endpoint) {
                 Ok(dealer) => {
                     self.dealers.insert(endpoint.to_string(), dealer);
+                    // No waker is registered with its descriptor until it is first looked at.
+                    self.commands.look_at_dealer(endpoint);
                 }
                 Err(reason) => {
                     for request in requests {
@@ -1329,12 +1387,17 @@ impl IoTask {
         let socket = open().map_err(|e| format!("cannot connect to it: {e}"))?;
         let fd = watch(&socket).map_err(|e| e.to_string())?;
         self.connections_opened += 1;
+        let waker = Waker::from(Arc::new(DealerWaker {
+            endpoint: endpoint.to_string(),
+            commands: self.commands.clone(),
+        }));
         Ok(Dealer {
             fd,
             socket,
             server_key,
             connection: self.connections_opened,
             batches: false,
+            waker,
         })
     }
 
