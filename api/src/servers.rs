@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use slog::{info, warn};
 use tokio::sync::oneshot;
 
-use db::{Instance, InstanceFilter, NewFault, NewInstance};
+use db::{Image, Instance, InstanceFilter, NewFault, NewInstance};
 use proto::{
     power_state, task_state, vm_state, BuildInstances, RebootInstance, StartInstance, StopInstance,
     TerminateInstance,
@@ -330,14 +330,20 @@ impl Api {
         tokio::spawn(async move {
             let _casting = casting;
             let created = api.insert(&task_context, rows, min_count).await;
-            let uuids = created.as_ref().ok().cloned();
-            let _ = committed.send(created);
-            if let Some(uuids) = uuids {
-                api.cast_build(&task_log, &task_context, uuids, hints, min_count)
+            let (answer, instances) = match created {
+                Ok(instances) => (
+                    Ok(instances.iter().map(|i| i.uuid.clone()).collect()),
+                    instances,
+                ),
+                Err(e) => (Err(e), Vec::new()),
+            };
+            let _ = committed.send(answer);
+            if !instances.is_empty() {
+                api.cast_build(&task_log, &task_context, instances, image, hints, min_count)
                     .await;
             }
         });
-        let uuids = answer
+        let uuids: Vec<String> = answer
             .await
             .map_err(|_| ApiError::Internal("the create task stopped".into()))??;
         info!(call.log, "servers accepted"; "count" => uuids.len(), "first" => &uuids[0], "flavor" => &flavor.name);
@@ -375,7 +381,7 @@ impl Api {
         context: &proto::RequestContext,
         rows: Vec<NewInstance>,
         min_count: i64,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<Instance>, ApiError> {
         let request_id = context.request_id.clone();
         let limits = self.quota.limits();
         let min = usize::try_from(min_count).unwrap_or(1);
@@ -385,7 +391,7 @@ impl Api {
             .await
             .ok_or_else(|| ApiError::Internal("the writer of creates stopped".into()))??
             .map_err(|exceeded| ApiError::Forbidden(exceeded.to_string()))?;
-        Ok(created.into_iter().map(|i| i.uuid).collect())
+        Ok(created)
     }
 
     /// Casts `build_instances`; if the conductor does not take it, the rows go to ERROR with the
@@ -394,14 +400,24 @@ impl Api {
         &self,
         log: &slog::Logger,
         context: &proto::RequestContext,
-        uuids: Vec<String>,
+        instances: Vec<Instance>,
+        image: Image,
         hints: proto::SchedulerHints,
         min_count: i64,
     ) {
+        let uuids: Vec<String> = instances.iter().map(|i| i.uuid.clone()).collect();
+        // The specs as the conductor would read them back; none if one cannot be made (the
+        // conductor then reads them all).
+        let specs = instances
+            .into_iter()
+            .map(|instance| conductor::request_spec_of_new(instance, image.clone(), hints.clone()))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         let build = BuildInstances {
             instance_uuids: uuids.clone(),
             hints,
             min_count: u32::try_from(min_count).unwrap_or(1),
+            specs,
         };
         let Err(e) = self.conductors.cast(&self.rpc, context, &build).await else {
             return;

@@ -484,17 +484,11 @@ impl Conductor {
         context: &RequestContext,
         args: BuildInstances,
     ) -> usize {
-        let mut specs = Vec::with_capacity(args.instance_uuids.len());
-        for uuid in args.instance_uuids {
-            let db = self.db.clone();
-            let hints = args.hints.clone();
-            let lookup = uuid.clone();
-            match tokio::task::spawn_blocking(move || request_spec(&db, &lookup, hints)).await {
-                Ok(Ok(spec)) => specs.push(spec),
-                Ok(Err(e)) => self.fail(log, &uuid, e.to_string()).await,
-                Err(e) => self.fail(log, &uuid, e.to_string()).await,
-            }
-        }
+        let specs = if sent_specs_match(&args) {
+            args.specs
+        } else {
+            self.read_specs(log, args.instance_uuids, &args.hints).await
+        };
         if specs.is_empty() {
             return 0;
         }
@@ -528,6 +522,28 @@ impl Conductor {
                 0
             }
         }
+    }
+
+    /// The instances' request specs, read from the database (a build from an API before 1.4);
+    /// those that cannot be made end in ERROR.
+    async fn read_specs(
+        &self,
+        log: &Logger,
+        uuids: Vec<String>,
+        hints: &proto::SchedulerHints,
+    ) -> Vec<RequestSpec> {
+        let mut specs = Vec::with_capacity(uuids.len());
+        for uuid in uuids {
+            let db = self.db.clone();
+            let hints = hints.clone();
+            let lookup = uuid.clone();
+            match tokio::task::spawn_blocking(move || request_spec(&db, &lookup, hints)).await {
+                Ok(Ok(spec)) => specs.push(spec),
+                Ok(Err(e)) => self.fail(log, &uuid, e.to_string()).await,
+                Err(e) => self.fail(log, &uuid, e.to_string()).await,
+            }
+        }
+        specs
     }
 
     /// A compute refused an instance: back to `scheduling`, without a host, and to a
@@ -703,6 +719,30 @@ struct FlavorSnapshot {
     extra_specs: BTreeMap<String, String>,
 }
 
+/// Whether a build carries a request spec for each of its instances, in their order (an API
+/// of 1.4 or later).
+fn sent_specs_match(args: &BuildInstances) -> bool {
+    args.specs.len() == args.instance_uuids.len()
+        && args
+            .specs
+            .iter()
+            .zip(&args.instance_uuids)
+            .all(|(spec, uuid)| spec.instance_uuid == *uuid)
+}
+
+/// The request spec the API sends with a build: made, as [`request_spec`] makes it, from the
+/// row it has just written and the image it checked. `None` for a row without a flavor
+/// snapshot (the API writes one into every row).
+pub fn request_spec_of_new(
+    instance: db::Instance,
+    image: db::Image,
+    hints: proto::SchedulerHints,
+) -> Option<RequestSpec> {
+    let snapshot: FlavorSnapshot = serde_json::from_str(&instance.flavor_snapshot).ok()?;
+    let name = snapshot.name?;
+    Some(spec_of(instance, image, name, snapshot.extra_specs, hints))
+}
+
 /// The request spec for one instance, from its row and its image (as Nova's conductor builds it).
 fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<RequestSpec, DbError> {
     let (instance, image) = db
@@ -735,7 +775,17 @@ fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<Req
             (name, extra_specs)
         }
     };
-    Ok(RequestSpec {
+    Ok(spec_of(instance, image, flavor_name, extra_specs, hints))
+}
+
+fn spec_of(
+    instance: db::Instance,
+    image: db::Image,
+    flavor_name: String,
+    extra_specs: BTreeMap<String, String>,
+    hints: proto::SchedulerHints,
+) -> RequestSpec {
+    RequestSpec {
         instance_uuid: instance.uuid,
         display_name: instance.display_name,
         project_id: instance.project_id,
@@ -757,7 +807,7 @@ fn request_spec(db: &Db, uuid: &str, hints: proto::SchedulerHints) -> Result<Req
         },
         hints,
         retry: RetrySpec::default(),
-    })
+    }
 }
 
 fn fixed_ip_info(ip: db::FixedIp) -> FixedIpInfo {
@@ -882,6 +932,15 @@ mod tests {
             ("m1.old", 1, 512)
         );
         assert_eq!(spec.flavor.extra_specs["queue_name"], "then");
+
+        // The API makes the same spec from the row it wrote and the image it checked; from a
+        // row without a snapshot it makes none (the conductor then reads the flavor).
+        let of_new = |uuid: &str| {
+            let (row, image) = db.instance_and_image(uuid).unwrap().unwrap();
+            request_spec_of_new(row, image.unwrap(), Default::default())
+        };
+        assert_eq!(of_new("i-2"), Some(spec));
+        assert_eq!(of_new("i-1"), None);
 
         assert!(matches!(
             request_spec(&db, "i-404", Default::default()),

@@ -11,8 +11,8 @@ use integration::{
     admin, client, server_body, spec_for, test_log, three_hosts, Fabric, FabricOptions, HostSpec,
 };
 use proto::{
-    ComputeRunInstance, ConductorApi, Limits, Method, ProtoError, RemoteError, RetrySpec, Rpc,
-    RpcOptions, StartSpawning,
+    BuildInstances, ComputeRunInstance, ConductorApi, Limits, Method, ProtoError, RemoteError,
+    RetrySpec, Rpc, RpcOptions, StartSpawning,
 };
 
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
@@ -257,5 +257,64 @@ async fn a_whole_fabric_runs_on_curve_and_keys_reach_the_services_table() {
         })
         .await
         .expect("deleted");
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conductor_schedules_the_specs_a_build_carries_and_reads_those_it_lacks() {
+    let fabric = Fabric::start_with(
+        &[HostSpec::new("node-1", 8, 16_384, 160)],
+        FabricOptions::default(),
+        test_log(),
+    )
+    .await
+    .expect("fabric starts");
+    fabric.wait_for_queue_rebuild().await;
+    let rpc = client(&test_log());
+    let conductor = fabric.rpc().conductors[0].clone();
+    let build = |uuid: &str, specs| BuildInstances {
+        instance_uuids: vec![uuid.to_string()],
+        hints: Default::default(),
+        min_count: 1,
+        specs,
+    };
+    // A hint only the sent spec has, for a host that does not exist: the build can end in
+    // ERROR only if the conductor scheduled that spec rather than one read from the row.
+    let sent = |uuid: &str| {
+        let mut spec = spec_for(uuid, RetrySpec::default());
+        spec.hints.scheduler_host = Some("node-404".into());
+        spec
+    };
+
+    let uuid = fabric.insert_waiting_instance();
+    rpc.cast(&conductor, &admin(), &build(&uuid, vec![sent(&uuid)]))
+        .await
+        .expect("the conductor takes the cast");
+    let server = fabric
+        .wait_until_built(&uuid, BUILD_LIMIT)
+        .await
+        .expect("ended");
+    assert_eq!(server["status"], "ERROR", "{server}");
+    assert!(
+        server["fault"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("No valid host")),
+        "{server}"
+    );
+
+    // An API before 1.4 sends no specs, and specs that are not the build's instances' are
+    // not taken: the conductor reads each instance, whose row has no hint.
+    let other = fabric.insert_waiting_instance();
+    for specs in [Vec::new(), vec![sent(&other)]] {
+        let uuid = fabric.insert_waiting_instance();
+        rpc.cast(&conductor, &admin(), &build(&uuid, specs))
+            .await
+            .expect("the conductor takes the cast");
+        let server = fabric
+            .wait_until_built(&uuid, BUILD_LIMIT)
+            .await
+            .expect("built");
+        assert_eq!(server["status"], "ACTIVE", "{server}");
+    }
     fabric.stop().await;
 }

@@ -10,9 +10,10 @@ use crate::ProtoError;
 /// optional fields, which older peers ignore, or methods, which older peers answer with
 /// `NoSuchMethod` (the caller then does without). 1.1: `start_spawning`. 1.2: batch frames
 /// ([`write_batch`]), which a peer sends only to peers that answered it as 1.2 or later.
-/// 1.3: `new_run_instance` to a compute carries the fixed IP of the scheduler's claim.
+/// 1.3: `new_run_instance` to a compute carries the fixed IP of the scheduler's claim. 1.4:
+/// `build_instances` carries the request specs.
 pub const PROTOCOL_MAJOR: u16 = 1;
-pub const PROTOCOL_MINOR: u16 = 3;
+pub const PROTOCOL_MINOR: u16 = 4;
 /// The first minor version that reads batch frames.
 pub(crate) const BATCHES_SINCE_MINOR: u16 = 2;
 

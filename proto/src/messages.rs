@@ -246,6 +246,11 @@ pub struct BuildInstances {
     /// How many of the instances must find a host for any of them to be built.
     #[serde(default = "one")]
     pub min_count: u32,
+    /// The instances' request specs, in the order of `instance_uuids`, made by the API from the
+    /// rows it has just written (as Nova's API hands its RequestSpec on). Empty from an API
+    /// before 1.4: the conductor then reads each instance and its image. Protocol 1.4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub specs: Vec<RequestSpec>,
 }
 
 fn one() -> u32 {
@@ -654,6 +659,7 @@ mod tests {
                 instance_uuids: vec!["i-1".into(), "i-2".into()],
                 hints: spec.hints.clone(),
                 min_count: 2,
+                specs: vec![spec.clone(), spec.clone()],
             }
         );
         check!(
