@@ -263,11 +263,7 @@ impl Db {
             if updated == 0 {
                 return Err(instance_not_found(uuid));
             }
-            insert_fault(conn, fault)?;
-            // An instance in error runs nowhere: whatever was placed for it is free again.
-            release_allocation(conn, uuid)?;
-            release_fixed_ip(conn, uuid)?;
-            Ok(())
+            record_error(conn, uuid, fault)
         })
     }
 
@@ -331,9 +327,46 @@ impl Db {
             if updated == 0 {
                 return Ok(false);
             }
-            insert_fault(conn, fault)?;
-            release_allocation(conn, uuid)?;
-            release_fixed_ip(conn, uuid)?;
+            record_error(conn, uuid, fault)?;
+            Ok(true)
+        })
+    }
+
+    /// As [`Db::instance_set_error`], for a build no host was found for: only while it still
+    /// waits for a placement (`building`, task `scheduling`, on no host or on `moving_from`,
+    /// the host it was being moved from). False, and nothing changed, when it is gone, or when
+    /// another placement took it meanwhile: a duplicate of its request, sent to another
+    /// scheduler when the first was slow to acknowledge it, may have placed it.
+    pub fn instance_set_error_if_unplaced(
+        &self,
+        uuid: &str,
+        fault: &NewFault,
+        moving_from: Option<&str>,
+    ) -> Result<bool> {
+        let mut conn = self.writer()?;
+        conn.write_transaction(|conn| {
+            let updated = diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(uuid))
+                    .filter(instances::vm_state.eq("building"))
+                    .filter(instances::task_state.eq("scheduling"))
+                    .filter(
+                        instances::host
+                            .is_null()
+                            .or(instances::host.eq(moving_from)),
+                    ),
+            )
+            .set((
+                instances::vm_state.eq("error"),
+                instances::task_state.eq(None::<String>),
+                instances::updated_at.eq(now()),
+            ))
+            .execute(conn)?;
+            if updated == 0 {
+                return Ok(false);
+            }
+            record_error(conn, uuid, fault)?;
             Ok(true)
         })
     }
@@ -459,6 +492,15 @@ pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
     if updated == 0 {
         return Err(instance_not_found(uuid));
     }
+    release_allocation(conn, uuid)?;
+    release_fixed_ip(conn, uuid)?;
+    Ok(())
+}
+
+/// What goes with an instance's change to `error`, inside the caller's transaction: the fault,
+/// and whatever was placed for it, which is free again (an instance in error runs nowhere).
+fn record_error(conn: &mut AnyConnection, uuid: &str, fault: &NewFault) -> Result<()> {
+    insert_fault(conn, fault)?;
     release_allocation(conn, uuid)?;
     release_fixed_ip(conn, uuid)?;
     Ok(())

@@ -13,7 +13,7 @@
 use diesel::prelude::*;
 
 use crate::kept::Kept;
-use crate::networks::{take_fixed_ip, FixedIp};
+use crate::networks::{release_fixed_ip, take_fixed_ip, FixedIp};
 use crate::schema::{allocations, compute_nodes, flavor_extra_specs, instances};
 use crate::AnyConnection;
 use crate::{now, Db, DbError, Result};
@@ -89,10 +89,29 @@ impl Db {
         })
     }
 
-    /// Gives back what an instance holds; `false` when it held nothing.
-    pub fn allocation_release(&self, instance_uuid: &str) -> Result<bool> {
+    /// Undoes a claim whose batch was given up (all or nothing): the allocation, the fixed IP,
+    /// and the host and node of an instance still waiting to be built, which then waits for a
+    /// placement as before any claim; `false` when it held no allocation.
+    pub fn claim_undo(&self, instance_uuid: &str) -> Result<bool> {
         let mut conn = self.writer()?;
-        Ok(conn.write_transaction(|conn| release_allocation(conn, instance_uuid))?)
+        conn.write_transaction(|conn| {
+            let held = release_allocation(conn, instance_uuid)?;
+            release_fixed_ip(conn, instance_uuid)?;
+            diesel::update(
+                instances::table
+                    .filter(instances::deleted.eq(0))
+                    .filter(instances::uuid.eq(instance_uuid))
+                    .filter(instances::vm_state.eq("building"))
+                    .filter(instances::task_state.eq("scheduling")),
+            )
+            .set((
+                instances::host.eq(None::<String>),
+                instances::node.eq(None::<String>),
+                instances::updated_at.eq(now()),
+            ))
+            .execute(conn)?;
+            Ok(held)
+        })
     }
 
     /// The node an instance's resources are placed on, with what it holds there.
@@ -607,6 +626,71 @@ mod tests {
     }
 
     #[test]
+    fn no_valid_host_ends_a_build_only_while_it_waits_for_a_placement() {
+        let (_dir, db) = open_temp();
+        let node_1 = node(&db, "node-1", 2);
+        let fault = |uuid: &str| NewFault {
+            instance_uuid: uuid.into(),
+            code: 500,
+            message: "No valid host was found.".into(),
+            details: String::new(),
+            host: None,
+        };
+        let vm_state = |uuid: &str| db.instance_get(uuid).unwrap().unwrap().vm_state;
+
+        db.instance_create(&instance("waiting"), "req-1").unwrap();
+        assert!(db
+            .instance_set_error_if_unplaced("waiting", &fault("waiting"), None)
+            .unwrap());
+        assert_eq!(vm_state("waiting"), "error");
+
+        // Placed by a duplicate of its request: that build goes on.
+        db.instance_create(&instance("placed"), "req-1").unwrap();
+        assert!(db
+            .allocation_claim(&claim("placed", node_1))
+            .unwrap()
+            .is_claimed());
+        assert!(!db
+            .instance_set_error_if_unplaced("placed", &fault("placed"), None)
+            .unwrap());
+        assert_eq!(vm_state("placed"), "building");
+        assert_eq!(placed(&db, node_1), ONE);
+        // The scheduler that was moving it from node-1 found no other host: it ends, and
+        // node-1 is free again.
+        assert!(db
+            .instance_set_error_if_unplaced("placed", &fault("placed"), Some("node-1"))
+            .unwrap());
+        assert_eq!(vm_state("placed"), "error");
+        assert_eq!(placed(&db, node_1), Placed::default());
+
+        // A claim its batch gave up leaves the instance as before any claim.
+        db.instance_create(&instance("undone"), "req-1").unwrap();
+        assert!(db
+            .allocation_claim(&claim("undone", node_1))
+            .unwrap()
+            .is_claimed());
+        assert!(!db
+            .fixed_ips_of_instances(&["undone".into()])
+            .unwrap()
+            .is_empty());
+        assert!(db.claim_undo("undone").unwrap());
+        let row = db.instance_get("undone").unwrap().unwrap();
+        assert_eq!((row.host, row.node), (None, None));
+        assert!(db
+            .fixed_ips_of_instances(&["undone".into()])
+            .unwrap()
+            .is_empty());
+        assert_eq!(placed(&db, node_1), Placed::default());
+        assert!(db
+            .instance_set_error_if_unplaced("undone", &fault("undone"), None)
+            .unwrap());
+        // One no longer building is left alone.
+        assert!(!db
+            .instance_set_error_if_unplaced("undone", &fault("undone"), None)
+            .unwrap());
+    }
+
+    #[test]
     fn delete_error_and_reschedule_give_back_exactly_once() {
         let (_dir, db) = open_temp();
         let node_1 = node(&db, "node-1", 2);
@@ -638,7 +722,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(placed(&db, node_1), Placed::default());
-        assert!(!db.allocation_release("b").unwrap(), "already given back");
+        assert!(!db.claim_undo("b").unwrap(), "already given back");
 
         // A compute reporting a failed build (an update to error) gives it back too.
         db.instance_create(&instance("c"), "req-1").unwrap();

@@ -551,6 +551,38 @@ impl Fabric {
         uuid
     }
 
+    /// Places m1.tiny instance `uuid` on `host`'s node as a scheduler's claim does (its limits
+    /// those of an 8-vCPU, 16 GiB, 160 GB host); returns the fixed IP the claim took.
+    pub fn claim_on(&self, uuid: &str, host: &str) -> db::FixedIp {
+        let node_id = self
+            .db
+            .compute_nodes()
+            .expect("nodes")
+            .into_iter()
+            .find(|n| n.host == host)
+            .unwrap_or_else(|| panic!("{host} has no node"))
+            .id;
+        let claim = db::AllocationClaim {
+            instance_uuid: uuid.to_string(),
+            node_id,
+            usage: db::Placed {
+                vcpus: 1,
+                memory_mb: 512,
+                disk_mb: 1024,
+            },
+            limits: db::Placed {
+                vcpus: 8,
+                memory_mb: 16_384,
+                disk_mb: 160 * 1024,
+            },
+            moving_from: None,
+        };
+        match self.db.allocation_claim(&claim).expect("claim") {
+            db::ClaimOutcome::Claimed(Some(ip)) => ip,
+            other => panic!("the claim on {host} placed nothing: {other:?}"),
+        }
+    }
+
     /// The RPC endpoints of the services: `conductor`, `scheduler` and `schedulers`.
     pub fn rpc(&self) -> &proto::service::RpcConfig {
         &self.rpc

@@ -13,7 +13,7 @@ use integration::{
     admin, building_row, client, server_body, spec_for, test_log, three_hosts, with_hints, Fabric,
     FabricOptions, HostSpec, IMAGE,
 };
-use proto::{QueueSummary, RebuildQueue, RescheduleInstance, RetrySpec};
+use proto::{QueueSummary, RebuildQueue, RescheduleInstance, RetrySpec, ScheduleRunInstance};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(30);
 
@@ -452,36 +452,9 @@ async fn a_late_copy_of_a_build_placed_elsewhere_changes_nothing() {
         .expect("fabric starts");
     let rpc = client(&test_log());
     let node_1 = fabric.compute_endpoint("node-1");
-    let node_2_id = fabric
-        .db
-        .compute_nodes()
-        .expect("nodes")
-        .into_iter()
-        .find(|n| n.hypervisor_hostname == "node-2")
-        .expect("node-2")
-        .id;
     // Placed on node-2, as a scheduler's claim leaves it.
     let uuid = fabric.insert_waiting_instance();
-    let one = db::Placed {
-        vcpus: 1,
-        memory_mb: 512,
-        disk_mb: 1024,
-    };
-    let claim = db::AllocationClaim {
-        instance_uuid: uuid.clone(),
-        node_id: node_2_id,
-        usage: one,
-        limits: db::Placed {
-            vcpus: 8,
-            memory_mb: 16_384,
-            disk_mb: 160 * 1024,
-        },
-        moving_from: None,
-    };
-    let db::ClaimOutcome::Claimed(Some(ip)) = fabric.db.allocation_claim(&claim).expect("claim")
-    else {
-        panic!("the claim placed nothing");
-    };
+    let ip = fabric.claim_on(&uuid, "node-2");
     let placed = fabric.db.instance_get(&uuid).expect("read").expect("row");
     let address = proto::FixedIpInfo {
         address: ip.address,
@@ -688,5 +661,47 @@ async fn an_operator_can_rebuild_the_queue_at_once() {
         .expect("answered");
     assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
     rpc.shutdown();
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_request_that_finds_no_host_leaves_the_placed_build_alone() {
+    let fabric = Fabric::start_with(&three_hosts(), FabricOptions::default(), test_log())
+        .await
+        .expect("fabric starts");
+    let rpc = client(&test_log());
+    // One scheduler's claim placed the instance on node-2; a duplicate of its request (sent
+    // on when the first scheduler was slow to acknowledge it) finds no host: a hint for a host
+    // that does not exist. Behind it in the same batch, an instance that waits for a host.
+    let placed = fabric.insert_waiting_instance();
+    fabric.claim_on(&placed, "node-2");
+    let waiting = fabric.insert_waiting_instance();
+    let nowhere = |uuid: &str| {
+        let mut spec = spec_for(uuid, RetrySpec::default());
+        spec.hints.scheduler_host = Some("node-404".into());
+        spec
+    };
+    let duplicate = ScheduleRunInstance {
+        specs: vec![nowhere(&placed), nowhere(&waiting)],
+        min_count: 1,
+    };
+    rpc.cast(&fabric.rpc().scheduler, &admin(), &duplicate)
+        .await
+        .expect("the scheduler takes the cast");
+
+    let ended = fabric
+        .wait_until_built(&waiting, BUILD_LIMIT)
+        .await
+        .expect("the waiting instance ends");
+    assert_eq!(ended["status"], "ERROR", "{ended}");
+    let row = fabric.db.instance_get(&placed).expect("read").expect("row");
+    assert_eq!(
+        (row.vm_state.as_str(), row.host.as_deref()),
+        ("building", Some("node-2"))
+    );
+    assert!(
+        fabric.db.allocation_get(&placed).expect("read").is_some(),
+        "its allocation stays"
+    );
     fabric.stop().await;
 }

@@ -788,7 +788,7 @@ impl Scheduler {
                     self.config.max_attempts,
                     spec.retry.hosts.join(", ")
                 );
-                self.no_valid_host(log, &spec, &reason).await;
+                self.no_valid_host(log, &spec, &reason, moving_from).await;
             } else {
                 pending.push(spec);
             }
@@ -800,7 +800,7 @@ impl Scheduler {
             Ok(request) => request,
             Err(reason) => {
                 for spec in &pending {
-                    self.no_valid_host(log, spec, &reason).await;
+                    self.no_valid_host(log, spec, &reason, moving_from).await;
                 }
                 return Vec::new();
             }
@@ -812,7 +812,7 @@ impl Scheduler {
                 pending.len()
             );
             for spec in &pending {
-                self.no_valid_host(log, spec, &reason).await;
+                self.no_valid_host(log, spec, &reason, moving_from).await;
             }
             return Vec::new();
         }
@@ -824,7 +824,8 @@ impl Scheduler {
                 drop(queue);
                 self.metrics.walk_failed(&err);
                 for spec in &pending {
-                    self.no_valid_host(log, spec, &err.reason).await;
+                    self.no_valid_host(log, spec, &err.reason, moving_from)
+                        .await;
                 }
                 return Vec::new();
             }
@@ -887,10 +888,9 @@ impl Scheduler {
                 self.release_charge(&mut queue, generation, &placement.hostname, &request);
                 let db = self.db.clone();
                 let uuid = spec.instance_uuid.clone();
-                if let Ok(Err(e)) =
-                    tokio::task::spawn_blocking(move || db.allocation_release(&uuid)).await
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.claim_undo(&uuid)).await
                 {
-                    warn!(log, "could not give back an allocation"; "instance" => &spec.instance_uuid, "error" => %e);
+                    warn!(log, "could not give back a claim"; "instance" => &spec.instance_uuid, "error" => %e);
                 }
                 unplaced.push((spec, String::new()));
             }
@@ -903,16 +903,16 @@ impl Scheduler {
                 why
             };
             for spec in unplaced.into_iter().map(|(spec, _)| spec).chain(leftover) {
-                self.no_valid_host(log, &spec, &reason).await;
+                self.no_valid_host(log, &spec, &reason, moving_from).await;
             }
             return Vec::new();
         }
         for (spec, reason) in unplaced {
-            self.no_valid_host(log, &spec, &reason).await;
+            self.no_valid_host(log, &spec, &reason, moving_from).await;
         }
         let reason = shortfall.unwrap_or_default();
         for spec in leftover {
-            self.no_valid_host(log, &spec, &reason).await;
+            self.no_valid_host(log, &spec, &reason, moving_from).await;
         }
         self.metrics.placed.inc_by(claimed.len() as u64);
         claimed
@@ -1094,7 +1094,13 @@ impl Scheduler {
 
     /// Puts the instance into ERROR with a "No valid host was found" fault; for a reschedule
     /// the fault also says why the last host did not take it.
-    async fn no_valid_host(&self, log: &Logger, spec: &RequestSpec, reason: &str) {
+    async fn no_valid_host(
+        &self,
+        log: &Logger,
+        spec: &RequestSpec,
+        reason: &str,
+        moving_from: Option<&str>,
+    ) {
         let uuid = spec.instance_uuid.as_str();
         let mut message = if reason.starts_with("No valid host was found") {
             reason.to_string()
@@ -1107,8 +1113,6 @@ impl Scheduler {
             }
             message.push_str(&format!(" Last failure: {last}"));
         }
-        self.metrics.no_valid_host.inc();
-        warn!(log, "no valid host"; "instance" => uuid, "reason" => &message);
         let fault = NewFault {
             instance_uuid: uuid.to_string(),
             code: 500,
@@ -1117,13 +1121,26 @@ impl Scheduler {
             host: None,
         };
         let db = self.db.clone();
+        let moving_from = moving_from.map(str::to_string);
         match tokio::task::spawn_blocking(move || {
-            db.instance_set_error(&fault.instance_uuid.clone(), &fault)
+            let ended = db.instance_set_error_if_unplaced(
+                &fault.instance_uuid,
+                &fault,
+                moving_from.as_deref(),
+            );
+            (ended, fault.message)
         })
         .await
         {
-            Ok(Ok(())) | Ok(Err(DbError::NotFound { .. })) => {}
-            Ok(Err(e)) => {
+            Ok((Ok(true), message)) => {
+                self.metrics.no_valid_host.inc();
+                warn!(log, "no valid host"; "instance" => uuid, "reason" => message);
+            }
+            // Deleted, or placed by a duplicate of this request meanwhile: that build goes on.
+            Ok((Ok(false), message)) => {
+                info!(log, "no valid host, but the instance no longer waits for one"; "instance" => uuid, "reason" => message);
+            }
+            Ok((Err(e), _)) => {
                 warn!(log, "could not record the fault"; "instance" => uuid, "error" => %e)
             }
             Err(e) => warn!(log, "could not record the fault"; "instance" => uuid, "error" => %e),
