@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
+use rand::Rng;
 use serde_json::Value;
 
 use integration::{
@@ -31,10 +32,23 @@ const HOSTS: [&str; 3] = ["node-1", "node-2", "node-3"];
 /// on the hosts (768 m1.tiny) and in the address pools, so every ERROR comes from a kill.
 const MOST_CREATES_PER_ROUND: usize = 180;
 
-/// A free loopback port (the kernel's pick; released again for the service to bind).
+/// A free loopback port for a service to bind, below the kernel's range of ephemeral ports. A
+/// port the kernel picks (`bind` to port 0) is released again for the service to bind, and in
+/// between an outgoing connection of the other test's services could take it (`Address already
+/// in use`). Below that range only explicit binds compete, and this picks among thousands.
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-    listener.local_addr().expect("probe address").port()
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let lowest = 10_000.min(first_ephemeral / 2);
+    for _ in 0..1000 {
+        let port = rand::thread_rng().gen_range(lowest..first_ephemeral);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {lowest} and {first_ephemeral}");
 }
 
 /// The directory holding the workspace's binaries: this test runs from its `deps/`.
