@@ -705,3 +705,58 @@ async fn a_duplicate_request_that_finds_no_host_leaves_the_placed_build_alone() 
     );
     fabric.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_given_up_for_min_count_undoes_its_claims() {
+    let fabric = Fabric::start_with(&three_hosts(), FabricOptions::default(), test_log())
+        .await
+        .expect("fabric starts");
+    fabric.wait_for_queue_rebuild().await;
+    let rpc = client(&test_log());
+    // Both must be placed; the second was placed by another request meanwhile, so its claim
+    // here finds it gone and the batch is given up after the first claim committed.
+    let waiting = fabric.insert_waiting_instance();
+    let elsewhere = fabric.insert_waiting_instance();
+    fabric.claim_on(&elsewhere, "node-3");
+    let batch = ScheduleRunInstance {
+        specs: vec![
+            spec_for(&waiting, RetrySpec::default()),
+            spec_for(&elsewhere, RetrySpec::default()),
+        ],
+        min_count: 2,
+    };
+    rpc.cast(&fabric.rpc().scheduler, &admin(), &batch)
+        .await
+        .expect("the scheduler takes the cast");
+
+    let ended = fabric
+        .wait_until_built(&waiting, BUILD_LIMIT)
+        .await
+        .expect("the waiting instance ends");
+    assert_eq!(ended["status"], "ERROR", "{ended}");
+    let row = fabric
+        .db
+        .instance_get(&waiting)
+        .expect("read")
+        .expect("row");
+    assert_eq!((row.host, row.node), (None, None), "its claim was undone");
+    assert!(fabric.db.allocation_get(&waiting).expect("read").is_none());
+    assert!(fabric
+        .db
+        .fixed_ips_of_instances(std::slice::from_ref(&waiting))
+        .expect("read")
+        .is_empty());
+    // Only the other request's placement is left on the books.
+    let row = fabric
+        .db
+        .instance_get(&elsewhere)
+        .expect("read")
+        .expect("row");
+    assert_eq!(
+        (row.vm_state.as_str(), row.host.as_deref()),
+        ("building", Some("node-3"))
+    );
+    let sums = fabric.db.allocation_sums().expect("sums");
+    assert_eq!(sums.len(), 1, "{sums:?}");
+    fabric.stop().await;
+}

@@ -769,7 +769,8 @@ impl Scheduler {
         }
     }
 
-    /// Finds and claims hosts for a batch; instances that get none go to ERROR here. Returns
+    /// Finds and claims hosts for a batch; instances that get none go to ERROR here (unless
+    /// they no longer wait for a placement: see [`Scheduler::no_valid_host`]). Returns
     /// each placed instance's spec (its retry now counting this host), placement and address.
     /// `moving_from`: the host this scheduler placed the batch on before, which did not take it.
     async fn place(
@@ -884,24 +885,35 @@ impl Scheduler {
                 .next()
                 .or(shortfall.take())
                 .unwrap_or_else(|| "The others were deleted meanwhile.".to_string());
+            // With the host each was placed on: one whose claim could not be undone is still
+            // there, and only this batch's fault may end it.
+            let mut given_back = Vec::with_capacity(claimed.len());
             for (spec, placement, generation, _) in claimed.drain(..) {
                 self.release_charge(&mut queue, generation, &placement.hostname, &request);
                 let db = self.db.clone();
                 let uuid = spec.instance_uuid.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.claim_undo(&uuid)).await
-                {
-                    warn!(log, "could not give back a claim"; "instance" => &spec.instance_uuid, "error" => %e);
+                match tokio::task::spawn_blocking(move || db.claim_undo(&uuid)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        warn!(log, "could not give back a claim"; "instance" => &spec.instance_uuid, "error" => %e)
+                    }
+                    Err(e) => {
+                        warn!(log, "could not give back a claim"; "instance" => &spec.instance_uuid, "error" => %e)
+                    }
                 }
-                unplaced.push((spec, String::new()));
+                given_back.push((spec, placement.host));
             }
             drop(queue);
-            let reason = if unplaced.len() + leftover.len() > 1 {
+            let reason = if given_back.len() + unplaced.len() + leftover.len() > 1 {
                 format!(
                     "Only {placed} of the {min_count} instances required could be placed. {why}"
                 )
             } else {
                 why
             };
+            for (spec, host) in given_back {
+                self.no_valid_host(log, &spec, &reason, Some(&host)).await;
+            }
             for spec in unplaced.into_iter().map(|(spec, _)| spec).chain(leftover) {
                 self.no_valid_host(log, &spec, &reason, moving_from).await;
             }
@@ -1092,8 +1104,11 @@ impl Scheduler {
             .map_err(|e| e.to_string())
     }
 
-    /// Puts the instance into ERROR with a "No valid host was found" fault; for a reschedule
-    /// the fault also says why the last host did not take it.
+    /// Puts the instance into ERROR with a "No valid host was found" fault, while it still
+    /// waits for a placement (on no host, or on `moving_from`, the host this request moves it
+    /// from): a duplicate of the request, sent to another scheduler, may have placed it, and
+    /// that build goes on. For a reschedule the fault also says why the last host did not take
+    /// it.
     async fn no_valid_host(
         &self,
         log: &Logger,
