@@ -1,5 +1,6 @@
-//! The conductor: turns `build_instances` from the API into request specs for the scheduler, and
-//! is the only database door for compute nodes (every read or write a compute needs is an RPC
+//! The conductor: sends the request specs of `build_instances` from the API on to a scheduler
+//! (making them from the database for an API before protocol 1.4), and is the only database
+//! door for compute nodes (every read or write a compute needs is an RPC
 //! here). It holds no state of its own beyond the database.
 
 mod records;
@@ -487,6 +488,10 @@ impl Conductor {
         let specs = if sent_specs_match(&args) {
             args.specs
         } else {
+            if !args.specs.is_empty() {
+                warn!(log, "the build's request specs are not its instances': reading them";
+                    "instances" => args.instance_uuids.len(), "specs" => args.specs.len());
+            }
             self.read_specs(log, args.instance_uuids, &args.hints).await
         };
         if specs.is_empty() {

@@ -380,8 +380,9 @@ pub const ALLOCATOR_PURGE_DELAY_MS: libc::c_long = 60_000;
 
 /// Sets the allocator's purge delay to [`ALLOCATOR_PURGE_DELAY_MS`] for this process.
 pub fn keep_freed_memory_a_while() {
-    // SAFETY: sets one of mimalloc's options, which it reads whenever it considers a purge;
-    // any thread may set one at any time.
+    // SAFETY: sets one of mimalloc's options, which it reads whenever it considers a purge.
+    // Called before the service's runtime starts, from its main thread (mimalloc does not
+    // promise that setting an option is safe while other threads allocate).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ALLOCATOR_PURGE_DELAY_MS) }
 }
 
@@ -537,9 +538,14 @@ mod tests {
         // the environment set it), and no other of its options defaults to 1000.
         // SAFETY: reads and sets one of mimalloc's options.
         let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // The environment may set it (also under its former name).
+        if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+            .iter()
+            .all(|name| std::env::var_os(name).is_none())
+        {
             assert!([1000, ALLOCATOR_PURGE_DELAY_MS].contains(&before));
         }
+        // Other tests' threads may allocate meanwhile: at worst one of them reads the old value.
         keep_freed_memory_a_while();
         // SAFETY: as above.
         let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };

@@ -344,7 +344,7 @@ struct CommandQueue {
     /// whose wake-up came, and those found readable (which leaves no waker with them). The
     /// others have a waker registered with the runtime and need no look until it comes, so a
     /// wait costs O(sockets ready), not O(peers): a scheduler talks to every compute host.
-    due_dealers: Mutex<Vec<String>>,
+    due_dealers: Mutex<Vec<Arc<str>>>,
 }
 
 type CommandSocket = Arc<CommandQueue>;
@@ -361,12 +361,12 @@ impl CommandQueue {
     }
 
     /// Has the task's next wait look at the DEALER to `endpoint` (for the task itself).
-    fn look_at_dealer(&self, endpoint: &str) {
-        lock(&self.due_dealers).push(endpoint.to_string());
+    fn look_at_dealer(&self, endpoint: Arc<str>) {
+        lock(&self.due_dealers).push(endpoint);
     }
 
     /// Has the next wait look at the DEALER to `endpoint`, waking the task if it waits.
-    fn dealer_due(&self, endpoint: &str) {
+    fn dealer_due(&self, endpoint: Arc<str>) {
         self.look_at_dealer(endpoint);
         if self.sleeping.swap(false, Ordering::SeqCst) {
             self.wake.notify_one();
@@ -374,7 +374,7 @@ impl CommandQueue {
     }
 
     /// The DEALERs to look at, each once.
-    fn take_due_dealers(&self) -> Vec<String> {
+    fn take_due_dealers(&self) -> Vec<Arc<str>> {
         let mut due = std::mem::take(&mut *lock(&self.due_dealers));
         due.sort_unstable();
         due.dedup();
@@ -957,7 +957,7 @@ struct Dealer {
 /// Registered with one DEALER's descriptor: when it becomes readable, marks the DEALER due
 /// and wakes the I/O task.
 struct DealerWaker {
-    endpoint: String,
+    endpoint: Arc<str>,
     commands: CommandSocket,
 }
 
@@ -967,7 +967,7 @@ impl Wake for DealerWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.commands.dealer_due(&self.endpoint);
+        self.commands.dealer_due(self.endpoint.clone());
     }
 }
 
@@ -1147,14 +1147,14 @@ impl IoTask {
         // budget), which marks its DEALER due for the next wait.
         for endpoint in self.commands.take_due_dealers() {
             // Closed since it was marked.
-            let Some(dealer) = self.dealers.get(&endpoint) else {
+            let Some(dealer) = self.dealers.get(&*endpoint) else {
                 continue;
             };
             if take_readable(&dealer.fd, &mut Context::from_waker(&dealer.waker)) {
+                ready.push(Source::Dealer(endpoint.to_string()));
                 // Found readable, the descriptor holds no waker: look again next time. (This
                 // wait ends now, so no wake-up.)
-                self.commands.look_at_dealer(&endpoint);
-                ready.push(Source::Dealer(endpoint));
+                self.commands.look_at_dealer(endpoint);
             }
         }
         ready
@@ -1256,7 +1256,7 @@ impl IoTask {
                 Ok(dealer) => {
                     self.dealers.insert(endpoint.to_string(), dealer);
                     // No waker is registered with its descriptor until it is first looked at.
-                    self.commands.look_at_dealer(endpoint);
+                    self.commands.look_at_dealer(endpoint.into());
                 }
                 Err(reason) => {
                     for request in requests {
@@ -1388,7 +1388,7 @@ impl IoTask {
         let fd = watch(&socket).map_err(|e| e.to_string())?;
         self.connections_opened += 1;
         let waker = Waker::from(Arc::new(DealerWaker {
-            endpoint: endpoint.to_string(),
+            endpoint: endpoint.into(),
             commands: self.commands.clone(),
         }));
         Ok(Dealer {
