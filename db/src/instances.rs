@@ -249,21 +249,10 @@ impl Db {
     pub fn instance_set_error(&self, uuid: &str, fault: &NewFault) -> Result<()> {
         let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
-            let updated = diesel::update(
-                instances::table
-                    .filter(instances::deleted.eq(0))
-                    .filter(instances::uuid.eq(uuid)),
-            )
-            .set((
-                instances::vm_state.eq("error"),
-                instances::task_state.eq(None::<String>),
-                instances::updated_at.eq(now()),
-            ))
-            .execute(conn)?;
-            if updated == 0 {
+            if !set_error_where(conn, uuid, fault, |live| live)? {
                 return Err(instance_not_found(uuid));
             }
-            record_error(conn, uuid, fault)
+            Ok(())
         })
     }
 
@@ -312,23 +301,9 @@ impl Db {
     pub fn instance_set_error_if_building(&self, uuid: &str, fault: &NewFault) -> Result<bool> {
         let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
-            let updated = diesel::update(
-                instances::table
-                    .filter(instances::deleted.eq(0))
-                    .filter(instances::uuid.eq(uuid))
-                    .filter(instances::vm_state.eq("building")),
-            )
-            .set((
-                instances::vm_state.eq("error"),
-                instances::task_state.eq(None::<String>),
-                instances::updated_at.eq(now()),
-            ))
-            .execute(conn)?;
-            if updated == 0 {
-                return Ok(false);
-            }
-            record_error(conn, uuid, fault)?;
-            Ok(true)
+            set_error_where(conn, uuid, fault, |live| {
+                live.filter(instances::vm_state.eq("building"))
+            })
         })
     }
 
@@ -345,29 +320,15 @@ impl Db {
     ) -> Result<bool> {
         let mut conn = self.writer()?;
         conn.write_transaction(|conn| {
-            let updated = diesel::update(
-                instances::table
-                    .filter(instances::deleted.eq(0))
-                    .filter(instances::uuid.eq(uuid))
-                    .filter(instances::vm_state.eq("building"))
+            set_error_where(conn, uuid, fault, |live| {
+                live.filter(instances::vm_state.eq("building"))
                     .filter(instances::task_state.eq("scheduling"))
                     .filter(
                         instances::host
                             .is_null()
                             .or(instances::host.eq(moving_from)),
-                    ),
-            )
-            .set((
-                instances::vm_state.eq("error"),
-                instances::task_state.eq(None::<String>),
-                instances::updated_at.eq(now()),
-            ))
-            .execute(conn)?;
-            if updated == 0 {
-                return Ok(false);
-            }
-            record_error(conn, uuid, fault)?;
-            Ok(true)
+                    )
+            })
         })
     }
 
@@ -497,13 +458,41 @@ pub(crate) fn destroy(conn: &mut AnyConnection, uuid: &str) -> Result<()> {
     Ok(())
 }
 
-/// What goes with an instance's change to `error`, inside the caller's transaction: the fault,
-/// and whatever was placed for it, which is free again (an instance in error runs nowhere).
-fn record_error(conn: &mut AnyConnection, uuid: &str, fault: &NewFault) -> Result<()> {
+/// The live instance `uuid` as an UPDATE to narrow with more filters.
+type LiveInstance<'a> = diesel::query_builder::BoxedUpdateStatement<
+    'a,
+    <AnyConnection as diesel::Connection>::Backend,
+    instances::table,
+>;
+
+/// Puts the live instance `uuid` into `error` where `only_if` (more filters on it) holds, with
+/// its fault and without whatever was placed for it, which is free again (an instance in error
+/// runs nowhere), inside the caller's transaction; false, and nothing changed, where it does
+/// not hold.
+fn set_error_where<'a>(
+    conn: &mut AnyConnection,
+    uuid: &'a str,
+    fault: &NewFault,
+    only_if: impl FnOnce(LiveInstance<'a>) -> LiveInstance<'a>,
+) -> Result<bool> {
+    let live = diesel::update(instances::table)
+        .filter(instances::deleted.eq(0))
+        .filter(instances::uuid.eq(uuid))
+        .into_boxed();
+    let updated = only_if(live)
+        .set((
+            instances::vm_state.eq("error"),
+            instances::task_state.eq(None::<String>),
+            instances::updated_at.eq(now()),
+        ))
+        .execute(conn)?;
+    if updated == 0 {
+        return Ok(false);
+    }
     insert_fault(conn, fault)?;
     release_allocation(conn, uuid)?;
     release_fixed_ip(conn, uuid)?;
-    Ok(())
+    Ok(true)
 }
 
 /// The body of [`Db::instance_update_expecting_task`], inside the caller's write transaction.
