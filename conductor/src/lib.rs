@@ -1,7 +1,7 @@
 //! The conductor: sends the request specs of `build_instances` from the API on to a scheduler
 //! (making them from the database for an API before protocol 1.4), and is the only database
-//! door for compute nodes (every read or write a compute needs is an RPC
-//! here). It holds no state of its own beyond the database.
+//! door for compute nodes (every read or write a compute needs is an RPC here). It holds no
+//! state of its own beyond the database.
 
 mod records;
 

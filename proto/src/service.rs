@@ -374,7 +374,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long the allocator keeps memory a service freed before it gives it back to the kernel.
 /// mimalloc's default, a second, gives back the heap a burst of requests built up as soon as
 /// the burst ends, and the next burst faults it back in page by page: about 18,000 page faults
-/// in the API per run of 2,000 creates, an eighth of its CPU. A minute keeps the heap of a
+/// in the API per run of 2,000 creates, 14% of its profile samples. A minute keeps the heap of a
 /// service that is busy now and then, and still gives back what a one-off peak took.
 pub const ALLOCATOR_PURGE_DELAY_MS: libc::c_long = 60_000;
 
