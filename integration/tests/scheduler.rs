@@ -665,6 +665,62 @@ async fn an_operator_can_rebuild_the_queue_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_connects_to_a_queued_host_before_its_first_build() {
+    let fabric = Fabric::start(&three_hosts(), test_log())
+        .await
+        .expect("fabric starts");
+    // A host whose endpoint is a bare TCP listener: any connection to it is the scheduler's,
+    // since nothing is built there.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    fabric
+        .db
+        .service_upsert(
+            "node-ahead",
+            "zova-compute",
+            "compute",
+            &format!("tcp://127.0.0.1:{port}"),
+            None,
+        )
+        .expect("register");
+    fabric
+        .db
+        .compute_node_upsert(&db::ComputeNodeValues {
+            host: "node-ahead".into(),
+            hypervisor_hostname: "node-ahead".into(),
+            hypervisor_type: "QEMU".into(),
+            vcpus: 4,
+            memory_mb: 4096,
+            local_gb: 40,
+            vcpus_used: 0,
+            memory_mb_used: 0,
+            local_gb_used: 0,
+            running_vms: 0,
+            extra_resources: "{}".into(),
+        })
+        .expect("report");
+    let log = test_log();
+    let rpc = client(&log);
+    let summary: QueueSummary = rpc
+        .call(&fabric.rpc().scheduler, &admin(), &RebuildQueue {})
+        .await
+        .expect("rebuilt");
+    assert!(
+        summary.hosts.iter().any(|h| h.hostname == "node-ahead"),
+        "{summary:?}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await;
+    assert!(
+        matches!(accepted, Ok(Ok(_))),
+        "the scheduler did not connect to the queued host: {accepted:?}"
+    );
+    rpc.shutdown();
+    fabric.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_request_that_finds_no_host_leaves_the_placed_build_alone() {
     let fabric = Fabric::start_with(&three_hosts(), FabricOptions::default(), test_log())
         .await

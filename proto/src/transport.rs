@@ -327,6 +327,9 @@ enum Command {
     Rekey {
         endpoint: String,
     },
+    Connect {
+        endpoints: Vec<String>,
+    },
     Close,
 }
 
@@ -699,6 +702,15 @@ impl Rpc {
             });
         }
         Ok(())
+    }
+
+    /// Opens the connections to `endpoints` that are not open yet, without sending anything,
+    /// so that the first request to each does not wait for its TCP and ZeroMQ handshakes. A
+    /// connection that cannot be opened is left to the first request, which reports why.
+    pub fn connect_ahead(&self, endpoints: Vec<String>) {
+        if !endpoints.is_empty() {
+            self.command(Command::Connect { endpoints });
+        }
     }
 
     /// Sends a one-way request and returns once the peer has acknowledged it.
@@ -1211,6 +1223,13 @@ impl IoTask {
                     connection,
                     "the connection was reset after another request to it timed out",
                 ),
+                Command::Connect { endpoints } => {
+                    for endpoint in endpoints {
+                        if let Err(reason) = self.dealer_for(&endpoint) {
+                            debug!(self.log, "not connected ahead"; "endpoint" => &endpoint, "reason" => reason);
+                        }
+                    }
+                }
                 Command::Rekey { endpoint } => {
                     let key = self.server_key_for(&endpoint);
                     let stale = self
@@ -1251,20 +1270,11 @@ impl IoTask {
     /// Sends `requests` to the peer at `endpoint`, opening its DEALER if need be: several to a
     /// frame when the peer reads batch frames, else one each.
     fn send_to_peer(&mut self, endpoint: &str, requests: &[Outgoing]) {
-        if !self.dealers.contains_key(endpoint) {
-            match self.open_dealer(endpoint) {
-                Ok(dealer) => {
-                    self.dealers.insert(endpoint.to_string(), dealer);
-                    // No waker is registered with its descriptor until it is first looked at.
-                    self.commands.look_at_dealer(endpoint.into());
-                }
-                Err(reason) => {
-                    for request in requests {
-                        self.refuse_request(endpoint, request.msg_id, &reason);
-                    }
-                    return;
-                }
+        if let Err(reason) = self.dealer_for(endpoint) {
+            for request in requests {
+                self.refuse_request(endpoint, request.msg_id, &reason);
             }
+            return;
         }
         let batches = self.dealers.get(endpoint).is_some_and(|d| d.batches);
         // Room for the batch frame's own header (at most 5 bytes) under the size limit.
@@ -1362,6 +1372,17 @@ impl IoTask {
             };
             finish(entry.waiter, Err(err));
         }
+    }
+
+    /// Opens the DEALER to `endpoint` unless it is open.
+    fn dealer_for(&mut self, endpoint: &str) -> Result<(), String> {
+        if !self.dealers.contains_key(endpoint) {
+            let dealer = self.open_dealer(endpoint)?;
+            self.dealers.insert(endpoint.to_string(), dealer);
+            // No waker is registered with its descriptor until it is first looked at.
+            self.commands.look_at_dealer(endpoint.into());
+        }
+        Ok(())
     }
 
     fn open_dealer(&mut self, endpoint: &str) -> Result<Dealer, String> {
