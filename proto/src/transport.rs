@@ -654,6 +654,7 @@ impl Rpc {
             commands: commands.clone(),
             metrics: metrics.clone(),
             context,
+            more_contexts: Vec::new(),
         };
         let io: SharedIo = Arc::new(Mutex::new(Some(io)));
         let task = run_io(io.clone(), commands.clone(), pending.clone());
@@ -1038,6 +1039,8 @@ struct IoTask {
     commands: CommandSocket,
     metrics: RpcMetrics,
     context: zmq::Context,
+    /// Contexts opened for DEALERs once `context` was full (see `dealer_socket`).
+    more_contexts: Vec<zmq::Context>,
 }
 
 /// A socket to read from.
@@ -1394,8 +1397,10 @@ impl IoTask {
                     .into(),
             );
         }
+        let socket = self
+            .dealer_socket()
+            .map_err(|e| format!("cannot connect to it: {e}"))?;
         let open = || -> Result<zmq::Socket, zmq::Error> {
-            let socket = self.context.socket(zmq::DEALER)?;
             apply_options(&socket, &self.options)?;
             if let (Some(keys), Some(server_key)) = (&self.curve, &server_key) {
                 socket.set_curve_serverkey(server_key)?;
@@ -1420,6 +1425,23 @@ impl IoTask {
             batches: false,
             waker,
         })
+    }
+
+    /// A new DEALER socket. libzmq holds at most 1,023 sockets in a context (ZMQ_MAX_SOCKETS,
+    /// which the zmq crate cannot raise), so a scheduler or an API with more compute hosts than
+    /// that takes another context (one more I/O thread) for each further thousand.
+    fn dealer_socket(&mut self) -> Result<zmq::Socket, zmq::Error> {
+        for context in std::iter::once(&self.context).chain(&self.more_contexts) {
+            match context.socket(zmq::DEALER) {
+                Err(zmq::Error::EMFILE) => continue,
+                made => return made,
+            }
+        }
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::DEALER)?;
+        debug!(self.log, "opened another ZeroMQ context for connections"; "contexts" => self.more_contexts.len() + 2);
+        self.more_contexts.push(context);
+        Ok(socket)
     }
 
     /// The key a DEALER to `endpoint` authenticates the server with; None in plain mode.

@@ -86,6 +86,54 @@ async fn cast_is_acknowledged_and_call_is_answered() {
     assert_eq!(answer, ctx.request_id);
 }
 
+/// Raises this process's soft limit on open files to `wanted` (at most the hard limit).
+fn raise_open_files_limit(wanted: libc::rlim_t) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only read or write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_reaches_more_peers_than_one_zeromq_context_holds() {
+    raise_open_files_limit(4096);
+    let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), fast()).expect("bind");
+    let mut seen = serve(rx.expect("server receiver"));
+    let endpoint = server.endpoint().expect("endpoint").to_string();
+    let patient = RpcOptions {
+        reconnect_ivl: Duration::from_secs(60),
+        reconnect_ivl_max: Duration::from_secs(60),
+        ..fast()
+    };
+    let (client, _) = Rpc::start(log(), None, patient).expect("client");
+    // 1,100 connections to endpoints nobody listens on (each tried once, as the reconnect
+    // interval is long) fill the 1,023 sockets of the client's context.
+    let port = dead_endpoint()
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_string();
+    client.connect_ahead(
+        (0..1100)
+            .map(|i| format!("tcp://127.0.{}.{}:{port}", i / 250, i % 250 + 1))
+            .collect(),
+    );
+    client
+        .cast(&endpoint, &RequestContext::internal("p"), &beat("node-1"))
+        .await
+        .expect("cast acknowledged");
+    assert_eq!(seen.recv().await.as_deref(), Some("node-1"));
+    client.shutdown();
+    server.shutdown();
+}
+
 #[tokio::test]
 async fn cast_to_a_dead_peer_fails_fast() {
     let (client, _) = Rpc::start(log(), None, fast()).expect("client");
