@@ -328,6 +328,37 @@ impl Client {
             }
         }
     }
+
+    /// Every page of the hypervisor listing: the API gives at most `max_limit` (1,000) at once,
+    /// and a host missing from it would count as one without limits.
+    async fn hypervisors(&self) -> Result<Vec<Value>, LoadError> {
+        let mut all = Vec::new();
+        let mut path = "/os-hypervisors/detail?limit=1000".to_string();
+        loop {
+            let page = self.call(Method::GET, &path, None).await?;
+            if page.status != StatusCode::OK {
+                return Err(LoadError::Api(format!(
+                    "GET {path} (the limits check needs an admin): {} {}",
+                    page.status, page.body
+                )));
+            }
+            let hypervisors = page.body["hypervisors"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let marker = hypervisors.last().map(|h| match &h["id"] {
+                Value::String(id) => id.clone(),
+                id => id.to_string(),
+            });
+            all.extend(hypervisors);
+            match marker {
+                Some(marker) if page.body.get("hypervisors_links").is_some() => {
+                    path = format!("/os-hypervisors/detail?limit=1000&marker={marker}");
+                }
+                _ => return Ok(all),
+            }
+        }
+    }
 }
 
 /// An error with its causes: hyper-util's own message is only "client error (Connect)".
@@ -602,23 +633,9 @@ async fn run(args: Args) -> Result<(Value, bool), LoadError> {
         Some(at) if other == 0 => at.duration_since(started),
         _ => polled_until,
     };
-    let hypervisors = client
-        .call(Method::GET, "/os-hypervisors/detail", None)
-        .await?;
-    if hypervisors.status != StatusCode::OK {
-        return Err(LoadError::Api(format!(
-            "GET /os-hypervisors/detail (the limits check needs an admin): {} {}",
-            hypervisors.status, hypervisors.body
-        )));
-    }
+    let hypervisors = client.hypervisors().await?;
     let everything = client.servers(true, "all_tenants=1").await?;
-    let books = books(
-        hypervisors.body["hypervisors"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default(),
-        &everything,
-    );
+    let books = books(&hypervisors, &everything);
     let overcommitted: Vec<&String> = books
         .iter()
         .filter(|(_, b)| b.overcommitted())
