@@ -513,24 +513,20 @@ pub async fn start(mut config: Config, log: Logger) -> Result<ServiceHandle, Com
         if registered {
             info!(compute.log, "compute registered"; "endpoint" => &endpoint,
                 "vcpus" => capacity.vcpus, "memory_mb" => capacity.memory_mb, "local_gb" => capacity.local_gb);
-            // Each periodic task starts at a random point of its period (as Nova's
-            // periodic_fuzzy_delay does): hosts started together would otherwise report in the
-            // same instant every period. 1,000 simulated hosts sent their heartbeats within
-            // 0.7 s, and the builds of that moment waited behind them.
-            let phase = rand::random::<f64>();
-            let first_tick = |period: Duration| tokio::time::Instant::now() + period.mul_f64(phase);
-            // Registration was the first heartbeat and reported the resources.
-            let mut report = tokio::time::interval_at(first_tick(report_interval), report_interval);
+            let mut report = tokio::time::interval(report_interval);
             report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Registration reported the resources; the next report comes one period later.
             let mut resources = resources_interval.map(|period| {
-                let mut resources = tokio::time::interval_at(first_tick(period), period);
+                let mut resources =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 resources.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 resources
             });
             let report_with_heartbeat = resources.is_none();
-            // Periodic only: the first sync comes within one interval of registration.
+            // Periodic only: the first sync comes one interval after registration.
             let mut sync = sync_interval.map(|period| {
-                let mut sync = tokio::time::interval_at(first_tick(period), period);
+                let mut sync =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 sync
             });
