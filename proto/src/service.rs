@@ -386,16 +386,39 @@ pub fn keep_freed_memory_a_while() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ALLOCATOR_PURGE_DELAY_MS) }
 }
 
+/// Lifts the soft open-file limit to the hard one (as the Go runtime does for every program)
+/// and returns it. A scheduler or an API holds two descriptors per compute host, and a shell's
+/// soft limit is often 1,024: about 500 hosts.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// Runs a service's `main` on a multi-threaded runtime with at most `blocking_threads`
 /// blocking threads (tokio's default is 512), without transparent huge pages
-/// ([`disable_transparent_huge_pages`]) and keeping freed memory a while
-/// ([`keep_freed_memory_a_while`]).
+/// ([`disable_transparent_huge_pages`]), keeping freed memory a while
+/// ([`keep_freed_memory_a_while`]) and with the open-file limit raised
+/// ([`raise_open_file_limit`]; a failure shows later as the error of what could not open).
 pub fn block_on_with_blocking_threads(
     blocking_threads: usize,
     main: impl std::future::Future<Output = std::process::ExitCode>,
 ) -> std::process::ExitCode {
     let _ = disable_transparent_huge_pages();
     keep_freed_memory_a_while();
+    let _ = raise_open_file_limit();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(blocking_threads)
@@ -530,6 +553,28 @@ mod tests {
         }
         send(5).await.unwrap();
         assert_eq!(*groups.lock().unwrap(), [vec![1, 2, 3], vec![4], vec![5]]);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed. One below the
+        // hard limit is far above what the other tests of this process hold.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit.rlim_cur = limit.rlim_max - 1;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+        let raised = raise_open_file_limit().expect("raised");
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!((limit.rlim_cur, limit.rlim_max), (raised, raised));
     }
 
     #[test]

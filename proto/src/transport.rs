@@ -5,7 +5,7 @@
 //! rather than across a separate thread. Callers talk to the task through a command queue and wait
 //! on oneshot channels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -655,6 +655,8 @@ impl Rpc {
             metrics: metrics.clone(),
             context,
             more_contexts: Vec::new(),
+            out_of_files: false,
+            ahead: HashSet::new(),
         };
         let io: SharedIo = Arc::new(Mutex::new(Some(io)));
         let task = run_io(io.clone(), commands.clone(), pending.clone());
@@ -706,12 +708,13 @@ impl Rpc {
     }
 
     /// Opens the connections to `endpoints` that are not open yet, without sending anything,
-    /// so that the first request to each does not wait for its TCP and ZeroMQ handshakes. A
-    /// connection that cannot be opened is left to the first request, which reports why.
+    /// so that the first request to each does not wait for its TCP and ZeroMQ handshakes, and
+    /// closes those to the peers the previous call named and this one does not, once no request
+    /// waits on them (a host gone, or back on another port, would otherwise be retried for as
+    /// long as the service runs). A connection that cannot be opened is left to the first
+    /// request, which reports why.
     pub fn connect_ahead(&self, endpoints: Vec<String>) {
-        if !endpoints.is_empty() {
-            self.command(Command::Connect { endpoints });
-        }
+        self.command(Command::Connect { endpoints });
     }
 
     /// Sends a one-way request and returns once the peer has acknowledged it.
@@ -1041,6 +1044,10 @@ struct IoTask {
     context: zmq::Context,
     /// Contexts opened for DEALERs once `context` was full (see `dealer_socket`).
     more_contexts: Vec<zmq::Context>,
+    /// The last new context could not make a socket either: the process has no descriptors left.
+    out_of_files: bool,
+    /// The peers the last `connect_ahead` named (and those it could not close yet).
+    ahead: HashSet<String>,
 }
 
 /// A socket to read from.
@@ -1226,13 +1233,7 @@ impl IoTask {
                     connection,
                     "the connection was reset after another request to it timed out",
                 ),
-                Command::Connect { endpoints } => {
-                    for endpoint in endpoints {
-                        if let Err(reason) = self.dealer_for(&endpoint) {
-                            debug!(self.log, "not connected ahead"; "endpoint" => &endpoint, "reason" => reason);
-                        }
-                    }
-                }
+                Command::Connect { endpoints } => self.connect_ahead(endpoints),
                 Command::Rekey { endpoint } => {
                     let key = self.server_key_for(&endpoint);
                     let stale = self
@@ -1377,6 +1378,30 @@ impl IoTask {
         }
     }
 
+    fn connect_ahead(&mut self, endpoints: Vec<String>) {
+        self.out_of_files = false;
+        let named: HashSet<String> = endpoints.into_iter().collect();
+        let mut kept = HashSet::new();
+        for endpoint in self.ahead.difference(&named) {
+            if lock(&self.pending).waiting_on(endpoint) > 0 {
+                kept.insert(endpoint.clone());
+            } else {
+                self.dealers.remove(endpoint);
+            }
+        }
+        for endpoint in &named {
+            if let Err(reason) = self.dealer_for(endpoint) {
+                debug!(self.log, "not connected ahead"; "endpoint" => endpoint, "reason" => reason);
+                if self.out_of_files {
+                    // Every other one would fail the same way, each after a new context.
+                    break;
+                }
+            }
+        }
+        kept.extend(named);
+        self.ahead = kept;
+    }
+
     /// Opens the DEALER to `endpoint` unless it is open.
     fn dealer_for(&mut self, endpoint: &str) -> Result<(), String> {
         if !self.dealers.contains_key(endpoint) {
@@ -1429,7 +1454,9 @@ impl IoTask {
 
     /// A new DEALER socket. libzmq holds at most 1,023 sockets in a context (ZMQ_MAX_SOCKETS,
     /// which the zmq crate cannot raise), so a scheduler or an API with more compute hosts than
-    /// that takes another context (one more I/O thread) for each further thousand.
+    /// that takes another context (an I/O and a reaper thread) for each further thousand.
+    /// libzmq says EMFILE both for a full context and for a process out of descriptors: the
+    /// second is the case when a new context cannot make a socket either.
     fn dealer_socket(&mut self) -> Result<zmq::Socket, zmq::Error> {
         for context in std::iter::once(&self.context).chain(&self.more_contexts) {
             match context.socket(zmq::DEALER) {
@@ -1438,10 +1465,21 @@ impl IoTask {
             }
         }
         let context = zmq::Context::new();
-        let socket = context.socket(zmq::DEALER)?;
-        debug!(self.log, "opened another ZeroMQ context for connections"; "contexts" => self.more_contexts.len() + 2);
-        self.more_contexts.push(context);
-        Ok(socket)
+        match context.socket(zmq::DEALER) {
+            Ok(socket) => {
+                debug!(self.log, "opened another ZeroMQ context for connections"; "contexts" => self.more_contexts.len() + 2);
+                self.more_contexts.push(context);
+                self.out_of_files = false;
+                Ok(socket)
+            }
+            Err(e) => {
+                if e == zmq::Error::EMFILE && !self.out_of_files {
+                    warn!(self.log, "out of open files: no more connections can be opened; raise the service's open-file limit (LimitNOFILE)");
+                }
+                self.out_of_files = e == zmq::Error::EMFILE;
+                Err(e)
+            }
+        }
     }
 
     /// The key a DEALER to `endpoint` authenticates the server with; None in plain mode.

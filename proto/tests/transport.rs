@@ -130,8 +130,46 @@ async fn a_client_reaches_more_peers_than_one_zeromq_context_holds() {
         .await
         .expect("cast acknowledged");
     assert_eq!(seen.recv().await.as_deref(), Some("node-1"));
+    // Each of those sockets holds a descriptor: so they were opened, and the first context
+    // was full when the cast's was made.
+    let open_files = std::fs::read_dir("/proc/self/fd").expect("fds").count();
+    assert!(open_files > 1100, "only {open_files} files open");
     client.shutdown();
     server.shutdown();
+}
+
+#[tokio::test]
+async fn a_connection_opened_ahead_closes_when_its_peer_is_no_longer_named() {
+    // A bare TCP listener: the client's ZeroMQ connection to it is all that arrives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("tcp://{}", listener.local_addr().expect("address"));
+    let (client, _) = Rpc::start(log(), None, fast()).expect("client");
+    client.connect_ahead(vec![endpoint.clone()]);
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("connected ahead")
+        .expect("accepted");
+    client.connect_ahead(vec![endpoint]);
+    client.connect_ahead(Vec::new());
+    // The greeting comes first; then the connection must end.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 256];
+        loop {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => return,
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    client.shutdown();
 }
 
 #[tokio::test]

@@ -98,26 +98,6 @@ fn own_test_hypervisor(file: &Path, vcpus: i64, memory_mb: i64) -> std::io::Resu
     Ok(format!("test://{}", file.display()))
 }
 
-/// Each host holds a few sockets and a libvirt connection: lift the soft open-file limit to
-/// the hard one, which is what a thousand hosts need.
-fn raise_open_file_limit() -> std::io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(limit.rlim_cur)
-}
-
 // mimalloc: glibc's malloc was a fifth of a busy service's CPU.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -138,7 +118,8 @@ async fn run(args: Args) -> std::process::ExitCode {
     let log = proto::service::root_logger(&config.log, "zova-sim-hosts");
     // One ZeroMQ context (one I/O thread) for all the hosts, not two threads per host.
     proto::share_one_context();
-    match raise_open_file_limit() {
+    // Each host holds a few sockets and a libvirt connection.
+    match proto::service::raise_open_file_limit() {
         Ok(files) => slog::info!(log, "open-file limit"; "files" => files),
         Err(e) => slog::warn!(log, "cannot raise the open-file limit"; "error" => %e),
     }
