@@ -86,24 +86,9 @@ async fn cast_is_acknowledged_and_call_is_answered() {
     assert_eq!(answer, ctx.request_id);
 }
 
-/// Raises this process's soft limit on open files to `wanted` (at most the hard limit).
-fn raise_open_files_limit(wanted: libc::rlim_t) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: both calls only read or write the struct passed to them.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_client_reaches_more_peers_than_one_zeromq_context_holds() {
-    raise_open_files_limit(4096);
+    proto::service::raise_open_file_limit().expect("open-file limit");
     let (server, rx) = Rpc::start(log(), Some("tcp://127.0.0.1:*"), fast()).expect("bind");
     let mut seen = serve(rx.expect("server receiver"));
     let endpoint = server.endpoint().expect("endpoint").to_string();
